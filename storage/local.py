@@ -1,0 +1,65 @@
+"""A folder on the local disk as object storage: the embedded default."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from storage.base import Storage
+from tasks.errors import StorageUnavailable
+
+TEMP_SUFFIX = ".partial"
+
+
+class LocalStorage(Storage):
+    """Objects as files under ``root``; writes are atomic (temp file, then rename)."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if key.startswith("/") or not path.is_relative_to(self.root) or path == self.root:
+            raise ValueError(f"invalid storage key {key!r}")
+        return path
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=TEMP_SUFFIX)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot write {key}: {exc}") from exc
+
+    def get(self, key):
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot read {key}: {exc}") from exc
+
+    def exists(self, key):
+        return self._path(key).is_file()
+
+    def list(self, prefix):
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        if not base.is_dir():
+            return []
+        return sorted(
+            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.endswith(TEMP_SUFFIX)
+        )
+
+    def delete_prefix(self, prefix):
+        keys = self.list(prefix)
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+        return len(keys)
+
+    def check(self):
+        if not os.access(self.root, os.W_OK):
+            raise StorageUnavailable(f"storage folder {self.root} is not writable")

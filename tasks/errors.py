@@ -1,0 +1,96 @@
+"""One exception tree for the whole service.
+
+The web front end maps each class to an HTTP status and a problem+json body
+(``webapp/errors.py``); the worker maps them to a job's error code and decides
+whether to retry.
+"""
+from __future__ import annotations
+
+
+class MaskqError(Exception):
+    """Base of every error maskq raises on purpose."""
+
+    status = 500
+    code = "internal"
+    title = "Internal error"
+
+    def __init__(self, detail: str, *, errors: list[dict] | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors or []
+
+
+class InputError(MaskqError):
+    """The client sent something unusable; never retried."""
+
+    status = 400
+    code = "input"
+    title = "Bad request"
+
+
+class CorruptImage(InputError):
+    title = "Unreadable image"
+
+
+class UnsupportedMediaType(InputError):
+    status = 415
+    title = "Unsupported image type"
+
+
+class PayloadTooLarge(InputError):
+    status = 413
+    title = "Payload too large"
+
+
+class ValidationFailed(InputError):
+    """The request is well formed but names something invalid; ``errors`` say which field."""
+
+    status = 422
+    title = "Invalid request"
+
+
+class NotFound(MaskqError):
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class Conflict(MaskqError):
+    status = 409
+    code = "conflict"
+    title = "Conflict"
+
+
+class ModelError(MaskqError):
+    """The model failed on an input it accepted."""
+
+    code = "model"
+    title = "Model error"
+
+
+class StorageUnavailable(MaskqError):
+    """The object store could not be reached; retried with backoff."""
+
+    status = 503
+    code = "storage"
+    title = "Storage unavailable"
+
+
+class ResourceExhausted(MaskqError):
+    """The device ran out of memory; the job is put back with a delay."""
+
+    status = 503
+    code = "resources"
+    title = "Resources exhausted"
+
+
+class ServiceUnavailable(MaskqError):
+    """The service cannot take the request now; ``retry_after`` seconds is a hint."""
+
+    status = 503
+    code = "unavailable"
+    title = "Service unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int = 5, errors: list[dict] | None = None):
+        super().__init__(detail, errors=errors)
+        self.retry_after = retry_after

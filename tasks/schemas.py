@@ -1,0 +1,119 @@
+"""The job request: its schema (pydantic) and the checks that need the image and the model.
+
+The same models validate ``POST /v1/jobs`` and describe it in the OpenAPI
+document; the worker turns the stored, validated request into
+:class:`workers.adapters.base.Prompts`.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from config.settings import LANES
+from tasks import masks
+from tasks.errors import ValidationFailed
+
+Lane = Literal["interactive", "default", "batch"]
+Output = Literal["rle", "png", "polygon"]
+WebhookEvent = Literal["job.started", "job.succeeded", "job.failed", "job.canceled", "job.expired"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MaskRLE(Strict):
+    """A COCO RLE mask: ``size`` is ``[height, width]``, ``counts`` the compressed string."""
+
+    size: tuple[int, int]
+    counts: str = Field(min_length=1)
+
+
+class PromptSet(Strict):
+    text: list[str] = Field(default_factory=list, description="select instances whose label contains one of these")
+    points: list[tuple[float, float, Literal[0, 1]]] = Field(
+        default_factory=list, description="[x, y, label]; label 1 = foreground, 0 = background"
+    )
+    boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, description="[x0, y0, x1, y1]")
+    mask: MaskRLE | None = None
+
+    @property
+    def kinds(self) -> set[str]:
+        return {k for k in ("text", "points", "boxes", "mask") if getattr(self, k)}
+
+    @property
+    def count(self) -> int:
+        return len(self.text) + len(self.points) + len(self.boxes) + (1 if self.mask else 0)
+
+
+class Webhook(Strict):
+    url: str = Field(min_length=1, max_length=2048)
+    events: list[WebhookEvent] = Field(default_factory=lambda: ["job.succeeded", "job.failed"])
+
+
+class JobRequest(Strict):
+    """The ``request`` part of ``POST /v1/jobs``; everything is optional."""
+
+    model: str | None = None
+    prompts: PromptSet = Field(default_factory=PromptSet)
+    lane: Lane | None = None
+    webhook: Webhook | None = None
+    outputs: list[Output] = Field(default_factory=lambda: ["rle"])
+    deadline_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+
+
+def parse_request(data: object) -> JobRequest:
+    """Validate the request JSON's shape; a :class:`ValidationFailed` names each bad field."""
+    if not isinstance(data, dict):
+        raise ValidationFailed("the request must be a JSON object", errors=[{"field": "request", "message": "must be an object"}])
+    try:
+        return JobRequest.model_validate(data)
+    except ValidationError as exc:
+        errors = [
+            {"field": ".".join(str(p) for p in err["loc"]) or "request", "message": err["msg"]}
+            for err in exc.errors(include_url=False)
+        ]
+        fields = ", ".join(sorted({e["field"] for e in errors}))
+        raise ValidationFailed(f"invalid request: {fields}", errors=errors) from None
+
+
+def check_request(
+    request: JobRequest, *, width: int, height: int, prompt_kinds: frozenset[str], max_prompts: int, max_text_chars: int
+) -> None:
+    """The checks that need the decoded image's size and the model's prompt kinds."""
+    errors: list[dict] = []
+    prompts = request.prompts
+
+    def bad(field: str, message: str) -> None:
+        errors.append({"field": field, "message": message})
+
+    for kind in sorted(prompts.kinds - prompt_kinds):
+        bad(f"prompts.{kind}", f"model {request.model!r} does not support {kind} prompts "
+            f"(it supports: {', '.join(sorted(prompt_kinds)) or 'none'})")
+    if prompts.count > max_prompts:
+        bad("prompts", f"{prompts.count} prompts; at most {max_prompts} are allowed")
+    for i, text in enumerate(prompts.text):
+        if not text.strip():
+            bad(f"prompts.text.{i}", "is empty")
+        elif len(text) > max_text_chars:
+            bad(f"prompts.text.{i}", f"is longer than {max_text_chars} characters")
+    for i, (x, y, _) in enumerate(prompts.points):
+        if not (0 <= x < width and 0 <= y < height):
+            bad(f"prompts.points.{i}", f"({x}, {y}) is outside the {width}x{height} image")
+    for i, (x0, y0, x1, y1) in enumerate(prompts.boxes):
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            bad(f"prompts.boxes.{i}", f"[{x0}, {y0}, {x1}, {y1}] is not a box with x0 < x1, y0 < y1 inside the {width}x{height} image")
+    if prompts.mask is not None:
+        if list(prompts.mask.size) != [height, width]:
+            bad("prompts.mask.size", f"is {list(prompts.mask.size)}; the image is [{height}, {width}]")
+        else:
+            try:
+                masks.check_counts(prompts.mask.counts, height * width)
+            except ValueError as exc:
+                bad("prompts.mask.counts", str(exc))
+    if errors:
+        raise ValidationFailed("; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors)
+
+
+assert set(LANES) == set(Lane.__args__)  # one list of lanes

@@ -1,0 +1,26 @@
+"""The connections one web process shares across requests, built by the app factory."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from flask import current_app
+
+from config.settings import Settings
+from storage import Storage
+from tasks.records import JobStore
+from workers.registry import ModelCatalog
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: redis.Redis
+    jobs: JobStore
+    storage: Storage
+    catalog: ModelCatalog
+    celery: object
+
+
+def services() -> Services:
+    return current_app.extensions["maskq"]

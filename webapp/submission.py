@@ -1,0 +1,50 @@
+"""Reading a job submission: the image bytes and the request JSON, multipart or inline."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+from flask import Request
+
+from tasks.errors import InputError, PayloadTooLarge, UnsupportedMediaType
+
+
+def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes, object]:
+    """``(image bytes, request JSON)`` from ``multipart/form-data`` or ``application/json``.
+
+    Flask's ``MAX_CONTENT_LENGTH`` already stops a body that is too large
+    while it is read; this enforces the image's own limit.
+    """
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("image")
+        if upload is None:
+            raise InputError("the multipart body has no part named 'image'", errors=[{"field": "image", "message": "missing"}])
+        data = upload.stream.read(max_image_bytes + 1)
+        raw = request.form.get("request")
+        body = {} if raw is None or not raw.strip() else _json(raw, "request")
+    elif request.mimetype == "application/json":
+        body = _json(request.get_data(cache=False, as_text=False), "body")
+        if not isinstance(body, dict):
+            raise InputError("the JSON body must be an object")
+        image = body.pop("image", None)
+        if not isinstance(image, dict) or not isinstance(image.get("base64"), str):
+            raise InputError('the JSON body needs "image": {"base64": "..."}', errors=[{"field": "image", "message": "missing"}])
+        if len(image["base64"]) > (max_image_bytes + 2) * 4 // 3 + 4:
+            raise PayloadTooLarge(f"the image is larger than {max_image_bytes} bytes")
+        try:
+            data = base64.b64decode(image["base64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError("image.base64 is not valid base64", errors=[{"field": "image.base64", "message": "not base64"}]) from None
+    else:
+        raise UnsupportedMediaType("send multipart/form-data (parts 'image' and 'request') or application/json")
+    if len(data) > max_image_bytes:
+        raise PayloadTooLarge(f"the image is larger than {max_image_bytes} bytes")
+    return data, body
+
+
+def _json(raw: str | bytes, what: str) -> object:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"the {what} is not valid JSON: {exc}", errors=[{"field": what, "message": "invalid JSON"}]) from None

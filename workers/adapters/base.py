@@ -1,0 +1,152 @@
+"""The model adapter contract: how a model plugs into maskq.
+
+A worker process holds one adapter per model. The lifecycle is fixed:
+
+1. ``__init__(spec)`` is cheap: it only remembers where the model files are.
+   It runs in the web process too (to read ``prompt_kinds``), so it must never
+   import onnxruntime or read a model file.
+2. ``setup(runtime)`` runs once per worker process (from
+   ``worker_process_init``), never at import and never per job. Create the
+   ONNX Runtime sessions here with :func:`workers.adapters.onnx.create_session`
+   so every session honours the deployment's providers and thread settings.
+3. ``preprocess(requests) -> (tensors, metas)`` turns a batch of decoded
+   images and their prompts into model inputs; ``metas`` carries whatever
+   ``postprocess`` needs to map results back to each original image (scale
+   factors, padding, the prompts).
+4. ``predict(tensors) -> outputs`` is the only method that calls ONNX Runtime.
+   It receives the whole batch.
+5. ``postprocess(outputs, metas) -> instances`` returns, for each request of
+   the batch, the list of :class:`Instance` found, already filtered by that
+   request's prompts and expressed in the original (upright) image's pixels.
+
+A minimal adapter::
+
+    class ThresholdAdapter(ModelAdapter):
+        name, version = "threshold", "1"
+        prompt_kinds = frozenset({"boxes"})
+
+        def setup(self, runtime):
+            self.session = create_session(self.spec.files["model"], runtime)
+
+        def preprocess(self, requests):
+            return [r.image for r in requests], [r.prompts for r in requests]
+
+        def predict(self, tensors):
+            return [self.session.run(None, {"image": t})[0] for t in tensors]
+
+        def postprocess(self, outputs, metas):
+            return [[Instance(mask=o[0] > 0.5, score=1.0)] for o in outputs]
+
+Adapters raise :class:`tasks.errors.ModelError` for a model that misbehaves;
+anything they raise is reported on the job, never crashes the worker.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+PROMPT_KINDS = frozenset({"text", "points", "boxes", "mask"})
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The prompts of one request, in pixels of the upright image.
+
+    ``points`` are ``(x, y, label)`` with label 1 for foreground and 0 for
+    background; ``boxes`` are ``(x0, y0, x1, y1)``; ``mask`` is a boolean
+    array of the image's height and width.
+    """
+
+    text: tuple[str, ...] = ()
+    points: tuple[tuple[float, float, int], ...] = ()
+    boxes: tuple[tuple[float, float, float, float], ...] = ()
+    mask: np.ndarray | None = None
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """The prompt kinds this request uses."""
+        present = {
+            "text": bool(self.text),
+            "points": bool(self.points),
+            "boxes": bool(self.boxes),
+            "mask": self.mask is not None,
+        }
+        return frozenset(kind for kind, used in present.items() if used)
+
+    @property
+    def empty(self) -> bool:
+        """No prompt at all: the request asks for every instance."""
+        return not self.kinds
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """One image (RGB, ``uint8``, ``H x W x 3``, upright) and its prompts."""
+
+    image: np.ndarray
+    prompts: Prompts = field(default_factory=Prompts)
+
+
+@dataclass
+class Instance:
+    """One segmented object: a boolean mask of the image's size, a score and a label."""
+
+    mask: np.ndarray
+    score: float
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How this deployment runs ONNX Runtime (from the settings)."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where one model's files are and what it is called; from the model catalog."""
+
+    name: str
+    version: str
+    adapter: str
+    files: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelAdapter:
+    """Base class of every model adapter; see the module docstring for the lifecycle."""
+
+    prompt_kinds: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def version(self) -> str:
+        return self.spec.version
+
+    def setup(self, runtime: RuntimeOptions) -> None:
+        raise NotImplementedError
+
+    def preprocess(self, requests: Sequence[SegmentRequest]) -> tuple[Any, list[Any]]:
+        raise NotImplementedError
+
+    def predict(self, tensors: Any) -> Any:
+        raise NotImplementedError
+
+    def postprocess(self, outputs: Any, metas: list[Any]) -> list[list[Instance]]:
+        raise NotImplementedError
+
+    def segment(self, requests: Sequence[SegmentRequest]) -> list[list[Instance]]:
+        """Run the whole lifecycle on one batch."""
+        tensors, metas = self.preprocess(requests)
+        return self.postprocess(self.predict(tensors), metas)

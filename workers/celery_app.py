@@ -1,0 +1,11 @@
+"""The worker's entry point: ``celery -A workers.celery_app worker -Q interactive,default,batch``."""
+import logging
+
+from config.celery import create_celery
+from config.settings import load_settings
+
+import workers.process  # noqa: F401  (connects the per-process start-up signals)
+
+settings = load_settings()
+logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+app = create_celery(settings)

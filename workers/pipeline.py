@@ -1,0 +1,73 @@
+"""One job through a model: stored input in, stored result out."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+
+from storage import Storage, job_prefix
+from tasks import masks
+from tasks.images import decode_image
+from tasks.records import JobRecord
+from tasks.schemas import JobRequest
+from workers.adapters.base import Instance, ModelAdapter, Prompts, SegmentRequest
+
+
+def to_prompts(request: JobRequest) -> Prompts:
+    p = request.prompts
+    return Prompts(
+        text=tuple(p.text),
+        points=tuple((float(x), float(y), int(label)) for x, y, label in p.points),
+        boxes=tuple(tuple(float(v) for v in box) for box in p.boxes),
+        mask=masks.decode(p.mask.model_dump()) if p.mask else None,
+    )
+
+
+def load_request(record: JobRecord, storage: Storage, max_bytes: int, max_pixels: int) -> tuple[SegmentRequest, JobRequest]:
+    request = JobRequest.model_validate(record.request)
+    image = decode_image(storage.get(record.input_key), max_bytes=max_bytes, max_pixels=max_pixels)
+    return SegmentRequest(image=image.pixels, prompts=to_prompts(request)), request
+
+
+def store_result(
+    record: JobRecord, request: JobRequest, image: np.ndarray, instances: list[Instance], storage: Storage
+) -> str:
+    """Write ``result.json`` (and a PNG per mask if asked); return the result's key.
+
+    Keys depend only on the job id, so a job run twice overwrites its own
+    files and never leaves a second result behind.
+    """
+    prefix = job_prefix(record.tenant, record.id)
+    height, width = image.shape[:2]
+    out = []
+    for i, instance in enumerate(instances):
+        rle = masks.encode(instance.mask)
+        bbox, area = masks.describe(rle)
+        item = {"bbox": bbox, "area": area, "score": round(float(instance.score), 4), "label": instance.label}
+        if "rle" in request.outputs:
+            item["mask"] = rle
+        if "polygon" in request.outputs:
+            item["polygon"] = polygons(instance.mask)
+        if "png" in request.outputs:
+            item["png_key"] = f"{prefix}masks/{i}.png"
+            storage.put(item["png_key"], masks.to_png(instance.mask), "image/png")
+        out.append(item)
+    result = {"width": width, "height": height, "instances": out}
+    key = f"{prefix}result.json"
+    storage.put(key, json.dumps(result).encode(), "application/json")
+    return key
+
+
+def polygons(mask: np.ndarray) -> list[list[float]]:
+    """The outer contours of a mask as flat ``[x0, y0, x1, y1, ...]`` lists (COCO's polygon form)."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
+
+
+def run(record: JobRecord, adapter: ModelAdapter, storage: Storage, max_bytes: int, max_pixels: int) -> tuple[str, int]:
+    """Segment one job's image; return ``(result_key, instance count)``."""
+    segment_request, request = load_request(record, storage, max_bytes, max_pixels)
+    instances = adapter.segment([segment_request])[0]
+    key = store_result(record, request, segment_request.image, instances, storage)
+    return key, len(instances)

@@ -1,0 +1,71 @@
+"""What one worker process holds: settings, connections, and its loaded models.
+
+Built once per pool process by ``worker_process_init`` (never at import, never
+per job); tasks reach it with :func:`current`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from config.settings import Settings, load_settings
+from storage import Storage, open_storage
+from tasks.records import JobStore
+from workers.adapters.base import RuntimeOptions
+from workers.heartbeat import Heartbeat
+from workers.registry import LoadedModels, ModelCatalog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerProcess:
+    settings: Settings
+    redis: redis.Redis
+    jobs: JobStore
+    storage: Storage
+    models: LoadedModels
+    heartbeat: Heartbeat | None = None
+
+    @classmethod
+    def start(cls, settings: Settings) -> "WorkerProcess":
+        client = redis.Redis.from_url(settings.broker_url)
+        runtime = RuntimeOptions(
+            providers=settings.ort_providers,
+            intra_op_threads=settings.ort_intra_op_threads,
+            inter_op_threads=settings.ort_inter_op_threads,
+        )
+        models = LoadedModels(ModelCatalog.load(settings.models_manifest), runtime)
+        models.load_all()
+        process = cls(settings, client, JobStore(client, settings.job_ttl_s), open_storage(settings), models)
+        process.heartbeat = Heartbeat(client, settings.worker_heartbeat_s, process.describe)
+        process.heartbeat.start()
+        return process
+
+    def describe(self) -> dict:
+        return {"models": {name: a.version for name, a in self.models.adapters.items()}}
+
+
+_current: WorkerProcess | None = None
+
+
+def current() -> WorkerProcess:
+    if _current is None:
+        raise RuntimeError("this process is not a maskq worker (worker_process_init has not run)")
+    return _current
+
+
+@worker_process_init.connect
+def _start_process(**_) -> None:
+    global _current
+    _current = WorkerProcess.start(load_settings())
+    log.info("worker process ready with models %s", _current.describe()["models"])
+
+
+@worker_process_shutdown.connect
+def _stop_process(**_) -> None:
+    if _current and _current.heartbeat:
+        _current.heartbeat.stop()
