@@ -16,13 +16,9 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from workers.adapters.base import Instance, ModelAdapter, Prompts, RuntimeOptions, SegmentRequest
+from tasks.errors import ModelError
+from workers.adapters.base import Instance, ModelAdapter, ModelSpec, Prompts, RuntimeOptions, SegmentRequest
 from workers.adapters.onnx import create_session
-
-try:
-    from tasks.errors import ModelError
-except ImportError:  # tasks.errors is being written alongside; keep this module importable meanwhile
-    ModelError = RuntimeError  # type: ignore[misc,assignment]
 
 # rapidocr 1.4.4's config.yaml (Global, Det and Rec sections).
 DEFAULT_OPTIONS: dict[str, Any] = {
@@ -201,7 +197,7 @@ class TextRegionsAdapter(ModelAdapter):
 
     prompt_kinds = frozenset({"text", "points", "boxes"})
 
-    def __init__(self, spec):
+    def __init__(self, spec: ModelSpec):
         super().__init__(spec)
         self.options = {**DEFAULT_OPTIONS, **spec.options}
 

@@ -1,0 +1,41 @@
+# maskq: `make run` starts the whole service; `make test` runs the whole test suite.
+# Both create .venv and install what they need first.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+RAPIDOCR := rapidocr-onnxruntime==1.4.4
+
+.PHONY: install install-dev run test test-unit bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps $(RAPIDOCR)
+	touch $@
+
+$(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	$(BIN)/honcho start -f Procfile
+
+test: install-dev
+	$(BIN)/python -m pytest
+
+test-unit: install-dev
+	$(BIN)/python -m pytest tests/unit
+
+bench: install-dev
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) var

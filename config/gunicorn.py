@@ -1,0 +1,14 @@
+"""gunicorn's settings, from maskq's: ``gunicorn -c config/gunicorn.py "webapp.app:create_app()"``."""
+from config.settings import load_settings
+
+_settings = load_settings()
+
+bind = f"{_settings.host}:{_settings.port}"
+workers = _settings.web_workers
+# Threads, because a long-poll (?wait=N) holds its thread while it waits.
+worker_class = "gthread"
+threads = _settings.web_threads
+timeout = _settings.max_wait_s + 30
+graceful_timeout = 10
+accesslog = "-"
+loglevel = _settings.log_level.lower()

@@ -1,0 +1,214 @@
+"""Fixtures with real parts: a Redis server process, Celery worker processes, the real model.
+
+Markers follow the folders (``unit``, ``integration``, ``e2e``). A test that
+needs a tool this machine lacks is skipped on a laptop but fails under CI
+(``CI=true``), as Dramatiq's fixtures do.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from config.embedded_redis import RedisServer
+from config.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = ROOT.parent / "shared" / "data" / "images"
+VENV_BIN = Path(sys.executable).parent
+# Celery's own bookkeeping (queue bindings) and live worker heartbeats survive the per-test flush.
+KEEP_KEYS = (b"_kombu.binding.", b"maskq:worker:")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT).parts
+        if len(parts) > 1 and parts[0] == "tests" and parts[1] in ("unit", "integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, parts[1]))
+
+
+def require(condition: bool, why: str) -> None:
+    """Skip when ``condition`` is false, except under CI where a missing tool is a failure."""
+    if not condition:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"required under CI: {why}")
+        pytest.skip(why)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def image_bytes(name: str) -> bytes:
+    path = IMAGES / name
+    require(path.is_file(), f"test image {path} (the shared data folder beside the repository)")
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    with RedisServer(free_port(), tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def storage_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("storage")
+
+
+@pytest.fixture(scope="session")
+def base_env(redis_server, storage_dir) -> dict[str, str]:
+    """``MASKQ_*`` variables shared by the test's own settings and every process it starts."""
+    return {
+        "MASKQ_REDIS_URL": redis_server.url,
+        "MASKQ_STORAGE_DIR": str(storage_dir),
+        "MASKQ_DATA_DIR": str(storage_dir.parent / "data"),
+        "MASKQ_ORT_INTRA_OP_THREADS": "2",
+        "MASKQ_WORKER_HEARTBEAT_S": "0.5",
+        "MASKQ_LOG_LEVEL": "INFO",
+    }
+
+
+def settings_from(env: dict[str, str], **overrides) -> Settings:
+    values = {k[len("MASKQ_"):].lower(): v for k, v in env.items() if k.startswith("MASKQ_")}
+    return Settings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="session")
+def settings(base_env) -> Settings:
+    return settings_from(base_env)
+
+
+def clean_redis(client: redis.Redis) -> None:
+    doomed = [k for k in client.scan_iter(count=1000) if not k.startswith(KEEP_KEYS)]
+    if doomed:
+        client.delete(*doomed)
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    clean_redis(client)
+    yield client
+    clean_redis(client)
+
+
+class WorkerProcess:
+    """A real ``celery worker`` process (main process plus its pool children)."""
+
+    def __init__(self, env: dict[str, str], name: str, queues: str = "interactive,default,batch", concurrency: int = 1):
+        self.env = env
+        self.name = name
+        self.queues = queues
+        self.concurrency = concurrency
+        self.process: subprocess.Popen | None = None
+        self.log_path = Path(env["MASKQ_DATA_DIR"]) / f"worker-{name}.log"
+
+    def start(self, client: redis.Redis, timeout: float = 60) -> "WorkerProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            str(VENV_BIN / "celery"), "-A", "workers.celery_app", "worker", "-Q", self.queues,
+            "-c", str(self.concurrency), "-n", f"{self.name}@%h", "--without-mingle", "--without-gossip",
+            "--loglevel", "INFO",
+        ]
+        env = {**os.environ, **self.env}
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not self.ready_children(client):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited at start:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker {self.name} not ready in {timeout}s:\n{self.log()[-3000:]}")
+            time.sleep(0.1)
+        time.sleep(0.5)  # the main process starts consuming just after its children are up
+        return self
+
+    def children(self) -> list[int]:
+        import psutil
+
+        try:
+            return [c.pid for c in psutil.Process(self.process.pid).children()]
+        except psutil.NoSuchProcess:
+            return []
+
+    def ready_children(self, client: redis.Redis) -> list[int]:
+        pids = set(self.children())
+        ready = []
+        for key in client.scan_iter(match=b"maskq:worker:*"):
+            pid = int(key.rsplit(b":", 1)[1])
+            if pid in pids:
+                ready.append(pid)
+        return ready
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group, as a machine dying would."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@pytest.fixture(scope="session")
+def worker(base_env, redis_server):
+    """One worker shared by the tests that only need jobs to run."""
+    client = redis.Redis.from_url(redis_server.url)
+    process = WorkerProcess(base_env, "shared").start(client)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def start_worker(base_env, redis_server):
+    """Start extra workers with their own settings; all are stopped after the test."""
+    started: list[WorkerProcess] = []
+    client = redis.Redis.from_url(redis_server.url)
+
+    def start(name: str = "extra", **env) -> WorkerProcess:
+        process = WorkerProcess({**base_env, **{k: str(v) for k, v in env.items()}}, name).start(client)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def app(settings, redis_client):
+    from webapp.app import create_app
+
+    app = create_app(settings)
+    app.testing = True
+    return app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
