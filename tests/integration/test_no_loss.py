@@ -1,0 +1,73 @@
+"""No accepted job is lost, and none has a double effect: killed workers, a restarted Redis."""
+from __future__ import annotations
+
+import os
+import signal
+
+from storage.local import LocalStorage
+from tests.conftest import image_bytes
+from tests.integration.helpers import submit
+from tests.integration.test_scheduling import small_png, status, wait_for
+
+
+def published(pubsub) -> list[str]:
+    seen = []
+    while (message := pubsub.get_message(timeout=0.2)) is not None:
+        if message["type"] == "message":
+            seen.append(message["data"].decode())
+    return seen
+
+
+def assert_succeeded_once(isolated, job_id: str, pubsub) -> None:
+    record = isolated.jobs().get(job_id)
+    assert record.status == "succeeded"
+    assert record.attempts == 2  # the killed run and the one that finished
+    keys = LocalStorage(isolated.env["MASKQ_STORAGE_DIR"]).list(f"tenants/default/jobs/{job_id}/")
+    assert sorted(k.rsplit("/", 1)[1] for k in keys) == ["input.jpg", "result.json"]
+    assert published(pubsub).count("succeeded") == 1
+
+
+def test_a_job_whose_pool_process_is_sigkilled_mid_inference_runs_again_and_succeeds_once(isolated):
+    client = isolated.client()
+    worker = isolated.worker(MASKQ_DEBUG_DELAY_S=1.5)
+    job_id = submit(client, image_bytes("en.jpg")).get_json()["id"]
+    pubsub = isolated.redis.pubsub()
+    pubsub.subscribe(f"maskq:job:{job_id}:events")
+    jobs = isolated.jobs()
+    wait_for(lambda: status(jobs, job_id) == "running", 20)
+    [child] = worker.children()
+    os.kill(child, signal.SIGKILL)  # as the kernel's OOM killer would
+    assert client.get(f"/v1/jobs/{job_id}?wait=30").get_json()["status"] == "succeeded"
+    assert worker.alive
+    assert_succeeded_once(isolated, job_id, pubsub)
+
+
+def test_a_job_whose_whole_worker_is_sigkilled_is_taken_up_by_another_worker(isolated):
+    # A short visibility timeout (above the hard time limit, as the start-up check demands)
+    # makes the broker hand the dead worker's job to the next one within seconds.
+    env = {"MASKQ_VISIBILITY_TIMEOUT_S": 5, "MASKQ_JOB_SOFT_TIME_LIMIT_S": 3, "MASKQ_JOB_HARD_TIME_LIMIT_S": 4,
+           "MASKQ_STORAGE_RETRY_BOUND_S": 2, "MASKQ_UNACKED_RESTORE_INTERVAL_S": 1}
+    settings = {k[6:].lower(): v for k, v in env.items()}
+    client = isolated.client(**settings)
+    first = isolated.worker("first", MASKQ_DEBUG_DELAY_S=1.5, **env)
+    job_id = submit(client, image_bytes("en.jpg")).get_json()["id"]
+    pubsub = isolated.redis.pubsub()
+    pubsub.subscribe(f"maskq:job:{job_id}:events")
+    jobs = isolated.jobs()
+    wait_for(lambda: status(jobs, job_id) == "running", 20)
+    first.kill()  # main process and children at once, as a machine dying would
+    assert not first.alive
+    isolated.worker("second", **env)
+    assert client.get(f"/v1/jobs/{job_id}?wait=30").get_json()["status"] == "succeeded"
+    assert_succeeded_once(isolated, job_id, pubsub)
+
+
+def test_every_job_queued_before_a_redis_restart_completes_after_it(isolated):
+    client = isolated.client()
+    ids = [submit(client, small_png(i), {"lane": ("batch", "default")[i % 2]}).get_json()["id"] for i in range(12)]
+    isolated.server.stop()  # SIGTERM: Redis writes its AOF and exits
+    isolated.server.start()
+    worker = isolated.worker()
+    for job_id in ids:
+        assert client.get(f"/v1/jobs/{job_id}?wait=30").get_json()["status"] == "succeeded", job_id
+    assert worker.alive

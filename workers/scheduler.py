@@ -1,0 +1,83 @@
+"""Scheduling inside each worker's main process, as a Celery consumer bootstep.
+
+Two timers run on the consumer's own event loop (so cancelling and adding
+queue consumers is safe): the resource gate, and lane upkeep (aging and
+expiring jobs whose deadline passed while queued). Upkeep is idempotent and
+atomic in Redis, so every worker may run it.
+"""
+from __future__ import annotations
+
+import logging
+
+import redis
+from celery import bootsteps
+
+from config.settings import LANES, load_settings
+from tasks.lanes import Lanes
+from tasks.records import JobStore
+from tasks.webhooks import JobEvents
+from workers.gate import ResourceGate, detect_device
+from workers.registry import ModelCatalog
+
+log = logging.getLogger(__name__)
+
+
+class SchedulingStep(bootsteps.StartStopStep):
+    """Gate the lane consumers on free device memory; age lanes; expire overdue jobs."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, parent, **kwargs):
+        super().__init__(parent, **kwargs)
+        self.timers = []
+        self.closed = False
+
+    def start(self, consumer):
+        settings = load_settings()
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+        catalog = ModelCatalog.load(settings.models_manifest)
+        self.settings = settings
+        self.jobs = JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client))  # expiries become webhook events
+        self.lanes = Lanes(client, self.jobs, settings)
+        self.gate = ResourceGate(detect_device(settings.gpu_device_index), catalog.memory_per_job_mb(),
+                                 settings.gate_reserve_mb, client, worker=consumer.hostname)
+        self.check_gate(consumer)
+        self.timers = [
+            consumer.timer.call_repeatedly(settings.gate_check_s, self.check_gate, (consumer,), priority=10),
+            consumer.timer.call_repeatedly(settings.scheduler_tick_s, self.upkeep, (), priority=10),
+        ]
+
+    def stop(self, consumer):
+        for timer in self.timers:
+            timer.cancel()
+        self.timers = []
+
+    def check_gate(self, consumer) -> None:
+        try:
+            state, _ = self.gate.check()
+            if not state.open and not self.closed:
+                for lane in LANES:
+                    consumer.cancel_task_queue(lane)
+                self.closed = True
+            elif state.open and self.closed:
+                # Added back in lane order: the order the broker is polled in.
+                for lane in LANES:
+                    consumer.add_task_queue(lane)
+                self.closed = False
+            self.gate.publish(ttl_s=max(3 * self.settings.gate_check_s, 5))
+        except redis.RedisError as exc:
+            log.info("resource gate: Redis unavailable (%s)", exc)
+
+    def upkeep(self) -> None:
+        try:
+            for job_id in self.jobs.expire_due():
+                log.info("job %s: deadline passed while queued; expired", job_id)
+                self.on_expired(job_id)
+            promoted = self.lanes.promote_aged()
+            if promoted:
+                log.info("aging: %d job(s) moved to the interactive lane: %s", len(promoted), promoted[:5])
+        except redis.RedisError as exc:
+            log.info("lane upkeep: Redis unavailable (%s)", exc)
+
+    def on_expired(self, job_id: str) -> None:
+        """Hook for what follows an expiry (webhooks)."""
