@@ -1,0 +1,141 @@
+"""The webhook delivery log in Redis: each message, its state, and every attempt made to deliver it.
+
+Keys (all expire with the job's record):
+
+- ``maskq:webhook:msg:{id}`` — a hash: job, tenant, event, URL, the body once
+  fixed, ``status`` (``pending``, ``succeeded``, ``failed``, ``disabled``),
+  ``generation`` (raised by a redelivery, so an older retry chain stops), and
+  ``next_attempt_at``;
+- ``maskq:webhook:msg:{id}:attempts`` — a list of JSON attempts: time, status
+  code, error, duration;
+- ``maskq:job:{job_id}:deliveries`` — the job's message ids, oldest first.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis
+
+from tasks.records import JobRecord, rfc3339
+
+
+def message_key(message_id: str) -> str:
+    return f"maskq:webhook:msg:{message_id}"
+
+
+def attempts_key(message_id: str) -> str:
+    return f"maskq:webhook:msg:{message_id}:attempts"
+
+
+def job_deliveries_key(job_id: str) -> str:
+    return f"maskq:job:{job_id}:deliveries"
+
+
+@dataclass
+class Message:
+    """One event for one job, delivered (and retried) to one URL under one ``webhook-id``."""
+
+    id: str
+    job_id: str
+    tenant: str
+    event: str
+    url: str
+    body: str
+    status: str
+    generation: int
+    created_at: float
+    expires_at: float
+    next_attempt_at: float | None = None
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> "Message":
+        data = {k.decode(): v.decode() for k, v in raw.items()}
+        return cls(
+            id=data["id"], job_id=data["job_id"], tenant=data["tenant"], event=data["event"], url=data["url"],
+            body=data.get("body", ""), status=data["status"], generation=int(data.get("generation", 0)),
+            created_at=float(data["created_at"]), expires_at=float(data["expires_at"]),
+            next_attempt_at=float(data["next_attempt_at"]) if data.get("next_attempt_at") else None,
+        )
+
+
+class DeliveryLog:
+    """Reads and writes webhook messages and their attempts."""
+
+    def __init__(self, client: redis.Redis):
+        self.redis = client
+
+    def create(self, record: JobRecord, event: str, url: str, body: str, ttl_s: int) -> Message:
+        now = time.time()
+        message = Message(id=f"msg_{uuid.uuid4().hex}", job_id=record.id, tenant=record.tenant, event=event,
+                          url=url, body=body, status="pending", generation=0, created_at=now,
+                          expires_at=now + ttl_s)
+        fields = {k: str(v) for k, v in message.__dict__.items() if v is not None}
+        with self.redis.pipeline() as pipe:
+            pipe.hset(message_key(message.id), mapping=fields)
+            pipe.expire(message_key(message.id), ttl_s)
+            pipe.rpush(job_deliveries_key(record.id), message.id)
+            pipe.expire(job_deliveries_key(record.id), ttl_s)
+            pipe.execute()
+        return message
+
+    def get(self, message_id: str) -> Message | None:
+        raw = self.redis.hgetall(message_key(message_id))
+        return Message.from_hash(raw) if raw else None
+
+    def for_job(self, job_id: str) -> list[Message]:
+        ids = [m.decode() for m in self.redis.lrange(job_deliveries_key(job_id), 0, -1)]
+        return [m for m in (self.get(i) for i in ids) if m is not None]
+
+    def attempts(self, message_id: str) -> list[dict]:
+        return [json.loads(a) for a in self.redis.lrange(attempts_key(message_id), 0, -1)]
+
+    def record(self, message: Message, status_code: int | None, error: str | None, duration_ms: int) -> None:
+        """Append one attempt to the message's log."""
+        number = self.redis.llen(attempts_key(message.id)) + 1
+        entry = {"attempt": number, "at": rfc3339(time.time()), "status_code": status_code,
+                 "error": error, "duration_ms": duration_ms}
+        with self.redis.pipeline() as pipe:
+            pipe.rpush(attempts_key(message.id), json.dumps(entry))
+            pipe.expireat(attempts_key(message.id), int(message.expires_at) + 1)
+            pipe.execute()
+
+    def settle(self, message: Message, status: str) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.hset(message_key(message.id), "status", status)
+            pipe.hdel(message_key(message.id), "next_attempt_at")
+            pipe.execute()
+
+    def set_next(self, message: Message, due: float) -> None:
+        self.redis.hset(message_key(message.id), "next_attempt_at", str(due))
+
+    def freeze_body(self, message: Message, body: str) -> str:
+        """Keep the body built at the first attempt, so every retry sends (and signs) the same bytes."""
+        self.redis.hset(message_key(message.id), "body", body)
+        return body
+
+    def restart(self, message_id: str) -> int:
+        """Back to ``pending`` under a new generation; return it."""
+        with self.redis.pipeline() as pipe:
+            pipe.hincrby(message_key(message_id), "generation", 1)
+            pipe.hset(message_key(message_id), "status", "pending")
+            generation, _ = pipe.execute()
+        return int(generation)
+
+    def forget_job(self, job_id: str) -> int:
+        """Delete the job's messages and their attempts; return how many messages went."""
+        ids = [m.decode() for m in self.redis.lrange(job_deliveries_key(job_id), 0, -1)]
+        keys = [job_deliveries_key(job_id)] + [message_key(i) for i in ids] + [attempts_key(i) for i in ids]
+        self.redis.delete(*keys)
+        return len(ids)
+
+    def document(self, job_id: str) -> list[dict]:
+        """The job's deliveries as ``GET /v1/jobs/{id}/deliveries`` shows them."""
+        return [
+            {"id": m.id, "event": m.event, "url": m.url, "status": m.status,
+             "created_at": rfc3339(m.created_at), "next_attempt_at": rfc3339(m.next_attempt_at),
+             "attempts": self.attempts(m.id)}
+            for m in self.for_job(job_id)
+        ]
