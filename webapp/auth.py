@@ -1,0 +1,81 @@
+"""Bearer-key authentication for every ``/v1`` route, and the lane policy of the key.
+
+One ``before_request`` hook on the app, not a decorator per route, so that a
+route added later cannot forget it. It puts the key's stored record on
+``flask.g.api_key``; views read the tenant with :func:`current_tenant` and
+pick a lane with :func:`choose_lane`.
+"""
+from __future__ import annotations
+
+from flask import Flask, g, request
+
+from tasks.errors import MaskqError
+from tasks.tenants import ApiKey, KeyStore
+from webapp.errors import problem
+from webapp.services import services
+
+API_PREFIX = "/v1/"
+# With MASKQ_AUTH=off (loopback only) every request is this tenant, with every lane allowed.
+LOCAL_TENANT = "default"
+
+
+class Unauthorized(MaskqError):
+    """No API key, or one the service does not know: 401."""
+
+    status = 401
+    code = "unauthorized"
+    title = "Unauthorized"
+
+
+class Forbidden(MaskqError):
+    """A known key that may not do this (revoked, or a lane above its ceiling): 403."""
+
+    status = 403
+    code = "forbidden"
+    title = "Forbidden"
+
+
+def init_app(app: Flask) -> None:
+    """Register the hook; call it before the rate limiter's, which keys on the authenticated key."""
+    app.before_request(authenticate)
+
+    @app.errorhandler(Unauthorized)
+    def _unauthorized(exc: Unauthorized):
+        return problem(exc.status, exc.title, exc.detail, headers={"WWW-Authenticate": 'Bearer realm="maskq"'})
+
+
+def authenticate() -> None:
+    """Put the caller's key on ``g.api_key`` for a ``/v1`` request, or refuse it (401, 403)."""
+    if not request.path.startswith(API_PREFIX) or request.method == "OPTIONS":
+        return
+    s = services()
+    if s.settings.auth == "off":
+        g.api_key = ApiKey(key_hash="", tenant=LOCAL_TENANT)
+        return
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("send the API key as `Authorization: Bearer <key>` (`maskq keys create` makes one)")
+    record = KeyStore(s.redis).lookup(token)
+    if record is None:
+        raise Unauthorized("the API key is not valid")
+    if record.revoked:
+        raise Forbidden(f"the API key {record.key_id} was revoked")
+    g.api_key = record
+
+
+def current_key() -> ApiKey:
+    return g.api_key
+
+
+def current_tenant() -> str:
+    """The tenant of the request's key: every job, file and cache entry a view touches is scoped by it."""
+    return g.api_key.tenant
+
+
+def choose_lane(asked: str | None) -> str:
+    """The lane for a new job: the one asked for if the key allows it (else 403), or the key's default."""
+    try:
+        return current_key().lane_for(asked, services().settings.default_lane)
+    except PermissionError as exc:
+        raise Forbidden(str(exc), errors=[{"field": "lane", "message": str(exc)}]) from None

@@ -1,0 +1,189 @@
+"""The ``maskq`` command: ``maskq keys create|revoke|list|dev``.
+
+``keys create`` prints the new key alone on stdout (and the rest on stderr),
+so ``export MASKQ_API_KEY=$(maskq keys create --tenant acme)`` works.
+
+The development key: with the embedded Redis and the web front end on a
+loopback address, ``make run`` prints a key of tenant ``dev`` (see
+:func:`announce_dev_key`, called by gunicorn once it is ready). It is made
+once and kept in ``data_dir/dev-api-key`` (mode 0600), so the same key works
+across restarts; ``MASKQ_DEV_KEY=false`` turns it off.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import redis
+
+from config.settings import LANES, Settings, load_settings
+from tasks.tenants import ApiKey, KeyStore, check_policy, new_key
+
+DEV_TENANT = "dev"
+
+
+def dev_key_path(settings: Settings) -> Path:
+    return settings.data_dir / "dev-api-key"
+
+
+def dev_key_wanted(settings: Settings) -> str | None:
+    """None when this setup gets a development key; otherwise why not."""
+    if settings.auth != "keys":
+        return "MASKQ_AUTH is off: no key is needed"
+    if not settings.dev_key:
+        return "MASKQ_DEV_KEY is false"
+    if not settings.loopback:
+        return f"MASKQ_HOST {settings.host!r} is not a loopback address"
+    if not settings.embedded:
+        # A shared Redis is someone's real key store: a development key there would open their service.
+        return "MASKQ_REDIS_URL is set (only the embedded Redis gets a development key)"
+    return None
+
+
+def ensure_dev_key(settings: Settings, store: KeyStore) -> str:
+    """The development key: the one in ``dev-api-key`` if it is still good, else a new one."""
+    path = dev_key_path(settings)
+    key = path.read_text().strip() if path.exists() else ""
+    record = store.lookup(key) if key else None
+    if record is not None and not record.revoked:
+        return key
+    if not key or record is not None:  # none yet, or it was revoked: make another
+        key = new_key()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(key + "\n")
+        os.replace(path.with_suffix(".tmp"), path)
+    # A key on file that Redis does not know (its data was wiped) is registered again as it is.
+    store.add(key, DEV_TENANT, label="development key (make run)")
+    return key
+
+
+def announce_dev_key(settings: Settings, wait_s: float = 10, out=sys.stdout) -> str | None:
+    """Make (once) and print the development key, waiting up to ``wait_s`` for Redis to start."""
+    if dev_key_wanted(settings) is not None:
+        return None
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=5)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            key = ensure_dev_key(settings, KeyStore(client))
+            break
+        except (redis.ConnectionError, redis.BusyLoadingError) as exc:
+            if time.monotonic() > deadline:
+                print(f"maskq: no development key: Redis is not answering ({exc}); "
+                      "run `maskq keys dev` once it is up", file=sys.stderr, flush=True)
+                return None
+            time.sleep(0.2)
+    url = f"http://{settings.host}:{settings.port}"
+    print(f"\nmaskq development API key (tenant {DEV_TENANT!r}, kept in {dev_key_path(settings)}):\n"
+          f"    export MASKQ_API_KEY={key}\n"
+          f"    curl -H \"Authorization: Bearer $MASKQ_API_KEY\" {url}/v1/models\n", file=out, flush=True)
+    return key
+
+
+def _describe(record: ApiKey, settings: Settings) -> str:
+    created = datetime.fromtimestamp(record.created_at, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
+    lane = record.lane or f"{settings.default_lane} (service default)"
+    rate = record.rate or f"{settings.default_rate} (service default)"
+    state = "revoked" if record.revoked else "active"
+    return (f"{record.key_id}  tenant={record.tenant}  lane={lane}  max_lane={record.max_lane}  rate={rate}  "
+            f"created={created}  {state}" + (f"  label={record.label!r}" if record.label else ""))
+
+
+def _create(args, settings: Settings, store: KeyStore) -> int:
+    check_policy(args.tenant, args.lane, args.max_lane, args.rate)
+    key, record = store.create(args.tenant, lane=args.lane, max_lane=args.max_lane, rate=args.rate, label=args.label)
+    print(key, flush=True)
+    print(f"new API key (shown once; only its hash is kept): {_describe(record, settings)}\n"
+          f"tenant {args.tenant!r} webhook secret: {_webhook_secret(args.tenant, settings, store)}", file=sys.stderr)
+    return 0
+
+
+def _webhook_secret(tenant: str, settings: Settings, store: KeyStore) -> str:
+    # The webhooks' own store of it; tenant "default" may have MASKQ_WEBHOOK_SECRET configured.
+    from tasks.webhooks import tenant_secret
+
+    configured = getattr(settings, "webhook_secret", None) if tenant == "default" else None
+    return tenant_secret(store.redis, tenant, configured)
+
+
+def _revoke(args, settings: Settings, store: KeyStore) -> int:
+    record = store.revoke(args.key)
+    print(f"revoked: {_describe(record, settings)}")
+    return 0
+
+
+def _list(args, settings: Settings, store: KeyStore) -> int:
+    records = store.list(args.tenant)
+    if args.json:
+        print(json.dumps([{"id": r.key_id, "tenant": r.tenant, "lane": r.lane, "max_lane": r.max_lane,
+                           "rate": r.rate, "label": r.label, "created_at": r.created_at,
+                           "revoked": r.revoked} for r in records], indent=2))
+    else:
+        for record in records:
+            print(_describe(record, settings))
+        if not records:
+            print("no keys", file=sys.stderr)
+    return 0
+
+
+def _dev(args, settings: Settings, store: KeyStore) -> int:
+    why_not = dev_key_wanted(settings)
+    if why_not:
+        print(f"no development key here: {why_not}", file=sys.stderr)
+        return 1
+    print(ensure_dev_key(settings, store))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="maskq", description="maskq administration")
+    groups = top.add_subparsers(dest="group", required=True)
+    keys = groups.add_parser("keys", help="API keys of tenants").add_subparsers(dest="command", required=True)
+    create = keys.add_parser("create", help="make a key and print it (once)")
+    create.add_argument("--tenant", required=True, help="the tenant the key belongs to (a-z, 0-9, . _ -)")
+    create.add_argument("--lane", choices=LANES, help="the lane of a job that names none (default: the service's)")
+    create.add_argument("--max-lane", choices=LANES, default="interactive",
+                        help="the highest lane the key may ask for; higher is a 403 (default: %(default)s)")
+    create.add_argument("--rate", help="the key's rate limit, e.g. '600/minute' (default: MASKQ_DEFAULT_RATE)")
+    create.add_argument("--label", default="", help="a note to tell keys apart in `keys list`")
+    create.set_defaults(run=_create)
+    revoke = keys.add_parser("revoke", help="revoke a key: it then gets 403")
+    revoke.add_argument("key", help="the key itself, or its id from `keys list` (8+ characters)")
+    revoke.set_defaults(run=_revoke)
+    listing = keys.add_parser("list", help="list keys (ids, never the keys)")
+    listing.add_argument("--tenant")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=_list)
+    dev = keys.add_parser("dev", help="print the development key (loopback and embedded Redis only)")
+    dev.set_defaults(run=_dev)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ValueError as exc:  # pydantic's ValidationError says which MASKQ_ variable is wrong
+        print(f"maskq: bad settings: {exc}", file=sys.stderr)
+        return 2
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3, socket_timeout=10)
+    try:
+        return args.run(args, settings, KeyStore(client))
+    except (ValueError, LookupError) as exc:
+        print(f"maskq: {exc}", file=sys.stderr)
+        return 2
+    except redis.ConnectionError:
+        print(f"maskq: cannot reach Redis at {settings.broker_url}: start the service (`make run`) "
+              "or set MASKQ_REDIS_URL", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

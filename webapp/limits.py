@@ -1,0 +1,88 @@
+"""Rate limits: flask-limiter counting in the service's Redis, so every web process shares the counts.
+
+Two application-wide limits, each across all routes together:
+
+- per API key: the key's own rate (``maskq keys create --rate``) or ``MASKQ_DEFAULT_RATE``;
+  requests without a key (the OpenAPI document, the docs page) count per client address;
+- for everyone together: ``MASKQ_GLOBAL_RATE``.
+
+Every limited response carries ``X-RateLimit-Limit``, ``-Remaining`` and ``-Reset``; a refusal
+is a 429 problem with ``Retry-After``. Health probes and metrics are never limited: an
+orchestrator that cannot probe a busy service would restart it.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from flask import Flask, Response, current_app, g, request
+from flask_limiter import ApplicationLimit, HeaderNames, Limiter, RateLimitExceeded
+
+from config.settings import Settings
+from webapp.errors import problem
+from webapp.services import services
+
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# flask-limiter writes Retry-After on every response it counts, and folds an existing one (a 503's)
+# into its own reset time; it writes under this name instead, and the hook below keeps what is right.
+LIMITER_RETRY_AFTER = "X-Maskq-Limiter-Retry-After"
+
+
+def client_id() -> str:
+    """Whom a request counts against: its API key's hash, or its address when it has no key."""
+    key = g.get("api_key")
+    if key is not None and key.key_hash:
+        return "key:" + key.key_hash
+    return "addr:" + (request.remote_addr or "unknown")
+
+
+def key_rate() -> str:
+    key = g.get("api_key")
+    return (key.rate if key is not None else None) or services().settings.default_rate
+
+
+def init_app(app: Flask, settings: Settings) -> Limiter:
+    """Install the limiter; call it after :func:`webapp.auth.init_app` (the limits key on the key)."""
+    # Flask runs after_request hooks last-registered first: registered before the limiter's own,
+    # this one sees the headers the limiter has written.
+    app.after_request(_retry_after)
+    limiter = Limiter(
+        client_id,
+        application_limits=[
+            ApplicationLimit(key_rate, scope="key"),
+            ApplicationLimit(settings.global_rate, key_function=lambda: "everyone", scope="global"),
+        ],
+        storage_uri=settings.broker_url,
+        storage_options={"socket_timeout": 5, "socket_connect_timeout": 5},
+        strategy=settings.rate_limit_strategy,
+        headers_enabled=True,
+        # Redis down: count in each process's memory instead (and go back once it answers), so the
+        # routes that need no Redis (the docs) keep working; the /v1 routes answer 503 on their own.
+        in_memory_fallback_enabled=True,
+        header_name_mapping={HeaderNames.RETRY_AFTER: LIMITER_RETRY_AFTER},
+        key_prefix="maskq",
+    )
+    limiter.request_filter(lambda: request.path in UNLIMITED_PATHS)
+    limiter.init_app(app)
+    app.register_error_handler(RateLimitExceeded, _too_many_requests)
+    app.extensions["maskq.limiter"] = limiter
+    return limiter
+
+
+def _too_many_requests(exc: RateLimitExceeded) -> Response:
+    rate = exc.limit.limit
+    if exc.limit.scope == "global":
+        detail = f"the service is over its overall rate limit of {rate}; retry after the time in Retry-After"
+    else:
+        detail = f"this client is over its rate limit of {rate}; retry after the time in Retry-After"
+    return problem(429, "Too many requests", detail)
+
+
+def _retry_after(response: Response) -> Response:
+    response.headers.pop(LIMITER_RETRY_AFTER, None)
+    if response.status_code == 429:
+        limiter = current_app.extensions.get("maskq.limiter")
+        current = limiter.current_limit if limiter is not None else None
+        wait = math.ceil(current.reset_at - time.time()) if current is not None else 1
+        response.headers["Retry-After"] = str(max(1, wait))
+    return response

@@ -1,0 +1,286 @@
+"""``GET /openapi.json``: the OpenAPI 3.1 description of the API, built, never written by hand.
+
+The paths are the app's own routes (``app.url_map``), so a route cannot be
+added without appearing here; the request bodies are the pydantic models the
+code validates with (``tasks/schemas.py``), and the answers are the response
+models below, which the tests hold the real answers to. What a route means
+(summary, parameters, which errors it gives) is in ``OPERATIONS``; a route
+missing there is still described, with a generic answer, until it is added.
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from flask import Blueprint, Flask, current_app, jsonify
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+from tasks.schemas import JobRequest, Lane, MaskRLE, Strict
+from webapp.idempotency import HEADER as IDEMPOTENCY_HEADER
+from webapp.idempotency import MAX_KEY_LENGTH
+from webapp.services import services
+
+bp = Blueprint("openapi", __name__)
+REF = "#/components/schemas/{model}"
+UNDOCUMENTED = ("/docs", "/static")
+
+
+class Document(BaseModel):
+    """A response body: fields may be added over time, so clients must ignore the ones they do not know."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ModelVersion(Document):
+    name: str
+    version: str | None
+
+
+class Instance(Document):
+    mask: MaskRLE | None = Field(None, description="COCO RLE, column-major; absent when not asked for")
+    bbox: tuple[float, float, float, float] = Field(description="[x, y, w, h] in pixels of the upright image")
+    area: int
+    score: float
+    label: str
+    polygon: list[list[float]] | None = None
+    png_url: str | None = None
+
+
+class Result(Document):
+    width: int
+    height: int
+    instances: list[Instance]
+
+
+class JobError(Document):
+    code: str
+    message: str
+
+
+class Job(Document):
+    """A job as ``GET /v1/jobs/{id}`` shows it, and as webhooks carry it."""
+
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled", "expired"]
+    lane: Lane
+    model: ModelVersion
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    queue_position: int | None = None
+    result: Result | None = None
+    error: JobError | None = None
+    cached: bool
+
+
+class FieldError(Document):
+    field: str
+    message: str
+
+
+class Problem(Document):
+    """An error (RFC 9457 ``application/problem+json``); ``errors`` names each bad field."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] = []
+
+
+class ModelInfo(Document):
+    name: str
+    version: str
+    default: bool
+    prompt_kinds: list[str]
+    loaded: bool
+
+
+class ModelList(Document):
+    models: list[ModelInfo]
+
+
+class Health(Document):
+    status: str
+
+
+class Readiness(Document):
+    status: Literal["ready", "not ready"]
+    checks: dict[str, str]
+    workers: list[dict]
+
+
+class InlineImage(Strict):
+    base64: str = Field(description="the image file's bytes, base64-encoded")
+
+
+class JsonSubmission(JobRequest):
+    """``POST /v1/jobs`` as ``application/json``: the request with the image inline."""
+
+    image: InlineImage
+
+
+class MultipartSubmission(BaseModel):
+    """``POST /v1/jobs`` as ``multipart/form-data``: the image file and the request as JSON text."""
+
+    image: bytes = Field(description="the image file (JPEG, PNG, WebP, BMP or TIFF)")
+    request: JobRequest = Field(default_factory=JobRequest, description="JSON text; may be left out")
+
+
+REQUEST_MODELS = (JsonSubmission, MultipartSubmission)
+RESPONSE_MODELS = (Job, Problem, ModelList, Health, Readiness)
+
+ERRORS = {
+    400: "Bad request: unreadable input", 401: "No API key, or an unknown one",
+    403: "The key is revoked, or may not use the lane asked for", 404: "No such job (or another tenant's)",
+    409: "The job's state does not allow this", 413: "The image is too large",
+    415: "Not an image type the service reads", 422: "The request names something invalid",
+    429: "Over the rate limit; retry after Retry-After seconds", 503: "Busy or a dependency is down; retry later",
+}
+V1_ERRORS = (401, 403, 429, 503)
+RATE_HEADERS = {name: {"$ref": f"#/components/headers/{name}"}
+                for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")}
+
+
+def json_answer(model: str, description: str, headers: dict | None = None, media: str = "application/json") -> dict:
+    answer = {"description": description, "content": {media: {"schema": {"$ref": REF.format(model=model)}}}}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def error_answers(*statuses: int) -> dict:
+    return {str(code): {"$ref": f"#/components/responses/{code}"} for code in statuses}
+
+
+def _job_answers(*statuses: int, created: bool = False) -> dict:
+    headers = {**RATE_HEADERS, "Location": {"schema": {"type": "string"}}} if created else RATE_HEADERS
+    answers = {"200": json_answer("Job", "The job", headers)}
+    if created:
+        answers["202"] = json_answer("Job", "Accepted and queued", headers)
+    return {**answers, **error_answers(*sorted({*statuses, *V1_ERRORS}))}
+
+
+def _operations(max_wait_s: int) -> dict[tuple[str, str], dict]:
+    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    return {
+        ("/v1/jobs", "post"): {
+            "summary": "Submit a job", "operationId": "submitJob",
+            "parameters": [{"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
+                            "description": "the same key and body within 24 h return the same job",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH}}],
+            "requestBody": {"required": True, "content": {
+                "multipart/form-data": {"schema": {"$ref": REF.format(model="MultipartSubmission")},
+                                        "encoding": {"request": {"contentType": "application/json"}}},
+                "application/json": {"schema": {"$ref": REF.format(model="JsonSubmission")}},
+            }},
+            "responses": _job_answers(400, 409, 413, 415, 422, created=True),
+        },
+        ("/v1/jobs/{job_id}", "get"): {
+            "summary": "Read a job, waiting up to `wait` seconds for it to end", "operationId": "getJob",
+            "parameters": [job_id, {"name": "wait", "in": "query", "required": False,
+                                    "schema": {"type": "number", "minimum": 0, "maximum": max_wait_s}}],
+            "responses": _job_answers(400, 404),
+        },
+        ("/v1/jobs/{job_id}", "delete"): {
+            "summary": "Cancel a job", "operationId": "cancelJob", "parameters": [job_id],
+            "responses": _job_answers(404, 409),
+        },
+        ("/v1/jobs/{job_id}/files/{name}", "get"): {
+            "summary": "Fetch one of a job's files (a PNG mask)", "operationId": "getJobFile",
+            "parameters": [job_id, {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The file", "headers": RATE_HEADERS, "content": {
+                media: {"schema": {"type": "string", "format": "binary"}}
+                for media in ("image/png", "application/octet-stream")}}, **error_answers(404, *V1_ERRORS)},
+        },
+        ("/v1/models", "get"): {
+            "summary": "The models this deployment serves", "operationId": "listModels",
+            "responses": {"200": json_answer("ModelList", "The models", RATE_HEADERS), **error_answers(*V1_ERRORS)},
+        },
+        ("/healthz", "get"): {"summary": "The process is alive", "operationId": "health", "security": [],
+                              "responses": {"200": json_answer("Health", "Alive")}},
+        ("/readyz", "get"): {"summary": "Redis, storage and a worker are ready", "operationId": "ready",
+                             "security": [], "responses": {"200": json_answer("Readiness", "Ready"),
+                                                           "503": json_answer("Readiness", "Not ready")}},
+        ("/metrics", "get"): {"summary": "Prometheus metrics", "operationId": "metrics", "security": [],
+                              "responses": {"200": {"description": "Prometheus text format",
+                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}},
+        ("/openapi.json", "get"): {"summary": "This document", "operationId": "openapi", "security": [],
+                                   "responses": {"200": {"description": "OpenAPI 3.1", "content": {
+                                       "application/json": {"schema": {"type": "object"}}}},
+                                       **error_answers(429)}},
+    }
+
+
+def describe(**by_method: dict):
+    """Describe a view's operations where the view is: ``@describe(get={"summary": ..., "responses": ...})``.
+
+    For routes of other modules; :func:`json_answer` and :func:`error_answers` build the answers.
+    """
+    def mark(view):
+        view.openapi = by_method
+        return view
+    return mark
+
+
+def _generic(view) -> dict:
+    # A route nobody has described yet: say what little is sure, so the document stays true.
+    return {"summary": (view.__doc__ or "").strip().split("\n")[0] or "Undocumented",
+            "responses": {"default": {"description": "See the route's module",
+                                      "content": {"application/json": {}, "application/problem+json": {}}}}}
+
+
+def _path(rule: str) -> str:
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
+
+
+def build_document(app: Flask) -> dict:
+    """The OpenAPI document of ``app``'s routes (call inside an app context)."""
+    settings = services().settings
+    known = _operations(settings.max_wait_s)
+    _, defs = models_json_schema([(m, "validation") for m in REQUEST_MODELS] +
+                                 [(m, "serialization") for m in RESPONSE_MODELS], ref_template=REF)
+    paths: dict[str, dict] = {}
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        if rule.endpoint == "static" or rule.rule.startswith(UNDOCUMENTED):
+            continue
+        path = _path(rule.rule)
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            view = app.view_functions[rule.endpoint]
+            operation = (known.get((path, method.lower())) or getattr(view, "openapi", {}).get(method.lower())
+                         or _generic(view))
+            if path.startswith("/v1/") and "parameters" not in operation and rule.arguments:
+                operation["parameters"] = [{"name": a, "in": "path", "required": True, "schema": {"type": "string"}}
+                                           for a in sorted(rule.arguments)]
+            paths.setdefault(path, {})[method.lower()] = operation
+    problem = {"application/problem+json": {"schema": {"$ref": REF.format(model="Problem")}}}
+    retry = {"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 0}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "maskq", "version": "1",
+                 "description": "Asynchronous prompt-driven image segmentation jobs."},
+        "servers": [{"url": settings.public_url or "/"}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "schemas": defs["$defs"],
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "an API key from `maskq keys create`"}},
+            "headers": {name: {"schema": {"type": "integer"}, "description": what} for name, what in (
+                ("X-RateLimit-Limit", "requests allowed in the window"),
+                ("X-RateLimit-Remaining", "requests left in the window"),
+                ("X-RateLimit-Reset", "when the window ends (Unix time)"))},
+            "responses": {str(code): {"description": what, "content": problem,
+                                      **({"headers": retry} if code in (429, 503) else {})}
+                          for code, what in ERRORS.items()},
+        },
+    }
+
+
+@bp.get("/openapi.json")
+def openapi_document():
+    document = current_app.extensions.get("maskq.openapi")
+    if document is None:
+        document = current_app.extensions["maskq.openapi"] = build_document(current_app)
+    return jsonify(document)
