@@ -1,0 +1,281 @@
+"""SAM-family models (SAM, MobileSAM, EfficientSAM) exported to ONNX as an image encoder and a prompt decoder.
+
+The graphs follow segment-anything's official ONNX layout (also what
+``samexporter`` and ``tools/export_sam.py`` write):
+
+* encoder: the image in the encoder's frame -> ``image_embeddings``. The frame is
+  the image resized (bilinear) so its longest side is ``image_size`` (1024),
+  then padded at the bottom and right to a square. Two input conventions exist
+  and option ``encoder_input`` picks one ("auto" reads the input's rank):
+  ``"normalized"``: ``[1, 3, S, S]`` float32, normalised with ``pixel_mean`` and
+  ``pixel_std`` and padded (the official layout, samexporter's default, and
+  ``tools/export_sam.py``); ``"resized"``: ``[h, w, 3]`` float32 RGB 0-255,
+  resized but neither normalised nor padded (samexporter ``--use-preprocess``).
+* decoder: ``image_embeddings``, ``point_coords`` ``[1, N, 2]`` in the encoder's
+  frame, ``point_labels`` ``[1, N]`` (1 foreground, 0 background, 2/3 box
+  corners, -1 padding), ``mask_input`` ``[1, 1, S/4, S/4]`` logits,
+  ``has_mask_input`` ``[1]``, ``orig_im_size`` ``[2]`` (h, w) -> ``masks``,
+  ``iou_predictions``, ``low_res_masks``.
+
+Masks are upscaled here from ``low_res_masks`` (resize to the padded frame,
+crop the padding, resize to the original size, as SAM does) rather than taken
+from the decoder's ``masks``: the official export freezes that crop to the
+shape of its tracing dummy, so its ``masks`` are wrong for other aspect ratios.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from tasks.errors import ModelError, ValidationFailed
+from workers.adapters.base import Instance, ModelAdapter, ModelSpec, RuntimeOptions, SegmentRequest
+from workers.adapters.onnx import create_session
+from workers.embedding_cache import EmbeddingCache
+
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "multimask": False,  # False: SAM's single mask per prompt; True: its three candidates, best first
+    "mask_threshold": 0.0,  # on the decoder's logits, as SamPredictor does
+    "image_size": 1024,  # the encoder frame's side
+    "encoder_input": "auto",  # "normalized", "resized" or "auto" (see the module docstring)
+    "pixel_mean": (123.675, 116.28, 103.53),
+    "pixel_std": (58.395, 57.12, 57.375),
+    "embedding_cache_mb": 256,  # per model and worker process; 0 turns the cache off
+}
+ENCODER_INPUTS = ("auto", "normalized", "resized")
+DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
+# A binary mask prompt becomes these logits: SAM's own low-res logits for confident pixels
+# are of this order, and the sign is all that its mask_input conveys about a hard mask.
+MASK_PROMPT_LOGIT = 10.0
+
+
+def preprocess_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """``(h, w)`` of the image resized so its longest side is ``size`` (SAM's ResizeLongestSide)."""
+    scale = size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def to_frame(coords: np.ndarray, original: tuple[int, int], resized: tuple[int, int]) -> np.ndarray:
+    """``(x, y)`` pixel coordinates of the original image in the encoder's frame."""
+    (h, w), (new_h, new_w) = original, resized
+    return np.asarray(coords, dtype=np.float32) * np.array([new_w / w, new_h / h], dtype=np.float32)
+
+
+def upscale_logits(low_res: np.ndarray, size: int, resized: tuple[int, int], original: tuple[int, int]) -> np.ndarray:
+    """Low-res mask logits (``S/4`` square) back to the original image, as SAM's postprocess_masks."""
+    frame = cv2.resize(low_res, (size, size), interpolation=cv2.INTER_LINEAR)
+    frame = frame[: resized[0], : resized[1]]
+    return cv2.resize(frame, (original[1], original[0]), interpolation=cv2.INTER_LINEAR)
+
+
+@dataclass
+class DecoderCall:
+    """One prompt set for the decoder (a box with the points, or the points alone) and what to call its masks."""
+
+    label: str
+    feeds: dict[str, np.ndarray]
+
+
+@dataclass
+class EncodedImage:
+    """One request on its way to the model: its embedding if cached, else the encoder's input."""
+
+    key: tuple
+    calls: list[DecoderCall]
+    embedding: np.ndarray | None = None
+    encoder_input: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class SamAdapter(ModelAdapter):
+    """Point, box and mask prompted segmentation with a SAM-family encoder/decoder pair.
+
+    Files: ``encoder`` and ``decoder`` (ONNX). Each box gives its own prompt
+    set (the box's corners plus every point); with no box, the points form
+    one; a mask prompt is added to every set, and alone it forms one. Each set
+    gives one instance (three with ``multimask``), labelled ``box:<i>``,
+    ``points`` or ``mask``, scored by SAM's predicted IoU. A request with no
+    point, box or mask is refused: SAM has nothing to segment then.
+
+    The encoder's output is kept in an :class:`EmbeddingCache` keyed by the
+    request's ``image_id`` (else a hash of the pixels), so another prompt on
+    the same image runs only the decoder.
+    """
+
+    prompt_kinds = frozenset({"points", "boxes", "mask"})
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec)
+        self.options = {**DEFAULT_OPTIONS, **spec.options}
+        if self.options["encoder_input"] not in ENCODER_INPUTS:
+            raise ModelError(f"model {spec.name}: option encoder_input must be one of {', '.join(ENCODER_INPUTS)}")
+        self.size = int(self.options["image_size"])
+        self.embedding_cache: EmbeddingCache | None = None
+
+    def setup(self, runtime: RuntimeOptions) -> None:
+        for name in ("encoder", "decoder"):
+            if name not in self.spec.files:
+                raise ModelError(f"model {self.name}: the manifest gives no {name!r} file")
+        self._encoder = create_session(self.spec.files["encoder"], runtime)
+        self._decoder = create_session(self.spec.files["decoder"], runtime)
+        self._read_encoder_layout()
+        self._read_decoder_layout()
+        self.embedding_cache = EmbeddingCache(int(float(self.options["embedding_cache_mb"]) * 2**20))
+
+    def _read_encoder_layout(self) -> None:
+        encoder_input = self._encoder.get_inputs()[0]
+        self._encoder_input_name = encoder_input.name
+        convention = self.options["encoder_input"]
+        if convention == "auto":
+            convention = {4: "normalized", 3: "resized"}.get(len(encoder_input.shape))
+            if convention is None:
+                raise ModelError(f"model {self.name}: encoder input of shape {encoder_input.shape} is neither "
+                                 "[1, 3, S, S] nor [h, w, 3]; set option encoder_input")
+        self._convention = convention
+        side = encoder_input.shape[-1]
+        if convention == "normalized" and isinstance(side, int) and "image_size" not in self.spec.options:
+            self.size = side  # a static [1, 3, S, S] input says what S is
+
+    def _read_decoder_layout(self) -> None:
+        inputs = {i.name: i for i in self._decoder.get_inputs()}
+        missing = [n for n in DECODER_INPUTS if n not in inputs]
+        if missing:
+            raise ModelError(f"model {self.name}: the decoder lacks inputs {missing}; "
+                             "expected the segment-anything ONNX layout")
+        mask_side = inputs["mask_input"].shape[-1]
+        self._mask_side = mask_side if isinstance(mask_side, int) else self.size // 4
+        outputs = [o.name for o in self._decoder.get_outputs()]
+        if "iou_predictions" not in outputs or not {"low_res_masks", "masks"} & set(outputs):
+            raise ModelError(f"model {self.name}: decoder outputs {outputs}; "
+                             "need iou_predictions and low_res_masks or masks")
+        self._upscale_here = "low_res_masks" in outputs
+        self._outputs = ["iou_predictions", "low_res_masks" if self._upscale_here else "masks"]
+
+    # --- preprocess ------------------------------------------------------------------
+
+    def preprocess(self, requests: Sequence[SegmentRequest]) -> tuple[list[EncodedImage], list[dict[str, Any]]]:
+        items = []
+        for request in requests:
+            original = request.image.shape[:2]
+            resized = preprocess_shape(*original, self.size)
+            key = (request.image_id or self._pixel_hash(request.image), self.name, self.version)
+            embedding = self.embedding_cache.lookup(key)
+            item = EncodedImage(key=key, calls=self._decoder_calls(request, original, resized), embedding=embedding,
+                                meta={"original": original, "resized": resized})
+            if embedding is None:
+                item.encoder_input = self._encoder_tensor(request.image, resized)
+            items.append(item)
+        return items, [dict(item.meta, labels=[c.label for c in item.calls]) for item in items]
+
+    @staticmethod
+    def _pixel_hash(image: np.ndarray) -> str:
+        digest = hashlib.sha256(np.ascontiguousarray(image).data)
+        digest.update(repr(image.shape).encode())
+        return "pixels:" + digest.hexdigest()
+
+    def _encoder_tensor(self, image: np.ndarray, resized: tuple[int, int]) -> np.ndarray:
+        # PIL's bilinear resize is what segment-anything's ResizeLongestSide uses; OpenCV's
+        # differs when shrinking (no antialiasing) and moves thin mask edges.
+        pixels = np.asarray(Image.fromarray(image).resize((resized[1], resized[0]), Image.Resampling.BILINEAR),
+                            dtype=np.float32)
+        if self._convention == "resized":
+            return pixels
+        mean = np.asarray(self.options["pixel_mean"], dtype=np.float32)
+        std = np.asarray(self.options["pixel_std"], dtype=np.float32)
+        tensor = np.zeros((1, 3, self.size, self.size), dtype=np.float32)
+        tensor[0, :, : resized[0], : resized[1]] = ((pixels - mean) / std).transpose(2, 0, 1)
+        return tensor
+
+    def _decoder_calls(self, request: SegmentRequest, original, resized) -> list[DecoderCall]:
+        prompts = request.prompts
+        if not (prompts.points or prompts.boxes or prompts.mask is not None):
+            raise ValidationFailed(
+                f"model {self.name!r} needs a point, box or mask prompt",
+                errors=[{"field": "prompts", "message": "give points, boxes or a mask"}])
+        points = np.array([(x, y) for x, y, _ in prompts.points], dtype=np.float32).reshape(-1, 2)
+        labels = np.array([label for _, _, label in prompts.points], dtype=np.float32)
+        common = {
+            "mask_input": self._mask_input(prompts.mask, resized),
+            "has_mask_input": np.array([0.0 if prompts.mask is None else 1.0], dtype=np.float32),
+            "orig_im_size": np.array(original, dtype=np.float32),
+        }
+        sets = [(f"box:{i}", np.array(box, dtype=np.float32).reshape(2, 2), [2.0, 3.0])
+                for i, box in enumerate(prompts.boxes)]
+        if not sets:
+            # Without a box SAM expects a padding point (label -1), as SamPredictor adds.
+            sets = [("points" if prompts.points else "mask", np.zeros((1, 2), dtype=np.float32), [-1.0])]
+        calls = []
+        for label, extra, extra_labels in sets:
+            coords = to_frame(np.concatenate([points, extra]), original, resized)
+            feeds = dict(common, point_coords=coords[np.newaxis],
+                         point_labels=np.concatenate([labels, extra_labels]).astype(np.float32)[np.newaxis])
+            calls.append(DecoderCall(label, feeds))
+        return calls
+
+    def _mask_input(self, mask: np.ndarray | None, resized: tuple[int, int]) -> np.ndarray:
+        side = self._mask_side
+        if mask is None:
+            return np.zeros((1, 1, side, side), dtype=np.float32)
+        frame = np.zeros((self.size, self.size), dtype=np.float32)
+        frame[: resized[0], : resized[1]] = cv2.resize(mask.astype(np.float32), (resized[1], resized[0]),
+                                                       interpolation=cv2.INTER_LINEAR)
+        low = cv2.resize(frame, (side, side), interpolation=cv2.INTER_AREA)
+        return np.where(low > 0.5, MASK_PROMPT_LOGIT, -MASK_PROMPT_LOGIT).astype(np.float32)[np.newaxis, np.newaxis]
+
+    # --- predict (the only ONNX Runtime calls) -------------------------------------------
+
+    def predict(self, tensors: list[EncodedImage]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """Encode the images not in the cache (once per distinct image), then decode every prompt set."""
+        fresh: dict[tuple, np.ndarray] = {}
+        results = []
+        for item in tensors:
+            embedding = item.embedding if item.embedding is not None else fresh.get(item.key)
+            if embedding is None:
+                embedding = self._run(self._encoder, None, {self._encoder_input_name: item.encoder_input}, "encoder")[0]
+                if embedding.ndim == 3:
+                    embedding = embedding[np.newaxis]
+                self.embedding_cache.store(item.key, embedding)
+                fresh[item.key] = embedding
+            results.append([
+                tuple(self._run(self._decoder, self._outputs, dict(call.feeds, image_embeddings=embedding), "decoder"))
+                for call in item.calls
+            ])
+        return results
+
+    def _run(self, session, outputs, feeds, what: str) -> list[np.ndarray]:
+        try:
+            return session.run(outputs, feeds)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelError(f"model {self.name}: the {what} failed: {exc}") from exc
+
+    # --- postprocess -----------------------------------------------------------------
+
+    def postprocess(self, outputs, metas: list[dict[str, Any]]) -> list[list[Instance]]:
+        threshold = float(self.options["mask_threshold"])
+        results = []
+        for calls, meta in zip(outputs, metas):
+            instances = []
+            for (iou, masks), label in zip(calls, meta["labels"]):
+                iou, masks = iou.reshape(-1), masks.reshape(-1, *masks.shape[-2:])
+                for index in self._chosen(iou):
+                    logits = masks[index]
+                    if self._upscale_here:
+                        logits = upscale_logits(logits, self.size, meta["resized"], meta["original"])
+                    elif logits.shape != tuple(meta["original"]):
+                        logits = cv2.resize(logits, meta["original"][::-1], interpolation=cv2.INTER_LINEAR)
+                    instances.append(Instance(mask=logits > threshold, score=float(iou[index]), label=label))
+            results.append(instances)
+        return results
+
+    def _chosen(self, iou: np.ndarray) -> list[int]:
+        """Which of the decoder's masks to return: SAM's mask tokens are [single, multi x 3]."""
+        if len(iou) == 1:
+            return [0]
+        if not self.options["multimask"]:
+            return [0] if len(iou) == 4 else [int(np.argmax(iou))]
+        candidates = range(1, len(iou)) if len(iou) == 4 else range(len(iou))
+        return sorted(candidates, key=lambda i: -iou[i])
