@@ -5,6 +5,10 @@ from kombu import Queue
 
 from config.settings import LANES, Settings
 
+# Webhook deliveries and housekeeping: their own queue, consumed after every lane,
+# so a slow receiver never holds a lane's place in line.
+WEBHOOK_QUEUE = "webhooks"
+
 
 def celery_config(settings: Settings) -> dict:
     """Celery settings for lanes that are consumed in strict order and never lose a job.
@@ -22,8 +26,19 @@ def celery_config(settings: Settings) -> dict:
         "broker_transport_options": {
             "queue_order_strategy": "priority",
             "visibility_timeout": settings.visibility_timeout_s,
+            # How often a worker looks for messages a dead worker left unacknowledged and puts
+            # them back (once older than the visibility timeout). kombu's default scans only
+            # every tenth sweep: ~100 s.
+            "unacked_restore_interval": settings.unacked_restore_interval_s,
+            "unacked_restore_throttle": 1,
         },
-        "task_queues": [Queue(lane, routing_key=lane) for lane in LANES],
+        "task_queues": [Queue(lane, routing_key=lane) for lane in LANES] + [Queue(WEBHOOK_QUEUE, routing_key=WEBHOOK_QUEUE)],
+        "task_routes": {"maskq.deliver_webhook": {"queue": WEBHOOK_QUEUE}, "maskq.apply_retention": {"queue": WEBHOOK_QUEUE}},
+        "beat_schedule": {
+            "retention": {"task": "maskq.apply_retention", "schedule": settings.retention_interval_s,
+                          "options": {"queue": WEBHOOK_QUEUE, "expires": settings.retention_interval_s}},
+        },
+        "beat_schedule_filename": str(settings.data_dir / "celerybeat-schedule"),
         "task_default_queue": settings.default_lane,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -48,6 +63,6 @@ def create_celery(settings: Settings):
     """A Celery app for these settings; the web front end sends with it, the worker runs it."""
     from celery import Celery
 
-    app = Celery("maskq", include=["tasks.run_job"])
+    app = Celery("maskq", include=["tasks.run_job", "tasks.webhooks", "tasks.retention"])
     app.conf.update(celery_config(settings))
     return app

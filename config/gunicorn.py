@@ -12,3 +12,10 @@ timeout = _settings.max_wait_s + 30
 graceful_timeout = 10
 accesslog = "-"
 loglevel = _settings.log_level.lower()
+
+
+def when_ready(server):
+    # Once, in the master: on a loopback host with the embedded Redis, print the development API key.
+    from webapp.cli import announce_dev_key
+
+    announce_dev_key(_settings)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +34,18 @@ class Settings(BaseSettings):
     web_threads: int = 16
     public_url: str | None = None
 
+    # Tenants, API keys and rate limits (webapp/auth.py, webapp/limits.py, tasks/tenants.py).
+    # auth "keys": every /v1 request needs `Authorization: Bearer <key>`; "off" (loopback only):
+    # no keys, every request is tenant "default".
+    auth: str = "keys"
+    # On a loopback host with the embedded Redis, `make run` keeps a development key (tenant "dev")
+    # in data_dir/dev-api-key and prints it.
+    dev_key: bool = True
+    default_rate: str = "600/minute"   # per API key, unless the key has its own
+    global_rate: str = "6000/minute"   # every client together
+    rate_limit_strategy: str = "fixed-window"
+    idempotency_ttl_s: int = 24 * 3600
+
     # What an upload may be.
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
@@ -53,8 +65,51 @@ class Settings(BaseSettings):
     job_soft_time_limit_s: float = 60
     job_hard_time_limit_s: float = 90
     visibility_timeout_s: int = 600
+    unacked_restore_interval_s: float = 10
     worker_concurrency: int = 1
     worker_heartbeat_s: float = 5
+
+    # Scheduling: lane limits, aging, the resource gate, retries on out-of-memory.
+    lane_max_depth: dict[str, int] = {"interactive": 1000, "default": 10000, "batch": 100000}
+    lane_aging_s: float = 120
+    scheduler_tick_s: float = 1.0
+    gate_check_s: float = 1.0
+    gate_reserve_mb: float = 512
+    gpu_device_index: int = 0
+    oom_retries: int = 3
+    oom_retry_delay_s: float = 10
+    # Test-only: sleep this long before inference, to make a job slow on purpose.
+    debug_delay_s: float = 0
+
+    # Object storage: S3 or any S3-compatible store (MinIO, Ceph) when s3_bucket is set, else storage_root.
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_path_style: bool = False
+    s3_presign_expiry_s: int = Field(default=3600, gt=0, le=7 * 24 * 3600)
+    s3_multipart_threshold_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    s3_timeout_s: float = 5
+    # A worker retries a job's reads and writes while storage is away, this long at most.
+    storage_retry_bound_s: float = 30
+    storage_retry_initial_s: float = 0.2
+    storage_retry_max_s: float = 5
+
+    # Webhooks (Standard Webhooks). No secret: one is generated and kept in Redis.
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = 10
+    # Pauses before the 2nd, 3rd, ... attempt (the spec's: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h).
+    webhook_retry_schedule_s: Annotated[tuple[float, ...], NoDecode] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    webhook_retry_jitter: float = Field(default=0.1, ge=0, lt=1)
+    webhook_retry_after_max_s: float = 36000
+    # Networks (CIDR) a webhook URL may resolve to although they are not public.
+    webhook_allowed_networks: Annotated[tuple[str, ...], NoDecode] = ()
+
+    # Retention: jobs (records and objects) older than this are deleted by the beat task.
+    retention_s: int = 7 * 24 * 3600
+    retention_interval_s: float = 3600
+    retention_partial_age_s: float = 3600
 
     log_level: str = "INFO"
 
@@ -71,6 +126,95 @@ class Settings(BaseSettings):
         if value not in LANES:
             raise ValueError(f"must be one of {', '.join(LANES)}")
         return value
+
+    @field_validator("lane_max_depth")
+    @classmethod
+    def _every_lane_limited(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = set(value) - set(LANES)
+        if unknown:
+            raise ValueError(f"unknown lanes {sorted(unknown)}")
+        return {**{"interactive": 1000, "default": 10000, "batch": 100000}, **value}
+
+    @field_validator("auth")
+    @classmethod
+    def _known_auth(cls, value: str) -> str:
+        if value not in ("keys", "off"):
+            raise ValueError("must be 'keys' or 'off'")
+        return value
+
+    @field_validator("rate_limit_strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        strategies = ("fixed-window", "moving-window", "sliding-window-counter")
+        if value not in strategies:
+            raise ValueError(f"must be one of {', '.join(strategies)}")
+        return value
+
+    @field_validator("default_rate", "global_rate")
+    @classmethod
+    def _readable_rate(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a rate limit; write it as COUNT/PERIOD, e.g. '600/minute'") from None
+        return value
+
+    @model_validator(mode="after")
+    def _no_open_service_without_auth(self):
+        # Anyone who can reach a non-loopback address could use the service, and see every job.
+        if self.auth == "off" and not self.loopback:
+            raise ValueError(
+                f"MASKQ_AUTH=off is only allowed on a loopback address, and MASKQ_HOST is {self.host!r}: "
+                "set MASKQ_AUTH=keys and create keys with `maskq keys create --tenant NAME`, "
+                "or bind to 127.0.0.1"
+            )
+        return self
+
+    @field_validator("webhook_retry_schedule_s", "webhook_allowed_networks", mode="before")
+    @classmethod
+    def _split_list(cls, value):
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+
+        try:
+            return tuple(str(ipaddress.ip_network(v, strict=False)) for v in value)
+        except ValueError as exc:
+            raise ValueError(f"not a network in CIDR form: {exc}") from None
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _standard_webhooks_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        import base64
+        import binascii
+
+        if value is None:
+            return value
+        raw = value.get_secret_value()
+        try:
+            ok = raw.startswith("whsec_") and len(base64.b64decode(raw[6:], validate=True)) >= 24
+        except (binascii.Error, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError("must be 'whsec_' followed by the base64 of at least 24 random bytes")
+        return value
+
+    @model_validator(mode="after")
+    def _storage_retries_end_before_the_job(self):
+        # The retries run inside the job; past its soft time limit they would end as a timeout instead.
+        if self.storage_retry_bound_s >= self.job_soft_time_limit_s:
+            raise ValueError(
+                f"MASKQ_STORAGE_RETRY_BOUND_S ({self.storage_retry_bound_s}) must be below "
+                f"MASKQ_JOB_SOFT_TIME_LIMIT_S ({self.job_soft_time_limit_s})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _visibility_outlasts_jobs(self):
@@ -90,6 +234,18 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when maskq starts and owns its Redis server."""
         return self.redis_url is None
+
+    @property
+    def loopback(self) -> bool:
+        """True when the web front end binds to a loopback address only."""
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False
 
     @property
     def broker_url(self) -> str:

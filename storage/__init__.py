@@ -5,7 +5,13 @@ __all__ = ["Storage", "job_prefix", "open_storage"]
 
 
 def open_storage(settings) -> Storage:
-    """The backend the settings ask for."""
+    """The backend the settings ask for: S3 when ``s3_bucket`` is set (checked at once), else the local folder."""
+    if settings.s3_bucket:
+        from storage.s3 import S3Storage
+
+        storage = S3Storage.from_settings(settings)
+        storage.startup_check()  # a missing bucket or refused credentials stop the process with a clear message
+        return storage
     from storage.local import LocalStorage
 
     return LocalStorage(settings.storage_root)

@@ -28,6 +28,10 @@ class Storage(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete one object; a missing key is not an error."""
+
+    @abstractmethod
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under ``prefix``; return how many went."""
 

@@ -54,6 +54,9 @@ class LocalStorage(Storage):
             str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.endswith(TEMP_SUFFIX)
         )
 
+    def delete(self, key):
+        self._path(key).unlink(missing_ok=True)
+
     def delete_prefix(self, prefix):
         keys = self.list(prefix)
         for key in keys:
@@ -61,5 +64,5 @@ class LocalStorage(Storage):
         return len(keys)
 
     def check(self):
-        if not os.access(self.root, os.W_OK):
-            raise StorageUnavailable(f"storage folder {self.root} is not writable")
+        if not self.root.is_dir() or not os.access(self.root, os.W_OK):
+            raise StorageUnavailable(f"storage folder {self.root} is not a writable folder")

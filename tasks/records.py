@@ -33,12 +33,22 @@ class JobState(StrEnum):
 ENDED = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED, JobState.EXPIRED})
 
 _TRANSITION = """
+-- KEYS[1]: the job's hash. ARGV: channel, new status, allowed current statuses, now, field/value pairs.
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return false end
 if not string.find(',' .. ARGV[3] .. ',', ',' .. current .. ',', 1, true) then
   return {0, current}
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 5))
+-- Keep the lane index (queue positions, lane depths) and the deadline index in step with the record.
+local id = redis.call('HGET', KEYS[1], 'id')
+local lane = redis.call('HGET', KEYS[1], 'lane')
+if current == 'queued' and ARGV[2] ~= 'queued' then
+  redis.call('ZREM', 'maskq:lane:' .. lane, id)
+  redis.call('ZREM', 'maskq:deadlines', id)
+elseif ARGV[2] == 'queued' then
+  redis.call('ZADD', 'maskq:lane:' .. lane, ARGV[4], id)
+end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return {1, current}
 """
@@ -67,8 +77,10 @@ class JobRecord:
     error: dict | None = None
     attempts: int = 0
     cached: bool = False
+    deadline_at: float | None = None
+    last_error: dict | None = None
 
-    _JSON_FIELDS = ("request", "error")
+    _JSON_FIELDS = ("request", "error", "last_error")
 
     def to_hash(self) -> dict[str, str]:
         out = {}
@@ -123,12 +135,28 @@ def rfc3339(epoch: float | None) -> str | None:
     return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class JobStore:
-    """Reads and moves job records in Redis."""
+DEADLINES = "maskq:deadlines"
+# Every job ever created, "tenant/job_id" by created_at, kept after the record expires: retention's index.
+CREATED = "maskq:jobs:created"
+DURATIONS = "maskq:durations"
 
-    def __init__(self, client: redis.Redis, ttl_s: int):
+
+def lane_index(lane: str) -> str:
+    """A sorted set of the ids of the jobs queued in ``lane``, by the time they entered it."""
+    return f"maskq:lane:{lane}"
+
+
+class JobStore:
+    """Reads and moves job records in Redis.
+
+    ``on_moved(job_id, state_before, state_after)``, if given, is called after
+    every move that happened (webhooks hang on it: ``tasks.webhooks.JobEvents``).
+    """
+
+    def __init__(self, client: redis.Redis, ttl_s: int, on_moved=None):
         self.redis = client
         self.ttl_s = ttl_s
+        self.on_moved = on_moved
         self._transition = client.register_script(_TRANSITION)
 
     @staticmethod
@@ -140,9 +168,14 @@ class JobStore:
         return f"maskq:job:{job_id}:events"
 
     def create(self, record: JobRecord) -> None:
+        """Write a new queued record, and index it in its lane (and by deadline)."""
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(record.id), mapping=record.to_hash())
             pipe.expire(self.key(record.id), self.ttl_s)
+            pipe.zadd(lane_index(record.lane), {record.id: record.created_at})
+            pipe.zadd(CREATED, {f"{record.tenant}/{record.id}": record.created_at})
+            if record.deadline_at is not None:
+                pipe.zadd(DEADLINES, {record.id: record.deadline_at})
             pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -154,13 +187,16 @@ class JobStore:
 
         Returns ``(moved, state_before)``; ``state_before`` is None for a job that does not exist.
         """
-        args = [self.channel(job_id), str(to), ",".join(sorted(allowed_from))]
+        args = [self.channel(job_id), str(to), ",".join(sorted(allowed_from)), time.time()]
         for name, value in fields.items():
             args += [name, json.dumps(value) if name in JobRecord._JSON_FIELDS else str(value)]
         answer = self._transition(keys=[self.key(job_id)], args=args)
         if not answer:
             return False, None
-        return bool(answer[0]), JobState(answer[1].decode())
+        moved, before = bool(answer[0]), JobState(answer[1].decode())
+        if moved and self.on_moved is not None:
+            self.on_moved(job_id, before, to)
+        return moved, before
 
     def start(self, job_id: str, model_version: str) -> bool:
         """Queued (or running, when a dead worker's job is redelivered) → running."""
@@ -185,6 +221,46 @@ class JobStore:
             finished_at=time.time(), error={"code": code, "message": message},
         )
         return moved
+
+    def cancel(self, job_id: str) -> tuple[bool, JobState | None]:
+        """Queued or running → canceled. A running job's worker discards its result when it ends."""
+        return self.move(job_id, JobState.CANCELED, {JobState.QUEUED, JobState.RUNNING}, finished_at=time.time())
+
+    def expire(self, job_id: str) -> bool:
+        """Queued → expired: its deadline passed before it started; it will never run."""
+        moved, _ = self.move(
+            job_id, JobState.EXPIRED, {JobState.QUEUED}, finished_at=time.time(),
+            error={"code": "deadline", "message": "the job's deadline passed before it started"},
+        )
+        return moved
+
+    def requeue(self, job_id: str, reason: dict) -> bool:
+        """Running → queued again (the device ran out of memory); ``reason`` is kept as ``last_error``."""
+        moved, _ = self.move(job_id, JobState.QUEUED, {JobState.RUNNING}, last_error=reason)
+        return moved
+
+    def expire_due(self, now: float | None = None, limit: int = 100) -> list[str]:
+        """Expire every queued job whose deadline has passed; return their ids."""
+        due = self.redis.zrangebyscore(DEADLINES, "-inf", now or time.time(), start=0, num=limit)
+        expired = []
+        for raw in due:
+            job_id = raw.decode()
+            if self.expire(job_id):
+                expired.append(job_id)
+            else:
+                self.redis.zrem(DEADLINES, job_id)  # it started or ended in time
+        return expired
+
+    def record_duration(self, seconds: float) -> None:
+        """Remember how long a job ran, for queue-time estimates."""
+        with self.redis.pipeline() as pipe:
+            pipe.lpush(DURATIONS, f"{seconds:.4f}")
+            pipe.ltrim(DURATIONS, 0, 99)
+            pipe.execute()
+
+    def mean_duration(self, default: float = 1.0) -> float:
+        values = [float(v) for v in self.redis.lrange(DURATIONS, 0, 49)]
+        return sum(values) / len(values) if values else default
 
     def wait_until_ended(self, job_id: str, timeout: float) -> JobRecord | None:
         """The record once it has ended, or as it stands after ``timeout`` seconds."""

@@ -1,24 +1,67 @@
-"""The Celery task that runs one job; the record decides whether it may run."""
+"""The Celery task that runs one job; the job record decides whether it may run.
+
+Outcomes: ``succeeded``; ``failed`` with a code (``input``, ``model``,
+``timeout``, ``resources``, ``storage``, ``internal``); put back on its lane
+after an out-of-memory error; or not run at all because the record says the
+job was canceled, expired, or already ended (a redelivered message).
+"""
 from __future__ import annotations
 
 import logging
+import time
 
-from celery import shared_task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
-from tasks.errors import InputError, MaskqError
+from tasks.errors import InputError, MaskqError, ResourceExhausted
+from storage.retrying import RetryingStorage
+from tasks.records import JobRecord, JobState, JobStore
+from tasks.webhooks import JobEvents
 from workers import pipeline, process
 
 log = logging.getLogger(__name__)
 
 
-@shared_task(name="maskq.run_job")
-def run_job(job_id: str) -> None:
+class JobTask(Task):
+    """Ends the record of a job whose pool process was killed for its hard time limit.
+
+    Celery calls ``on_failure`` in the worker's main process then, where no
+    model (and no :func:`workers.process.current`) exists, so this keeps a
+    connection of its own.
+    """
+
+    _jobs: JobStore | None = None
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        if isinstance(exc, TimeLimitExceeded):
+            job_id = args[0] if args else task_id
+            log.info("job %s: killed at its hard time limit", job_id)
+            self.main_process_jobs().fail(job_id, "timeout", f"the job ran past its hard time limit ({exc})")
+
+    @classmethod
+    def main_process_jobs(cls) -> JobStore:
+        if cls._jobs is None:
+            import redis
+
+            from config.settings import load_settings
+
+            settings = load_settings()
+            client = redis.Redis.from_url(settings.broker_url)
+            cls._jobs = JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client))
+        return cls._jobs
+
+
+@shared_task(name="maskq.run_job", base=JobTask, bind=True)
+def run_job(self, job_id: str) -> None:
     worker = process.current()
     jobs = worker.jobs
     record = jobs.get(job_id)
     if record is None:
         log.info("job %s: no record (expired or deleted); dropping it", job_id)
+        return
+    if record.status == JobState.QUEUED and record.deadline_at and time.time() > record.deadline_at:
+        if jobs.expire(job_id):
+            log.info("job %s: deadline passed before it started; expired", job_id)
         return
     try:
         adapter = worker.models.get(record.model)
@@ -27,17 +70,24 @@ def run_job(job_id: str) -> None:
         return
     # A redelivered job that already ended, or a job canceled while queued, stops here.
     if not jobs.start(job_id, adapter.version):
-        log.info("job %s: is %s; not running it", job_id, record.status)
+        log.info("job %s: is %s; not running it", job_id, jobs.get(job_id).status if jobs.get(job_id) else "gone")
         return
+    started = time.monotonic()
     settings = worker.settings
     try:
-        key, count = pipeline.run(record, adapter, worker.storage, settings.max_image_bytes, settings.max_image_pixels)
+        if settings.debug_delay_s:
+            time.sleep(settings.debug_delay_s)
+        # A store that is away for less than storage_retry_bound_s only delays the job; past it, code "storage".
+        storage = RetryingStorage.from_settings(worker.storage, settings)
+        key, count = pipeline.run(record, adapter, storage, settings.max_image_bytes, settings.max_image_pixels)
     except InputError as exc:
         log.info("job %s: bad input: %s", job_id, exc.detail)
         jobs.fail(job_id, exc.code, exc.detail)
     except SoftTimeLimitExceeded:
-        log.info("job %s: over its time limit", job_id)
-        jobs.fail(job_id, "timeout", f"the job ran past its time limit of {settings.job_soft_time_limit_s} s")
+        log.info("job %s: over its soft time limit", job_id)
+        jobs.fail(job_id, "timeout", "the job ran past its time limit")
+    except ResourceExhausted as exc:
+        _put_back(self, record, exc)
     except MaskqError as exc:
         log.error("job %s: %s", job_id, exc.detail, exc_info=True)
         jobs.fail(job_id, exc.code, exc.detail)
@@ -45,5 +95,24 @@ def run_job(job_id: str) -> None:
         log.exception("job %s: unexpected error", job_id)
         jobs.fail(job_id, "internal", f"{type(exc).__name__}: {exc}")
     else:
-        jobs.succeed(job_id, key, count)
-        log.info("job %s: succeeded with %d instances", job_id, count)
+        if jobs.succeed(job_id, key, count):
+            jobs.record_duration(time.monotonic() - started)
+            log.info("job %s: succeeded with %d instances", job_id, count)
+        else:
+            # Canceled while it ran: the model could not be stopped, so its result is discarded.
+            pipeline.discard_result(record, worker.storage)
+            log.info("job %s: canceled while running; result discarded", job_id)
+
+
+def _put_back(task: Task, record: JobRecord, exc: ResourceExhausted) -> None:
+    """Out of device memory: back on its lane after a delay, a bounded number of times."""
+    settings = process.current().settings
+    jobs = process.current().jobs
+    retries = task.request.retries
+    if retries >= settings.oom_retries:
+        log.info("job %s: out of memory %d times; giving up", record.id, retries + 1)
+        jobs.fail(record.id, "resources", f"the device ran out of memory {retries + 1} times: {exc.detail}")
+        return
+    if jobs.requeue(record.id, {"code": exc.code, "message": exc.detail}):
+        log.info("job %s: out of memory; back on the %s lane in %.0f s", record.id, record.lane, settings.oom_retry_delay_s)
+        raise task.retry(countdown=settings.oom_retry_delay_s, max_retries=settings.oom_retries, queue=record.lane)

@@ -6,9 +6,10 @@ document; the worker turns the stored, validated request into
 """
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from config.settings import LANES
 from tasks import masks
@@ -32,7 +33,8 @@ class MaskRLE(Strict):
 
 class PromptSet(Strict):
     text: list[str] = Field(default_factory=list, description="select instances whose label contains one of these")
-    points: list[tuple[float, float, Literal[0, 1]]] = Field(
+    # StrictInt, not Literal[0, 1]: pydantic's Literal takes JSON true for 1.
+    points: list[tuple[float, float, Annotated[StrictInt, Field(ge=0, le=1)]]] = Field(
         default_factory=list, description="[x, y, label]; label 1 = foreground, 0 = background"
     )
     boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, description="[x0, y0, x1, y1]")
@@ -68,7 +70,9 @@ def parse_request(data: object) -> JobRequest:
     if not isinstance(data, dict):
         raise ValidationFailed("the request must be a JSON object", errors=[{"field": "request", "message": "must be an object"}])
     try:
-        return JobRequest.model_validate(data)
+        # Strict, in JSON mode: a number must be a JSON number, as the OpenAPI document says
+        # (lax mode would take "12" for 12); arrays still fill the tuples.
+        return JobRequest.model_validate_json(json.dumps(data), strict=True)
     except ValidationError as exc:
         errors = [
             {"field": ".".join(str(p) for p in err["loc"]) or "request", "message": err["msg"]}

@@ -74,6 +74,10 @@ def base_env(redis_server, storage_dir) -> dict[str, str]:
         "MASKQ_DATA_DIR": str(storage_dir.parent / "data"),
         "MASKQ_ORT_INTRA_OP_THREADS": "2",
         "MASKQ_WORKER_HEARTBEAT_S": "0.5",
+        # Webhooks: test receivers listen on loopback; the spec's schedule squeezed into about a second.
+        "MASKQ_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "MASKQ_WEBHOOK_RETRY_SCHEDULE_S": "0.2,0.2,0.2,0.2,0.2",
+        "MASKQ_WEBHOOK_TIMEOUT_S": "2",
         "MASKQ_LOG_LEVEL": "INFO",
     }
 
@@ -105,7 +109,7 @@ def redis_client(redis_server):
 class WorkerProcess:
     """A real ``celery worker`` process (main process plus its pool children)."""
 
-    def __init__(self, env: dict[str, str], name: str, queues: str = "interactive,default,batch", concurrency: int = 1):
+    def __init__(self, env: dict[str, str], name: str, queues: str = "interactive,default,batch,webhooks", concurrency: int = 1):
         self.env = env
         self.name = name
         self.queues = queues
@@ -120,7 +124,8 @@ class WorkerProcess:
             "-c", str(self.concurrency), "-n", f"{self.name}@%h", "--without-mingle", "--without-gossip",
             "--loglevel", "INFO",
         ]
-        env = {**os.environ, **self.env}
+        # PYTHONPATH: test-only model adapters (tests/support) must import in the pool processes.
+        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT)}
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
@@ -209,6 +214,73 @@ def app(settings, redis_client):
     return app
 
 
+def authorized_client(app, tenant: str = "default", **policy):
+    """A test client of ``app`` that sends a new, real API key of ``tenant`` on every request.
+
+    ``policy`` is the key's ``lane``, ``max_lane`` and ``rate``; the key itself is ``client.api_key``.
+    A request that sets its own ``Authorization`` header sends that instead.
+    """
+    from tasks.tenants import KeyStore
+    from webapp.services import services
+
+    with app.app_context():
+        key, _ = KeyStore(services().redis).create(tenant, **policy)
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+    client.api_key = key
+    return client
+
+
 @pytest.fixture
 def client(app):
-    return app.test_client()
+    """The app's test client, authenticated as tenant "default" (every lane allowed)."""
+    return authorized_client(app)
+
+
+class IsolatedStack:
+    """A Redis server of one test's own, with apps and workers pointed at it.
+
+    For tests whose jobs no other worker may take (gates, lanes, kills), or
+    that stop Redis itself.
+    """
+
+    def __init__(self, server: RedisServer, env: dict[str, str]):
+        self.server = server
+        self.env = env
+        self.redis = redis.Redis.from_url(server.url)
+        self.workers: list[WorkerProcess] = []
+
+    def settings(self, **overrides) -> Settings:
+        return settings_from(self.env, **overrides)
+
+    def client(self, **overrides):
+        from webapp.app import create_app
+
+        app = create_app(self.settings(**overrides))
+        app.testing = True
+        return authorized_client(app)
+
+    def worker(self, name: str = "isolated", **env) -> WorkerProcess:
+        process = WorkerProcess({**self.env, **{k: str(v) for k, v in env.items()}}, name).start(self.redis)
+        self.workers.append(process)
+        return process
+
+    def jobs(self):
+        from tasks.records import JobStore
+
+        return JobStore(self.redis, 3600)
+
+    def close(self) -> None:
+        for process in self.workers:
+            process.stop()
+        self.server.kill()
+
+
+@pytest.fixture
+def isolated(tmp_path, base_env):
+    server = RedisServer(free_port(), tmp_path / "redis").start()
+    env = {**base_env, "MASKQ_REDIS_URL": server.url, "MASKQ_DATA_DIR": str(tmp_path / "data"),
+           "MASKQ_STORAGE_DIR": str(tmp_path / "storage")}
+    stack = IsolatedStack(server, env)
+    yield stack
+    stack.close()

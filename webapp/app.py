@@ -7,7 +7,9 @@ from flask import Flask
 from config.celery import create_celery
 from config.settings import Settings, load_settings
 from storage import open_storage
+from tasks.lanes import Lanes
 from tasks.records import JobStore
+from tasks.webhooks import JobEvents
 from webapp.errors import register_error_handlers
 from webapp.services import Services
 from workers.registry import ModelCatalog
@@ -21,18 +23,32 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_FORM_MEMORY_SIZE"] = 8 * 1024 * 1024
     app.json.sort_keys = False
     client = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=5)
+    jobs = JobStore(client, settings.job_ttl_s)
+    catalog = ModelCatalog.load(settings.models_manifest)
+    catalog.check_time_limits(settings)
     app.extensions["maskq"] = Services(
         settings=settings,
         redis=client,
-        jobs=JobStore(client, settings.job_ttl_s),
+        jobs=jobs,
+        lanes=Lanes(client, jobs, settings),
         storage=open_storage(settings),
-        catalog=ModelCatalog.load(settings.models_manifest),
+        catalog=catalog,
         celery=create_celery(settings),
     )
-    from webapp import health, jobs, models
+    # Every move a request makes (a cancel, an expiry noticed on read) becomes the job's webhook event.
+    jobs.on_moved = JobEvents(client, app.extensions["maskq"].celery)
+    from webapp import deliveries, health, jobs, models
 
     app.register_blueprint(jobs.bp)
     app.register_blueprint(models.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(deliveries.bp)
     register_error_handlers(app)
+    from webapp import auth, docs, limits, openapi
+
+    # Auth first: before_request hooks run in order, and the rate limits count per API key.
+    auth.init_app(app)
+    limits.init_app(app, settings)
+    app.register_blueprint(openapi.bp)
+    docs.init_app(app)
     return app

@@ -37,7 +37,9 @@ def register_error_handlers(app: Flask) -> None:
         detail = exc.description or exc.name
         if exc.code == 413:
             detail = "the request body is larger than this service accepts"
-        return problem(exc.code or 500, exc.name, detail)
+        # RFC 9110: a 405 says which methods the resource has.
+        allow = getattr(exc, "valid_methods", None)
+        return problem(exc.code or 500, exc.name, detail, headers={"Allow": ", ".join(allow)} if allow else None)
 
     @app.errorhandler(redis.RedisError)
     def _redis(exc: redis.RedisError):

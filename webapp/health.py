@@ -8,7 +8,9 @@ from prometheus_client.core import GaugeMetricFamily
 
 from config.settings import LANES
 from tasks.errors import MaskqError
+from tasks.records import lane_index
 from webapp.services import services
+from workers.gate import gate_states
 from workers.heartbeat import live_workers
 
 bp = Blueprint("health", __name__)
@@ -38,7 +40,11 @@ def readyz():
     except MaskqError as exc:
         checks["storage"] = f"unavailable: {exc.detail}"
     ready = checks["redis"] == "ok" and checks["storage"] == "ok" and bool(workers)
-    body = {"status": "ready" if ready else "not ready", "checks": checks, "workers": workers}
+    try:
+        gates = gate_states(s.redis)
+    except redis.RedisError:
+        gates = {}
+    body = {"status": "ready" if ready else "not ready", "checks": checks, "workers": workers, "gates": gates}
     return jsonify(body), (200 if ready else 503)
 
 
@@ -51,7 +57,7 @@ class QueueCollector:
     def collect(self):
         depth = GaugeMetricFamily("maskq_lane_depth", "Jobs waiting in each lane", labels=["lane"])
         for lane in LANES:
-            depth.add_metric([lane], self.redis.llen(lane))
+            depth.add_metric([lane], self.redis.zcard(lane_index(lane)))
         yield depth
         yield GaugeMetricFamily("maskq_workers_ready", "Worker processes with a live heartbeat",
                                 value=len(live_workers(self.redis)))

@@ -4,23 +4,27 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import uuid
 
 from flask import Blueprint, Response, request, url_for
 
 from storage import job_prefix
-from tasks.errors import InputError, NotFound
+from tasks.errors import Conflict, InputError, NotFound
 from tasks.images import decode_image
-from tasks.records import JobRecord
+from tasks.records import JobRecord, JobState, rfc3339
 from tasks.schemas import check_request, parse_request
+from tasks.webhook_urls import check_webhook_url
+from webapp.auth import choose_lane, current_tenant
+from webapp.idempotency import claim_submission
 from webapp.services import services
 from webapp.submission import read_submission
+from workers.heartbeat import live_workers
 
 bp = Blueprint("jobs", __name__)
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
-DEFAULT_TENANT = "default"
 
 
 @bp.post("/v1/jobs")
@@ -29,6 +33,8 @@ def submit_job():
     settings = s.settings
     data, body = read_submission(request, settings.max_image_bytes)
     job_request = parse_request(body)
+    if job_request.webhook is not None:
+        check_webhook_url(job_request.webhook.url, settings.webhook_allowed_networks)  # 422 for private targets
     spec = s.catalog.spec(job_request.model)
     image = decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
     check_request(
@@ -36,20 +42,28 @@ def submit_job():
         prompt_kinds=s.catalog.prompt_kinds(spec.name), max_prompts=settings.max_prompts,
         max_text_chars=settings.max_text_prompt_chars,
     )
+    lane = choose_lane(job_request.lane)  # 403 above the key's ceiling
     job_id = uuid.uuid4().hex
-    lane = job_request.lane or settings.default_lane
-    input_key = f"{job_prefix(DEFAULT_TENANT, job_id)}input.{EXTENSIONS[image.format]}"
+    claim = claim_submission(job_id, data, body)  # Idempotency-Key: 422 on another body
+    if claim.replayed:
+        return _replayed(claim.job_id)
+    s.lanes.check_room(lane)
+    now = time.time()
+    input_key = f"{job_prefix(current_tenant(), job_id)}input.{EXTENSIONS[image.format]}"
     record = JobRecord(
-        id=job_id, tenant=DEFAULT_TENANT, lane=lane, model=spec.name, model_version=spec.version,
+        id=job_id, tenant=current_tenant(), lane=lane, model=spec.name, model_version=spec.version,
         input_key=input_key, image_sha256=hashlib.sha256(data).hexdigest(),
-        width=image.width, height=image.height,
+        width=image.width, height=image.height, created_at=now,
+        deadline_at=now + job_request.deadline_s if job_request.deadline_s else None,
         request=job_request.model_copy(update={"model": spec.name, "lane": lane}).model_dump(mode="json"),
     )
     # Input first, record second, message last: a worker that gets the message finds both.
     s.storage.put(input_key, data, image.media_type)
     s.jobs.create(record)
-    s.celery.send_task("maskq.run_job", args=[job_id], queue=lane, task_id=job_id)
-    response = _json(record.document(), 202)
+    soft, hard = s.catalog.time_limits(spec.name, settings)
+    s.celery.send_task("maskq.run_job", args=[job_id], queue=lane, task_id=job_id,
+                       soft_time_limit=soft, time_limit=hard)
+    response = _json(_document(record), 202)
     response.headers["Location"] = url_for("jobs.get_job", job_id=job_id)
     return response
 
@@ -61,7 +75,20 @@ def get_job(job_id: str):
     record = _record(job_id)
     if wait and not record.status.ended:
         record = s.jobs.wait_until_ended(job_id, wait) or record
-    return _json(record.document(_result(record)), 200)
+    return _json(_document(record), 200)
+
+
+@bp.delete("/v1/jobs/<job_id>")
+def cancel_job(job_id: str):
+    """A queued job never runs; a running job's result is discarded; an ended job is a 409."""
+    s = services()
+    record = _record(job_id)
+    moved, before = s.jobs.cancel(record.id)
+    if not moved:
+        raise Conflict(f"job {job_id} has already ended ({before}); there is nothing to cancel")
+    if before == JobState.QUEUED:
+        s.celery.control.revoke(job_id)  # a hint to workers; the record is what stops it
+    return _json(_document(_record(job_id)), 200)
 
 
 @bp.get("/v1/jobs/<job_id>/files/<path:name>")
@@ -79,10 +106,37 @@ def get_job_file(job_id: str, name: str):
 
 
 def _record(job_id: str) -> JobRecord:
-    record = services().jobs.get(job_id) if JOB_ID.match(job_id) else None
-    if record is None:
+    s = services()
+    record = s.jobs.get(job_id) if JOB_ID.match(job_id) else None
+    # Another tenant's job is exactly as absent as one that never existed.
+    if record is None or record.tenant != current_tenant():
         raise NotFound(f"no job {job_id}")
+    # A deadline can pass while no worker looks at the job: end it on read too.
+    if record.status == JobState.QUEUED and record.deadline_at and time.time() > record.deadline_at:
+        s.jobs.expire(job_id)
+        record = s.jobs.get(job_id) or record
     return record
+
+
+def _replayed(job_id: str) -> Response:
+    """The answer to a repeated submit: the job the first one made, as it stands now."""
+    record = _record(job_id)
+    response = _json(_document(record), 200 if record.status.ended else 202)
+    response.headers["Location"] = url_for("jobs.get_job", job_id=job_id)
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def _document(record: JobRecord) -> dict:
+    doc = record.document(_result(record))
+    if record.status == JobState.QUEUED:
+        s = services()
+        position = s.lanes.position(record)
+        if position is not None:
+            doc["queue_position"] = position
+            workers = max(len(live_workers(s.redis)), 1)
+            doc["estimated_start_at"] = rfc3339(s.lanes.estimated_start(position, workers))
+    return doc
 
 
 def _result(record: JobRecord) -> dict | None:
@@ -97,6 +151,9 @@ def _result(record: JobRecord) -> dict | None:
             instance["png_url"] = s.storage.url(key) or url_for(
                 "jobs.get_job_file", job_id=record.id, name=key[len(prefix):], _external=True
             )
+    result["input_url"] = s.storage.url(record.input_key) or url_for(
+        "jobs.get_job_file", job_id=record.id, name=record.input_key[len(prefix):], _external=True
+    )
     return result
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 
 from webapp.services import services
+from workers.gate import gate_states
 from workers.heartbeat import live_workers
 
 bp = Blueprint("models", __name__)
@@ -26,4 +27,4 @@ def list_models():
         }
         for name, spec in s.catalog.specs.items()
     ]
-    return jsonify({"models": models})
+    return jsonify({"models": models, "gates": gate_states(s.redis)})

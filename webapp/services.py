@@ -8,6 +8,7 @@ from flask import current_app
 
 from config.settings import Settings
 from storage import Storage
+from tasks.lanes import Lanes
 from tasks.records import JobStore
 from workers.registry import ModelCatalog
 
@@ -17,6 +18,7 @@ class Services:
     settings: Settings
     redis: redis.Redis
     jobs: JobStore
+    lanes: Lanes
     storage: Storage
     catalog: ModelCatalog
     celery: object

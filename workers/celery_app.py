@@ -5,7 +5,12 @@ from config.celery import create_celery
 from config.settings import load_settings
 
 import workers.process  # noqa: F401  (connects the per-process start-up signals)
+from workers.registry import ModelCatalog
+from workers.scheduler import SchedulingStep
 
 settings = load_settings()
 logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+# Refuse at start-up a manifest whose time limits outlast the visibility timeout.
+ModelCatalog.load(settings.models_manifest).check_time_limits(settings)
 app = create_celery(settings)
+app.steps["consumer"].add(SchedulingStep)

@@ -8,6 +8,7 @@ import numpy as np
 
 from storage import Storage, job_prefix
 from tasks import masks
+from tasks.errors import ResourceExhausted
 from tasks.images import decode_image
 from tasks.records import JobRecord
 from tasks.schemas import JobRequest
@@ -27,7 +28,7 @@ def to_prompts(request: JobRequest) -> Prompts:
 def load_request(record: JobRecord, storage: Storage, max_bytes: int, max_pixels: int) -> tuple[SegmentRequest, JobRequest]:
     request = JobRequest.model_validate(record.request)
     image = decode_image(storage.get(record.input_key), max_bytes=max_bytes, max_pixels=max_pixels)
-    return SegmentRequest(image=image.pixels, prompts=to_prompts(request)), request
+    return SegmentRequest(image=image.pixels, prompts=to_prompts(request), image_id=record.image_sha256), request
 
 
 def store_result(
@@ -59,6 +60,23 @@ def store_result(
     return key
 
 
+def discard_result(record: JobRecord, storage: Storage) -> None:
+    """Delete what a job wrote besides its input (its result and masks)."""
+    prefix = job_prefix(record.tenant, record.id)
+    for key in storage.list(prefix):
+        if key != record.input_key:
+            storage.delete(key)
+
+
+# How ONNX Runtime and its providers word an allocation failure.
+_OOM_MESSAGES = ("out of memory", "failed to allocate memory", "bad_alloc", "cudaerrormemoryallocation")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device (host or GPU) could not allocate memory."""
+    return isinstance(exc, MemoryError) or any(m in str(exc).lower() for m in _OOM_MESSAGES)
+
+
 def polygons(mask: np.ndarray) -> list[list[float]]:
     """The outer contours of a mask as flat ``[x0, y0, x1, y1, ...]`` lists (COCO's polygon form)."""
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -68,6 +86,11 @@ def polygons(mask: np.ndarray) -> list[list[float]]:
 def run(record: JobRecord, adapter: ModelAdapter, storage: Storage, max_bytes: int, max_pixels: int) -> tuple[str, int]:
     """Segment one job's image; return ``(result_key, instance count)``."""
     segment_request, request = load_request(record, storage, max_bytes, max_pixels)
-    instances = adapter.segment([segment_request])[0]
+    try:
+        instances = adapter.segment([segment_request])[0]
+    except Exception as exc:
+        if out_of_memory(exc):
+            raise ResourceExhausted(f"out of memory during inference: {exc}") from exc
+        raise
     key = store_result(record, request, segment_request.image, instances, storage)
     return key, len(instances)

@@ -14,6 +14,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from config.settings import Settings, load_settings
 from storage import Storage, open_storage
 from tasks.records import JobStore
+from tasks.webhooks import JobEvents
 from workers.adapters.base import RuntimeOptions
 from workers.heartbeat import Heartbeat
 from workers.registry import LoadedModels, ModelCatalog
@@ -40,13 +41,18 @@ class WorkerProcess:
         )
         models = LoadedModels(ModelCatalog.load(settings.models_manifest), runtime)
         models.load_all()
-        process = cls(settings, client, JobStore(client, settings.job_ttl_s), open_storage(settings), models)
+        jobs = JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client))  # moves become webhook events
+        process = cls(settings, client, jobs, open_storage(settings), models)
         process.heartbeat = Heartbeat(client, settings.worker_heartbeat_s, process.describe)
         process.heartbeat.start()
         return process
 
     def describe(self) -> dict:
-        return {"models": {name: a.version for name, a in self.models.adapters.items()}}
+        adapters = self.models.adapters.items()
+        # Embedding-cache counters (SAM-family adapters) ride on the heartbeat for operators and tests.
+        caches = {name: a.embedding_cache.stats() for name, a in adapters
+                  if getattr(a, "embedding_cache", None) is not None}
+        return {"models": {name: a.version for name, a in adapters}, "embedding_caches": caches}
 
 
 _current: WorkerProcess | None = None

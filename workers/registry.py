@@ -36,6 +36,9 @@ class ModelCatalog:
             specs[name] = ModelSpec(
                 name=name, version=str(entry["version"]), adapter=entry["adapter"],
                 files=files, options=dict(entry.get("options", {})),
+                memory_mb=float(entry.get("memory_mb", 512)),
+                soft_time_limit_s=entry.get("soft_time_limit_s"),
+                hard_time_limit_s=entry.get("hard_time_limit_s"),
             )
         return cls(specs, manifest.get("default") or next(iter(specs)))
 
@@ -52,6 +55,27 @@ class ModelCatalog:
     def adapter_class(self, name: str | None) -> type[ModelAdapter]:
         module_name, _, class_name = self.spec(name).adapter.partition(":")
         return getattr(importlib.import_module(module_name), class_name)
+
+    def time_limits(self, name: str | None, settings) -> tuple[float, float]:
+        """``(soft, hard)`` seconds for one job of this model."""
+        spec = self.spec(name)
+        return (spec.soft_time_limit_s or settings.job_soft_time_limit_s,
+                spec.hard_time_limit_s or settings.job_hard_time_limit_s)
+
+    def check_time_limits(self, settings) -> None:
+        """Refuse a manifest whose hard limits outlast the broker's visibility timeout (celery#5935)."""
+        for name in self.specs:
+            soft, hard = self.time_limits(name, settings)
+            if not soft < hard < settings.visibility_timeout_s:
+                raise ValueError(
+                    f"model {name!r}: need soft time limit ({soft} s) < hard time limit ({hard} s) < "
+                    f"MASKQ_VISIBILITY_TIMEOUT_S ({settings.visibility_timeout_s} s); otherwise a job still "
+                    "running would be handed to a second worker"
+                )
+
+    def memory_per_job_mb(self) -> float:
+        """What the hungriest model needs for one job: a worker may serve any of them next."""
+        return max(spec.memory_mb for spec in self.specs.values())
 
     def prompt_kinds(self, name: str | None) -> frozenset[str]:
         return self.adapter_class(name).prompt_kinds

@@ -83,10 +83,16 @@ class Prompts:
 
 @dataclass(frozen=True)
 class SegmentRequest:
-    """One image (RGB, ``uint8``, ``H x W x 3``, upright) and its prompts."""
+    """One image (RGB, ``uint8``, ``H x W x 3``, upright) and its prompts.
+
+    ``image_id`` names the image's content (the SHA256 of the uploaded bytes),
+    so an adapter can reuse work done on the same image by an earlier job; it
+    is None when the caller has no such name.
+    """
 
     image: np.ndarray
     prompts: Prompts = field(default_factory=Prompts)
+    image_id: str | None = None
 
 
 @dataclass
@@ -116,6 +122,11 @@ class ModelSpec:
     adapter: str
     files: dict[str, str] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    # What one job needs on the device (for the resource gate), and its time limits
+    # (None: the deployment's defaults).
+    memory_mb: float = 512
+    soft_time_limit_s: float | None = None
+    hard_time_limit_s: float | None = None
 
 
 class ModelAdapter:
