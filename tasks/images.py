@@ -8,6 +8,7 @@ decompression bomb is refused without being decoded), then the decode.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +26,12 @@ SIGNATURES: tuple[tuple[bytes, int, str, str], ...] = (
     (b"II*\x00", 0, "TIFF", "image/tiff"),
     (b"MM\x00*", 0, "TIFF", "image/tiff"),
 )
+
+
+# What Pillow raises for bad data. Deliberately not ``Exception``: a time limit or an
+# out-of-memory error that strikes during a decode must keep its own meaning.
+CORRUPT_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError,
+                       TypeError, ZeroDivisionError, AttributeError)
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImag
         raise PayloadTooLarge(f"the image has too many pixels: {exc}") from None
     except PayloadTooLarge:
         raise
-    except Exception as exc:  # Pillow signals corrupt data with many exception types
+    except CORRUPT_DATA_ERRORS as exc:
         raise CorruptImage(f"the {fmt} image cannot be decoded: {exc}") from None
     return DecodedImage(pixels=pixels, format=fmt, media_type=media_type)
 

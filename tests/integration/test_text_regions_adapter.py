@@ -137,3 +137,12 @@ def test_masks_fill_their_polygons(adapter, product):
         assert len(ys) > 0
         assert math.floor(x0) <= xs.min() and xs.max() <= math.ceil(x1)
         assert math.floor(y0) <= ys.min() and ys.max() <= math.ceil(y1)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 300), (300, 2), (1, 5000)])
+def test_a_degenerate_image_gets_a_bounded_detector_input_and_no_regions(adapter, shape):
+    """A 1x1 upload once became a 736 x 43000 detector input (6 GB, a minute): a denial of service."""
+    image = np.zeros((*shape, 3), np.uint8)
+    tensors, _ = adapter.preprocess([SegmentRequest(image)])
+    assert max(tensors[0]["det_input"].shape[2:]) <= 6016
+    assert adapter.segment([SegmentRequest(image)]) == [[]]

@@ -24,6 +24,9 @@ from workers.adapters.onnx import create_session
 DEFAULT_OPTIONS: dict[str, Any] = {
     "limit_side_len": 736,
     "max_side_len": 2000,
+    # The enlargement to limit_side_len stops here: without it a 1x1 or 2x300 upload becomes a
+    # 736 x 43000 detector input (6 GB, a minute). 6016 keeps every real page and strip as rapidocr has it.
+    "max_input_side": 6016,
     "thresh": 0.3,
     "box_thresh": 0.5,
     "max_candidates": 1000,
@@ -238,6 +241,7 @@ class TextRegionsAdapter(ModelAdapter):
             # about max(2000 x 2000, 5888 x 736). Capping the detector input's long side at
             # 2000 instead halves the time on wide text strips but merges words and drops spaces.
             ratio = max(min(1.0, opt["max_side_len"] / max(ph, pw)), opt["limit_side_len"] / min(ph, pw))
+            ratio = min(ratio, opt["max_input_side"] / max(ph, pw))
             size = tuple(max(32, round(v * ratio / 32) * 32) for v in (pw, ph))
             resized = cv2.resize(padded, size)
             tensor = ((resized.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[np.newaxis]
@@ -249,7 +253,7 @@ class TextRegionsAdapter(ModelAdapter):
 
     def predict(self, tensors: list[dict[str, Any]]) -> list[list[TextRegion]]:
         det_input = self._det.get_inputs()[0].name
-        polygons_per_image, det_scores_per_image, crops = [], [], []
+        polygons_per_image, det_scores_per_image, texts_per_image = [], [], []
         for item in tensors:
             pred = self._det.run(None, {det_input: item["det_input"]})[0]
             if pred.ndim != 4 or pred.shape[1] != 1:
@@ -267,10 +271,11 @@ class TextRegionsAdapter(ModelAdapter):
             kept = [kept[k] for k in reading_order([box for box, _ in kept])]
             polygons_per_image.append([box for box, _ in kept])
             det_scores_per_image.append([score for _, score in kept])
-            crops.extend(_rotate_crop(item["image"], box) for box, _ in kept)
-        texts = iter(self._recognize(crops))
-        return [[TextRegion(box, score, *next(texts)) for box, score in zip(polygons, scores)]
-                for polygons, scores in zip(polygons_per_image, det_scores_per_image)]
+            # Each image's crops are read on their own: padded to one width with another image's crops,
+            # the recogniser reads some lines differently, and a job's result would depend on its batch.
+            texts_per_image.append(self._recognize([_rotate_crop(item["image"], box) for box, _ in kept]))
+        return [[TextRegion(box, score, *text) for box, score, text in zip(polygons, scores, texts)]
+                for polygons, scores, texts in zip(polygons_per_image, det_scores_per_image, texts_per_image)]
 
     def _recognize(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
         """(text, score) per crop; crops of similar aspect share a batch so little is padding."""
