@@ -30,8 +30,8 @@ from celery import shared_task
 from standardwebhooks.webhooks import Webhook
 
 from config.celery import WEBHOOK_QUEUE
-from storage import Storage, job_prefix
 from tasks.delivery_log import DeliveryLog, Message
+from tasks.documents import job_document
 from tasks.records import JobRecord, JobState, JobStore
 from tasks.webhook_urls import ForbiddenAddress, guard_for
 
@@ -80,24 +80,6 @@ def wanted_events(record: JobRecord) -> tuple[str, str] | None:
     if not hook or not hook.get("url"):
         return None
     return hook["url"], tuple(hook.get("events") or DEFAULT_EVENTS)
-
-
-def job_document(record: JobRecord, storage: Storage, base_url: str) -> dict:
-    """The job as ``GET /v1/jobs/{id}`` shows it, built outside a web request (mirrors ``webapp.jobs``)."""
-    result = None
-    if record.result_key is not None:
-        result = json.loads(storage.get(record.result_key))
-        prefix = job_prefix(record.tenant, record.id)
-
-        def file_url(key: str) -> str:
-            return storage.url(key) or f"{base_url.rstrip('/')}/v1/jobs/{record.id}/files/{key[len(prefix):]}"
-
-        for instance in result["instances"]:
-            key = instance.pop("png_key", None)
-            if key:
-                instance["png_url"] = file_url(key)
-        result["input_url"] = file_url(record.input_key)
-    return record.document(result)
 
 
 def dumps(document: dict) -> str:

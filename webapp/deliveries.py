@@ -6,11 +6,9 @@ import json
 from flask import Blueprint, Response, request
 
 from tasks.delivery_log import DeliveryLog
-from tasks.errors import Conflict, InputError, NotFound
-from tasks.records import JobRecord
+from tasks.errors import Conflict, InputError
 from tasks.webhooks import redeliver
-from webapp.auth import current_tenant
-from webapp.jobs import JOB_ID
+from webapp.jobs import _record as job_record
 from webapp.services import services
 
 bp = Blueprint("deliveries", __name__)
@@ -19,7 +17,7 @@ bp = Blueprint("deliveries", __name__)
 @bp.get("/v1/jobs/<job_id>/deliveries")
 def list_deliveries(job_id: str):
     """Every webhook message of the job with each attempt: time, status code, error."""
-    record = _record(job_id)
+    record = job_record(job_id)
     body = {"job_id": record.id, "deliveries": DeliveryLog(services().redis).document(record.id)}
     return Response(json.dumps(body), status=200, mimetype="application/json")
 
@@ -27,7 +25,7 @@ def list_deliveries(job_id: str):
 @bp.post("/v1/jobs/<job_id>/deliveries/redeliver")
 def redeliver_failed(job_id: str):
     """Queue the job's failed (or 410-disabled) deliveries again; ``{"delivery_id": ...}`` picks one."""
-    record = _record(job_id)
+    record = job_record(job_id)
     data = request.get_json(silent=True) if request.get_data() else {}
     if not isinstance(data, dict):
         raise InputError("the body must be a JSON object, or empty",
@@ -41,11 +39,3 @@ def redeliver_failed(job_id: str):
         which = f"no failed delivery {delivery_id}" if delivery_id else "no failed delivery"
         raise Conflict(f"job {job_id} has {which}; there is nothing to send again")
     return Response(json.dumps({"job_id": record.id, "redelivered": queued}), status=202, mimetype="application/json")
-
-
-def _record(job_id: str) -> JobRecord:
-    record = services().jobs.get(job_id) if JOB_ID.match(job_id) else None
-    # Another tenant's job is exactly as absent as one that never existed.
-    if record is None or record.tenant != current_tenant():
-        raise NotFound(f"no job {job_id}")
-    return record

@@ -16,6 +16,7 @@ from config.settings import LANES, load_settings
 from tasks.lanes import Lanes
 from tasks.records import JobStore
 from tasks.webhooks import JobEvents
+from workers.batching import ClaimRecovery
 from workers.gate import ResourceGate, detect_device
 from workers.registry import ModelCatalog
 
@@ -39,6 +40,7 @@ class SchedulingStep(bootsteps.StartStopStep):
         self.settings = settings
         self.jobs = JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client))  # expiries become webhook events
         self.lanes = Lanes(client, self.jobs, settings)
+        self.claims = ClaimRecovery(client, self.jobs, grace_s=3 * settings.worker_heartbeat_s)
         self.gate = ResourceGate(detect_device(settings.gpu_device_index), catalog.memory_per_job_mb(),
                                  settings.gate_reserve_mb, client, worker=consumer.hostname)
         self.check_gate(consumer)
@@ -72,12 +74,11 @@ class SchedulingStep(bootsteps.StartStopStep):
         try:
             for job_id in self.jobs.expire_due():
                 log.info("job %s: deadline passed while queued; expired", job_id)
-                self.on_expired(job_id)
             promoted = self.lanes.promote_aged()
             if promoted:
                 log.info("aging: %d job(s) moved to the interactive lane: %s", len(promoted), promoted[:5])
+            recovered = self.claims.recover()  # jobs a dead pool process had taken along in a batch
+            if recovered:
+                log.info("batching: %d job(s) of a dead worker back on their lanes: %s", len(recovered), recovered[:5])
         except redis.RedisError as exc:
             log.info("lane upkeep: Redis unavailable (%s)", exc)
-
-    def on_expired(self, job_id: str) -> None:
-        """Hook for what follows an expiry (webhooks)."""
