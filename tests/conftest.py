@@ -79,6 +79,9 @@ def base_env(redis_server, storage_dir) -> dict[str, str]:
         "MASKQ_WEBHOOK_RETRY_SCHEDULE_S": "0.2,0.2,0.2,0.2,0.2",
         "MASKQ_WEBHOOK_TIMEOUT_S": "2",
         "MASKQ_LOG_LEVEL": "INFO",
+        # Most tests submit the same image again and mean a second run: the result cache is off here
+        # (tests/integration/test_result_cache.py turns it on for its own apps and workers).
+        "MASKQ_RESULT_CACHE_ENABLED": "false",
     }
 
 
