@@ -1,0 +1,17 @@
+# One image for every maskq process (web, worker, beat, Flower); docker-compose.yml picks the command.
+FROM python:3.11-slim
+
+WORKDIR /app
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+COPY requirements.txt ./
+RUN pip install --no-cache-dir -r requirements.txt \
+ && pip install --no-cache-dir --no-deps rapidocr-onnxruntime==1.4.4
+COPY . .
+RUN pip install --no-cache-dir --no-deps -e .
+
+# Not root: Celery warns against it, and nothing here needs it.
+RUN useradd --create-home maskq && mkdir -p /data && chown maskq /data
+USER maskq
+ENV MASKQ_DATA_DIR=/data
+EXPOSE 8000
+CMD ["gunicorn", "-c", "config/gunicorn.py", "webapp.app:create_app()"]
