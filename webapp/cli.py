@@ -1,4 +1,4 @@
-"""The ``maskq`` command: ``maskq keys create|revoke|list|dev``.
+"""The ``maskq`` command: ``maskq keys create|revoke|list|dev`` and ``maskq segment FOLDER --out coco.json``.
 
 ``keys create`` prints the new key alone on stdout (and the rest on stderr),
 so ``export MASKQ_API_KEY=$(maskq keys create --tenant acme)`` works.
@@ -142,6 +142,27 @@ def _dev(args, settings: Settings, store: KeyStore) -> int:
     return 0
 
 
+def _segment(args, settings: Settings, store: KeyStore) -> int:
+    from webapp.batch_client import BatchClient, segment_folder
+
+    key = settings.api_key or (dev_key_path(settings).read_text().strip() if dev_key_path(settings).exists() else None)
+    request: dict = {"lane": args.lane, "outputs": ["rle"]}
+    if args.model:
+        request["model"] = args.model
+    if args.text:
+        request["prompts"] = {"text": args.text}
+    client = BatchClient(settings.api_url.rstrip("/"), key, request)
+
+    def progress(outcome, done, total):
+        print(f"[{done}/{total}] {outcome.path.name}: {outcome.error or 'ok'}", file=sys.stderr)
+
+    coco = segment_folder(client, Path(args.folder), args.concurrency, progress)
+    Path(args.out).write_text(json.dumps(coco, ensure_ascii=False))
+    print(f"{len(coco['images'])} images, {len(coco['annotations'])} instances, {len(coco['failures'])} failures "
+          f"-> {args.out}", file=sys.stderr)
+    return 1 if coco["failures"] else 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="maskq", description="maskq administration")
     groups = top.add_subparsers(dest="group", required=True)
@@ -163,6 +184,15 @@ def parser() -> argparse.ArgumentParser:
     listing.set_defaults(run=_list)
     dev = keys.add_parser("dev", help="print the development key (loopback and embedded Redis only)")
     dev.set_defaults(run=_dev)
+    segment = groups.add_parser("segment", help="segment every image in a folder through a running service; "
+                                "write COCO JSON (MASKQ_API_URL, MASKQ_API_KEY or the dev key)")
+    segment.add_argument("folder")
+    segment.add_argument("--out", required=True, help="the COCO JSON file to write")
+    segment.add_argument("--model", help="the model (default: the service's)")
+    segment.add_argument("--text", action="append", help="a text prompt (repeatable)")
+    segment.add_argument("--lane", choices=LANES, default="batch")
+    segment.add_argument("--concurrency", type=int, default=8, help="jobs in flight at once (default %(default)s)")
+    segment.set_defaults(run=_segment)
     return top
 
 
