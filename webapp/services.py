@@ -10,7 +10,7 @@ from config.settings import Settings
 from storage import Storage
 from tasks.lanes import Lanes
 from tasks.records import JobStore
-from workers.registry import ModelCatalog
+from workers.registry import LiveCatalog
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Services:
     jobs: JobStore
     lanes: Lanes
     storage: Storage
-    catalog: ModelCatalog
+    catalog: LiveCatalog
     celery: object
 
 

@@ -1,22 +1,26 @@
-"""The model catalog (from the manifest) and the adapters a worker process has loaded."""
+"""The model catalog (from the manifest, followed as it changes) and the adapters a worker process holds."""
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import logging
-import tomllib
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import ModelError, ValidationFailed
+from tasks.errors import MaskqError, ModelError, ValidationFailed
 from workers.adapters.base import ModelAdapter, ModelSpec, RuntimeOptions
+from workers.manifest import ManifestFile, import_adapter, read_manifest
 
 log = logging.getLogger(__name__)
 
 
 class ModelCatalog:
-    """The models a deployment serves, by name, as the manifest lists them.
+    """The models a deployment serves, by name, as one reading of the manifest lists them.
 
     Reading it imports each adapter's module for its ``prompt_kinds`` but
-    loads no model: the web front end uses the catalog too.
+    loads no model: the web front end uses the catalog too. A catalog never
+    changes; :class:`LiveCatalog` swaps in a new one when the file changes.
     """
 
     def __init__(self, specs: dict[str, ModelSpec], default: str):
@@ -27,20 +31,13 @@ class ModelCatalog:
 
     @classmethod
     def load(cls, path: Path) -> "ModelCatalog":
+        """The catalog of a manifest file; :class:`workers.manifest.ManifestError` if it is invalid."""
         path = Path(path)
-        with path.open("rb") as f:
-            manifest = tomllib.load(f)
-        specs = {}
-        for name, entry in manifest.get("models", {}).items():
-            files = {k: str((path.parent / v).resolve()) for k, v in entry.get("files", {}).items()}
-            specs[name] = ModelSpec(
-                name=name, version=str(entry["version"]), adapter=entry["adapter"],
-                files=files, options=dict(entry.get("options", {})),
-                memory_mb=float(entry.get("memory_mb", 512)),
-                soft_time_limit_s=entry.get("soft_time_limit_s"),
-                hard_time_limit_s=entry.get("hard_time_limit_s"),
-            )
-        return cls(specs, manifest.get("default") or next(iter(specs)))
+        manifest = read_manifest(path)
+        return cls(manifest.specs(path.parent), manifest.default_model)
+
+    def current(self, force: bool = False) -> "ModelCatalog":
+        return self
 
     def spec(self, name: str | None) -> ModelSpec:
         name = name or self.default
@@ -53,8 +50,7 @@ class ModelCatalog:
             ) from None
 
     def adapter_class(self, name: str | None) -> type[ModelAdapter]:
-        module_name, _, class_name = self.spec(name).adapter.partition(":")
-        return getattr(importlib.import_module(module_name), class_name)
+        return import_adapter(self.spec(name).adapter)
 
     def time_limits(self, name: str | None, settings) -> tuple[float, float]:
         """``(soft, hard)`` seconds for one job of this model."""
@@ -80,25 +76,240 @@ class ModelCatalog:
     def prompt_kinds(self, name: str | None) -> frozenset[str]:
         return self.adapter_class(name).prompt_kinds
 
+    def fallbacks(self, name: str) -> list[str]:
+        """The models that stand in for ``name``, in order (the manifest has no cycles)."""
+        chain = []
+        while (name := self.specs[name].fallback) is not None:
+            chain.append(name)
+        return chain
+
+
+class LiveCatalog:
+    """The catalog of a manifest file that may change while the process runs.
+
+    :meth:`current` re-reads the file when it changed (checked with one
+    ``os.stat`` at most every ``check_s`` seconds). A new manifest that does
+    not validate is logged and ignored: the last good catalog stays in force,
+    and :attr:`error` says why. Every attribute of :class:`ModelCatalog` is
+    reachable on this object too, read from the current catalog, so holders
+    of a catalog need not know that it can change; take ``current()`` once
+    where several reads must agree (one submission).
+    """
+
+    def __init__(self, path: Path, check_s: float, settings=None):
+        self.path = Path(path)
+        self.settings = settings
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self.file = ManifestFile(self.path, check_s)  # stamped before the read: a change in between is seen
+        self._catalog = self._read()
+
+    def _read(self) -> ModelCatalog:
+        catalog = ModelCatalog.load(self.path)
+        if self.settings is not None:
+            catalog.check_time_limits(self.settings)
+        return catalog
+
+    def current(self, force: bool = False) -> ModelCatalog:
+        with self._lock:
+            if self.file.changed(force):
+                try:
+                    self._catalog = self._read()
+                    self.error = None
+                    log.info("model manifest %s re-read: %s", self.path,
+                             {name: spec.version for name, spec in self._catalog.specs.items()})
+                except Exception as exc:  # ManifestError, refused time limits: never take the service down
+                    self.error = str(exc)
+                    log.error("model manifest %s changed but cannot be used; keeping the last good one: %s",
+                              self.path, exc)
+            return self._catalog
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # not half-built state (copy, pickle, __init__) reaching for the catalog
+            raise AttributeError(name)
+        return getattr(self.current(), name)
+
+
+@dataclass(frozen=True)
+class ModelFailure:
+    """A model version that could not be set up in this process, and why."""
+
+    version: str
+    error: str
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The adapter a job runs on; ``reason`` is set when it stands in for the model the job asked for."""
+
+    adapter: ModelAdapter
+    requested: str
+    reason: str | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return self.reason is not None
+
+    @property
+    def model_version(self) -> str | None:
+        """The version to record as the job's: None for a stand-in (the requested model did not run)."""
+        return None if self.degraded else self.adapter.version
+
+    @property
+    def model_used(self) -> dict | None:
+        """What the job record keeps about a stand-in (``JobStore.start(model_used=...)``)."""
+        if not self.degraded:
+            return None
+        return {"name": self.adapter.name, "version": self.adapter.version, "reason": self.reason}
+
 
 class LoadedModels:
-    """The adapters set up in this worker process (``setup`` ran once, at process start)."""
+    """The adapters set up in this worker process, kept in step with the manifest.
 
-    def __init__(self, catalog: ModelCatalog, runtime: RuntimeOptions):
+    ``setup`` runs once per model version, never per job. :meth:`refresh`
+    (called before each job, and every ``manifest_check_s`` by a watcher
+    thread while the process idles) loads new and changed versions and drops
+    removed models. A new version is set up before the old one is let go, and
+    a job holds the adapter it started with, so a job in flight finishes on
+    its version. A model that fails to set up is kept in :attr:`failures`
+    (with the old version serving, if there was one); :meth:`choose` then
+    gives its jobs to its fallback.
+    """
+
+    def __init__(self, catalog: ModelCatalog | LiveCatalog, runtime: RuntimeOptions):
         self.catalog = catalog
         self.runtime = runtime
+        # Replaced, never mutated, so the heartbeat thread can read them while a reload runs.
         self.adapters: dict[str, ModelAdapter] = {}
+        self.failures: dict[str, ModelFailure] = {}
+        self._synced: ModelCatalog | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     def load_all(self) -> None:
-        for name in self.catalog.specs:
-            spec = self.catalog.spec(name)
-            adapter = self.catalog.adapter_class(name)(spec)
-            adapter.setup(self.runtime)
-            self.adapters[name] = adapter
-            log.info("model %s version %s loaded", name, spec.version)
+        self.refresh()
+
+    def refresh(self, force: bool = False) -> None:
+        """Apply the manifest if it changed since the last call (cheap when it did not)."""
+        catalog = self.catalog.current(force)
+        if catalog is self._synced:
+            return
+        with self._lock:
+            if catalog is not self._synced:
+                self._sync(catalog)
+
+    def _sync(self, catalog: ModelCatalog) -> None:
+        adapters = {name: a for name, a in self.adapters.items() if name in catalog.specs}
+        failures = {}
+        for name, spec in catalog.specs.items():
+            old = adapters.get(name)
+            if old is not None and old.spec == spec:
+                continue
+            try:
+                adapters[name] = self._set_up(spec)
+                log.info("model %s version %s loaded%s", name, spec.version,
+                         f" (replacing version {old.version})" if old is not None else "")
+            except Exception as exc:  # whatever a model does at set-up, the worker stays up
+                error = exc.detail if isinstance(exc, MaskqError) else f"{type(exc).__name__}: {exc}"
+                failures[name] = ModelFailure(spec.version, error)
+                log.error("model %s version %s failed to load%s: %s", name, spec.version,
+                          f"; version {old.version} keeps serving" if old is not None else "", error,
+                          exc_info=not isinstance(exc, MaskqError))
+        for name in set(self.adapters) - set(adapters):
+            log.info("model %s removed from the manifest; unloaded", name)
+        self.adapters, self.failures, self._synced = adapters, failures, catalog
+
+    def _set_up(self, spec: ModelSpec) -> ModelAdapter:
+        adapter = import_adapter(spec.adapter)(spec)
+        adapter.setup(self.runtime_for(spec))
+        return adapter
+
+    def runtime_for(self, spec: ModelSpec) -> RuntimeOptions:
+        """The deployment's runtime options with this model's providers and fp16 on top."""
+        if spec.providers is None:
+            return dataclasses.replace(self.runtime, fp16=spec.fp16)
+        return dataclasses.replace(self.runtime, providers=spec.providers, providers_required=True, fp16=spec.fp16)
 
     def get(self, name: str) -> ModelAdapter:
         try:
             return self.adapters[name]
         except KeyError:
             raise ModelError(f"model {name!r} is not loaded in this worker") from None
+
+    def choose(self, name: str, prompt_kinds: Iterable[str] = ()) -> ModelChoice:
+        """The adapter for a job of model ``name``: its own, else the first usable fallback.
+
+        ``prompt_kinds`` are the job's; a fallback that cannot take them does
+        not stand in. No adapter at all: :class:`ModelError` naming the load error.
+        """
+        adapter = self.adapters.get(name)
+        if adapter is not None:
+            return ModelChoice(adapter, name)
+        if self._synced is None or name not in self._synced.specs:
+            self.refresh(force=True)  # a model just added: the web may have seen the manifest before we did
+            if (adapter := self.adapters.get(name)) is not None:
+                return ModelChoice(adapter, name)
+        catalog = self._synced
+        if catalog is None or name not in catalog.specs:
+            raise ModelError(f"model {name!r} is not in this worker's model manifest")
+        failure = self.failures.get(name)
+        reason = (f"model {name!r} version {failure.version} failed to load: {failure.error}" if failure
+                  else f"model {name!r} is not loaded in this worker")
+        kinds = frozenset(prompt_kinds)
+        refused = []
+        for fallback in catalog.fallbacks(name):
+            stand_in = self.adapters.get(fallback)
+            if stand_in is None:
+                refused.append(f"{fallback!r} is not loaded either")
+            elif not kinds <= stand_in.prompt_kinds or (stand_in.requires_prompt and not kinds):
+                refused.append(f"{fallback!r} cannot take this job's prompts ({', '.join(sorted(kinds)) or 'none'})")
+            else:
+                return ModelChoice(stand_in, name, reason)
+        raise ModelError(f"{reason}; " + ("its fallback " + "; ".join(refused) if refused else "it has no fallback"))
+
+    def describe(self) -> dict:
+        """What the heartbeat tells the front end: versions loaded, and load errors."""
+        return {
+            "models": {name: a.version for name, a in self.adapters.items()},
+            "model_errors": {name: dataclasses.asdict(f) for name, f in self.failures.items()},
+        }
+
+    def watch(self, interval_s: float) -> threading.Thread:
+        """Refresh every ``interval_s`` from a daemon thread, so an idle process follows the manifest too."""
+
+        def run() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.refresh()
+                except Exception:  # never let the watcher die; the next job refreshes anyway
+                    log.exception("model manifest watcher")
+
+        thread = threading.Thread(target=run, name="maskq-manifest", daemon=True)
+        thread.start()
+        return thread
+
+    def stop_watching(self) -> None:
+        self._stop.set()
+
+
+def describe_models(catalog: ModelCatalog, workers: list[dict]) -> list[dict]:
+    """Each model of ``catalog`` with what the live workers' heartbeats say about it (``GET /v1/models``)."""
+    models = []
+    for name, spec in catalog.specs.items():
+        versions = sorted({w["models"][name] for w in workers if name in w.get("models", {})})
+        errors = sorted({e["error"] for w in workers
+                         if (e := w.get("model_errors", {}).get(name)) and e.get("version") == spec.version})
+        entry = {
+            "name": name,
+            "version": spec.version,
+            "default": name == catalog.default,
+            "prompt_kinds": sorted(catalog.prompt_kinds(name)),
+            "loaded": spec.version in versions,
+            "loaded_versions": versions,
+            "fallback": spec.fallback,
+            "max_batch_size": spec.max_batch_size,
+        }
+        if errors:
+            entry["error"] = errors[0]
+        models.append(entry)
+    return models

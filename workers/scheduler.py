@@ -18,7 +18,7 @@ from tasks.records import JobStore
 from tasks.webhooks import JobEvents
 from workers.batching import ClaimRecovery
 from workers.gate import ResourceGate, detect_device
-from workers.registry import ModelCatalog
+from workers.registry import LiveCatalog
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,12 @@ class SchedulingStep(bootsteps.StartStopStep):
     def start(self, consumer):
         settings = load_settings()
         client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
-        catalog = ModelCatalog.load(settings.models_manifest)
+        self.catalog = LiveCatalog(settings.models_manifest, settings.manifest_check_s, settings)
         self.settings = settings
         self.jobs = JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client))  # expiries become webhook events
         self.lanes = Lanes(client, self.jobs, settings)
         self.claims = ClaimRecovery(client, self.jobs, grace_s=3 * settings.worker_heartbeat_s)
-        self.gate = ResourceGate(detect_device(settings.gpu_device_index), catalog.memory_per_job_mb(),
+        self.gate = ResourceGate(detect_device(settings.gpu_device_index), self.catalog.current().memory_per_job_mb(),
                                  settings.gate_reserve_mb, client, worker=consumer.hostname)
         self.check_gate(consumer)
         self.timers = [
@@ -56,6 +56,8 @@ class SchedulingStep(bootsteps.StartStopStep):
 
     def check_gate(self, consumer) -> None:
         try:
+            # A new manifest may change what one job needs.
+            self.gate.need_mb = self.catalog.current().memory_per_job_mb()
             state, _ = self.gate.check()
             if not state.open and not self.closed:
                 for lane in LANES:

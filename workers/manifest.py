@@ -1,0 +1,252 @@
+"""The model manifest: the file (TOML or YAML) listing the models a deployment serves.
+
+``MASKQ_MODELS_MANIFEST`` names it (``config/models.toml`` by default, which
+documents every field). It is validated here with pydantic, and every error
+names the model and the field, so a typo fails at start-up, or, when the file
+changes while the service runs, leaves the last good manifest in force.
+
+:class:`ManifestFile` notices a change with one ``os.stat`` at most every
+``MASKQ_MANIFEST_CHECK_S`` seconds; :mod:`workers.registry` re-reads the file
+then (the web process for new submissions, each worker pool process for the
+adapters it holds).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workers.adapters.base import ModelAdapter, ModelSpec
+
+# Short names for the providers an operator is most likely to list; any other onnxruntime provider
+# is accepted by its full name ("...ExecutionProvider").
+PROVIDER_ALIASES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# files.<name>_fp16 is the half-precision twin of files.<name>, used when fp16 = true.
+FP16_SUFFIX = "_fp16"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used: unreadable, unparsable, or invalid (the message says where)."""
+
+
+def normalize_provider(name: str) -> str:
+    """``"CUDA"`` → ``"CUDAExecutionProvider"``; a full onnxruntime provider name is kept as it is."""
+    full = PROVIDER_ALIASES.get(name.strip().lower(), name.strip())
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*ExecutionProvider", full):
+        raise ValueError(
+            f"unknown provider {name!r}; write TensorRT, CUDA, CPU (or ROCm, OpenVINO, DirectML, CoreML), "
+            "or an onnxruntime provider's full name such as 'CUDAExecutionProvider'"
+        )
+    return full
+
+
+def import_adapter(path: str) -> type[ModelAdapter]:
+    """The adapter class that ``"module:Class"`` names."""
+    module_name, _, class_name = path.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), class_name)
+    except Exception as exc:  # an adapter module that fails at import fails here, whatever its error
+        raise ValueError(f"cannot import {path!r}: {type(exc).__name__}: {exc}") from None
+    if not (isinstance(found, type) and issubclass(found, ModelAdapter)):
+        raise ValueError(f"{path!r} is not a ModelAdapter subclass")
+    return found
+
+
+class ModelEntry(BaseModel):
+    """One ``[models.NAME]`` table of the manifest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str = Field(min_length=1)
+    adapter: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    files: dict[str, str] = {}
+    options: dict[str, Any] = {}
+    # In order of preference; None: the deployment's MASKQ_ORT_PROVIDERS (which may fall back to CPU).
+    providers: tuple[str, ...] | None = Field(None, min_length=1)
+    fp16: bool = False
+    max_batch_size: int = Field(1, ge=1, le=4096)
+    memory_mb: float = Field(512, gt=0)
+    soft_time_limit_s: float | None = Field(None, gt=0)
+    hard_time_limit_s: float | None = Field(None, gt=0)
+    fallback: str | None = None
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value):
+        # `version = 2` in TOML is a number; a version is a label.
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("adapter")
+    @classmethod
+    def _importable(cls, value: str) -> str:
+        import_adapter(value)  # the web front end needs its prompt kinds; a worker needs the class
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        names = tuple(normalize_provider(p) for p in value)
+        if len(set(names)) != len(names):
+            raise ValueError(f"lists a provider twice: {list(value)}")
+        return names
+
+    @model_validator(mode="after")
+    def _soft_before_hard(self):
+        soft, hard = self.soft_time_limit_s, self.hard_time_limit_s
+        if soft is not None and hard is not None and soft >= hard:
+            raise ValueError(f"soft_time_limit_s ({soft}) must be below hard_time_limit_s ({hard})")
+        return self
+
+    def spec(self, name: str, base_dir: Path) -> ModelSpec:
+        """This entry as the :class:`ModelSpec` adapters get: paths resolved, fp16 files chosen."""
+        files = {key: str((base_dir / value).expanduser().resolve()) for key, value in self.files.items()}
+        plain = {key: path for key, path in files.items() if not key.endswith(FP16_SUFFIX)}
+        if self.fp16:
+            plain |= {key[: -len(FP16_SUFFIX)]: path for key, path in files.items() if key.endswith(FP16_SUFFIX)}
+        return ModelSpec(
+            name=name, version=self.version, adapter=self.adapter, files=plain, options=dict(self.options),
+            memory_mb=self.memory_mb, soft_time_limit_s=self.soft_time_limit_s,
+            hard_time_limit_s=self.hard_time_limit_s, providers=self.providers, fp16=self.fp16,
+            max_batch_size=self.max_batch_size, fallback=self.fallback,
+        )
+
+
+class Manifest(BaseModel):
+    """A whole manifest: the models by name, and the one jobs get when they name none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default: str | None = None
+    models: dict[str, ModelEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names_and_references(self):
+        names = list(self.models)
+        for name in names:
+            if not MODEL_NAME.match(name):
+                raise ValueError(f"model {name!r}: a name is 1-64 letters, digits, '.', '_' or '-'")
+        if self.default is not None and self.default not in self.models:
+            raise ValueError(f"default: {self.default!r} is not a model of this manifest ({', '.join(names)})")
+        for name, entry in self.models.items():
+            if entry.fallback is None:
+                continue
+            if entry.fallback not in self.models:
+                raise ValueError(f"model {name!r}: field 'fallback': {entry.fallback!r} is not a model of "
+                                 f"this manifest ({', '.join(names)})")
+            chain = [name]
+            while (nxt := self.models[chain[-1]].fallback) is not None:
+                if nxt in chain:
+                    cycle = chain[chain.index(nxt):] + [nxt]
+                    raise ValueError(f"model {nxt!r}: field 'fallback': the fallbacks form a cycle: "
+                                     f"{' -> '.join(cycle)}")
+                chain.append(nxt)
+        return self
+
+    @property
+    def default_model(self) -> str:
+        return self.default or next(iter(self.models))
+
+    def specs(self, base_dir: Path) -> dict[str, ModelSpec]:
+        return {name: entry.spec(name, base_dir) for name, entry in self.models.items()}
+
+
+def _where(error: dict) -> str:
+    """One pydantic error as ``model 'x': field 'y': what is wrong``."""
+    loc = list(error["loc"])
+    parts = []
+    if loc[:1] == ["models"] and len(loc) >= 2:
+        parts.append(f"model {loc[1]!r}")
+        loc = loc[2:]
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if field:
+        parts.append(f"field {field!r}")
+    if error["type"] == "value_error":
+        message = str(error["ctx"]["error"])
+    elif error["type"] == "extra_forbidden":
+        known = ModelEntry.model_fields if parts and parts[0].startswith("model") else Manifest.model_fields
+        message = f"unknown field (known: {', '.join(known)})"
+    else:
+        message = error["msg"]
+    return ": ".join(parts + [message])
+
+
+def _parse(path: Path, raw: bytes) -> Any:
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(raw.decode("utf-8"))
+    return tomllib.loads(raw.decode("utf-8"))
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read and validate a manifest; :class:`ManifestError` says what is wrong and where."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read the model manifest: {exc.strerror or exc}") from None
+    try:
+        data = _parse(path, raw)
+    except Exception as exc:  # tomllib, yaml and UTF-8 each have their own error class
+        raise ManifestError(f"{path}: not a readable TOML/YAML model manifest: {exc}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: a model manifest is a table with 'default' and 'models'")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {_where(e)}" for e in exc.errors())
+        raise ManifestError(f"{path}: invalid model manifest:\n{problems}") from None
+
+
+class ManifestFile:
+    """Notices that a manifest file changed, with one ``os.stat`` at most every ``check_s`` seconds.
+
+    The file's mtime, size and inode are compared, so both an edit in place
+    and an atomic replace (write a temporary file, rename it over) count.
+    """
+
+    def __init__(self, path: Path, check_s: float):
+        self.path = Path(path)
+        self.check_s = check_s
+        self._seen = self._stamp()
+        self._next_check = time.monotonic() + check_s
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def changed(self, force: bool = False) -> bool:
+        """Whether the file differs from when it was last seen (and remember it as seen).
+
+        ``force`` looks now, whenever it last looked.
+        """
+        now = time.monotonic()
+        if now < self._next_check and not force:
+            return False
+        self._next_check = now + self.check_s
+        stamp = self._stamp()
+        if stamp == self._seen:
+            return False
+        self._seen = stamp
+        return True
