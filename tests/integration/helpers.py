@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 
@@ -26,3 +28,24 @@ def run_to_end(client, image: bytes, request: dict | None = None, wait: int = 30
 
 def decode(rle: dict) -> np.ndarray:
     return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+
+
+def small_png(seed: int = 0) -> bytes:
+    """A 64x48 noise image: a quick job."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05):
+    """``predicate()``'s first true value, polled until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"not true within {timeout} s")
+
+
+def status(jobs, job_id: str) -> str:
+    return str(jobs.get(job_id).status)

@@ -4,14 +4,13 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from tests.conftest import image_bytes
-from tests.integration.helpers import run_to_end
+from tests.integration.helpers import run_to_end, wait_for
 from workers.adapters.text_regions import bundled_model_files
 
 TEXT = "workers.adapters.text_regions:TextRegionsAdapter"
@@ -38,14 +37,6 @@ def write(path: Path, text: str) -> Path:
     os.replace(tmp, path)
     return path
 
-
-def wait_for(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not true within {timeout} s")
 
 
 def models_by_name(client) -> dict[str, dict]:

@@ -1,16 +1,12 @@
 """A new model version through the manifest while a real worker runs: no restart, each job on one version."""
 from __future__ import annotations
 
-import io
 import os
-import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
 from tests.conftest import image_bytes
-from tests.integration.helpers import submit
+from tests.integration.helpers import small_png, submit, wait_for
 
 # The real text-regions model, stamping each result with the version of the adapter that computed it.
 STAMP = "tests.support.version_stamp:VersionStampAdapter"
@@ -24,19 +20,6 @@ def write_manifest(path: Path, version: str, hold: Path | None = None) -> None:
     os.replace(tmp, path)  # atomic, as a deploy tool should write it
 
 
-def small_png(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not true within {timeout} s")
 
 
 def served_by(job: dict) -> list[str]:

@@ -6,8 +6,7 @@ import signal
 
 from storage.local import LocalStorage
 from tests.conftest import image_bytes
-from tests.integration.helpers import submit
-from tests.integration.test_scheduling import small_png, status, wait_for
+from tests.integration.helpers import small_png, status, submit, wait_for
 
 
 def published(pubsub) -> list[str]:

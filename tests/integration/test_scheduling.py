@@ -5,32 +5,13 @@ import io
 import threading
 import time
 
-import numpy as np
-import pytest
 from PIL import Image
 
 from tests.conftest import image_bytes
-from tests.integration.helpers import submit
+from tests.integration.helpers import small_png, status, submit, wait_for
 
 
-def small_png(seed: int = 0) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
 
-
-def wait_for(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not true within {timeout} s")
-
-
-def status(jobs, job_id: str) -> str:
-    return str(jobs.get(job_id).status)
 
 
 CLOSED_GATE = {"MASKQ_GATE_RESERVE_MB": 10**9, "MASKQ_GATE_CHECK_S": 0.2}
