@@ -1,0 +1,164 @@
+"""Result-cache hits through the whole service: round trips per second, and the latency of one.
+
+The service as ``make run`` starts it (``ServiceStack``: Redis, one ``celery
+worker``, gunicorn), with the result cache on (the default) and the rate
+limits raised out of the way: the default global limit (``6000/minute``) is
+100 requests/s, and this measures the cache, not the limiter (whose checks
+are still made and paid for). First each image is submitted once and run by
+the worker, which fills the cache; from then on every request is an
+identical submission (multipart, the bench tenant's API key) that the web
+front end answers ``200`` from the cache. An answer that is not a ``200``
+with ``cached: true`` fails the benchmark.
+
+Two cases, after ``--warmup`` × 5 discarded hits:
+
+- **one client**: one request at a time, ``--jobs`` × 5 of them: the latency of a hit;
+- **``--clients`` clients**: ``--jobs`` × 10 hits: round trips per second.
+
+A hit costs about a hundredth of a job, hence more of them per case. The
+clients are lean (one keep-alive ``http.client`` connection each), because
+they share the machine's cores with the service they measure. The
+``worker_cpu_s`` column shows that the worker took no part.
+"""
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import os
+import threading
+import time
+import uuid
+
+import requests
+
+from bench.common import CpuMeter, Options, ServiceStack, load_images, percentile, run_http_job
+
+ONE = "cache hit (HTTP, 1 client)"
+MANY = "cache hit (HTTP, {clients} clients)"
+OVERRIDES = {"result_cache_enabled": True, "global_rate": "100000000/minute"}
+
+
+class Client:
+    """One keep-alive HTTP connection that sends identical submissions.
+
+    A lean client (``http.client``, the multipart body built by hand), so that
+    the load generator, which shares the machine's cores with the service,
+    takes as little of them as it can. Each request still gets a boundary of
+    its own, as from any HTTP library, so the server parses it afresh.
+    """
+
+    def __init__(self, stack: ServiceStack):
+        self.connection = http.client.HTTPConnection(stack.settings.host, stack.settings.port, timeout=30)
+        self.headers = dict(stack.headers)
+
+    def hit(self, name: str, data: bytes) -> float:
+        """One identical submission; its round-trip seconds. Raises unless the cache answered it."""
+        boundary = uuid.uuid4().hex
+        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        headers = {**self.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"}
+        started = time.perf_counter()
+        self.connection.request("POST", "/v1/jobs", body=body, headers=headers)
+        answer = self.connection.getresponse()
+        text = answer.read()
+        elapsed = time.perf_counter() - started
+        job = json.loads(text) if answer.getheader("content-type", "").startswith("application/json") else {}
+        if answer.status != 200 or not job.get("cached") or job.get("status") != "succeeded":
+            raise RuntimeError(f"not a cache hit: {answer.status} {text[:300]!r}")
+        return elapsed
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def drive(stack: ServiceStack, images: list[tuple[str, bytes]], count: int, clients: int) -> tuple[float, list[float]]:
+    """``count`` hits over ``clients`` threads; ``(wall seconds, latencies)``."""
+    counter = itertools.count()
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        own = Client(stack)
+        try:
+            while not errors:
+                with lock:
+                    i = next(counter)
+                if i >= count:
+                    return
+                try:
+                    elapsed = own.hit(*images[i % len(images)])
+                except BaseException as exc:  # noqa: BLE001  (reported after the threads end)
+                    errors.append(exc)
+                    return
+                with lock:
+                    latencies.append(elapsed)
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=client, name=f"bench-hit-{n}") for n in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} client(s) failed; first: {errors[0]!r}") from errors[0]
+    return wall, latencies
+
+
+def row(case: str, wall_s: float, latencies: list[float], cpu_s: dict[str, float]) -> dict:
+    return {
+        "case": case,
+        "requests": len(latencies),
+        "wall_s": round(wall_s, 2),
+        "per_s": round(len(latencies) / wall_s, 1),
+        **{f"p{q}_ms": round(percentile(latencies, q) * 1000, 2) for q in (50, 95, 99)},
+        "worker_cpu_s": cpu_s.get("worker", 0.0),
+        "_cpu_s": cpu_s,
+    }
+
+
+def run(options: Options) -> list[dict]:
+    images = load_images(options.images)
+    rows = []
+    with ServiceStack(overrides=OVERRIDES) as stack:
+        with requests.Session() as session:
+            session.headers.update(stack.headers)
+            for name, data in images:  # the worker runs each once: the cache fills
+                outcome = run_http_job(session, stack.base_url, name, data)
+                if outcome.status != "succeeded":
+                    raise RuntimeError(f"the job that fills the cache for {name} ended {outcome.status}")
+        groups = {"bench": [os.getpid()], **stack.pids()}
+        # The worker fills the cache just after a job's record ends: warm-up hits also wait that out.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                drive(stack, images, len(images), 1)
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        drive(stack, images, options.warmup * 5, options.clients)
+        for case, count, clients in ((ONE, options.jobs * 5, 1),
+                                     (MANY.format(clients=options.clients), options.jobs * 10, options.clients)):
+            meter = CpuMeter(groups).start()
+            wall, latencies = drive(stack, images, count, clients)
+            rows.append(row(case, wall, latencies, meter.stop()))
+    return rows
+
+
+def summary(rows: list[dict]) -> list[str]:
+    one, many = rows
+    cpu = many["_cpu_s"]
+    ours = sum(v for k, v in cpu.items() if k != "other")
+    return [
+        f"CPU ms per hit ({many['requests']} concurrent hits): "
+        + ", ".join(f"{k} {v * 1000 / many['requests']:.2f}" for k, v in cpu.items())
+        + f"; ours {ours * 1000 / many['requests']:.2f}",
+        f"cache_hit_p50_ms={one['p50_ms']:.2f} (aim: <= 10)",
+        f"cache_hits_per_s={many['per_s']:.1f} (aim: >= 300)",
+    ]
