@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     ort_intra_op_threads: int = 0
     ort_inter_op_threads: int = 1
 
+    # Model manifest hot reload (workers/manifest.py): the web process and each worker pool process
+    # stat the manifest at most this often, and re-read it when it changed; no restart needed.
+    manifest_check_s: float = Field(default=2.0, gt=0)
+
     # Jobs and lanes.
     default_lane: str = "default"
     job_ttl_s: int = 7 * 24 * 3600
@@ -72,6 +76,7 @@ class Settings(BaseSettings):
     # Scheduling: lane limits, aging, the resource gate, retries on out-of-memory.
     lane_max_depth: dict[str, int] = {"interactive": 1000, "default": 10000, "batch": 100000}
     lane_aging_s: float = 120
+    lane_aging_max_promoted: int = Field(default=1, ge=1)
     scheduler_tick_s: float = 1.0
     gate_check_s: float = 1.0
     gate_reserve_mb: float = 512
@@ -80,6 +85,13 @@ class Settings(BaseSettings):
     oom_retry_delay_s: float = 10
     # Test-only: sleep this long before inference, to make a job slow on purpose.
     debug_delay_s: float = 0
+
+    # Dynamic batching (workers/batching.py): a worker running a job of a model whose manifest sets
+    # max_batch_size > 1 takes up to that many queued jobs of the model from the same lane along
+    # (only while every higher lane is empty), waiting at most batch_wait_ms for them to arrive.
+    # batching=false turns it off for every model.
+    batching: bool = True
+    batch_wait_ms: float = Field(default=5, ge=0, le=1000)
 
     # Object storage: S3 or any S3-compatible store (MinIO, Ceph) when s3_bucket is set, else storage_root.
     s3_bucket: str | None = None
@@ -110,6 +122,16 @@ class Settings(BaseSettings):
     retention_s: int = 7 * 24 * 3600
     retention_interval_s: float = 3600
     retention_partial_age_s: float = 3600
+
+    # Result cache and coalescing (tasks/result_cache.py): an identical job (same image bytes, prompts,
+    # outputs, model version and tenant) is answered from the cache, or waits for the one in flight.
+    result_cache_enabled: bool = True
+    result_cache_ttl_s: int = Field(default=2 * 3600, gt=0)
+    result_cache_max_entries: int = Field(default=100_000, gt=0)
+
+    # The `maskq segment` command, a client of a running service.
+    api_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
 
     log_level: str = "INFO"
 

@@ -9,9 +9,13 @@ count messages of jobs that were canceled or expired.
 Aging: a job that has waited longer than ``lane_aging_s`` in ``default`` or
 ``batch`` is moved to the back of ``interactive``, so a steady stream of
 interactive work delays it by at most that age plus the interactive jobs
-already ahead of it. The move takes the oldest message off the lower lane's
-broker list and puts it on the interactive list in one Lua script, so a
-promoted job is never lost or duplicated, however many workers promote at once.
+already ahead of it. At most ``lane_aging_max_promoted`` promoted jobs wait in
+the interactive lane at a time: a deep backlog gets a steady trickle, one job
+after another, instead of flooding the interactive lane (an interactive job
+then waits for at most the running job plus that many promoted ones). The
+move takes the oldest message off the lower lane's broker list and puts it on
+the interactive list in one Lua script, so a promoted job is never lost or
+duplicated, however many workers promote at once.
 """
 from __future__ import annotations
 
@@ -24,11 +28,15 @@ from config.settings import LANES, Settings
 from tasks.errors import ServiceUnavailable
 from tasks.records import JobRecord, JobStore, lane_index
 
+PROMOTED = "maskq:promoted"  # written here, cleared by the record's transitions when a job leaves the queue
+
 # KEYS[1]: the lower lane's broker list, KEYS[2]: the interactive broker list,
-# KEYS[3]/KEYS[4]: the lower/interactive lane index. ARGV: now, aging seconds, lower lane name.
+# KEYS[3]/KEYS[4]: the lower/interactive lane index, KEYS[5]: the set of promoted jobs still queued.
+# ARGV: now, aging seconds, lower lane name, most promoted jobs queued at once.
 _PROMOTE = """
 local promoted = {}
 for _ = 1, 100 do
+  if redis.call('SCARD', KEYS[5]) >= tonumber(ARGV[4]) then break end
   local message = redis.call('LINDEX', KEYS[1], -1)
   if not message then break end
   local ok, envelope = pcall(cjson.decode, message)
@@ -41,6 +49,7 @@ for _ = 1, 100 do
     redis.call('HSET', job, 'lane', 'interactive', 'promoted_from', ARGV[3])
     redis.call('ZREM', KEYS[3], id)
     redis.call('ZADD', KEYS[4], ARGV[1], id)
+    redis.call('SADD', KEYS[5], id)
     table.insert(promoted, id)
   end
   -- Messages of jobs that ended already move too: the worker skips them in no time.
@@ -102,8 +111,8 @@ class Lanes:
         promoted = []
         for lane in ("default", "batch"):
             ids = self._promote(
-                keys=[lane, "interactive", lane_index(lane), lane_index("interactive")],
-                args=[now, self.settings.lane_aging_s, lane],
+                keys=[lane, "interactive", lane_index(lane), lane_index("interactive"), PROMOTED],
+                args=[now, self.settings.lane_aging_s, lane, self.settings.lane_aging_max_promoted],
             )
             promoted += [i.decode() for i in ids]
         return promoted

@@ -46,6 +46,7 @@ local lane = redis.call('HGET', KEYS[1], 'lane')
 if current == 'queued' and ARGV[2] ~= 'queued' then
   redis.call('ZREM', 'maskq:lane:' .. lane, id)
   redis.call('ZREM', 'maskq:deadlines', id)
+  redis.call('SREM', 'maskq:promoted', id)
 elseif ARGV[2] == 'queued' then
   redis.call('ZADD', 'maskq:lane:' .. lane, ARGV[4], id)
 end
@@ -79,8 +80,15 @@ class JobRecord:
     cached: bool = False
     deadline_at: float | None = None
     last_error: dict | None = None
+    # Set when the requested model could not be loaded and its fallback ran the job instead:
+    # {"name", "version", "reason"} of the model actually used (workers/registry.py, ModelChoice).
+    model_used: dict | None = None
+    # The result cache's digest of this job (tasks/result_cache.py), and the identical job in flight
+    # whose result this one waits for, or took (a coalesced job).
+    cache_key: str | None = None
+    coalesced_with: str | None = None
 
-    _JSON_FIELDS = ("request", "error", "last_error")
+    _JSON_FIELDS = ("request", "error", "last_error", "model_used")
 
     def to_hash(self) -> dict[str, str]:
         out = {}
@@ -117,11 +125,17 @@ class JobRecord:
             "status": str(self.status),
             "lane": self.lane,
             "model": {"name": self.model, "version": self.model_version or None},
+            "degraded": self.model_used is not None,
             "created_at": rfc3339(self.created_at),
             "started_at": rfc3339(self.started_at),
             "finished_at": rfc3339(self.finished_at),
             "cached": self.cached,
         }
+        if self.model_used is not None:
+            doc["model_used"] = {"name": self.model_used["name"], "version": self.model_used["version"]}
+            doc["degraded_reason"] = self.model_used.get("reason")
+        if self.coalesced_with:
+            doc["coalesced_with"] = self.coalesced_with
         if result is not None:
             doc["result"] = result
         if self.error:
@@ -167,12 +181,16 @@ class JobStore:
     def channel(job_id: str) -> str:
         return f"maskq:job:{job_id}:events"
 
-    def create(self, record: JobRecord) -> None:
-        """Write a new queued record, and index it in its lane (and by deadline)."""
+    def create(self, record: JobRecord, ttl_s: int | None = None) -> None:
+        """Write a new record (kept ``ttl_s``, else the store's TTL); a queued one is indexed in its lane.
+
+        A record created already ended (a result-cache hit) is in no lane.
+        """
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(record.id), mapping=record.to_hash())
-            pipe.expire(self.key(record.id), self.ttl_s)
-            pipe.zadd(lane_index(record.lane), {record.id: record.created_at})
+            pipe.expire(self.key(record.id), ttl_s or self.ttl_s)
+            if record.status == JobState.QUEUED:
+                pipe.zadd(lane_index(record.lane), {record.id: record.created_at})
             pipe.zadd(CREATED, {f"{record.tenant}/{record.id}": record.created_at})
             if record.deadline_at is not None:
                 pipe.zadd(DEADLINES, {record.id: record.deadline_at})
@@ -198,11 +216,16 @@ class JobStore:
             self.on_moved(job_id, before, to)
         return moved, before
 
-    def start(self, job_id: str, model_version: str) -> bool:
-        """Queued (or running, when a dead worker's job is redelivered) → running."""
+    def start(self, job_id: str, model_version: str | None, model_used: dict | None = None) -> bool:
+        """Queued (or running, when a dead worker's job is redelivered) → running.
+
+        ``model_version`` is the version that runs; a job run by a fallback model passes None (the
+        requested model did not run: its version stays the one recorded at submit) and ``model_used``.
+        """
+        versions = {} if model_version is None else {"model_version": model_version}
         moved, _ = self.move(
             job_id, JobState.RUNNING, {JobState.QUEUED, JobState.RUNNING},
-            started_at=time.time(), model_version=model_version,
+            started_at=time.time(), model_used=model_used, **versions,
         )
         if moved:
             self.redis.hincrby(self.key(job_id), "attempts", 1)

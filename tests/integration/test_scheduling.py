@@ -214,3 +214,20 @@ def test_an_out_of_memory_error_puts_the_job_back_then_fails_it_with_code_resour
         if message["type"] == "message":
             seen.append(message["data"].decode())
     assert "queued" in seen  # it was put back, not failed at once
+
+
+def test_aging_promotes_a_trickle_not_the_whole_backlog(isolated):
+    """A deep, old batch lane must not flood the interactive lane: one promoted job waits there at a time."""
+    from tasks.lanes import Lanes
+
+    client = isolated.client()
+    ids = [submit(client, small_png(i), {"lane": "batch"}).get_json()["id"] for i in range(5)]
+    lanes = Lanes(isolated.redis, isolated.jobs(), isolated.settings(lane_aging_s=60))
+    later = time.time() + 3600  # as if they had all waited an hour
+    assert lanes.promote_aged(now=later) == [ids[0]]  # the oldest first
+    assert lanes.promote_aged(now=later) == []  # it still waits in the interactive lane
+    assert isolated.redis.llen("interactive") == 1 and isolated.redis.llen("batch") == 4
+    assert client.get(f"/v1/jobs/{ids[0]}").get_json()["queue_position"] == 0
+    client.delete(f"/v1/jobs/{ids[0]}")  # once it leaves the queue, the next one may go
+    assert lanes.promote_aged(now=later) == [ids[1]]
+    assert lanes.depths() == {"interactive": 1, "default": 0, "batch": 3}
