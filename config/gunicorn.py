@@ -11,6 +11,8 @@ threads = _settings.web_threads
 timeout = _settings.max_wait_s + 30
 graceful_timeout = 10
 accesslog = "-"
+# Every gunicorn on a machine would share ~/.gunicorn/gunicorn.ctl; maskq does not use it.
+control_socket_disable = True
 loglevel = _settings.log_level.lower()
 
 

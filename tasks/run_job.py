@@ -13,11 +13,13 @@ import time
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
+from tasks import result_cache
 from tasks.errors import InputError, MaskqError, ResourceExhausted
 from storage.retrying import RetryingStorage
 from tasks.records import JobRecord, JobState, JobStore
+from tasks.schemas import JobRequest
 from tasks.webhooks import JobEvents
-from workers import pipeline, process
+from workers import batching, pipeline, process
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class JobTask(Task):
             job_id = args[0] if args else task_id
             log.info("job %s: killed at its hard time limit", job_id)
             self.main_process_jobs().fail(job_id, "timeout", f"the job ran past its hard time limit ({exc})")
+            result_cache.settle_job(job_id, self.main_process_jobs(), self.app)
 
     @classmethod
     def main_process_jobs(cls) -> JobStore:
@@ -53,6 +56,14 @@ class JobTask(Task):
 
 @shared_task(name="maskq.run_job", base=JobTask, bind=True)
 def run_job(self, job_id: str) -> None:
+    try:
+        _run(self, job_id)
+    finally:
+        # However it ended, identical jobs waiting on it get its result or its place; a success fills the cache.
+        result_cache.settle_after_run(job_id)
+
+
+def _run(self, job_id: str) -> None:
     worker = process.current()
     jobs = worker.jobs
     record = jobs.get(job_id)
@@ -63,13 +74,20 @@ def run_job(self, job_id: str) -> None:
         if jobs.expire(job_id):
             log.info("job %s: deadline passed before it started; expired", job_id)
         return
+    # A changed manifest takes effect between jobs: this job runs on the version loaded now, and
+    # records it. A model that failed to load hands the job to its fallback ("degraded").
+    worker.models.refresh()
     try:
-        adapter = worker.models.get(record.model)
+        choice = worker.models.choose(record.model, JobRequest.model_validate(record.request).prompts.kinds)
     except MaskqError as exc:
+        log.info("job %s: %s", job_id, exc.detail)
         jobs.fail(job_id, exc.code, exc.detail)
         return
+    adapter = choice.adapter
+    if choice.degraded:
+        log.warning("job %s: running on fallback model %s: %s", job_id, adapter.name, choice.reason)
     # A redelivered job that already ended, or a job canceled while queued, stops here.
-    if not jobs.start(job_id, adapter.version):
+    if not jobs.start(job_id, choice.model_version, model_used=choice.model_used):
         log.info("job %s: is %s; not running it", job_id, jobs.get(job_id).status if jobs.get(job_id) else "gone")
         return
     started = time.monotonic()
@@ -79,7 +97,8 @@ def run_job(self, job_id: str) -> None:
             time.sleep(settings.debug_delay_s)
         # A store that is away for less than storage_retry_bound_s only delays the job; past it, code "storage".
         storage = RetryingStorage.from_settings(worker.storage, settings)
-        key, count = pipeline.run(record, adapter, storage, settings.max_image_bytes, settings.max_image_pixels)
+        # With more queued jobs of a model that batches, they run along (and end) in the same call.
+        key, count = batching.run(worker, record, choice, storage)
     except InputError as exc:
         log.info("job %s: bad input: %s", job_id, exc.detail)
         jobs.fail(job_id, exc.code, exc.detail)
@@ -98,10 +117,13 @@ def run_job(self, job_id: str) -> None:
         if jobs.succeed(job_id, key, count):
             jobs.record_duration(time.monotonic() - started)
             log.info("job %s: succeeded with %d instances", job_id, count)
-        else:
+        elif (now := jobs.get(job_id)) is not None and now.status == JobState.CANCELED:
             # Canceled while it ran: the model could not be stopped, so its result is discarded.
             pipeline.discard_result(record, worker.storage)
             log.info("job %s: canceled while running; result discarded", job_id)
+        else:
+            # Another run of this job ended it first (a redelivery): its result, at the same keys, stays.
+            log.info("job %s: already ended by another run; keeping its result", job_id)
 
 
 def _put_back(task: Task, record: JobRecord, exc: ResourceExhausted) -> None:

@@ -83,7 +83,8 @@ def parse_request(data: object) -> JobRequest:
 
 
 def check_request(
-    request: JobRequest, *, width: int, height: int, prompt_kinds: frozenset[str], max_prompts: int, max_text_chars: int
+    request: JobRequest, *, width: int, height: int, prompt_kinds: frozenset[str], max_prompts: int, max_text_chars: int,
+    requires_prompt: bool = False,
 ) -> None:
     """The checks that need the decoded image's size and the model's prompt kinds."""
     errors: list[dict] = []
@@ -92,6 +93,8 @@ def check_request(
     def bad(field: str, message: str) -> None:
         errors.append({"field": field, "message": message})
 
+    if requires_prompt and not prompts.kinds:
+        bad("prompts", f"model {request.model!r} needs at least one prompt of: {', '.join(sorted(prompt_kinds))}")
     for kind in sorted(prompts.kinds - prompt_kinds):
         bad(f"prompts.{kind}", f"model {request.model!r} does not support {kind} prompts "
             f"(it supports: {', '.join(sorted(prompt_kinds)) or 'none'})")

@@ -12,7 +12,7 @@ from tasks.records import JobStore
 from tasks.webhooks import JobEvents
 from webapp.errors import register_error_handlers
 from webapp.services import Services
-from workers.registry import ModelCatalog
+from workers.registry import LiveCatalog
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -24,8 +24,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     client = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=5)
     jobs = JobStore(client, settings.job_ttl_s)
-    catalog = ModelCatalog.load(settings.models_manifest)
-    catalog.check_time_limits(settings)
+    # Follows the manifest file: a new model version is served without a restart (workers/registry.py).
+    catalog = LiveCatalog(settings.models_manifest, settings.manifest_check_s, settings)
     app.extensions["maskq"] = Services(
         settings=settings,
         redis=client,

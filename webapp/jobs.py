@@ -10,9 +10,11 @@ import uuid
 from flask import Blueprint, Response, request, url_for
 
 from storage import job_prefix
+from tasks.documents import job_result
 from tasks.errors import Conflict, InputError, NotFound
 from tasks.images import decode_image
 from tasks.records import JobRecord, JobState, rfc3339
+from tasks.result_cache import ResultCache, file_key
 from tasks.schemas import check_request, parse_request
 from tasks.webhook_urls import check_webhook_url
 from webapp.auth import choose_lane, current_tenant
@@ -35,34 +37,50 @@ def submit_job():
     job_request = parse_request(body)
     if job_request.webhook is not None:
         check_webhook_url(job_request.webhook.url, settings.webhook_allowed_networks)  # 422 for private targets
-    spec = s.catalog.spec(job_request.model)
-    image = decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    catalog = s.catalog.current()  # one reading of the manifest for the whole submission, even if it changes now
+    spec = catalog.spec(job_request.model)
+    image_sha256 = hashlib.sha256(data).hexdigest()
+    cache = ResultCache(s.jobs, settings, catalog, s.celery)
+    cache_key = cache.key_for(job_request, image_sha256=image_sha256, model=spec.name, version=spec.version,
+                              tenant=current_tenant())
+    # Bytes the cache has a result for were decoded and accepted before: their size is known, and decoding
+    # them again would be most of the cost of a hit.
+    cached = cache.find(cache_key)
+    image = None if cached else decode_image(data, max_bytes=settings.max_image_bytes,
+                                             max_pixels=settings.max_image_pixels)
+    width, height = (cached.width, cached.height) if cached else (image.width, image.height)
     check_request(
-        job_request.model_copy(update={"model": spec.name}), width=image.width, height=image.height,
-        prompt_kinds=s.catalog.prompt_kinds(spec.name), max_prompts=settings.max_prompts,
-        max_text_chars=settings.max_text_prompt_chars,
+        job_request.model_copy(update={"model": spec.name}), width=width, height=height,
+        prompt_kinds=catalog.prompt_kinds(spec.name), max_prompts=settings.max_prompts,
+        max_text_chars=settings.max_text_prompt_chars, requires_prompt=catalog.adapter_class(spec.name).requires_prompt,
     )
     lane = choose_lane(job_request.lane)  # 403 above the key's ceiling
     job_id = uuid.uuid4().hex
     claim = claim_submission(job_id, data, body)  # Idempotency-Key: 422 on another body
     if claim.replayed:
         return _replayed(claim.job_id)
-    s.lanes.check_room(lane)
     now = time.time()
-    input_key = f"{job_prefix(current_tenant(), job_id)}input.{EXTENSIONS[image.format]}"
+    input_key = (cached.input_key if cached else
+                 f"{job_prefix(current_tenant(), job_id)}input.{EXTENSIONS[image.format]}")
     record = JobRecord(
         id=job_id, tenant=current_tenant(), lane=lane, model=spec.name, model_version=spec.version,
-        input_key=input_key, image_sha256=hashlib.sha256(data).hexdigest(),
-        width=image.width, height=image.height, created_at=now,
+        input_key=input_key, image_sha256=image_sha256, width=width, height=height, created_at=now,
         deadline_at=now + job_request.deadline_s if job_request.deadline_s else None,
         request=job_request.model_copy(update={"model": spec.name, "lane": lane}).model_dump(mode="json"),
+        cache_key=cache_key,
     )
+    if cached is not None:  # a job of its own, already succeeded with the identical job's result; nothing queued
+        response = _json(_document(cache.serve(record, cached)), 200)
+        response.headers["Location"] = url_for("jobs.get_job", job_id=job_id)
+        return response
+    s.lanes.check_room(lane)
     # Input first, record second, message last: a worker that gets the message finds both.
     s.storage.put(input_key, data, image.media_type)
     s.jobs.create(record)
-    soft, hard = s.catalog.time_limits(spec.name, settings)
-    s.celery.send_task("maskq.run_job", args=[job_id], queue=lane, task_id=job_id,
-                       soft_time_limit=soft, time_limit=hard)
+    if cache.join(record) is None:  # else an identical job is in flight, and this one gets its result
+        soft, hard = catalog.time_limits(spec.name, settings)
+        s.celery.send_task("maskq.run_job", args=[job_id], queue=lane, task_id=job_id,
+                           soft_time_limit=soft, time_limit=hard)
     response = _json(_document(record), 202)
     response.headers["Location"] = url_for("jobs.get_job", job_id=job_id)
     return response
@@ -88,13 +106,15 @@ def cancel_job(job_id: str):
         raise Conflict(f"job {job_id} has already ended ({before}); there is nothing to cancel")
     if before == JobState.QUEUED:
         s.celery.control.revoke(job_id)  # a hint to workers; the record is what stops it
+    # Identical jobs that waited on this one are not canceled with it: one of them runs in its place.
+    ResultCache(s.jobs, s.settings, s.catalog, s.celery).settle(job_id)
     return _json(_document(_record(job_id)), 200)
 
 
 @bp.get("/v1/jobs/<job_id>/files/<path:name>")
 def get_job_file(job_id: str, name: str):
     record = _record(job_id)
-    key = job_prefix(record.tenant, job_id) + name
+    key = file_key(record, name)  # a cached or coalesced job's masks are those of the job that ran
     if ".." in name or not (name.startswith("masks/") or key == record.input_key):
         raise NotFound("no such file")
     try:
@@ -131,7 +151,9 @@ def _document(record: JobRecord) -> dict:
     doc = record.document(_result(record))
     if record.status == JobState.QUEUED:
         s = services()
-        position = s.lanes.position(record)
+        # A coalesced job waits in no lane of its own: it starts when the job it waits on does.
+        waits_on = s.jobs.get(record.coalesced_with) if record.coalesced_with else None
+        position = s.lanes.position(waits_on or record)
         if position is not None:
             doc["queue_position"] = position
             workers = max(len(live_workers(s.redis)), 1)
@@ -140,21 +162,8 @@ def _document(record: JobRecord) -> dict:
 
 
 def _result(record: JobRecord) -> dict | None:
-    if record.result_key is None:
-        return None
     s = services()
-    result = json.loads(s.storage.get(record.result_key))
-    prefix = job_prefix(record.tenant, record.id)
-    for instance in result["instances"]:
-        key = instance.pop("png_key", None)
-        if key:
-            instance["png_url"] = s.storage.url(key) or url_for(
-                "jobs.get_job_file", job_id=record.id, name=key[len(prefix):], _external=True
-            )
-    result["input_url"] = s.storage.url(record.input_key) or url_for(
-        "jobs.get_job_file", job_id=record.id, name=record.input_key[len(prefix):], _external=True
-    )
-    return result
+    return job_result(record, s.storage, s.settings.public_url or request.host_url)
 
 
 def _wait_seconds(limit: int) -> float:

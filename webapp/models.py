@@ -6,6 +6,7 @@ from flask import Blueprint, jsonify
 from webapp.services import services
 from workers.gate import gate_states
 from workers.heartbeat import live_workers
+from workers.registry import describe_models
 
 bp = Blueprint("models", __name__)
 
@@ -13,18 +14,7 @@ bp = Blueprint("models", __name__)
 @bp.get("/v1/models")
 def list_models():
     s = services()
-    loaded: dict[str, set[str]] = {}
-    for worker in live_workers(s.redis):
-        for name, version in worker.get("models", {}).items():
-            loaded.setdefault(name, set()).add(version)
-    models = [
-        {
-            "name": name,
-            "version": spec.version,
-            "default": name == s.catalog.default,
-            "prompt_kinds": sorted(s.catalog.prompt_kinds(name)),
-            "loaded": spec.version in loaded.get(name, set()),
-        }
-        for name, spec in s.catalog.specs.items()
-    ]
-    return jsonify({"models": models, "gates": gate_states(s.redis)})
+    body = {"models": describe_models(s.catalog.current(), live_workers(s.redis)), "gates": gate_states(s.redis)}
+    if getattr(s.catalog, "error", None):
+        body["manifest_error"] = s.catalog.error  # a changed manifest that was refused; the last good one serves
+    return jsonify(body)

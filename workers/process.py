@@ -17,7 +17,7 @@ from tasks.records import JobStore
 from tasks.webhooks import JobEvents
 from workers.adapters.base import RuntimeOptions
 from workers.heartbeat import Heartbeat
-from workers.registry import LoadedModels, ModelCatalog
+from workers.registry import LiveCatalog, LoadedModels
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,12 @@ class WorkerProcess:
     @classmethod
     def start(cls, settings: Settings) -> "WorkerProcess":
         client = redis.Redis.from_url(settings.broker_url)
-        runtime = RuntimeOptions(
-            providers=settings.ort_providers,
-            intra_op_threads=settings.ort_intra_op_threads,
-            inter_op_threads=settings.ort_inter_op_threads,
-        )
-        models = LoadedModels(ModelCatalog.load(settings.models_manifest), runtime)
-        models.load_all()
+        runtime = RuntimeOptions.from_settings(settings)
+        # The manifest is followed while the process runs: before each job, and by a watcher thread when idle.
+        catalog = LiveCatalog(settings.models_manifest, settings.manifest_check_s, settings)
+        models = LoadedModels(catalog, runtime)
+        models.load_all()  # a model that fails to load is reported, not fatal: its fallback serves
+        models.watch(settings.manifest_check_s)
         jobs = JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client))  # moves become webhook events
         process = cls(settings, client, jobs, open_storage(settings), models)
         process.heartbeat = Heartbeat(client, settings.worker_heartbeat_s, process.describe)
@@ -52,7 +51,7 @@ class WorkerProcess:
         # Embedding-cache counters (SAM-family adapters) ride on the heartbeat for operators and tests.
         caches = {name: a.embedding_cache.stats() for name, a in adapters
                   if getattr(a, "embedding_cache", None) is not None}
-        return {"models": {name: a.version for name, a in adapters}, "embedding_caches": caches}
+        return {**self.models.describe(), "embedding_caches": caches}
 
 
 _current: WorkerProcess | None = None
@@ -73,5 +72,7 @@ def _start_process(**_) -> None:
 
 @worker_process_shutdown.connect
 def _stop_process(**_) -> None:
+    if _current:
+        _current.models.stop_watching()
     if _current and _current.heartbeat:
         _current.heartbeat.stop()

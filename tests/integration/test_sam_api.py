@@ -83,7 +83,7 @@ def test_a_second_prompt_on_the_same_image_is_answered_without_running_the_encod
     assert (stats["encoder_runs"], stats["misses"], stats["hits"]) == (2, 2, 1)
 
 
-def test_a_job_with_no_prompt_fails_with_an_input_error_and_a_text_prompt_is_refused_at_once(sam_stack):
+def test_a_job_with_no_prompt_or_a_text_prompt_is_refused_at_once_with_a_422(sam_stack):
     client, _ = sam_stack
     image = image_bytes("ch_en_num.jpg")
     refused = submit(client, image, {"model": SAM_MODEL, "prompts": {"text": ["price"]}})
@@ -91,7 +91,7 @@ def test_a_job_with_no_prompt_fails_with_an_input_error_and_a_text_prompt_is_ref
     assert refused.mimetype == "application/problem+json"
     assert "does not support text prompts" in refused.get_json()["detail"]
 
-    job = run_to_end(client, image, {"model": SAM_MODEL})
-    assert job["status"] == "failed"
-    assert job["error"]["code"] == "input"
-    assert "needs a point, box or mask prompt" in job["error"]["message"]
+    empty = submit(client, image, {"model": SAM_MODEL})
+    assert empty.status_code == 422
+    assert [e["field"] for e in empty.get_json()["errors"]] == ["prompts"]
+    assert "needs at least one prompt" in empty.get_json()["detail"]

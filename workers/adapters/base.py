@@ -106,11 +106,21 @@ class Instance:
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """How this deployment runs ONNX Runtime (from the settings)."""
+    """How this deployment runs ONNX Runtime (from the settings), narrowed per model by its manifest entry."""
 
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = 0
     inter_op_threads: int = 1
+    # providers_required: the model's manifest lists its own providers, and a session must get one of
+    # them (none there: the model fails to load and its fallback serves); else CPU is the last resort.
+    providers_required: bool = False
+    fp16: bool = False  # TensorRT builds fp16 engines
+
+    @classmethod
+    def from_settings(cls, settings) -> "RuntimeOptions":
+        """The deployment's ``MASKQ_ORT_*`` settings (a worker and a benchmark must agree on them)."""
+        return cls(providers=tuple(settings.ort_providers), intra_op_threads=settings.ort_intra_op_threads,
+                   inter_op_threads=settings.ort_inter_op_threads)
 
 
 @dataclass(frozen=True)
@@ -127,12 +137,22 @@ class ModelSpec:
     memory_mb: float = 512
     soft_time_limit_s: float | None = None
     hard_time_limit_s: float | None = None
+    # ONNX Runtime providers in order of preference (None: the deployment's MASKQ_ORT_PROVIDERS);
+    # fp16 (the catalog has already swapped in the files' "_fp16" variants).
+    providers: tuple[str, ...] | None = None
+    fp16: bool = False
+    # The most requests one predict() call may be given (dynamic batching reads it).
+    max_batch_size: int = 1
+    # The model whose adapter runs this model's jobs while this one cannot be loaded.
+    fallback: str | None = None
 
 
 class ModelAdapter:
     """Base class of every model adapter; see the module docstring for the lifecycle."""
 
     prompt_kinds: ClassVar[frozenset[str]] = frozenset()
+    # True for models that cannot "segment everything" and need at least one prompt.
+    requires_prompt: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec

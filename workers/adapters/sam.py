@@ -107,6 +107,7 @@ class SamAdapter(ModelAdapter):
     """
 
     prompt_kinds = frozenset({"points", "boxes", "mask"})
+    requires_prompt = True
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
