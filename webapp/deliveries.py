@@ -8,7 +8,7 @@ from flask import Blueprint, Response, request
 from tasks.delivery_log import DeliveryLog
 from tasks.errors import Conflict, InputError
 from tasks.webhooks import redeliver
-from webapp.jobs import _record as job_record
+from webapp.jobs import load_job
 from webapp.services import services
 
 bp = Blueprint("deliveries", __name__)
@@ -17,7 +17,7 @@ bp = Blueprint("deliveries", __name__)
 @bp.get("/v1/jobs/<job_id>/deliveries")
 def list_deliveries(job_id: str):
     """Every webhook message of the job with each attempt: time, status code, error."""
-    record = job_record(job_id)
+    record = load_job(job_id)
     body = {"job_id": record.id, "deliveries": DeliveryLog(services().redis).document(record.id)}
     return Response(json.dumps(body), status=200, mimetype="application/json")
 
@@ -25,7 +25,7 @@ def list_deliveries(job_id: str):
 @bp.post("/v1/jobs/<job_id>/deliveries/redeliver")
 def redeliver_failed(job_id: str):
     """Queue the job's failed (or 410-disabled) deliveries again; ``{"delivery_id": ...}`` picks one."""
-    record = job_record(job_id)
+    record = load_job(job_id)
     data = request.get_json(silent=True) if request.get_data() else {}
     if not isinstance(data, dict):
         raise InputError("the body must be a JSON object, or empty",

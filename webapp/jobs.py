@@ -90,7 +90,7 @@ def submit_job():
 def get_job(job_id: str):
     s = services()
     wait = _wait_seconds(s.settings.max_wait_s)
-    record = _record(job_id)
+    record = load_job(job_id)
     if wait and not record.status.ended:
         record = s.jobs.wait_until_ended(job_id, wait) or record
     return _json(_document(record), 200)
@@ -100,7 +100,7 @@ def get_job(job_id: str):
 def cancel_job(job_id: str):
     """A queued job never runs; a running job's result is discarded; an ended job is a 409."""
     s = services()
-    record = _record(job_id)
+    record = load_job(job_id)
     moved, before = s.jobs.cancel(record.id)
     if not moved:
         raise Conflict(f"job {job_id} has already ended ({before}); there is nothing to cancel")
@@ -108,12 +108,12 @@ def cancel_job(job_id: str):
         s.celery.control.revoke(job_id)  # a hint to workers; the record is what stops it
     # Identical jobs that waited on this one are not canceled with it: one of them runs in its place.
     ResultCache(s.jobs, s.settings, s.catalog, s.celery).settle(job_id)
-    return _json(_document(_record(job_id)), 200)
+    return _json(_document(load_job(job_id)), 200)
 
 
 @bp.get("/v1/jobs/<job_id>/files/<path:name>")
 def get_job_file(job_id: str, name: str):
-    record = _record(job_id)
+    record = load_job(job_id)
     key = file_key(record, name)  # a cached or coalesced job's masks are those of the job that ran
     if ".." in name or not (name.startswith("masks/") or key == record.input_key):
         raise NotFound("no such file")
@@ -125,7 +125,8 @@ def get_job_file(job_id: str, name: str):
     return Response(data, mimetype=mimetype)
 
 
-def _record(job_id: str) -> JobRecord:
+def load_job(job_id: str) -> JobRecord:
+    """The tenant's job ``job_id``, or a 404 (for every route that takes a job id)."""
     s = services()
     record = s.jobs.get(job_id) if JOB_ID.match(job_id) else None
     # Another tenant's job is exactly as absent as one that never existed.
@@ -140,7 +141,7 @@ def _record(job_id: str) -> JobRecord:
 
 def _replayed(job_id: str) -> Response:
     """The answer to a repeated submit: the job the first one made, as it stands now."""
-    record = _record(job_id)
+    record = load_job(job_id)
     response = _json(_document(record), 200 if record.status.ended else 202)
     response.headers["Location"] = url_for("jobs.get_job", job_id=job_id)
     response.headers["Idempotent-Replayed"] = "true"
