@@ -68,10 +68,41 @@ class Job(Document):
     created_at: str
     started_at: str | None
     finished_at: str | None
-    queue_position: int | None = None
+    queue_position: int | None = Field(None, description="queued jobs that start before this one (0: next)")
+    estimated_start_at: str | None = None
     result: Result | None = None
     error: JobError | None = None
     cached: bool
+    coalesced_with: str | None = Field(None, description="the identical job in flight whose result this one gets")
+    degraded: bool = False
+    model_used: ModelVersion | None = Field(None, description="the fallback model that ran, when degraded")
+    degraded_reason: str | None = None
+
+
+class DeliveryAttempt(Document):
+    attempt: int
+    at: str
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: int | None = None
+
+
+class Delivery(Document):
+    id: str
+    event: str
+    url: str
+    status: Literal["pending", "succeeded", "failed", "disabled"]
+    attempts: list[DeliveryAttempt] = []
+
+
+class DeliveryList(Document):
+    job_id: str
+    deliveries: list[Delivery]
+
+
+class Redelivered(Document):
+    job_id: str
+    redelivered: list[str]
 
 
 class FieldError(Document):
@@ -95,10 +126,16 @@ class ModelInfo(Document):
     default: bool
     prompt_kinds: list[str]
     loaded: bool
+    loaded_versions: list[str] = []
+    fallback: str | None = None
+    max_batch_size: int = 1
+    error: str | None = Field(None, description="why live workers could not load this version")
 
 
 class ModelList(Document):
     models: list[ModelInfo]
+    gates: dict[str, dict] = Field(default_factory=dict, description="each worker's resource gate")
+    manifest_error: str | None = None
 
 
 class Health(Document):
@@ -129,7 +166,7 @@ class MultipartSubmission(BaseModel):
 
 
 REQUEST_MODELS = (JsonSubmission, MultipartSubmission)
-RESPONSE_MODELS = (Job, Problem, ModelList, Health, Readiness)
+RESPONSE_MODELS = (Job, Problem, ModelList, Health, Readiness, DeliveryList, Redelivered)
 
 ERRORS = {
     400: "Bad request: unreadable input", 401: "No API key, or an unknown one",
@@ -193,6 +230,20 @@ def _operations(max_wait_s: int) -> dict[tuple[str, str], dict]:
             "responses": {"200": {"description": "The file", "headers": RATE_HEADERS, "content": {
                 media: {"schema": {"type": "string", "format": "binary"}}
                 for media in ("image/png", "application/octet-stream")}}, **error_answers(404, *V1_ERRORS)},
+        },
+        ("/v1/jobs/{job_id}/deliveries", "get"): {
+            "summary": "The job's webhook deliveries and every attempt", "operationId": "listDeliveries",
+            "parameters": [job_id],
+            "responses": {"200": json_answer("DeliveryList", "The delivery log", RATE_HEADERS),
+                          **error_answers(404, *V1_ERRORS)},
+        },
+        ("/v1/jobs/{job_id}/deliveries/redeliver", "post"): {
+            "summary": "Send failed or disabled deliveries again", "operationId": "redeliver",
+            "parameters": [job_id],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"delivery_id": {"type": "string"}}}}}},
+            "responses": {"202": json_answer("Redelivered", "Queued again", RATE_HEADERS),
+                          **error_answers(400, 404, 409, *V1_ERRORS)},
         },
         ("/v1/models", "get"): {
             "summary": "The models this deployment serves", "operationId": "listModels",
