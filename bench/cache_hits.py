@@ -32,7 +32,7 @@ import uuid
 
 import requests
 
-from bench.common import CpuMeter, Options, ServiceStack, load_images, percentile, run_http_job
+from bench.common import CpuMeter, Options, ServiceStack, load_images, percentile, run_http_job, run_threads
 
 ONE = "cache hit (HTTP, 1 client)"
 MANY = "cache hit (HTTP, {clients} clients)"
@@ -97,13 +97,7 @@ def drive(stack: ServiceStack, images: list[tuple[str, bytes]], count: int, clie
         finally:
             own.close()
 
-    threads = [threading.Thread(target=client, name=f"bench-hit-{n}") for n in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
+    wall = run_threads(client, clients, "bench-hit")
     if errors:
         raise RuntimeError(f"{len(errors)} client(s) failed; first: {errors[0]!r}") from errors[0]
     return wall, latencies

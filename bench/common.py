@@ -342,13 +342,18 @@ def drive_clients(stack: ServiceStack, images: list[tuple[str, bytes]], jobs: in
                 with lock:
                     outcomes.append(outcome)
 
-    threads = [threading.Thread(target=client, name=f"bench-client-{n}") for n in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
+    wall = run_threads(client, clients, "bench-client")
     if errors:
         raise RuntimeError(f"{len(errors)} client(s) failed; first: {errors[0]!r}") from errors[0]
     return wall, outcomes
+
+
+def run_threads(target, count: int, name: str) -> float:
+    """Run ``target`` in ``count`` threads at once; the wall seconds until the last one ends."""
+    threads = [threading.Thread(target=target, name=f"{name}-{n}") for n in range(count)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
