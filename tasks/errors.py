@@ -49,6 +49,22 @@ class ValidationFailed(InputError):
     title = "Invalid request"
 
 
+class Unauthorized(MaskqError):
+    """No API key, or one the service does not know: 401."""
+
+    status = 401
+    code = "unauthorized"
+    title = "Unauthorized"
+
+
+class Forbidden(MaskqError):
+    """A known key that may not do this (revoked, or a lane above its ceiling): 403."""
+
+    status = 403
+    code = "forbidden"
+    title = "Forbidden"
+
+
 class NotFound(MaskqError):
     status = 404
     code = "not_found"

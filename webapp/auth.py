@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flask import Flask, g, request
 
-from tasks.errors import MaskqError
+from tasks.errors import Forbidden, Unauthorized
 from tasks.tenants import ApiKey, KeyStore
 from webapp.errors import problem
 from webapp.services import services
@@ -17,22 +17,6 @@ from webapp.services import services
 API_PREFIX = "/v1/"
 # With MASKQ_AUTH=off (loopback only) every request is this tenant, with every lane allowed.
 LOCAL_TENANT = "default"
-
-
-class Unauthorized(MaskqError):
-    """No API key, or one the service does not know: 401."""
-
-    status = 401
-    code = "unauthorized"
-    title = "Unauthorized"
-
-
-class Forbidden(MaskqError):
-    """A known key that may not do this (revoked, or a lane above its ceiling): 403."""
-
-    status = 403
-    code = "forbidden"
-    title = "Forbidden"
 
 
 def init_app(app: Flask) -> None:
