@@ -14,4 +14,4 @@ RUN useradd --create-home maskq && mkdir -p /data && chown maskq /data
 USER maskq
 ENV MASKQ_DATA_DIR=/data
 EXPOSE 8000
-CMD ["gunicorn", "-c", "config/gunicorn.py", "webapp.app:create_app()"]
+CMD ["gunicorn", "-c", "webapp/gunicorn_conf.py", "webapp.app:create_app()"]

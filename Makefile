@@ -30,7 +30,9 @@ install-dev: $(VENV)/.installed-dev
 run: install
 	$(BIN)/honcho start -f Procfile
 
+# lint-imports first: an import that runs up a layer (.importlinter) fails the run before any test.
 test: install-dev
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 test-unit: install-dev

@@ -32,7 +32,7 @@ import requests
 
 from config.embedded_redis import RedisServer
 from config.settings import Settings, load_settings
-from tasks.tenants import KeyStore
+from domain.tenants import KeyStore
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "data" / "images"

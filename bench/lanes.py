@@ -29,7 +29,7 @@ import redis
 import requests
 
 from bench.common import Options, ServiceStack, load_images, percentile
-from tasks.records import JobStore
+from domain.records import JobStore
 
 BACKLOG = 1000
 PROBES = 50

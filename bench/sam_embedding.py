@@ -25,10 +25,10 @@ from pathlib import Path
 
 from bench.common import ROOT, Options, load_images, percentile
 from config.settings import load_settings
-from tasks.images import decode_image
-from workers.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest
-from workers.adapters.onnx import create_session
-from workers.adapters.sam import SamAdapter
+from domain.images import decode_image
+from models.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest
+from models.adapters.onnx import create_session
+from models.adapters.sam import SamAdapter
 
 FIRST = "first prompt (encoder + decoder)"
 SECOND = "second prompt (cached embedding, decoder only)"
@@ -56,7 +56,7 @@ def run(options: Options) -> list[dict]:
     point = Prompts(points=((w * 0.7, h * 0.6, 1),))
     box = Prompts(boxes=((w * 0.1, h * 0.1, w * 0.5, h * 0.5),))
     with tempfile.TemporaryDirectory(prefix="maskq-bench-sam-") as folder:
-        spec = ModelSpec("sam-tiny", "tiny-random-0", "workers.adapters.sam:SamAdapter", files=export_tiny_sam(Path(folder)))
+        spec = ModelSpec("sam-tiny", "tiny-random-0", "models.adapters.sam:SamAdapter", files=export_tiny_sam(Path(folder)))
         adapter = SamAdapter(spec)
         adapter.setup(runtime)
         rounds = max(1, min(options.jobs, MAX_ROUNDS))

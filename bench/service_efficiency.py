@@ -46,12 +46,13 @@ from dataclasses import dataclass, field
 from bench.common import CpuMeter, Options, ServiceStack, drive_clients, load_images, throughput_row
 from config.settings import load_settings
 from storage.local import LocalStorage
-from tasks.images import decode_image
-from tasks.records import JobRecord
-from tasks.schemas import JobRequest
+from domain.images import decode_image
+from domain.records import JobRecord
+from domain.schemas import JobRequest
 from workers import pipeline
-from workers.adapters.base import ModelAdapter, RuntimeOptions, SegmentRequest
-from workers.registry import LoadedModels, ModelCatalog
+from models.adapters.base import ModelAdapter, RuntimeOptions, SegmentRequest
+from models.catalog import ModelCatalog
+from workers.loaded_models import LoadedModels
 
 RAW = "raw model path (1 process)"
 SERVICE = "service (HTTP, {clients} clients)"
@@ -62,7 +63,7 @@ def load_default_model(settings) -> ModelAdapter:
     runtime = RuntimeOptions.from_settings(settings)
     models = LoadedModels(ModelCatalog.load(settings.models_manifest), runtime)
     models.load_all()
-    return models.get(models.catalog.default)
+    return models.get(models.catalog.current().default)
 
 
 class RawLoop:

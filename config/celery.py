@@ -63,6 +63,6 @@ def create_celery(settings: Settings):
     """A Celery app for these settings; the web front end sends with it, the worker runs it."""
     from celery import Celery
 
-    app = Celery("maskq", include=["tasks.run_job", "tasks.webhooks", "tasks.retention"])
+    app = Celery("maskq", include=["tasks.run_job", "tasks.deliver_webhook", "tasks.retention"])
     app.conf.update(celery_config(settings))
     return app

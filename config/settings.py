@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     web_threads: int = 16
     public_url: str | None = None
 
-    # Tenants, API keys and rate limits (webapp/auth.py, webapp/limits.py, tasks/tenants.py).
+    # Tenants, API keys and rate limits (webapp/auth.py, webapp/limits.py, domain/tenants.py).
     # auth "keys": every /v1 request needs `Authorization: Bearer <key>`; "off" (loopback only):
     # no keys, every request is tenant "default".
     auth: str = "keys"
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     ort_intra_op_threads: int = 0
     ort_inter_op_threads: int = 1
 
-    # Model manifest hot reload (workers/manifest.py): the web process and each worker pool process
+    # Model manifest hot reload (models/manifest.py): the web process and each worker pool process
     # stat the manifest at most this often, and re-read it when it changed; no restart needed.
     manifest_check_s: float = Field(default=2.0, gt=0)
 
@@ -83,12 +83,11 @@ class Settings(BaseSettings):
     gpu_device_index: int = 0
     oom_retries: int = 3
     oom_retry_delay_s: float = 10
-    # Test-only: sleep this long before inference, to make a job slow on purpose.
-    debug_delay_s: float = 0
 
-    # Dynamic batching (workers/batching.py): a worker running a job of a model whose manifest sets
-    # max_batch_size > 1 takes up to that many queued jobs of the model from the same lane along
-    # (only while every higher lane is empty), waiting at most batch_wait_ms for them to arrive.
+    # Dynamic batching (workers/batching.py): a worker running a job of a model whose adapter stacks
+    # batches and whose manifest sets max_batch_size > 1 takes up to that many queued jobs of the model
+    # from the same lane along (only while every higher lane is empty), waiting at most batch_wait_ms
+    # for them to arrive.
     # batching=false turns it off for every model.
     batching: bool = True
     batch_wait_ms: float = Field(default=5, ge=0, le=1000)
@@ -123,7 +122,7 @@ class Settings(BaseSettings):
     retention_interval_s: float = 3600
     retention_partial_age_s: float = 3600
 
-    # Result cache and coalescing (tasks/result_cache.py): an identical job (same image bytes, prompts,
+    # Result cache and coalescing (domain/result_cache.py): an identical job (same image bytes, prompts,
     # outputs, model version and tenant) is answered from the cache, or waits for the one in flight.
     result_cache_enabled: bool = True
     result_cache_ttl_s: int = Field(default=2 * 3600, gt=0)

@@ -1,7 +1,7 @@
 """Object storage for inputs and results: the interface, its backends, and the key layout."""
-from storage.base import Storage, job_prefix
+from storage.base import Storage
 
-__all__ = ["Storage", "job_prefix", "open_storage"]
+__all__ = ["Storage", "open_storage"]
 
 
 def open_storage(settings) -> Storage:

@@ -1,12 +1,7 @@
-"""The ``Storage`` interface and the key layout every backend shares."""
+"""The ``Storage`` interface every backend implements; the keys it is given are the domain's (``domain.keys.job_prefix``)."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
-
-def job_prefix(tenant: str, job_id: str) -> str:
-    """Where one job's objects live: ``tenants/{tenant}/jobs/{job_id}/``."""
-    return f"tenants/{tenant}/jobs/{job_id}/"
 
 
 class Storage(ABC):
@@ -14,7 +9,7 @@ class Storage(ABC):
 
     Backends: :class:`storage.local.LocalStorage` (a folder; the embedded
     default) and :class:`storage.s3.S3Storage` (any S3-compatible store).
-    Both raise :class:`tasks.errors.StorageUnavailable` when the store cannot
+    Both raise :class:`domain.errors.StorageUnavailable` when the store cannot
     be reached, and ``KeyError`` for a key that is not there.
     """
 

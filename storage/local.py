@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from storage.base import Storage
-from tasks.errors import StorageUnavailable
+from domain.errors import StorageUnavailable
 
 TEMP_SUFFIX = ".partial"
 

@@ -2,7 +2,7 @@
 
 A worker that has run a model on a job should not throw the result away
 because the store blinked. Wrapped around the real backend for the length of
-one job, every call that raises :class:`~tasks.errors.StorageUnavailable` is
+one job, every call that raises :class:`~domain.errors.StorageUnavailable` is
 tried again after an exponentially growing, jittered pause, until the store
 has been away for the bound (counted from the first failure since the last
 success); then the last error propagates and the job fails with code
@@ -16,7 +16,7 @@ import random
 import time
 
 from storage.base import Storage
-from tasks.errors import StorageUnavailable
+from domain.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 

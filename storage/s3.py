@@ -5,7 +5,7 @@ Large objects go up in parts (boto3's managed transfer); :meth:`S3Storage.url`
 hands out presigned GET URLs so clients fetch masks and inputs from the store
 itself. Every failure to reach the store, and every answer that says the store
 is unusable right now (no such bucket, 5xx, throttling, bad credentials), is a
-:class:`~tasks.errors.StorageUnavailable`; a missing key is a ``KeyError``.
+:class:`~domain.errors.StorageUnavailable`; a missing key is a ``KeyError``.
 
 Run ``python -m storage.s3`` to check the configured bucket and credentials.
 """
@@ -22,7 +22,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from storage.base import Storage
-from tasks.errors import StorageUnavailable
+from domain.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -1,119 +1,19 @@
-"""Retention: the periodic task (Celery beat) that deletes old jobs and stray temporary files.
-
-Records expire by themselves (``job_ttl_s``); objects in storage do not. So
-the sweep works from an index that outlives the records — the sorted set
-``maskq:jobs:created`` ("tenant/job_id" by creation time, written by
-``JobStore.create``) — and deletes, for every job older than
-``retention_s``, its objects, its record and its webhook delivery log.
-
-Job folders the index does not know (written before it existed, or after
-Redis lost its data) are found by listing storage and adopted into the index
-as of the first sweep that sees them, so they go one retention period later
-rather than never. In the embedded (local folder) store, temporary files of
-writes that died half-way (``*.partial``) older than ``retention_partial_age_s``
-are removed too.
-"""
+"""The Celery task (run by beat) that applies retention (``workers/retention.py`` does the work)."""
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
 
-import redis
 from celery import shared_task
 
-from storage import Storage, job_prefix
-from storage.local import TEMP_SUFFIX, LocalStorage
-from tasks.delivery_log import DeliveryLog
-from tasks.records import CREATED, DEADLINES, JobStore, lane_index
+from workers import process, retention
 
 log = logging.getLogger(__name__)
-
-BATCH = 200
-# One sweep stops after this long and leaves the rest to the next: it shares a queue with webhooks.
-SWEEP_BUDGET_S = 30.0
-
-
-@dataclass
-class Sweep:
-    """What one retention sweep did."""
-
-    jobs_deleted: int = 0
-    objects_deleted: int = 0
-    jobs_adopted: int = 0
-    partial_files_deleted: int = 0
 
 
 @shared_task(name="maskq.apply_retention", ignore_result=True)
 def apply_retention() -> dict:
-    from workers import process
-
     worker = process.current()
-    done = sweep(worker.redis, worker.storage, worker.settings)
+    done = retention.sweep(worker.redis, worker.storage, worker.settings)
     log.info("retention: %d job(s) and %d object(s) deleted, %d folder(s) adopted, %d temporary file(s) removed",
              done.jobs_deleted, done.objects_deleted, done.jobs_adopted, done.partial_files_deleted)
     return done.__dict__
-
-
-def sweep(client: redis.Redis, storage: Storage, settings, now: float | None = None) -> Sweep:
-    """Delete what is past retention; safe to run from several processes at once."""
-    now = time.time() if now is None else now
-    done = Sweep()
-    done.jobs_adopted = adopt_unindexed(client, storage, now)
-    cutoff = now - settings.retention_s
-    deadline = time.monotonic() + SWEEP_BUDGET_S
-    while time.monotonic() < deadline:
-        members = client.zrangebyscore(CREATED, "-inf", cutoff, start=0, num=BATCH)
-        if not members:
-            break
-        for member in members:
-            tenant, _, job_id = member.decode().rpartition("/")
-            done.objects_deleted += forget_job(client, storage, tenant, job_id)
-            client.zrem(CREATED, member)  # last: a sweep that dies half-way finds the job again
-            done.jobs_deleted += 1
-    if isinstance(storage, LocalStorage):
-        done.partial_files_deleted = remove_stale_partials(storage, now - settings.retention_partial_age_s)
-    return done
-
-
-def forget_job(client: redis.Redis, storage: Storage, tenant: str, job_id: str) -> int:
-    """Delete one job's objects, record, indexes and delivery log; return how many objects went."""
-    objects = storage.delete_prefix(job_prefix(tenant, job_id))
-    record = JobStore(client, 0).get(job_id)
-    with client.pipeline() as pipe:
-        if record is not None:
-            pipe.zrem(lane_index(record.lane), job_id)
-        pipe.zrem(DEADLINES, job_id)
-        pipe.delete(JobStore.key(job_id))
-        pipe.execute()
-    DeliveryLog(client).forget_job(job_id)
-    return objects
-
-
-def adopt_unindexed(client: redis.Redis, storage: Storage, now: float) -> int:
-    """Index the job folders in storage that the index lacks; return how many were added."""
-    members = sorted({f"{parts[1]}/{parts[3]}" for parts in (key.split("/") for key in storage.list("tenants/"))
-                      if len(parts) > 4 and parts[0] == "tenants" and parts[2] == "jobs"})
-    adopted = 0
-    for start in range(0, len(members), 1000):
-        chunk = members[start:start + 1000]
-        scores = client.zmscore(CREATED, chunk)
-        for member, score in zip(chunk, scores, strict=True):
-            if score is not None:
-                continue
-            record = JobStore(client, 0).get(member.rpartition("/")[2])
-            # NX: a job created meanwhile keeps the time its own create wrote.
-            adopted += client.zadd(CREATED, {member: record.created_at if record else now}, nx=True)
-    return adopted
-
-
-def remove_stale_partials(storage: LocalStorage, older_than: float) -> int:
-    removed = 0
-    for path in storage.root.rglob(f"*{TEMP_SUFFIX}"):
-        try:
-            if path.is_file() and path.stat().st_mtime < older_than:
-                path.unlink()
-                removed += 1
-        except FileNotFoundError:
-            pass  # its writer finished (renamed it) or another sweep took it
-    return removed

@@ -223,7 +223,7 @@ def authorized_client(app, tenant: str = "default", **policy):
     ``policy`` is the key's ``lane``, ``max_lane`` and ``rate``; the key itself is ``client.api_key``.
     A request that sets its own ``Authorization`` header sends that instead.
     """
-    from tasks.tenants import KeyStore
+    from domain.tenants import KeyStore
     from webapp.services import services
 
     with app.app_context():
@@ -269,7 +269,7 @@ class IsolatedStack:
         return process
 
     def jobs(self):
-        from tasks.records import JobStore
+        from domain.records import JobStore
 
         return JobStore(self.redis, 3600)
 

@@ -252,7 +252,7 @@ def check(model, paths: dict[str, Path], atol: float = 1e-3) -> dict[str, float]
 
 def manifest_entry(name: str, version: str, out_dir: Path) -> str:
     return (
-        f'[models.{name}]\nversion = "{version}"\nadapter = "workers.adapters.sam:SamAdapter"\n'
+        f'[models.{name}]\nversion = "{version}"\nadapter = "models.adapters.sam:SamAdapter"\n'
         f'files = {{ encoder = "{out_dir.resolve() / "encoder.onnx"}", decoder = "{out_dir.resolve() / "decoder.onnx"}" }}\n'
         'options = { multimask = false, mask_threshold = 0.0, embedding_cache_mb = 256 }\n'
     )

@@ -7,12 +7,12 @@ from flask import Flask
 from config.celery import create_celery
 from config.settings import Settings, load_settings
 from storage import open_storage
-from tasks.lanes import Lanes
-from tasks.records import JobStore
-from tasks.webhooks import JobEvents
+from domain.lanes import Lanes
+from domain.records import JobStore
+from domain.webhooks import JobEvents
 from webapp.errors import register_error_handlers
 from webapp.services import Services
-from workers.registry import LiveCatalog
+from models.catalog import LiveCatalog
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -24,7 +24,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     client = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=5)
     jobs = JobStore(client, settings.job_ttl_s)
-    # Follows the manifest file: a new model version is served without a restart (workers/registry.py).
+    # Follows the manifest file: a new model version is served without a restart (models/catalog.py).
     catalog = LiveCatalog(settings.models_manifest, settings.manifest_check_s, settings)
     app.extensions["maskq"] = Services(
         settings=settings,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from flask import Flask, g, request
 
-from tasks.errors import Forbidden, Unauthorized
-from tasks.tenants import ApiKey, KeyStore
+from domain.errors import Forbidden, Unauthorized
+from domain.tenants import ApiKey, KeyStore
 from webapp.errors import problem
 from webapp.services import services
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import redis
 
 from config.settings import LANES, Settings, load_settings
-from tasks.tenants import ApiKey, KeyStore, check_policy, new_key
+from domain.tenants import ApiKey, KeyStore, check_policy, new_key
 
 DEV_TENANT = "dev"
 
@@ -107,7 +107,7 @@ def _create(args, settings: Settings, store: KeyStore) -> int:
 
 def _webhook_secret(tenant: str, settings: Settings, store: KeyStore) -> str:
     # The webhooks' own store of it; tenant "default" may have MASKQ_WEBHOOK_SECRET configured.
-    from tasks.webhooks import tenant_secret
+    from domain.webhooks import tenant_secret
 
     configured = getattr(settings, "webhook_secret", None) if tenant == "default" else None
     return tenant_secret(store.redis, tenant, configured)

@@ -5,9 +5,9 @@ import json
 
 from flask import Blueprint, Response, request
 
-from tasks.delivery_log import DeliveryLog
-from tasks.errors import Conflict, InputError
-from tasks.webhooks import redeliver
+from domain.delivery_log import DeliveryLog
+from domain.errors import Conflict, InputError
+from domain.webhooks import redeliver
 from webapp.jobs import load_job
 from webapp.services import services
 

@@ -7,7 +7,7 @@ import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from tasks.errors import MaskqError, ServiceUnavailable
+from domain.errors import MaskqError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 

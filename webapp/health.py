@@ -7,11 +7,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from config.settings import LANES
-from tasks.errors import MaskqError
-from tasks.records import lane_index
+from domain.errors import MaskqError
+from domain.fleet import gate_states, live_workers
+from domain.keys import lane_index
 from webapp.services import services
-from workers.gate import gate_states
-from workers.heartbeat import live_workers
 
 bp = Blueprint("health", __name__)
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import redis
 from flask import after_this_request, request
 
-from tasks.errors import Conflict, InputError, ValidationFailed
+from domain import keys
+from domain.errors import Conflict, InputError, ValidationFailed
 from webapp.auth import current_tenant
 from webapp.services import services
 
@@ -89,7 +90,7 @@ def claim(client: redis.Redis, tenant: str, header: str | None, job_id: str, ima
     """
     if header is None:
         return Claim(job_id)
-    key = f"maskq:idempotency:{tenant}:{hashlib.sha256(check_key(header).encode()).hexdigest()}"
+    key = keys.idempotency(tenant, hashlib.sha256(check_key(header).encode()).hexdigest())
     digest = fingerprint(image, body)
     value = json.dumps({"job_id": job_id, "fingerprint": digest, "done": False})
     for _ in range(3):  # the holder may let go between our SET and our GET

@@ -9,19 +9,20 @@ import uuid
 
 from flask import Blueprint, Response, request, url_for
 
-from storage import job_prefix
-from tasks.documents import job_result
-from tasks.errors import Conflict, InputError, NotFound
-from tasks.images import decode_image
-from tasks.records import JobRecord, JobState, rfc3339
-from tasks.result_cache import ResultCache, file_key
-from tasks.schemas import check_request, parse_request
-from tasks.webhook_urls import check_webhook_url
+from domain.documents import job_result
+from domain.keys import job_prefix
+from domain.errors import Conflict, InputError, NotFound
+from domain.fleet import live_workers
+from domain.images import decode_image
+from domain.lanes import send_job
+from domain.records import JobRecord, JobState, rfc3339
+from domain.result_cache import ResultCache, file_key
+from domain.schemas import check_request, parse_request
+from domain.webhook_urls import check_webhook_url
 from webapp.auth import choose_lane, current_tenant
 from webapp.idempotency import claim_submission
 from webapp.services import services
 from webapp.submission import read_submission
-from workers.heartbeat import live_workers
 
 bp = Blueprint("jobs", __name__)
 
@@ -78,9 +79,7 @@ def submit_job():
     s.storage.put(input_key, data, image.media_type)
     s.jobs.create(record)
     if cache.join(record) is None:  # else an identical job is in flight, and this one gets its result
-        soft, hard = catalog.time_limits(spec.name, settings)
-        s.celery.send_task("maskq.run_job", args=[job_id], queue=lane, task_id=job_id,
-                           soft_time_limit=soft, time_limit=hard)
+        send_job(s.celery, job_id, lane, catalog.time_limits(spec.name, settings))
     response = _json(_document(record), 202)
     response.headers["Location"] = url_for("jobs.get_job", job_id=job_id)
     return response

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
+from domain.fleet import gate_states, live_workers
+from models.catalog import describe_models
 from webapp.services import services
-from workers.gate import gate_states
-from workers.heartbeat import live_workers
-from workers.registry import describe_models
 
 bp = Blueprint("models", __name__)
 

@@ -2,7 +2,7 @@
 
 The paths are the app's own routes (``app.url_map``), so a route cannot be
 added without appearing here; the request bodies are the pydantic models the
-code validates with (``tasks/schemas.py``), and the answers are the response
+code validates with (``domain/schemas.py``), and the answers are the response
 models below, which the tests hold the real answers to. What a route means
 (summary, parameters, which errors it gives) is in ``OPERATIONS``; a route
 missing there is still described, with a generic answer, until it is added.
@@ -16,7 +16,7 @@ from flask import Blueprint, Flask, current_app, jsonify
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from tasks.schemas import JobRequest, Lane, MaskRLE, Strict
+from domain.schemas import JobRequest, Lane, MaskRLE, Strict
 from webapp.idempotency import HEADER as IDEMPOTENCY_HEADER
 from webapp.idempotency import MAX_KEY_LENGTH
 from webapp.services import services

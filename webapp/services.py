@@ -8,9 +8,9 @@ from flask import current_app
 
 from config.settings import Settings
 from storage import Storage
-from tasks.lanes import Lanes
-from tasks.records import JobStore
-from workers.registry import LiveCatalog
+from domain.lanes import Lanes
+from domain.records import JobStore
+from models.catalog import LiveCatalog
 
 
 @dataclass

@@ -7,7 +7,7 @@ import json
 
 from flask import Request
 
-from tasks.errors import InputError, PayloadTooLarge, UnsupportedMediaType
+from domain.errors import InputError, PayloadTooLarge, UnsupportedMediaType
 
 
 def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes, object]:

@@ -1,8 +1,14 @@
 """Dynamic batching: a worker running one job takes more queued jobs of the same model along.
 
-When ``run_job`` runs job A of a model whose manifest sets ``max_batch_size``
-above 1, :func:`run` looks for more queued jobs of that model, waiting at most
-``batch_wait_ms`` for them, and runs them all through the adapter at once.
+Only for a model that gains from it: its adapter declares that it stacks a
+batch into one inference call (``ModelAdapter.stacks_batches``) *and* its
+manifest sets ``max_batch_size`` above 1 (and ``MASKQ_BATCHING`` is on).
+Neither bundled adapter stacks a batch, so by default every job runs alone
+through ``workers/pipeline.py`` and pays nothing for this module.
+
+When ``job_runner`` runs job A of such a model, :func:`run` looks for more
+queued jobs of that model, waiting at most ``batch_wait_ms`` for them, and
+runs them all through the adapter at once.
 
 - **Lane order.** Jobs are taken only from A's own lane, and only while every
   higher lane's broker list is empty: the jobs taken are exactly the ones
@@ -37,17 +43,15 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from config.settings import LANES
+from domain import fleet, keys
+from domain.errors import MaskqError
+from domain.records import JobRecord, JobState, JobStore
 from storage import Storage
-from tasks.errors import InputError, MaskqError, ResourceExhausted
-from tasks.records import JobRecord, JobState, JobStore
-from tasks.result_cache import settle_after_run
-from workers import pipeline
-from workers.heartbeat import PREFIX as HEARTBEAT_PREFIX
-from workers.heartbeat import worker_key
+from workers import job_end, pipeline
 
 log = logging.getLogger(__name__)
 
-OWNERS = "maskq:claims"  # the owners (host:pid) that hold claims now
+OWNERS = keys.CLAIM_OWNERS  # the owners (host:pid) that hold claims now
 SCAN_DEPTH = 100  # messages looked at from the consuming end of the lane, per claim
 POLL_S = 0.001
 WORKER_LOST = {"code": "worker_lost", "message": "the worker running it in a batch stopped; put back on its lane"}
@@ -58,7 +62,7 @@ INTERRUPTED = {"code": "batch_interrupted", "message": "the batch it ran in did 
 # ARGV: owner, model, how many, now, scan depth, job id to skip, lane name.
 # Returns {higher lane busy (0/1), claimed ids...}. Producers LPUSH and consumers BRPOP, so the
 # oldest message is at the right end.
-_CLAIM = """
+_CLAIM = keys.lua("""
 for i = 4, #KEYS do
   if redis.call('LLEN', KEYS[i]) > 0 then return {1} end
 end
@@ -71,7 +75,7 @@ for i = #window, 1, -1 do
   local headers = ok and type(envelope) == 'table' and envelope['headers']
   local id = type(headers) == 'table' and headers['task'] == 'maskq.run_job' and headers['id']
   if type(id) == 'string' and id ~= ARGV[6] and redis.call('HEXISTS', KEYS[2], id) == 0 then
-    local job = redis.call('HMGET', 'maskq:job:' .. id, 'status', 'model', 'deadline_at')
+    local job = redis.call('HMGET', '${job}' .. id, 'status', 'model', 'deadline_at')
     if job[1] == 'queued' and job[2] == ARGV[2] and (not job[3] or tonumber(job[3]) > tonumber(ARGV[4])) then
       redis.call('LREM', KEYS[1], -1, message)
       redis.call('HSET', KEYS[2], id, cjson.encode({lane = ARGV[7], at = ARGV[4], message = message}))
@@ -81,7 +85,7 @@ for i = #window, 1, -1 do
   end
 end
 return claimed
-"""
+""")
 
 # KEYS[1]: the owner's claims hash, KEYS[2]: OWNERS, KEYS[3]: the claim's lane list.
 # ARGV: owner, job id, 1 to put the message back on the lane (at the back, as Celery does) or 0 to drop it.
@@ -95,18 +99,17 @@ return 1
 """
 
 
-def claims_key(owner: str) -> str:
-    return f"maskq:claimed:{owner}"
+claims_key = keys.claims
 
 
-def this_owner() -> str:
-    """This process's name as its heartbeat key has it (``host:pid``)."""
-    return worker_key()[len(HEARTBEAT_PREFIX):]
+def wanted(choice, settings) -> bool:
+    """Whether a job running on ``choice`` should look for company: only a model that gains from it does.
 
-
-def max_batch_size(spec: Any) -> int:
-    """The model's ``max_batch_size`` from the manifest; 1 (no batching) when it sets none."""
-    return max(1, int(getattr(spec, "max_batch_size", 1) or 1))
+    A stand-in model (degraded) may not take every prompt its jobs have, so it runs them one by one.
+    """
+    adapter = choice.adapter
+    return (settings.batching and not choice.degraded and adapter.stacks_batches
+            and adapter.spec.max_batch_size > 1)
 
 
 class Claims:
@@ -167,7 +170,7 @@ class ClaimRecovery:
         for raw in self.redis.smembers(OWNERS):
             owner = raw.decode()
             lock, token = f"{claims_key(owner)}:recovering", uuid.uuid4().hex
-            if self.redis.exists(HEARTBEAT_PREFIX + owner) or not self.redis.set(
+            if fleet.is_alive(self.redis, owner) or not self.redis.set(
                     lock, token, nx=True, px=int(self.lock_s * 1000)):
                 continue
             try:
@@ -186,7 +189,7 @@ class ClaimRecovery:
 def gather(claims: Claims, jobs: JobStore, first: JobRecord, choice, wanted: int, wait_s: float) -> list[JobRecord]:
     """Claim and start up to ``wanted`` more jobs like ``first``, waiting at most ``wait_s`` for them.
 
-    They start as ``first`` did: on ``choice`` (a ``workers.registry.ModelChoice``), the model's
+    They start as ``first`` did: on ``choice`` (a ``models.catalog.ModelChoice``), the model's
     own adapter or the fallback standing in for it.
     """
     deadline = time.monotonic() + wait_s
@@ -218,28 +221,24 @@ class Member:
 
 
 def run(worker, record: JobRecord, choice, storage: Storage) -> tuple[str, int]:
-    """What ``run_job`` calls in place of ``pipeline.run``: ``(result_key, instance count)`` of ``record``.
+    """What ``job_runner`` calls in place of ``pipeline.run`` when :func:`wanted`: ``(result_key, count)`` of ``record``.
 
     ``choice`` is the ``ModelChoice`` the job started on. Raises what
     ``pipeline.run`` would raise for ``record`` itself; the other jobs of its
     batch are ended (or put back) here.
     """
     settings = worker.settings
-    adapter = choice.adapter
-    # A stand-in model may not take every prompt its jobs have: it runs them one by one.
-    size = max_batch_size(adapter.spec) if settings.batching and not choice.degraded else 1
-    if settings.batching:
-        claims = Claims(worker.redis, this_owner())
-        # One pool process runs one batch at a time, so any claim it holds now is left over from a
-        # batch that could not settle it (Redis was away): put it back rather than keep it forever.
-        left = claims.put_back_all(worker.jobs, INTERRUPTED)
-        if left:
-            log.info("batching: %d job(s) left over from an earlier batch back on their lanes: %s", len(left), left)
-    if size > 1:
-        others = gather(claims, worker.jobs, record, choice, size - 1, settings.batch_wait_ms / 1000)
-        if others:
-            return Batch(worker, adapter, storage, claims, [record, *others]).run()
-    return pipeline.run(record, adapter, storage, settings.max_image_bytes, settings.max_image_pixels)
+    claims = Claims(worker.redis, fleet.this_process())
+    # One pool process runs one batch at a time, so any claim it holds now is left over from a
+    # batch that could not settle it (Redis was away): put it back rather than keep it forever.
+    left = claims.put_back_all(worker.jobs, INTERRUPTED)
+    if left:
+        log.info("batching: %d job(s) left over from an earlier batch back on their lanes: %s", len(left), left)
+    others = gather(claims, worker.jobs, record, choice, choice.adapter.spec.max_batch_size - 1,
+                    settings.batch_wait_ms / 1000)
+    if others:
+        return Batch(worker, choice.adapter, storage, claims, [record, *others]).run()
+    return pipeline.run(record, choice.adapter, storage, settings.max_image_bytes, settings.max_image_pixels)
 
 
 class Batch:
@@ -266,8 +265,6 @@ class Batch:
                                      mapping={"batch_id": self.id, "batch_size": len(self.members)})
             log.info("batch %s: %d jobs of %s: %s", self.id, len(self.members), self.adapter.name,
                      [m.record.id for m in self.members])
-            if self.settings.debug_delay_s:
-                time.sleep(self.settings.debug_delay_s)
             for member in self.members:
                 self._load(member)
             self._infer([m for m in self.members if m.outcome is None])
@@ -316,7 +313,7 @@ class Batch:
                 except SoftTimeLimitExceeded:
                     raise
                 except Exception as one:
-                    member.outcome = _job_error(one)
+                    member.outcome = one
             return
         for member, instances in zip(ready, results):
             member.instances = instances
@@ -334,44 +331,9 @@ class Batch:
             member.outcome = exc
 
     def _finish(self, member: Member, share_s: float) -> None:
-        """End one claimed job's record as ``run_job`` would, then acknowledge its claim."""
-        job_id, outcome = member.record.id, member.outcome
-        if isinstance(outcome, tuple):
-            if self.jobs.succeed(job_id, *outcome):
-                self.jobs.record_duration(share_s)
-                log.info("job %s: succeeded with %d instances in batch %s", job_id, outcome[1], self.id)
-            elif (now := self.jobs.get(job_id)) is not None and now.status == JobState.CANCELED:
-                pipeline.discard_result(member.record, self.worker.storage)
-                log.info("job %s: canceled while running; result discarded", job_id)
-        elif isinstance(outcome, ResourceExhausted) and member.record.attempts <= self.settings.oom_retries:
-            log.info("job %s: out of memory; back on the %s lane", job_id, self.lane)
-            self.claims.put_back(job_id, self.lane, self.jobs, {"code": outcome.code, "message": outcome.detail})
-            self.pending.discard(job_id)
-            return
-        else:
-            code, detail = _describe(job_id, outcome)
-            self.jobs.fail(job_id, code, detail)
+        """End one claimed job as any job ends (``workers/job_end.py``), then acknowledge its claim."""
+        job_id = member.record.id
+        job_end.end_job(self.worker, member.record, member.outcome, share_s)
         self.claims.ack(job_id, self.lane)
         self.pending.discard(job_id)
-        settle_after_run(job_id)  # fill the result cache; resolve the identical jobs waiting on this one
-
-
-def _job_error(exc: Exception) -> Exception:
-    if pipeline.out_of_memory(exc):
-        return ResourceExhausted(f"out of memory during inference: {exc}")
-    return exc
-
-
-def _describe(job_id: str, exc: BaseException) -> tuple[str, str]:
-    """A failed job's error code and message, logged as ``run_job`` logs them."""
-    if isinstance(exc, InputError):
-        log.info("job %s: bad input: %s", job_id, exc.detail)
-        return exc.code, exc.detail
-    if isinstance(exc, ResourceExhausted):
-        log.info("job %s: out of memory again; giving up", job_id)
-        return "resources", f"the device ran out of memory: {exc.detail}"
-    if isinstance(exc, MaskqError):
-        log.error("job %s: %s", job_id, exc.detail, exc_info=exc)
-        return exc.code, exc.detail
-    log.error("job %s: unexpected error", job_id, exc_info=exc)
-    return "internal", f"{type(exc).__name__}: {exc}"
+        job_end.settle(self.jobs, self.settings, self.worker.models.catalog, job_id)

@@ -5,7 +5,7 @@ from config.celery import create_celery
 from config.settings import load_settings
 
 import workers.process  # noqa: F401  (connects the per-process start-up signals)
-from workers.registry import ModelCatalog
+from models.catalog import ModelCatalog
 from workers.scheduler import SchedulingStep
 
 settings = load_settings()

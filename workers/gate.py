@@ -8,7 +8,6 @@ consumes them again, in lane order. The reserve can be changed at run time
 """
 from __future__ import annotations
 
-import json
 import logging
 import socket
 from dataclasses import asdict, dataclass
@@ -16,10 +15,10 @@ from dataclasses import asdict, dataclass
 import psutil
 import redis
 
+from domain import fleet
+
 log = logging.getLogger(__name__)
 
-RESERVE_OVERRIDE_KEY = "maskq:gate:reserve_mb"
-STATE_PREFIX = "maskq:gate:worker:"
 MB = 1024 * 1024
 
 
@@ -78,10 +77,10 @@ class ResourceGate:
 
     def reserve(self) -> float:
         try:
-            override = self.redis.get(RESERVE_OVERRIDE_KEY)
+            override = fleet.reserve_override(self.redis)
         except redis.RedisError:
             override = None
-        return float(override) if override is not None else self.reserve_mb
+        return override if override is not None else self.reserve_mb
 
     def check(self) -> tuple[GateState, bool]:
         """The gate's state now, and whether it changed since the last check."""
@@ -98,11 +97,4 @@ class ResourceGate:
 
     def publish(self, ttl_s: float) -> None:
         if self.state is not None:
-            self.redis.set(STATE_PREFIX + self.worker, json.dumps(asdict(self.state)), px=int(ttl_s * 1000))
-
-
-def gate_states(client: redis.Redis) -> dict[str, dict]:
-    """Each live worker's gate, by worker name."""
-    keys = list(client.scan_iter(match=STATE_PREFIX + "*", count=200))
-    values = client.mget(keys) if keys else []
-    return {k.decode()[len(STATE_PREFIX):]: json.loads(v) for k, v in zip(keys, values) if v}
+            fleet.write_gate(self.redis, self.worker, asdict(self.state), ttl_s)

@@ -6,13 +6,13 @@ import json
 import cv2
 import numpy as np
 
-from storage import Storage, job_prefix
-from tasks import masks
-from tasks.errors import ResourceExhausted
-from tasks.images import decode_image
-from tasks.records import JobRecord
-from tasks.schemas import JobRequest
-from workers.adapters.base import Instance, ModelAdapter, Prompts, SegmentRequest
+from domain.keys import job_prefix
+from storage import Storage
+from domain import masks
+from domain.images import decode_image
+from domain.records import JobRecord
+from domain.schemas import JobRequest
+from models.adapters.base import Instance, ModelAdapter, Prompts, SegmentRequest
 
 
 def to_prompts(request: JobRequest) -> Prompts:
@@ -68,15 +68,6 @@ def discard_result(record: JobRecord, storage: Storage) -> None:
             storage.delete(key)
 
 
-# How ONNX Runtime and its providers word an allocation failure.
-_OOM_MESSAGES = ("out of memory", "failed to allocate memory", "bad_alloc", "cudaerrormemoryallocation")
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` says the device (host or GPU) could not allocate memory."""
-    return isinstance(exc, MemoryError) or any(m in str(exc).lower() for m in _OOM_MESSAGES)
-
-
 def polygons(mask: np.ndarray) -> list[list[float]]:
     """The outer contours of a mask as flat ``[x0, y0, x1, y1, ...]`` lists (COCO's polygon form)."""
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -86,11 +77,6 @@ def polygons(mask: np.ndarray) -> list[list[float]]:
 def run(record: JobRecord, adapter: ModelAdapter, storage: Storage, max_bytes: int, max_pixels: int) -> tuple[str, int]:
     """Segment one job's image; return ``(result_key, instance count)``."""
     segment_request, request = load_request(record, storage, max_bytes, max_pixels)
-    try:
-        instances = adapter.segment([segment_request])[0]
-    except Exception as exc:
-        if out_of_memory(exc):
-            raise ResourceExhausted(f"out of memory during inference: {exc}") from exc
-        raise
+    instances = adapter.segment([segment_request])[0]
     key = store_result(record, request, segment_request.image, instances, storage)
     return key, len(instances)

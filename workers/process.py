@@ -13,11 +13,12 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from config.settings import Settings, load_settings
 from storage import Storage, open_storage
-from tasks.records import JobStore
-from tasks.webhooks import JobEvents
-from workers.adapters.base import RuntimeOptions
+from domain.records import JobStore
+from domain.webhooks import JobEvents
+from models.adapters.base import RuntimeOptions
 from workers.heartbeat import Heartbeat
-from workers.registry import LiveCatalog, LoadedModels
+from models.catalog import LiveCatalog
+from workers.loaded_models import LoadedModels
 
 log = logging.getLogger(__name__)
 

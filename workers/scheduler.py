@@ -13,12 +13,12 @@ import redis
 from celery import bootsteps
 
 from config.settings import LANES, load_settings
-from tasks.lanes import Lanes
-from tasks.records import JobStore
-from tasks.webhooks import JobEvents
+from domain.lanes import Lanes
+from domain.records import JobStore
+from domain.webhooks import JobEvents
 from workers.batching import ClaimRecovery
 from workers.gate import ResourceGate, detect_device
-from workers.registry import LiveCatalog
+from models.catalog import LiveCatalog
 
 log = logging.getLogger(__name__)
 

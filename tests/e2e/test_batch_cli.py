@@ -20,7 +20,7 @@ def web(base_env, worker, redis_client, tmp_path):
     port = free_port()
     env = {**os.environ, **base_env, "MASKQ_PORT": str(port), "MASKQ_DEV_KEY": "false"}
     log = (tmp_path / "web.log").open("wb")
-    process = subprocess.Popen([str(VENV_BIN / "gunicorn"), "-c", "config/gunicorn.py", "webapp.app:create_app()"],
+    process = subprocess.Popen([str(VENV_BIN / "gunicorn"), "-c", "webapp/gunicorn_conf.py", "webapp.app:create_app()"],
                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

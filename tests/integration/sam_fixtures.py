@@ -40,10 +40,10 @@ class TinySam:
             'default = "text-regions"\n\n'
             "[models.text-regions]\n"
             'version = "pp-ocrv4-det+rec"\n'
-            'adapter = "workers.adapters.text_regions:TextRegionsAdapter"\n\n'
+            'adapter = "models.adapters.text_regions:TextRegionsAdapter"\n\n'
             f"[models.{SAM_MODEL}]\n"
             f'version = "{self.version}"\n'
-            'adapter = "workers.adapters.sam:SamAdapter"\n'
+            'adapter = "models.adapters.sam:SamAdapter"\n'
             f'files = {{ encoder = "{self.encoder}", decoder = "{self.decoder}" }}\n'
             f"options = {{ {rendered} }}\n"
         )

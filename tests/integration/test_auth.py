@@ -52,7 +52,7 @@ def test_a_key_made_by_the_cli_works_and_answers_403_once_revoked(app, base_env,
     key = made.stdout.strip()
     assert re.fullmatch(r"mq_[A-Za-z0-9_-]{40,}", key)
     # The tenant's webhook secret, for verifying signatures: the one the webhooks sign with.
-    from tasks.webhooks import tenant_secret
+    from domain.webhooks import tenant_secret
 
     assert re.search(r"whsec_\S+", made.stderr).group(0) == tenant_secret(redis_client, "acme")
     # Only the hash is stored: the key appears nowhere in Redis.
@@ -141,7 +141,7 @@ def test_auth_off_serves_loopback_as_one_tenant_and_refuses_a_public_address(bas
     assert redis_client.hget(f"maskq:job:{job.get_json()['id']}", "tenant") == b"default"
 
     env = {**os.environ, **base_env, "MASKQ_AUTH": "off", "MASKQ_HOST": "0.0.0.0", "MASKQ_PORT": str(free_port())}
-    refused = subprocess.run([str(VENV_BIN / "gunicorn"), "-c", "config/gunicorn.py", "webapp.app:create_app()"],
+    refused = subprocess.run([str(VENV_BIN / "gunicorn"), "-c", "webapp/gunicorn_conf.py", "webapp.app:create_app()"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0
     assert "MASKQ_AUTH=off is only allowed on a loopback address" in refused.stdout + refused.stderr
@@ -153,7 +153,7 @@ def test_the_web_server_prints_a_development_key_that_works_with_the_readmes_cur
     env = {**os.environ, **base_env, "MASKQ_DATA_DIR": str(tmp_path), "MASKQ_PORT": str(port),
            "MASKQ_EMBEDDED_REDIS_PORT": str(redis_server.port), "MASKQ_WEB_WORKERS": "1"}
     del env["MASKQ_REDIS_URL"]  # embedded mode: the test's Redis stands in for the one make run starts
-    web = subprocess.Popen([str(VENV_BIN / "gunicorn"), "-c", "config/gunicorn.py", "webapp.app:create_app()"],
+    web = subprocess.Popen([str(VENV_BIN / "gunicorn"), "-c", "webapp/gunicorn_conf.py", "webapp.app:create_app()"],
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
     try:

@@ -90,8 +90,8 @@ def test_an_invalid_request_is_a_422_that_names_the_field(client, redis_client, 
 
 
 def test_a_malformed_mask_rle_is_a_422_on_its_counts(client, jpeg):
-    from tasks.schemas import check_request, parse_request
-    from tasks.errors import ValidationFailed
+    from domain.schemas import check_request, parse_request
+    from domain.errors import ValidationFailed
 
     request = parse_request({"prompts": {"mask": {"size": [132, 709], "counts": "zz~~"}}})
     with pytest.raises(ValidationFailed) as caught:
@@ -170,7 +170,7 @@ def test_after_every_kind_of_bad_input_the_worker_still_runs_jobs(client, jpeg, 
 
 def test_a_job_whose_stored_input_is_undecodable_fails_with_code_input_and_the_worker_lives(app, client, worker):
     """The worker decodes the stored input again; one that cannot be decoded fails the job, not the worker."""
-    from tasks.records import JobRecord
+    from domain.records import JobRecord
     from webapp.services import services
 
     with app.app_context():

@@ -8,25 +8,25 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
+from domain.records import JobStore
 from storage.local import LocalStorage
-from tasks.records import JobStore
 from tests.conftest import image_bytes
 from tests.integration.helpers import small_png, status, submit, wait_for
-from workers.batching import OWNERS, claims_key
+from tests.support.slow_models import BATCHING, slow_manifest
+from workers.batching import OWNERS, Claims, claims_key
 
-ADAPTER = "workers.adapters.text_regions:TextRegionsAdapter"
+ADAPTER = "models.adapters.text_regions:TextRegionsAdapter"
+MODELS = ("text-regions", "other")
+
+
+def batching_manifest(folder, batch_delay_s: float = 0):
+    """Two models on the bundled detector, declared to batch, each taking up to 4 jobs per batch."""
+    return slow_manifest(folder, adapter=BATCHING, max_batch_size=4, names=MODELS, batch_delay_s=batch_delay_s)
 
 
 @pytest.fixture
 def manifest(tmp_path):
-    """Two models on the bundled detector, each taking up to 4 jobs per batch."""
-    path = tmp_path / "models.toml"
-    path.write_text(
-        'default = "text-regions"\n'
-        f'[models.text-regions]\nversion = "1"\nadapter = "{ADAPTER}"\nmax_batch_size = 4\n'
-        f'[models.other]\nversion = "1"\nadapter = "{ADAPTER}"\nmax_batch_size = 4\n'
-    )
-    return path
+    return batching_manifest(tmp_path)
 
 
 def batch_of(isolated, job_id: str) -> tuple[str | None, int | None]:
@@ -92,19 +92,30 @@ def test_a_batch_takes_only_its_own_models_jobs_from_its_own_lane_in_lane_order(
     assert all(jobs.get(job_id).started_at > last_default for job_id in low)
 
 
-def test_a_job_arriving_in_a_higher_lane_stops_a_batch_forming_and_runs_next(isolated, manifest):
+def test_a_job_waiting_in_a_higher_lane_stops_a_batch_forming(isolated, manifest):
     client = isolated.client(models_manifest=manifest)
     ids = queue(client, 4)
-    isolated.worker(MASKQ_MODELS_MANIFEST=manifest, MASKQ_DEBUG_DELAY_S=1.5)
-    jobs = isolated.jobs()
-    # The first job sleeps before it looks for company; an interactive job arrives meanwhile.
-    wait_for(lambda: status(jobs, ids[0]) == "running", 20)
+    # As if a worker had just taken ids[0], and an interactive job arrived before it looked for company.
     urgent = submit(client, small_png(99), {"lane": "interactive"}).get_json()["id"]
+    claims = Claims(isolated.redis, "test-host:1")
+    assert claims.take("default", "text-regions", 3, skip=ids[0]) == ([], True)
+    assert not isolated.redis.exists(claims_key("test-host:1"))  # nothing taken: the lanes are as they were
+    isolated.worker(MASKQ_MODELS_MANIFEST=manifest)
     assert all(j["status"] == "succeeded" for j in wait_all(client, [urgent] + ids))
-    assert batch_of(isolated, ids[0]) == (None, None)  # it ran alone rather than hold up the interactive job
-    assert all(jobs.get(urgent).started_at < jobs.get(job_id).started_at for job_id in ids[1:])
-    assert len({batch_of(isolated, job_id) for job_id in ids[1:]}) == 1  # the rest, batched after it
-    assert batch_of(isolated, ids[1])[1] == 3
+    jobs = isolated.jobs()
+    assert all(jobs.get(urgent).started_at < jobs.get(job_id).started_at for job_id in ids)
+    assert batch_of(isolated, urgent) == (None, None)  # alone: no other job of its lane to take along
+    assert len({batch_of(isolated, job_id) for job_id in ids}) == 1  # the default lane's, batched after it
+
+
+def test_a_model_that_does_not_stack_batches_runs_its_jobs_one_by_one(isolated, tmp_path):
+    plain = slow_manifest(tmp_path, max_batch_size=4)  # max_batch_size alone does not make a model batch
+    client = isolated.client(models_manifest=plain)
+    ids = queue(client, 3)
+    isolated.worker(MASKQ_MODELS_MANIFEST=plain)
+    assert [j["status"] for j in wait_all(client, ids)] == ["succeeded"] * 3
+    assert {batch_of(isolated, job_id) for job_id in ids} == {(None, None)}
+    assert no_claims_left(isolated)
 
 
 def test_a_bad_input_in_a_batch_fails_only_its_own_job(isolated, manifest):
@@ -122,13 +133,14 @@ def test_a_bad_input_in_a_batch_fails_only_its_own_job(isolated, manifest):
     assert no_claims_left(isolated)
 
 
-def test_a_batch_whose_pool_process_is_sigkilled_loses_no_job_and_runs_none_twice(isolated, manifest):
+def test_a_batch_whose_pool_process_is_sigkilled_loses_no_job_and_runs_none_twice(isolated, tmp_path):
+    manifest = batching_manifest(tmp_path, batch_delay_s=2.5)
     client = isolated.client(models_manifest=manifest)
     ids = queue(client, 4)
     pubsub = isolated.redis.pubsub()
     pubsub.subscribe(*(JobStore.channel(job_id) for job_id in ids))
     # Each batch sleeps 2.5 s with its jobs taken along: time to see them all running, and to kill it.
-    worker = isolated.worker(MASKQ_MODELS_MANIFEST=manifest, MASKQ_DEBUG_DELAY_S=2.5, MASKQ_SCHEDULER_TICK_S=0.2)
+    worker = isolated.worker(MASKQ_MODELS_MANIFEST=manifest, MASKQ_SCHEDULER_TICK_S=0.2)
     jobs = isolated.jobs()
     wait_for(lambda: all(status(jobs, job_id) == "running" for job_id in ids), 20)
     [child] = worker.children()
@@ -153,13 +165,14 @@ def test_a_batch_whose_pool_process_is_sigkilled_loses_no_job_and_runs_none_twic
     assert no_claims_left(isolated)
 
 
-def test_a_batch_over_its_soft_time_limit_fails_the_first_job_and_puts_the_rest_back(isolated, manifest):
-    # The first job sleeps 2 s before it gathers company and the batch 2 s more: the 3 s limit
-    # strikes mid-batch. The job taken along goes back to its lane and then runs alone, in time.
+def test_a_batch_over_its_soft_time_limit_fails_the_first_job_and_puts_the_rest_back(isolated, tmp_path):
+    # A batch sleeps 4 s: the 3 s limit strikes mid-batch. The job taken along goes back to its
+    # lane and then runs alone (no sleep for one job), in time.
+    manifest = batching_manifest(tmp_path, batch_delay_s=4)
     limits = {"job_soft_time_limit_s": 3, "job_hard_time_limit_s": 6, "storage_retry_bound_s": 1}
     client = isolated.client(models_manifest=manifest, **limits)
     first, second = queue(client, 2)
-    isolated.worker(MASKQ_MODELS_MANIFEST=manifest, MASKQ_DEBUG_DELAY_S=2)
+    isolated.worker(MASKQ_MODELS_MANIFEST=manifest)
     one, two = wait_all(client, [first, second])
     assert one["status"] == "failed" and one["error"]["code"] == "timeout"
     assert two["status"] == "succeeded"
@@ -169,9 +182,9 @@ def test_a_batch_over_its_soft_time_limit_fails_the_first_job_and_puts_the_rest_
 
 
 def test_a_jobs_result_does_not_depend_on_the_jobs_batched_with_it():
-    from tasks.images import decode_image
-    from workers.adapters.base import ModelSpec, RuntimeOptions, SegmentRequest
-    from workers.adapters.text_regions import TextRegionsAdapter
+    from domain.images import decode_image
+    from models.adapters.base import ModelSpec, RuntimeOptions, SegmentRequest
+    from models.adapters.text_regions import TextRegionsAdapter
 
     adapter = TextRegionsAdapter(ModelSpec(name="text-regions", version="1", adapter=ADAPTER))
     adapter.setup(RuntimeOptions(intra_op_threads=2))

@@ -11,9 +11,9 @@ from PIL import Image
 
 from tests.conftest import image_bytes
 from tests.integration.helpers import run_to_end, wait_for
-from workers.adapters.text_regions import bundled_model_files
+from models.adapters.text_regions import bundled_model_files
 
-TEXT = "workers.adapters.text_regions:TextRegionsAdapter"
+TEXT = "models.adapters.text_regions:TextRegionsAdapter"
 
 
 def missing_provider() -> str:

@@ -125,7 +125,7 @@ def test_a_long_poll_returns_as_soon_as_the_job_ends(client):
 
 
 def test_a_long_poll_on_a_job_that_cannot_start_returns_at_its_timeout(client, redis_client):
-    from tasks.records import JobRecord
+    from domain.records import JobRecord
 
     record = JobRecord(id="f" * 32, tenant="default", lane="batch", model="text-regions", input_key="x",
                        image_sha256="", width=1, height=1)

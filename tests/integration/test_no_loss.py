@@ -7,6 +7,7 @@ import signal
 from storage.local import LocalStorage
 from tests.conftest import image_bytes
 from tests.integration.helpers import small_png, status, submit, wait_for
+from tests.support.slow_models import slow_manifest
 
 
 def published(pubsub) -> list[str]:
@@ -26,9 +27,9 @@ def assert_succeeded_once(isolated, job_id: str, pubsub) -> None:
     assert published(pubsub).count("succeeded") == 1
 
 
-def test_a_job_whose_pool_process_is_sigkilled_mid_inference_runs_again_and_succeeds_once(isolated):
+def test_a_job_whose_pool_process_is_sigkilled_mid_inference_runs_again_and_succeeds_once(isolated, tmp_path):
     client = isolated.client()
-    worker = isolated.worker(MASKQ_DEBUG_DELAY_S=1.5)
+    worker = isolated.worker(MASKQ_MODELS_MANIFEST=slow_manifest(tmp_path, delay_s=1.5))
     job_id = submit(client, image_bytes("en.jpg")).get_json()["id"]
     pubsub = isolated.redis.pubsub()
     pubsub.subscribe(f"maskq:job:{job_id}:events")
@@ -41,14 +42,14 @@ def test_a_job_whose_pool_process_is_sigkilled_mid_inference_runs_again_and_succ
     assert_succeeded_once(isolated, job_id, pubsub)
 
 
-def test_a_job_whose_whole_worker_is_sigkilled_is_taken_up_by_another_worker(isolated):
+def test_a_job_whose_whole_worker_is_sigkilled_is_taken_up_by_another_worker(isolated, tmp_path):
     # A short visibility timeout (above the hard time limit, as the start-up check demands)
     # makes the broker hand the dead worker's job to the next one within seconds.
     env = {"MASKQ_VISIBILITY_TIMEOUT_S": 12, "MASKQ_JOB_SOFT_TIME_LIMIT_S": 8, "MASKQ_JOB_HARD_TIME_LIMIT_S": 10,
            "MASKQ_STORAGE_RETRY_BOUND_S": 2, "MASKQ_UNACKED_RESTORE_INTERVAL_S": 1}
     settings = {k[6:].lower(): v for k, v in env.items()}
     client = isolated.client(**settings)
-    first = isolated.worker("first", MASKQ_DEBUG_DELAY_S=1.5, **env)
+    first = isolated.worker("first", MASKQ_MODELS_MANIFEST=slow_manifest(tmp_path, delay_s=1.5), **env)
     job_id = submit(client, image_bytes("ch_en_num.jpg")).get_json()["id"]
     pubsub = isolated.redis.pubsub()
     pubsub.subscribe(f"maskq:job:{job_id}:events")

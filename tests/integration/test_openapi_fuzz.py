@@ -50,7 +50,7 @@ def live_server(base_env, redis_client):
 
 
 def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(live_server, redis_client, tmp_path):
-    from tasks.tenants import KeyStore
+    from domain.tenants import KeyStore
 
     key, _ = KeyStore(redis_client).create("fuzz")
     command = [

@@ -16,13 +16,14 @@ import uuid
 import pytest
 
 from config.embedded_redis import RedisServer
-from tasks.records import JobRecord, JobStore
-from tasks.result_cache import INDEX, ResultCache, cache_key, entry_key, followers_key, inflight_key
-from tasks.schemas import parse_request
+from domain.records import JobRecord, JobStore
+from domain.result_cache import INDEX, ResultCache, cache_key, entry_key, followers_key, inflight_key
+from domain.schemas import parse_request
 from tests.conftest import IsolatedStack, authorized_client, clean_redis, free_port, image_bytes
 from tests.integration.helpers import run_to_end, small_png, submit, wait_for
+from tests.support.slow_models import slow_manifest
 from tests.integration.webhook_receiver import Receiver
-from workers.heartbeat import live_workers
+from domain.fleet import live_workers
 
 ON = {"MASKQ_RESULT_CACHE_ENABLED": "true"}
 TTL_S, MAX_ENTRIES = 600, 2
@@ -39,7 +40,7 @@ def stack(tmp_path_factory, base_env):
            "MASKQ_STORAGE_DIR": str(folder / "storage"), "MASKQ_RESULT_CACHE_TTL_S": str(TTL_S),
            "MASKQ_RESULT_CACHE_MAX_ENTRIES": str(MAX_ENTRIES)}
     built = IsolatedStack(server, env)
-    built.worker("cache", MASKQ_DEBUG_DELAY_S="0.5")
+    built.worker("cache", MASKQ_MODELS_MANIFEST=slow_manifest(folder, delay_s=0.5))
     yield built
     built.close()
 

@@ -8,11 +8,11 @@ import uuid
 
 import pytest
 
-from storage import job_prefix
 from storage.local import TEMP_SUFFIX, LocalStorage
-from tasks.delivery_log import DeliveryLog, job_deliveries_key
-from tasks.records import CREATED, JobRecord, JobStore
-from tasks.retention import sweep
+from domain.delivery_log import DeliveryLog, job_deliveries_key
+from domain.keys import CREATED, job_prefix
+from domain.records import JobRecord, JobStore
+from workers.retention import sweep
 from tests.conftest import ROOT, VENV_BIN
 
 DAY = 24 * 3600

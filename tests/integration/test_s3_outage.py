@@ -11,10 +11,11 @@ import time
 import pytest
 
 from config.embedded_redis import RedisServer
-from storage import job_prefix
+from domain.keys import job_prefix
 from webapp.app import create_app
 from tests.conftest import VENV_BIN, IsolatedStack, authorized_client, clean_redis, free_port, image_bytes, require
 from tests.integration.helpers import submit
+from tests.support.slow_models import slow_manifest
 from tests.integration.s3_server import S3Server
 
 BOUND_S = 8
@@ -37,8 +38,8 @@ def stack(tmp_path_factory, base_env, s3):
     server = RedisServer(free_port(), folder / "redis").start()
     env = {**base_env, **s3.env_for(BUCKET), "MASKQ_REDIS_URL": server.url, "MASKQ_DATA_DIR": str(folder / "data"),
            "MASKQ_STORAGE_RETRY_BOUND_S": str(BOUND_S), "MASKQ_STORAGE_RETRY_MAX_S": "1",
-           # The bound test kills the store while its job waits here, before the job reads its input.
-           "MASKQ_DEBUG_DELAY_S": "0.3"}
+           # Jobs wait 0.3 s before inference: the bound test kills the store while its job waits there.
+           "MASKQ_MODELS_MANIFEST": str(slow_manifest(folder, delay_s=0.3))}
     stack = IsolatedStack(server, env)
     stack.worker("s3")
     stack.app = create_app(stack.settings())
@@ -73,7 +74,7 @@ def test_jobs_running_while_the_store_restarts_all_succeed_and_nothing_is_lost(s
     worker = stack.workers[0]
     writes_before = worker.log().count("storage unavailable (cannot write")
     wait_for_status(client, ids[1], "running")
-    # After its 0.3 s delay the job reads its input and runs the model (well over a second for en.jpg here):
+    # The job reads its input, waits 0.3 s and runs the model (well over a second for en.jpg here):
     # killed now, the store is away when the job writes its result.
     time.sleep(0.55)
     s3.kill()
@@ -107,7 +108,7 @@ def test_a_store_that_stays_away_past_the_bound_fails_the_job_with_code_storage(
     client = clean
     job_id = submit(client, image_bytes("empty_black.jpg")).get_json()["id"]
     wait_for_status(client, job_id, "running")
-    s3.kill()  # before the worker reads the input (it sleeps MASKQ_DEBUG_DELAY_S first)
+    s3.kill()  # while the job waits before inference: its result cannot be written
     started = time.monotonic()
     job = client.get(f"/v1/jobs/{job_id}?wait=30").get_json()
     assert job["status"] == "failed" and job["error"]["code"] == "storage", job

@@ -15,10 +15,10 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks.errors import ModelError, ValidationFailed
+from domain.errors import ModelError, ValidationFailed
 from tests.conftest import ROOT
-from workers.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest
-from workers.adapters.sam import SamAdapter, preprocess_shape, upscale_logits
+from models.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest
+from models.adapters.sam import SamAdapter, preprocess_shape, upscale_logits
 
 ATOL = 1e-5  # observed differences are ~3e-7; the tiny model's logits span about +-0.014
 
@@ -30,7 +30,7 @@ def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 def make_adapter(tiny_sam, version: str = "1", **options) -> SamAdapter:
-    spec = ModelSpec(name="sam-tiny", version=version, adapter="workers.adapters.sam:SamAdapter",
+    spec = ModelSpec(name="sam-tiny", version=version, adapter="models.adapters.sam:SamAdapter",
                      files={"encoder": str(tiny_sam.encoder), "decoder": str(tiny_sam.decoder)}, options=options)
     adapter = SamAdapter(spec)
     adapter.setup(RuntimeOptions(intra_op_threads=2))
@@ -159,7 +159,7 @@ def test_an_encoder_that_normalises_and_pads_inside_its_graph_gives_the_same_log
     from tools.export_sam import export_encoder, load_model
 
     encoder = export_encoder(load_model(tiny_sam.checkpoint), tmp_path / "encoder.onnx", encoder_input="resized")
-    spec = ModelSpec(name="sam-tiny", version="1", adapter="workers.adapters.sam:SamAdapter",
+    spec = ModelSpec(name="sam-tiny", version="1", adapter="models.adapters.sam:SamAdapter",
                      files={"encoder": str(encoder), "decoder": str(tiny_sam.decoder)})
     resized = SamAdapter(spec)
     resized.setup(RuntimeOptions(intra_op_threads=2))  # encoder_input "auto" reads the input's rank
@@ -172,7 +172,7 @@ def test_an_encoder_that_normalises_and_pads_inside_its_graph_gives_the_same_log
 
 
 def test_files_that_are_not_a_sam_encoder_and_decoder_pair_fail_at_setup_with_a_clear_error(tiny_sam):
-    swapped = ModelSpec(name="sam-bad", version="1", adapter="workers.adapters.sam:SamAdapter",
+    swapped = ModelSpec(name="sam-bad", version="1", adapter="models.adapters.sam:SamAdapter",
                         files={"encoder": str(tiny_sam.encoder), "decoder": str(tiny_sam.encoder)})
     with pytest.raises(ModelError, match="the decoder lacks inputs"):
         SamAdapter(swapped).setup(RuntimeOptions())
@@ -232,8 +232,8 @@ def test_the_cache_keeps_the_most_recently_used_embeddings_within_its_byte_budge
 def test_the_service_side_needs_neither_torch_nor_onnxruntime_at_import(tiny_sam):
     code = (
         "import sys, numpy as np\n"
-        "from workers.adapters.sam import SamAdapter\n"
-        "from workers.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest\n"
+        "from models.adapters.sam import SamAdapter\n"
+        "from models.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest\n"
         f"spec = ModelSpec('s', '1', 'x', files={{'encoder': {str(tiny_sam.encoder)!r}, 'decoder': {str(tiny_sam.decoder)!r}}})\n"
         "adapter = SamAdapter(spec)\n"
         "assert 'onnxruntime' not in sys.modules\n"

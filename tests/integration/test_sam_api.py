@@ -10,13 +10,13 @@ import time
 import numpy as np
 import pytest
 
-from tasks.images import decode_image
+from domain.images import decode_image
 from tests.conftest import image_bytes
 from tests.integration.helpers import decode, run_to_end, submit
 from tests.integration.sam_fixtures import SAM_MODEL
-from workers.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest
-from workers.adapters.sam import SamAdapter
-from workers.heartbeat import live_workers
+from models.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest
+from models.adapters.sam import SamAdapter
+from domain.fleet import live_workers
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def cache_stats(redis_client, worker, timeout: float = 10) -> dict[str, int]:
 
 def local_mask(tiny_sam, data: bytes, prompts: Prompts) -> np.ndarray:
     """What the adapter gives in this process for the image as the worker decodes it."""
-    spec = ModelSpec(SAM_MODEL, tiny_sam.version, "workers.adapters.sam:SamAdapter",
+    spec = ModelSpec(SAM_MODEL, tiny_sam.version, "models.adapters.sam:SamAdapter",
                      files={"encoder": str(tiny_sam.encoder), "decoder": str(tiny_sam.decoder)})
     adapter = SamAdapter(spec)
     adapter.setup(RuntimeOptions(intra_op_threads=2))

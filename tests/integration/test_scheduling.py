@@ -9,6 +9,7 @@ from PIL import Image
 
 from tests.conftest import image_bytes
 from tests.integration.helpers import small_png, status, submit, wait_for
+from tests.support.slow_models import slow_manifest
 
 
 
@@ -127,9 +128,9 @@ def test_a_job_canceled_while_queued_never_runs(isolated):
     assert job["status"] == "canceled" and job["started_at"] is None
 
 
-def test_a_job_canceled_while_running_ends_canceled_and_its_result_is_discarded(isolated):
+def test_a_job_canceled_while_running_ends_canceled_and_its_result_is_discarded(isolated, tmp_path):
     client = isolated.client()
-    isolated.worker(MASKQ_DEBUG_DELAY_S=2)
+    isolated.worker(MASKQ_MODELS_MANIFEST=slow_manifest(tmp_path, delay_s=2))
     job_id = submit(client, image_bytes("en.jpg"), {"outputs": ["rle", "png"]}).get_json()["id"]
     jobs = isolated.jobs()
     wait_for(lambda: status(jobs, job_id) == "running", 20)
@@ -164,9 +165,9 @@ def test_a_full_lane_answers_503_with_retry_after_and_stores_nothing(isolated):
     assert submit(client, small_png(4), {"lane": "default"}).status_code == 202  # other lanes are open
 
 
-def test_a_job_over_its_soft_time_limit_fails_with_timeout_and_the_worker_carries_on(isolated):
+def test_a_job_over_its_soft_time_limit_fails_with_timeout_and_the_worker_carries_on(isolated, tmp_path):
     limits = {"job_soft_time_limit_s": 1, "job_hard_time_limit_s": 4, "storage_retry_bound_s": 0.5}
-    isolated.worker(MASKQ_DEBUG_DELAY_S=3)
+    isolated.worker(MASKQ_MODELS_MANIFEST=slow_manifest(tmp_path, delay_s=3))
     job_id = submit(isolated.client(**limits), small_png()).get_json()["id"]
     client = isolated.client()
     job = client.get(f"/v1/jobs/{job_id}?wait=20").get_json()
@@ -198,7 +199,7 @@ def test_an_out_of_memory_error_puts_the_job_back_then_fails_it_with_code_resour
     manifest = tmp_path / "models.toml"
     manifest.write_text(
         'default = "text-regions"\n'
-        '[models.text-regions]\nversion = "1"\nadapter = "workers.adapters.text_regions:TextRegionsAdapter"\n'
+        '[models.text-regions]\nversion = "1"\nadapter = "models.adapters.text_regions:TextRegionsAdapter"\n'
         '[models.memory-hog]\nversion = "1"\nadapter = "tests.support.memory_hog:MemoryHogAdapter"\n'
     )
     isolated.worker(MASKQ_MODELS_MANIFEST=manifest, MASKQ_OOM_RETRIES=2, MASKQ_OOM_RETRY_DELAY_S=0.3)
@@ -218,7 +219,7 @@ def test_an_out_of_memory_error_puts_the_job_back_then_fails_it_with_code_resour
 
 def test_aging_promotes_a_trickle_not_the_whole_backlog(isolated):
     """A deep, old batch lane must not flood the interactive lane: one promoted job waits there at a time."""
-    from tasks.lanes import Lanes
+    from domain.lanes import Lanes
 
     client = isolated.client()
     ids = [submit(client, small_png(i), {"lane": "batch"}).get_json()["id"] for i in range(5)]

@@ -7,10 +7,11 @@ import uuid
 import pytest
 import requests
 
-from storage import job_prefix, open_storage
+from domain.keys import job_prefix
+from storage import open_storage
 from storage.local import LocalStorage
 from storage.s3 import S3Storage, StorageMisconfigured
-from tasks.errors import StorageUnavailable
+from domain.errors import StorageUnavailable
 from tests.conftest import VENV_BIN, free_port, require, settings_from
 from tests.integration.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 

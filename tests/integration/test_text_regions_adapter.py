@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from workers.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest
-from workers.adapters.text_regions import TextRegionsAdapter, bundled_model_files, box_coverage, match_text
+from models.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest
+from models.adapters.text_regions import TextRegionsAdapter, bundled_model_files, box_coverage, match_text
 
 IMAGES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "images"
 REPO = Path(__file__).resolve().parents[2]
-SPEC = ModelSpec(name="text-regions", version="1", adapter="workers.adapters.text_regions:TextRegionsAdapter")
+SPEC = ModelSpec(name="text-regions", version="1", adapter="models.adapters.text_regions:TextRegionsAdapter")
 
 
 def load(name: str) -> np.ndarray:
@@ -49,8 +49,8 @@ def target_region(instances):
 def test_bundled_files_exist_and_init_stays_light():
     assert all(Path(p).is_file() for p in bundled_model_files().values())
     code = (
-        "import sys; from workers.adapters.text_regions import TextRegionsAdapter as A;"
-        "from workers.adapters.base import ModelSpec;"
+        "import sys; from models.adapters.text_regions import TextRegionsAdapter as A;"
+        "from models.adapters.base import ModelSpec;"
         "A(ModelSpec('text-regions', '1', 'x'));"
         "assert 'onnxruntime' not in sys.modules and 'rapidocr_onnxruntime' not in sys.modules"
     )

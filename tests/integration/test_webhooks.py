@@ -12,9 +12,9 @@ import uuid
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from tasks.records import JobRecord, JobStore
-from tasks.webhook_urls import ForbiddenAddress, WebhookGuard
-from tasks.webhooks import tenant_secret
+from domain.records import JobRecord, JobStore
+from domain.webhook_urls import ForbiddenAddress, WebhookGuard
+from domain.webhooks import tenant_secret
 from tests.conftest import authorized_client, free_port, image_bytes, settings_from
 from tests.integration.helpers import submit
 from tests.integration.webhook_receiver import Receiver

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.adapters.base import ModelAdapter
+from models.adapters.base import ModelAdapter
 
 
 class MemoryHogAdapter(ModelAdapter):

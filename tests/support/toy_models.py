@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.adapters.base import Instance, ModelAdapter
+from models.adapters.base import Instance, ModelAdapter
 
 
 class ToyAdapter(ModelAdapter):

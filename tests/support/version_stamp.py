@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.adapters.base import Instance
-from workers.adapters.text_regions import TextRegionsAdapter
+from models.adapters.base import Instance
+from models.adapters.text_regions import TextRegionsAdapter
 
 
 class VersionStampAdapter(TextRegionsAdapter):

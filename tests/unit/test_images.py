@@ -6,8 +6,8 @@ import io
 import pytest
 from PIL import Image
 
-from tasks import images
-from tasks.errors import CorruptImage
+from domain import images
+from domain.errors import CorruptImage
 
 
 def jpeg() -> bytes:

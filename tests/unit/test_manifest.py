@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from config.settings import Settings
-from tasks.errors import ModelError
-from workers.adapters.base import ModelSpec, RuntimeOptions
-from workers.manifest import ManifestError, ManifestFile, read_manifest
-from workers.registry import LiveCatalog, LoadedModels, ModelCatalog, describe_models
+from domain.errors import ModelError
+from models.adapters.base import ModelSpec, RuntimeOptions
+from models.manifest import ManifestError, ManifestFile, read_manifest
+from models.catalog import LiveCatalog, ModelCatalog, describe_models
+from workers.loaded_models import LoadedModels
 
 ROOT = Path(__file__).resolve().parents[2]
-TEXT = "workers.adapters.text_regions:TextRegionsAdapter"
+TEXT = "models.adapters.text_regions:TextRegionsAdapter"
 TOY = "tests.support.toy_models:ToyAdapter"
 BOXES = "tests.support.toy_models:ToyBoxesAdapter"
 
@@ -50,8 +51,8 @@ def test_the_bundled_manifest_serves_text_regions_by_default():
     ('[models.a]\nversion = "1"\nadapter = "text_regions"\n', "model 'a': field 'adapter': String should match pattern"),
     ('[models.a]\nversion = "1"\nadapter = "no.such.module:Thing"\n',
      "model 'a': field 'adapter': cannot import 'no.such.module:Thing': ModuleNotFoundError"),
-    ('[models.a]\nversion = "1"\nadapter = "workers.adapters.base:Prompts"\n',
-     "model 'a': field 'adapter': 'workers.adapters.base:Prompts' is not a ModelAdapter subclass"),
+    ('[models.a]\nversion = "1"\nadapter = "models.adapters.base:Prompts"\n',
+     "model 'a': field 'adapter': 'models.adapters.base:Prompts' is not a ModelAdapter subclass"),
     ('[models.a]\nversion = "1"\nadapter = "%s"\nproviders = ["GPU"]\n' % TEXT,
      "model 'a': field 'providers': unknown provider 'GPU'"),
     ('[models.a]\nversion = "1"\nadapter = "%s"\nproviders = ["CUDA", "CUDAExecutionProvider"]\n' % TEXT,
@@ -152,7 +153,7 @@ def test_a_live_catalog_follows_the_file_and_keeps_the_last_good_manifest_when_a
     body = '[models.a]\nversion = "%s"\nadapter = "%s"\n'
     path = manifest(tmp_path, body % ("1", TEXT))
     live = LiveCatalog(path, check_s=0.05)
-    assert live.spec("a").version == "1" and live.error is None
+    assert live.current().spec("a").version == "1" and live.error is None
     write(path, body % ("2", TEXT))
     time.sleep(0.1)
     assert live.current().spec("a").version == "2"
@@ -162,7 +163,7 @@ def test_a_live_catalog_follows_the_file_and_keeps_the_last_good_manifest_when_a
     assert "model 'a': field 'max_batch_size'" in live.error
     write(path, body % ("4", TEXT))
     time.sleep(0.1)
-    assert live.spec("a").version == "4" and live.error is None
+    assert live.current().spec("a").version == "4" and live.error is None
 
 
 def test_a_live_catalog_refuses_reloaded_time_limits_that_outlast_the_visibility_timeout(tmp_path):
@@ -239,8 +240,8 @@ def test_a_reload_swaps_changed_versions_keeps_the_old_one_if_the_new_fails_and_
 def test_a_model_with_its_own_providers_must_get_one_of_them_while_the_deployment_list_falls_back_to_cpu():
     import onnxruntime as ort
 
-    from workers.adapters.onnx import _configured, create_session
-    from workers.adapters.text_regions import bundled_model_files
+    from models.adapters.onnx import _configured, create_session
+    from models.adapters.text_regions import bundled_model_files
 
     missing = next(p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider")
                    if p not in ort.get_available_providers())

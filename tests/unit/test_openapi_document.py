@@ -44,7 +44,7 @@ def test_every_route_of_api_md_is_described_with_its_answers(document):
 
 
 def test_the_request_schemas_are_the_validating_models_own(document):
-    from tasks.schemas import JobRequest
+    from domain.schemas import JobRequest
 
     schemas = document["components"]["schemas"]
     own = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -72,7 +72,7 @@ def test_a_route_added_later_is_in_the_document_without_anyone_writing_it(tmp_pa
 
 
 def test_a_job_document_as_the_record_makes_it_fits_the_job_schema():
-    from tasks.records import JobRecord, JobState
+    from domain.records import JobRecord, JobState
     from webapp.openapi import Job
 
     record = JobRecord(id="a" * 32, tenant="acme", lane="batch", model="text-regions", input_key="k",

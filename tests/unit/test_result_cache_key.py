@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.records import JobRecord
-from tasks.result_cache import cache_key, file_key
-from tasks.schemas import parse_request
+from domain.records import JobRecord
+from domain.result_cache import cache_key, file_key
+from domain.schemas import parse_request
 
 SHA = "ab" * 32
 BASE = {"prompts": {"text": ["price"], "points": [[12, 8, 1]], "boxes": [[1, 2, 30, 40]]}, "outputs": ["rle", "png"]}

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from config.settings import Settings
-from tasks.errors import InputError
-from tasks.tenants import ApiKey, check_policy, check_rate, hash_key, lane_allowed, new_key
+from domain.errors import InputError
+from domain.tenants import ApiKey, check_policy, check_rate, hash_key, lane_allowed, new_key
 from webapp.idempotency import check_key, fingerprint
 
 

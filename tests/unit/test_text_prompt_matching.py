@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.adapters.base import Instance, Prompts
-from workers.adapters.text_regions import (
+from models.adapters.base import Instance, Prompts
+from models.adapters.text_regions import (
     apply_prompts,
     box_coverage,
     filter_by_boxes,

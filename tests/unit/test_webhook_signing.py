@@ -9,10 +9,10 @@ import ipaddress
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from tasks.errors import ValidationFailed
-from tasks.records import JobRecord
-from tasks.webhook_urls import WebhookGuard, check_webhook_url
-from tasks.webhooks import next_pause, retry_after_seconds, sign, wanted_events
+from domain.errors import ValidationFailed
+from domain.records import JobRecord
+from domain.webhook_urls import WebhookGuard, check_webhook_url
+from domain.webhooks import next_pause, retry_after_seconds, sign, wanted_events
 
 # The Standard Webhooks specification's own example.
 SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

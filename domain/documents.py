@@ -6,12 +6,21 @@ One home for the API's ``GET /v1/jobs/{id}`` body and the webhook body
 from __future__ import annotations
 
 import json
+from typing import Protocol
 
-from storage import Storage, job_prefix
-from tasks.records import JobRecord
+from domain.keys import job_prefix
+from domain.records import JobRecord
 
 
-def job_result(record: JobRecord, storage: Storage, base_url: str) -> dict | None:
+class ResultStore(Protocol):
+    """What a document needs of object storage (any ``storage.Storage`` backend is one)."""
+
+    def get(self, key: str) -> bytes: ...
+
+    def url(self, key: str) -> str | None: ...
+
+
+def job_result(record: JobRecord, storage: ResultStore, base_url: str) -> dict | None:
     """The stored result with ``png_url``/``input_url`` links (presigned where the store can, else the API's)."""
     if record.result_key is None:
         return None
@@ -29,5 +38,5 @@ def job_result(record: JobRecord, storage: Storage, base_url: str) -> dict | Non
     return result
 
 
-def job_document(record: JobRecord, storage: Storage, base_url: str) -> dict:
+def job_document(record: JobRecord, storage: ResultStore, base_url: str) -> dict:
     return record.document(job_result(record, storage, base_url))

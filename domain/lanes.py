@@ -25,15 +25,16 @@ import time
 import redis
 
 from config.settings import LANES, Settings
-from tasks.errors import ServiceUnavailable
-from tasks.records import JobRecord, JobStore, lane_index
+from domain.errors import ServiceUnavailable
+from domain import keys
+from domain.keys import PROMOTED, lane_index
+from domain.records import JobRecord, JobStore
 
-PROMOTED = "maskq:promoted"  # written here, cleared by the record's transitions when a job leaves the queue
 
 # KEYS[1]: the lower lane's broker list, KEYS[2]: the interactive broker list,
 # KEYS[3]/KEYS[4]: the lower/interactive lane index, KEYS[5]: the set of promoted jobs still queued.
 # ARGV: now, aging seconds, lower lane name, most promoted jobs queued at once.
-_PROMOTE = """
+_PROMOTE = keys.lua("""
 local promoted = {}
 for _ = 1, 100 do
   if redis.call('SCARD', KEYS[5]) >= tonumber(ARGV[4]) then break end
@@ -41,7 +42,7 @@ for _ = 1, 100 do
   if not message then break end
   local ok, envelope = pcall(cjson.decode, message)
   local id = ok and envelope['headers'] and envelope['headers']['id']
-  local job = id and ('maskq:job:' .. id)
+  local job = id and ('${job}' .. id)
   local status = job and redis.call('HGET', job, 'status')
   if status == 'queued' then
     local since = redis.call('ZSCORE', KEYS[3], id)
@@ -57,7 +58,7 @@ for _ = 1, 100 do
   redis.call('LPUSH', KEYS[2], message)
 end
 return promoted
-"""
+""")
 
 
 class Lanes:
@@ -116,3 +117,21 @@ class Lanes:
             )
             promoted += [i.decode() for i in ids]
         return promoted
+
+
+RUN_JOB = "maskq.run_job"  # the Celery task that runs a job (tasks/run_job.py)
+
+
+def send_job(celery, job_id: str, lane: str, time_limits: tuple[float, float], countdown: float | None = None) -> None:
+    """Put job ``job_id``'s message on its lane, for a worker to run; the message's id is the job's.
+
+    The one way a job reaches a worker: a submit, a follower that leads after
+    its leader ended without a result, and a job put back after an
+    out-of-memory error (``countdown`` seconds later). ``celery`` is None in a
+    worker, which sends with its own app.
+    """
+    if celery is None:
+        from celery import current_app as celery
+    soft, hard = time_limits
+    celery.send_task(RUN_JOB, args=[job_id], queue=lane, task_id=job_id, soft_time_limit=soft, time_limit=hard,
+                     countdown=countdown)

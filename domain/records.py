@@ -16,6 +16,8 @@ from enum import StrEnum
 
 import redis
 
+from domain import keys
+
 
 class JobState(StrEnum):
     QUEUED = "queued"
@@ -32,7 +34,7 @@ class JobState(StrEnum):
 
 ENDED = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED, JobState.EXPIRED})
 
-_TRANSITION = """
+_TRANSITION = keys.lua("""
 -- KEYS[1]: the job's hash. ARGV: channel, new status, allowed current statuses, now, field/value pairs.
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return false end
@@ -44,15 +46,15 @@ redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 5))
 local id = redis.call('HGET', KEYS[1], 'id')
 local lane = redis.call('HGET', KEYS[1], 'lane')
 if current == 'queued' and ARGV[2] ~= 'queued' then
-  redis.call('ZREM', 'maskq:lane:' .. lane, id)
-  redis.call('ZREM', 'maskq:deadlines', id)
-  redis.call('SREM', 'maskq:promoted', id)
+  redis.call('ZREM', '${lane}' .. lane, id)
+  redis.call('ZREM', '${deadlines}', id)
+  redis.call('SREM', '${promoted}', id)
 elseif ARGV[2] == 'queued' then
-  redis.call('ZADD', 'maskq:lane:' .. lane, ARGV[4], id)
+  redis.call('ZADD', '${lane}' .. lane, ARGV[4], id)
 end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return {1, current}
-"""
+""")
 
 
 @dataclass
@@ -81,9 +83,9 @@ class JobRecord:
     deadline_at: float | None = None
     last_error: dict | None = None
     # Set when the requested model could not be loaded and its fallback ran the job instead:
-    # {"name", "version", "reason"} of the model actually used (workers/registry.py, ModelChoice).
+    # {"name", "version", "reason"} of the model actually used (models/catalog.py, ModelChoice).
     model_used: dict | None = None
-    # The result cache's digest of this job (tasks/result_cache.py), and the identical job in flight
+    # The result cache's digest of this job (domain/result_cache.py), and the identical job in flight
     # whose result this one waits for, or took (a coalesced job).
     cache_key: str | None = None
     coalesced_with: str | None = None
@@ -149,22 +151,13 @@ def rfc3339(epoch: float | None) -> str | None:
     return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-DEADLINES = "maskq:deadlines"
-# Every job ever created, "tenant/job_id" by created_at, kept after the record expires: retention's index.
-CREATED = "maskq:jobs:created"
-DURATIONS = "maskq:durations"
-
-
-def lane_index(lane: str) -> str:
-    """A sorted set of the ids of the jobs queued in ``lane``, by the time they entered it."""
-    return f"maskq:lane:{lane}"
 
 
 class JobStore:
     """Reads and moves job records in Redis.
 
     ``on_moved(job_id, state_before, state_after)``, if given, is called after
-    every move that happened (webhooks hang on it: ``tasks.webhooks.JobEvents``).
+    every move that happened (webhooks hang on it: ``domain.webhooks.JobEvents``).
     """
 
     def __init__(self, client: redis.Redis, ttl_s: int, on_moved=None):
@@ -173,13 +166,8 @@ class JobStore:
         self.on_moved = on_moved
         self._transition = client.register_script(_TRANSITION)
 
-    @staticmethod
-    def key(job_id: str) -> str:
-        return f"maskq:job:{job_id}"
-
-    @staticmethod
-    def channel(job_id: str) -> str:
-        return f"maskq:job:{job_id}:events"
+    key = staticmethod(keys.job)
+    channel = staticmethod(keys.job_events)
 
     def create(self, record: JobRecord, ttl_s: int | None = None) -> None:
         """Write a new record (kept ``ttl_s``, else the store's TTL); a queued one is indexed in its lane.
@@ -190,10 +178,10 @@ class JobStore:
             pipe.hset(self.key(record.id), mapping=record.to_hash())
             pipe.expire(self.key(record.id), ttl_s or self.ttl_s)
             if record.status == JobState.QUEUED:
-                pipe.zadd(lane_index(record.lane), {record.id: record.created_at})
-            pipe.zadd(CREATED, {f"{record.tenant}/{record.id}": record.created_at})
+                pipe.zadd(keys.lane_index(record.lane), {record.id: record.created_at})
+            pipe.zadd(keys.CREATED, {f"{record.tenant}/{record.id}": record.created_at})
             if record.deadline_at is not None:
-                pipe.zadd(DEADLINES, {record.id: record.deadline_at})
+                pipe.zadd(keys.DEADLINES, {record.id: record.deadline_at})
             pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -264,25 +252,25 @@ class JobStore:
 
     def expire_due(self, now: float | None = None, limit: int = 100) -> list[str]:
         """Expire every queued job whose deadline has passed; return their ids."""
-        due = self.redis.zrangebyscore(DEADLINES, "-inf", now or time.time(), start=0, num=limit)
+        due = self.redis.zrangebyscore(keys.DEADLINES, "-inf", now or time.time(), start=0, num=limit)
         expired = []
         for raw in due:
             job_id = raw.decode()
             if self.expire(job_id):
                 expired.append(job_id)
             else:
-                self.redis.zrem(DEADLINES, job_id)  # it started or ended in time
+                self.redis.zrem(keys.DEADLINES, job_id)  # it started or ended in time
         return expired
 
     def record_duration(self, seconds: float) -> None:
         """Remember how long a job ran, for queue-time estimates."""
         with self.redis.pipeline() as pipe:
-            pipe.lpush(DURATIONS, f"{seconds:.4f}")
-            pipe.ltrim(DURATIONS, 0, 99)
+            pipe.lpush(keys.DURATIONS, f"{seconds:.4f}")
+            pipe.ltrim(keys.DURATIONS, 0, 99)
             pipe.execute()
 
     def mean_duration(self, default: float = 1.0) -> float:
-        values = [float(v) for v in self.redis.lrange(DURATIONS, 0, 49)]
+        values = [float(v) for v in self.redis.lrange(keys.DURATIONS, 0, 49)]
         return sum(values) / len(values) if values else default
 
     def wait_until_ended(self, job_id: str, timeout: float) -> JobRecord | None:

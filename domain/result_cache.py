@@ -44,31 +44,24 @@ from dataclasses import dataclass, replace
 import redis
 
 from config.settings import LANES
-from storage import job_prefix
-from tasks.records import JobRecord, JobState, JobStore
-from tasks.schemas import JobRequest
-from tasks.webhooks import notify
+from domain import keys
+from domain.keys import cache_entry as entry_key
+from domain.keys import cache_followers as followers_key
+from domain.keys import cache_inflight as inflight_key
+from domain.keys import job_prefix
+from domain.lanes import send_job
+from domain.records import JobRecord, JobState, JobStore
+from domain.schemas import JobRequest
+from domain.webhooks import notify
 
 log = logging.getLogger(__name__)
 
-INDEX = "maskq:cache:index"
+INDEX = keys.CACHE_INDEX
 # What a hit's job may be created with at the least: a shorter-lived one would vanish under its client.
 MIN_LIFETIME_S = 60
 # A leader that succeeded this long ago and still holds its in-flight key was never settled: take over.
 STALE_AFTER_S = 30
-NO_KEY = "maskq:cache:inflight:-"
-
-
-def entry_key(digest: str) -> str:
-    return f"maskq:cache:entry:{digest}"
-
-
-def inflight_key(digest: str) -> str:
-    return f"maskq:cache:inflight:{digest}"
-
-
-def followers_key(job_id: str) -> str:
-    return f"maskq:cache:followers:{job_id}"
+NO_KEY = inflight_key("-")
 
 
 def cache_key(request: JobRequest | dict, *, image_sha256: str, model: str, version: str, tenant: str) -> str:
@@ -104,39 +97,39 @@ def file_key(record: JobRecord, name: str) -> str:
 
 
 # KEYS[1]: the entry. The job it names, if that job still exists and succeeded.
-_LOOKUP = """
+_LOOKUP = keys.lua("""
 local id = redis.call('GET', KEYS[1])
 if not id then return false end
-local f = redis.call('HMGET', 'maskq:job:' .. id, 'status', 'result_key', 'instances', 'model_version',
+local f = redis.call('HMGET', '${job}' .. id, 'status', 'result_key', 'instances', 'model_version',
                      'input_key', 'created_at', 'width', 'height')
 if f[1] ~= 'succeeded' or not f[2] then
   redis.call('DEL', KEYS[1])
   return false
 end
 return {id, f[2], f[3] or '0', f[4] or '', f[5], f[6], f[7], f[8]}
-"""
+""")
 
 # KEYS[1]: the entry, KEYS[2]: the index. ARGV: job id, entry ttl, now, max entries, digest, configured ttl.
-_REMEMBER = """
+_REMEMBER = keys.lua("""
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[3]) - tonumber(ARGV[6]))
 local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
 if over > 0 then
   local popped = redis.call('ZPOPMIN', KEYS[2], over)
-  for i = 1, #popped, 2 do redis.call('DEL', 'maskq:cache:entry:' .. popped[i]) end
+  for i = 1, #popped, 2 do redis.call('DEL', '${cache_entry}' .. popped[i]) end
 end
 return over
-"""
+""")
 
 # KEYS[1]: the in-flight key, KEYS[2]: the new job's hash. ARGV: job id, ttl, now, stale seconds, then the
 # lanes a queued leader may wait in for this job to follow it (its own and higher: never behind a lower lane).
 # Returns {'lead'} | {'alone'} | {'follow', leader id}.
-_JOIN = """
+_JOIN = keys.lua("""
 local me = ARGV[1]
 local leader = redis.call('GET', KEYS[1])
 if leader and leader ~= me then
-  local f = redis.call('HMGET', 'maskq:job:' .. leader, 'status', 'lane', 'finished_at')
+  local f = redis.call('HMGET', '${job}' .. leader, 'status', 'lane', 'finished_at')
   local status = f[1]
   local follow = status == 'running'
   if status == 'queued' then
@@ -146,43 +139,43 @@ if leader and leader ~= me then
     follow = true  -- its settle is on the way and will take this job too
   end
   if follow then
-    redis.call('RPUSH', 'maskq:cache:followers:' .. leader, me)
-    redis.call('EXPIRE', 'maskq:cache:followers:' .. leader, ARGV[2])
+    redis.call('RPUSH', '${cache_followers}' .. leader, me)
+    redis.call('EXPIRE', '${cache_followers}' .. leader, ARGV[2])
     redis.call('HSET', KEYS[2], 'coalesced_with', leader)
-    redis.call('ZREM', 'maskq:lane:' .. redis.call('HGET', KEYS[2], 'lane'), me)
+    redis.call('ZREM', '${lane}' .. redis.call('HGET', KEYS[2], 'lane'), me)
     return {'follow', leader}
   end
   -- The leader is gone, or ended without being settled: this job leads, and adopts its followers.
-  local old = 'maskq:cache:followers:' .. leader
+  local old = '${cache_followers}' .. leader
   for _, id in ipairs(redis.call('LRANGE', old, 0, -1)) do
-    if redis.call('HGET', 'maskq:job:' .. id, 'status') == 'queued' then
-      redis.call('HSET', 'maskq:job:' .. id, 'coalesced_with', me)
-      redis.call('RPUSH', 'maskq:cache:followers:' .. me, id)
+    if redis.call('HGET', '${job}' .. id, 'status') == 'queued' then
+      redis.call('HSET', '${job}' .. id, 'coalesced_with', me)
+      redis.call('RPUSH', '${cache_followers}' .. me, id)
     end
   end
   redis.call('DEL', old)
-  redis.call('EXPIRE', 'maskq:cache:followers:' .. me, ARGV[2])
+  redis.call('EXPIRE', '${cache_followers}' .. me, ARGV[2])
 end
 redis.call('SET', KEYS[1], me, 'EX', ARGV[2])
 return {'lead'}
-"""
+""")
 
 # KEYS[1]: the in-flight key, KEYS[2]: the leader's followers. ARGV[1]: the leader. The followers, taken.
-_TAKE = """
+_TAKE = keys.lua("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 local ids = redis.call('LRANGE', KEYS[2], 0, -1)
 redis.call('DEL', KEYS[2])
 return ids
-"""
+""")
 
 # KEYS as _TAKE. ARGV: the old leader, ttl, now. The leader ended without a result: the first follower
 # still queued leads now (back in its lane's index), the others follow it. Returns the new leader first.
-_HAND_OFF = """
+_HAND_OFF = keys.lua("""
 local ids = redis.call('LRANGE', KEYS[2], 0, -1)
 redis.call('DEL', KEYS[2])
 local waiting = {}
 for _, id in ipairs(ids) do
-  if redis.call('HGET', 'maskq:job:' .. id, 'status') == 'queued' then table.insert(waiting, id) end
+  if redis.call('HGET', '${job}' .. id, 'status') == 'queued' then table.insert(waiting, id) end
 end
 local owns = redis.call('GET', KEYS[1]) == ARGV[1]
 if #waiting == 0 then
@@ -190,17 +183,17 @@ if #waiting == 0 then
   return {}
 end
 local new = waiting[1]
-local job = 'maskq:job:' .. new
+local job = '${job}' .. new
 redis.call('HDEL', job, 'coalesced_with')
-redis.call('ZADD', 'maskq:lane:' .. redis.call('HGET', job, 'lane'), ARGV[3], new)
+redis.call('ZADD', '${lane}' .. redis.call('HGET', job, 'lane'), ARGV[3], new)
 if owns then redis.call('SET', KEYS[1], new, 'EX', ARGV[2]) end
 for i = 2, #waiting do
-  redis.call('HSET', 'maskq:job:' .. waiting[i], 'coalesced_with', new)
-  redis.call('RPUSH', 'maskq:cache:followers:' .. new, waiting[i])
+  redis.call('HSET', '${job}' .. waiting[i], 'coalesced_with', new)
+  redis.call('RPUSH', '${cache_followers}' .. new, waiting[i])
 end
-if #waiting > 1 then redis.call('EXPIRE', 'maskq:cache:followers:' .. new, ARGV[2]) end
+if #waiting > 1 then redis.call('EXPIRE', '${cache_followers}' .. new, ARGV[2]) end
 return waiting
-"""
+""")
 
 
 @dataclass(frozen=True)
@@ -221,7 +214,7 @@ class ResultCache:
     """The result cache and in-flight coalescing over Redis; see the module's docstring.
 
     Built per use (it holds no state of its own): by the web front end with its
-    ``Services``, by a worker with :func:`settle_after_run`. ``catalog`` and
+    ``Services``, by a worker with :func:`workers.job_end.settle`. ``catalog`` and
     ``celery`` are needed only to send a follower that became a leader to a worker.
     """
 
@@ -359,45 +352,14 @@ class ResultCache:
         record = self.jobs.get(job_id)
         if record is None:
             return
-        soft, hard = self.settings.job_soft_time_limit_s, self.settings.job_hard_time_limit_s
+        limits = (self.settings.job_soft_time_limit_s, self.settings.job_hard_time_limit_s)
         if self.catalog is not None:
             try:
-                soft, hard = self.catalog.time_limits(record.model, self.settings)
+                limits = self.catalog.current().time_limits(record.model, self.settings)
             except Exception:  # a model no longer in the manifest: the worker fails the job with its reason
                 pass
-        celery = self.celery
-        if celery is None:
-            from celery import current_app as celery
-        celery.send_task("maskq.run_job", args=[job_id], queue=record.lane, task_id=job_id,
-                         soft_time_limit=soft, time_limit=hard)
+        send_job(self.celery, job_id, record.lane, limits)
 
     def _lifetime_s(self, created_at: float, now: float) -> int:
         """Seconds until the job created at ``created_at`` (its record or its objects) is gone."""
         return int(created_at + min(self.settings.job_ttl_s, self.settings.retention_s) - now)
-
-
-def settle_after_run(job_id: str) -> None:
-    """In a worker's pool process, after ``maskq.run_job`` ended: :meth:`ResultCache.settle`, never raising.
-
-    A failure here is logged and leaves the job's own outcome as it is; the
-    jobs that waited on it are taken over by the next identical submission.
-    """
-    from workers import process
-
-    try:
-        worker = process.current()
-        ResultCache(worker.jobs, worker.settings, worker.models.catalog).settle(job_id)
-    except Exception:
-        log.exception("job %s: could not settle the jobs waiting on it", job_id)
-
-
-def settle_job(job_id: str, jobs: JobStore, celery=None) -> None:
-    """:meth:`ResultCache.settle` where no worker process exists (a worker's main process); never raises."""
-    try:
-        from config.settings import load_settings
-        from workers.registry import ModelCatalog
-
-        settings = load_settings()
-        ResultCache(jobs, settings, ModelCatalog.load(settings.models_manifest), celery).settle(job_id)
-    except Exception:
-        log.exception("job %s: could not settle the jobs waiting on it", job_id)

@@ -1,4 +1,4 @@
-"""The model catalog (from the manifest, followed as it changes) and the adapters a worker process holds."""
+"""The adapters one worker process holds, set up from the model catalog and kept in step with it."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,128 +6,13 @@ import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
-from tasks.errors import MaskqError, ModelError, ValidationFailed
-from workers.adapters.base import ModelAdapter, ModelSpec, RuntimeOptions
-from workers.manifest import ManifestFile, import_adapter, read_manifest
+from domain.errors import MaskqError, ModelError
+from models.adapters.base import ModelAdapter, ModelSpec, RuntimeOptions
+from models.catalog import LiveCatalog, ModelCatalog
+from models.manifest import import_adapter
 
 log = logging.getLogger(__name__)
-
-
-class ModelCatalog:
-    """The models a deployment serves, by name, as one reading of the manifest lists them.
-
-    Reading it imports each adapter's module for its ``prompt_kinds`` but
-    loads no model: the web front end uses the catalog too. A catalog never
-    changes; :class:`LiveCatalog` swaps in a new one when the file changes.
-    """
-
-    def __init__(self, specs: dict[str, ModelSpec], default: str):
-        if default not in specs:
-            raise ValueError(f"the default model {default!r} is not in the manifest")
-        self.specs = specs
-        self.default = default
-
-    @classmethod
-    def load(cls, path: Path) -> "ModelCatalog":
-        """The catalog of a manifest file; :class:`workers.manifest.ManifestError` if it is invalid."""
-        path = Path(path)
-        manifest = read_manifest(path)
-        return cls(manifest.specs(path.parent), manifest.default_model)
-
-    def current(self, force: bool = False) -> "ModelCatalog":
-        return self
-
-    def spec(self, name: str | None) -> ModelSpec:
-        name = name or self.default
-        try:
-            return self.specs[name]
-        except KeyError:
-            raise ValidationFailed(
-                f"unknown model {name!r}; this deployment serves: {', '.join(sorted(self.specs))}",
-                errors=[{"field": "model", "message": f"unknown model {name!r}"}],
-            ) from None
-
-    def adapter_class(self, name: str | None) -> type[ModelAdapter]:
-        return import_adapter(self.spec(name).adapter)
-
-    def time_limits(self, name: str | None, settings) -> tuple[float, float]:
-        """``(soft, hard)`` seconds for one job of this model."""
-        spec = self.spec(name)
-        return (spec.soft_time_limit_s or settings.job_soft_time_limit_s,
-                spec.hard_time_limit_s or settings.job_hard_time_limit_s)
-
-    def check_time_limits(self, settings) -> None:
-        """Refuse a manifest whose hard limits outlast the broker's visibility timeout (celery#5935)."""
-        for name in self.specs:
-            soft, hard = self.time_limits(name, settings)
-            if not soft < hard < settings.visibility_timeout_s:
-                raise ValueError(
-                    f"model {name!r}: need soft time limit ({soft} s) < hard time limit ({hard} s) < "
-                    f"MASKQ_VISIBILITY_TIMEOUT_S ({settings.visibility_timeout_s} s); otherwise a job still "
-                    "running would be handed to a second worker"
-                )
-
-    def memory_per_job_mb(self) -> float:
-        """What the hungriest model needs for one job: a worker may serve any of them next."""
-        return max(spec.memory_mb for spec in self.specs.values())
-
-    def prompt_kinds(self, name: str | None) -> frozenset[str]:
-        return self.adapter_class(name).prompt_kinds
-
-    def fallbacks(self, name: str) -> list[str]:
-        """The models that stand in for ``name``, in order (the manifest has no cycles)."""
-        chain = []
-        while (name := self.specs[name].fallback) is not None:
-            chain.append(name)
-        return chain
-
-
-class LiveCatalog:
-    """The catalog of a manifest file that may change while the process runs.
-
-    :meth:`current` re-reads the file when it changed (checked with one
-    ``os.stat`` at most every ``check_s`` seconds). A new manifest that does
-    not validate is logged and ignored: the last good catalog stays in force,
-    and :attr:`error` says why. Every attribute of :class:`ModelCatalog` is
-    reachable on this object too, read from the current catalog, so holders
-    of a catalog need not know that it can change; take ``current()`` once
-    where several reads must agree (one submission).
-    """
-
-    def __init__(self, path: Path, check_s: float, settings=None):
-        self.path = Path(path)
-        self.settings = settings
-        self.error: str | None = None
-        self._lock = threading.Lock()
-        self.file = ManifestFile(self.path, check_s)  # stamped before the read: a change in between is seen
-        self._catalog = self._read()
-
-    def _read(self) -> ModelCatalog:
-        catalog = ModelCatalog.load(self.path)
-        if self.settings is not None:
-            catalog.check_time_limits(self.settings)
-        return catalog
-
-    def current(self, force: bool = False) -> ModelCatalog:
-        with self._lock:
-            if self.file.changed(force):
-                try:
-                    self._catalog = self._read()
-                    self.error = None
-                    log.info("model manifest %s re-read: %s", self.path,
-                             {name: spec.version for name, spec in self._catalog.specs.items()})
-                except Exception as exc:  # ManifestError, refused time limits: never take the service down
-                    self.error = str(exc)
-                    log.error("model manifest %s changed but cannot be used; keeping the last good one: %s",
-                              self.path, exc)
-            return self._catalog
-
-    def __getattr__(self, name: str):
-        if name.startswith("_"):  # not half-built state (copy, pickle, __init__) reaching for the catalog
-            raise AttributeError(name)
-        return getattr(self.current(), name)
 
 
 @dataclass(frozen=True)
@@ -290,26 +175,3 @@ class LoadedModels:
 
     def stop_watching(self) -> None:
         self._stop.set()
-
-
-def describe_models(catalog: ModelCatalog, workers: list[dict]) -> list[dict]:
-    """Each model of ``catalog`` with what the live workers' heartbeats say about it (``GET /v1/models``)."""
-    models = []
-    for name, spec in catalog.specs.items():
-        versions = sorted({w["models"][name] for w in workers if name in w.get("models", {})})
-        errors = sorted({e["error"] for w in workers
-                         if (e := w.get("model_errors", {}).get(name)) and e.get("version") == spec.version})
-        entry = {
-            "name": name,
-            "version": spec.version,
-            "default": name == catalog.default,
-            "prompt_kinds": sorted(catalog.prompt_kinds(name)),
-            "loaded": spec.version in versions,
-            "loaded_versions": versions,
-            "fallback": spec.fallback,
-            "max_batch_size": spec.max_batch_size,
-        }
-        if errors:
-            entry["error"] = errors[0]
-        models.append(entry)
-    return models

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from tasks.errors import CorruptImage, PayloadTooLarge, UnsupportedMediaType
+from domain.errors import CorruptImage, PayloadTooLarge, UnsupportedMediaType
 
 # Magic bytes → (format name, media type). The name must agree with what Pillow reads.
 SIGNATURES: tuple[tuple[bytes, int, str, str], ...] = (
@@ -60,7 +60,7 @@ def sniff(data: bytes) -> tuple[str, str]:
 
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImage:
-    """Check and decode ``data``; raise an :class:`~tasks.errors.InputError` subclass if it is no usable image."""
+    """Check and decode ``data``; raise an :class:`~domain.errors.InputError` subclass if it is no usable image."""
     if not data:
         raise CorruptImage("the image is empty (0 bytes)")
     if len(data) > max_bytes:

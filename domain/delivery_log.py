@@ -19,19 +19,13 @@ from dataclasses import dataclass
 
 import redis
 
-from tasks.records import JobRecord, rfc3339
+from domain import keys
+from domain.records import JobRecord, rfc3339
 
 
-def message_key(message_id: str) -> str:
-    return f"maskq:webhook:msg:{message_id}"
-
-
-def attempts_key(message_id: str) -> str:
-    return f"maskq:webhook:msg:{message_id}:attempts"
-
-
-def job_deliveries_key(job_id: str) -> str:
-    return f"maskq:job:{job_id}:deliveries"
+message_key = keys.webhook_message
+attempts_key = keys.webhook_attempts
+job_deliveries_key = keys.job_deliveries
 
 
 @dataclass
@@ -127,8 +121,8 @@ class DeliveryLog:
     def forget_job(self, job_id: str) -> int:
         """Delete the job's messages and their attempts; return how many messages went."""
         ids = [m.decode() for m in self.redis.lrange(job_deliveries_key(job_id), 0, -1)]
-        keys = [job_deliveries_key(job_id)] + [message_key(i) for i in ids] + [attempts_key(i) for i in ids]
-        self.redis.delete(*keys)
+        doomed = [job_deliveries_key(job_id)] + [message_key(i) for i in ids] + [attempts_key(i) for i in ids]
+        self.redis.delete(*doomed)
         return len(ids)
 
     def document(self, job_id: str) -> list[dict]:

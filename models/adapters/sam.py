@@ -32,10 +32,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from tasks.errors import ModelError, ValidationFailed
-from workers.adapters.base import Instance, ModelAdapter, ModelSpec, RuntimeOptions, SegmentRequest
-from workers.adapters.onnx import create_session
-from workers.embedding_cache import EmbeddingCache
+from domain.errors import ModelError, ValidationFailed
+from models.adapters.base import Instance, ModelAdapter, ModelSpec, RuntimeOptions, SegmentRequest
+from models.adapters.onnx import create_session
+from models.embedding_cache import EmbeddingCache
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "multimask": False,  # False: SAM's single mask per prompt; True: its three candidates, best first

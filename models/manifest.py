@@ -6,7 +6,7 @@ names the model and the field, so a typo fails at start-up, or, when the file
 changes while the service runs, leaves the last good manifest in force.
 
 :class:`ManifestFile` notices a change with one ``os.stat`` at most every
-``MASKQ_MANIFEST_CHECK_S`` seconds; :mod:`workers.registry` re-reads the file
+``MASKQ_MANIFEST_CHECK_S`` seconds; :mod:`models.catalog` re-reads the file
 then (the web process for new submissions, each worker pool process for the
 adapters it holds).
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workers.adapters.base import ModelAdapter, ModelSpec
+from models.adapters.base import ModelAdapter, ModelSpec
 
 # Short names for the providers an operator is most likely to list; any other onnxruntime provider
 # is accepted by its full name ("...ExecutionProvider").

@@ -2,7 +2,7 @@
 
 The same models validate ``POST /v1/jobs`` and describe it in the OpenAPI
 document; the worker turns the stored, validated request into
-:class:`workers.adapters.base.Prompts`.
+:class:`models.adapters.base.Prompts`.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from config.settings import LANES
-from tasks import masks
-from tasks.errors import ValidationFailed
+from domain import masks
+from domain.errors import ValidationFailed
 
 Lane = Literal["interactive", "default", "batch"]
 Output = Literal["rle", "png", "polygon"]

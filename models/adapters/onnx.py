@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from tasks.errors import ModelError
-from workers.adapters.base import RuntimeOptions
+from domain.errors import ModelError
+from models.adapters.base import RuntimeOptions
 
 log = logging.getLogger(__name__)
 

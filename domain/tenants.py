@@ -6,7 +6,7 @@ hash: ``maskq:apikey:{sha256}`` is a hash with the key's tenant and policy
 32 random bytes needs no slow password hash: nobody can guess one, so a fast
 hash only has to make the stored form useless to whoever reads Redis.
 
-A tenant's webhook secret (``whsec_…``) is :func:`tasks.webhooks.tenant_secret`,
+A tenant's webhook secret (``whsec_…``) is :func:`domain.webhooks.tenant_secret`,
 shared by all of the tenant's keys; ``maskq keys create`` shows it.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import redis
 from limits import parse_many
 
 from config.settings import LANES
+from domain import keys
 
 KEY_PREFIX = "mq_"
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -118,14 +119,12 @@ class ApiKey:
 class KeyStore:
     """Creates, finds, lists and revokes API keys."""
 
-    INDEX = "maskq:apikeys"
+    INDEX = keys.API_KEYS
 
     def __init__(self, client: redis.Redis):
         self.redis = client
 
-    @staticmethod
-    def key(key_hash: str) -> str:
-        return f"maskq:apikey:{key_hash}"
+    key = staticmethod(keys.api_key)
 
     def create(self, tenant: str, *, lane: str | None = None, max_lane: str = "interactive",
                rate: str | None = None, label: str = "") -> tuple[str, ApiKey]:

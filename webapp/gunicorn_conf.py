@@ -1,4 +1,4 @@
-"""gunicorn's settings, from maskq's: ``gunicorn -c config/gunicorn.py "webapp.app:create_app()"``."""
+"""gunicorn's settings, from maskq's: ``gunicorn -c webapp/gunicorn_conf.py "webapp.app:create_app()"``."""
 from config.settings import load_settings
 
 _settings = load_settings()

@@ -16,9 +16,9 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from tasks.errors import ModelError
-from workers.adapters.base import Instance, ModelAdapter, ModelSpec, Prompts, RuntimeOptions, SegmentRequest
-from workers.adapters.onnx import create_session
+from domain.errors import ModelError
+from models.adapters.base import Instance, ModelAdapter, ModelSpec, Prompts, RuntimeOptions, SegmentRequest
+from models.adapters.onnx import create_session
 
 # rapidocr 1.4.4's config.yaml (Global, Det and Rec sections).
 DEFAULT_OPTIONS: dict[str, Any] = {

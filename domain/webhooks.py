@@ -1,17 +1,12 @@
-"""Webhooks per the Standard Webhooks spec: events, signatures, the delivery task, the delivery log.
+"""Webhooks per the Standard Webhooks spec: events, signatures, and queuing a delivery.
 
 When a job's record moves (``JobStore.on_moved`` → :class:`JobEvents`), the
 event the job asked for becomes a *message* in Redis (its id is the
 ``webhook-id`` every attempt carries, so receivers can drop duplicates) and a
-``maskq.deliver_webhook`` task on the ``webhooks`` queue. Each attempt is
-signed afresh (``webhook-timestamp`` is the attempt's time), logged, and on
-failure scheduled again after the next pause of ``webhook_retry_schedule_s``
-(jittered; longer if the receiver's ``Retry-After`` asks). A 410 disables the
-URL. Nothing here ever touches the job's record: delivery cannot fail a job.
-
-Long pauses are taken in hops no longer than half the broker's visibility
-timeout, because a Redis broker hands an ETA message that outlives that
-timeout to a second worker (celery#5935).
+``maskq.deliver_webhook`` task on the ``webhooks`` queue. A worker makes the
+attempts (``workers/webhook_delivery.py``); the retry schedule and the
+``Retry-After`` reading are here, pure functions both. Nothing here ever
+touches the job's record: delivery cannot fail a job.
 """
 from __future__ import annotations
 
@@ -25,15 +20,12 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 import redis
-import requests
-from celery import shared_task
 from standardwebhooks.webhooks import Webhook
 
 from config.celery import WEBHOOK_QUEUE
-from tasks.delivery_log import DeliveryLog, Message
-from tasks.documents import job_document
-from tasks.records import JobRecord, JobState, JobStore
-from tasks.webhook_urls import ForbiddenAddress, guard_for
+from domain import keys
+from domain.delivery_log import DeliveryLog
+from domain.records import JobRecord, JobState, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +37,11 @@ EVENT_OF_STATE = {
 DEFAULT_EVENTS = ("job.succeeded", "job.failed")
 DEFAULT_TTL_S = 7 * 24 * 3600
 USER_AGENT = "maskq-webhooks/1"
-DISABLED_URLS = "maskq:webhook:disabled"
+DISABLED_URLS = keys.WEBHOOK_DISABLED_URLS
+DELIVER_WEBHOOK = "maskq.deliver_webhook"  # the Celery task that makes one attempt (tasks/deliver_webhook.py)
 
 
-def secret_key(tenant: str) -> str:
-    return f"maskq:webhook:secret:{tenant}"
+secret_key = keys.webhook_secret
 
 
 def tenant_secret(client: redis.Redis, tenant: str, configured=None) -> str:
@@ -104,7 +96,7 @@ def notify(job: JobRecord | str, event: str, client: redis.Redis, celery_app=Non
         body = dumps(record.document()) if event == "job.started" else ""
         ttl = client.ttl(JobStore.key(record.id))
         message = DeliveryLog(client).create(record, event, hook[0], body, ttl if ttl > 0 else DEFAULT_TTL_S)
-        _app(celery_app).send_task("maskq.deliver_webhook", args=[message.id, 1, 0, None], queue=WEBHOOK_QUEUE)
+        _app(celery_app).send_task(DELIVER_WEBHOOK, args=[message.id, 1, 0, None], queue=WEBHOOK_QUEUE)
         log.info("job %s: %s queued for delivery as %s", record.id, event, message.id)
         return message.id
     except Exception:
@@ -138,7 +130,7 @@ def redeliver(client: redis.Redis, job_id: str, message_id: str | None = None, c
             continue
         client.hdel(DISABLED_URLS, message.url)
         generation = deliveries.restart(message.id)
-        _app(celery_app).send_task("maskq.deliver_webhook", args=[message.id, 1, generation, None], queue=WEBHOOK_QUEUE)
+        _app(celery_app).send_task(DELIVER_WEBHOOK, args=[message.id, 1, generation, None], queue=WEBHOOK_QUEUE)
         queued.append(message.id)
     return queued
 
@@ -168,94 +160,6 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
-
-
-@shared_task(name="maskq.deliver_webhook", ignore_result=True)
-def deliver_webhook(message_id: str, attempt: int = 1, generation: int = 0, not_before: float | None = None) -> None:
-    from workers import process
-
-    worker = process.current()
-    settings = worker.settings
-    deliveries = DeliveryLog(worker.redis)
-    message = deliveries.get(message_id)
-    # Gone (retention), superseded by a redelivery, or already settled: nothing to do.
-    if message is None or message.generation != generation or message.status != "pending":
-        return
-    wait = (not_before or 0) - time.time()
-    if wait > 0.005:
-        _schedule(message_id, attempt, generation, not_before, wait, settings.visibility_timeout_s)
-        return
-    if worker.redis.hexists(DISABLED_URLS, message.url):
-        deliveries.record(message, None, "not sent: a 410 answer disabled deliveries to this URL", 0)
-        deliveries.settle(message, "disabled")
-        return
-    status, error, retry_after, permanent, started = None, None, None, False, time.monotonic()
-    try:
-        body = message.body or deliveries.freeze_body(message, _ending_body(message, worker))
-        status, retry_after = _post(message, body, settings, worker.redis)
-        if not 200 <= status < 300:
-            error = f"HTTP {status}"
-    except ForbiddenAddress as exc:
-        error, permanent = str(exc), True
-    except _JobGone as exc:
-        error, permanent = str(exc), True
-    except requests.RequestException as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    except Exception as exc:  # a storage outage while building the body, among others: try again later
-        error = f"{type(exc).__name__}: {exc}"
-    deliveries.record(message, status, error, int((time.monotonic() - started) * 1000))
-    if error is None:
-        deliveries.settle(message, "succeeded")
-        log.info("job %s: %s delivered (%s) on attempt %d", message.job_id, message.event, message.id, attempt)
-    elif status == 410:
-        worker.redis.hset(DISABLED_URLS, message.url, json.dumps({"at": time.time(), "message_id": message.id}))
-        deliveries.settle(message, "disabled")
-        log.info("job %s: %s answered 410 Gone; deliveries to it are disabled", message.job_id, message.url)
-    else:
-        pause = None if permanent else next_pause(attempt, settings.webhook_retry_schedule_s,
-                                                   settings.webhook_retry_jitter, retry_after,
-                                                   settings.webhook_retry_after_max_s)
-        if pause is None:
-            deliveries.settle(message, "failed")
-            log.info("job %s: %s not delivered after attempt %d (%s); giving up", message.job_id, message.event,
-                     attempt, error)
-            return
-        due = time.time() + pause
-        deliveries.set_next(message, due)
-        log.info("job %s: %s attempt %d failed (%s); next in %.2f s", message.job_id, message.event, attempt,
-                 error, pause)
-        _schedule(message_id, attempt + 1, generation, due, pause, settings.visibility_timeout_s)
-
-
-class _JobGone(Exception):
-    pass
-
-
-def _ending_body(message: Message, worker) -> str:
-    record = worker.jobs.get(message.job_id)
-    if record is None:
-        raise _JobGone(f"job {message.job_id} no longer exists; nothing to send")
-    settings = worker.settings
-    base_url = settings.public_url or f"http://{settings.host}:{settings.port}"
-    return dumps(job_document(record, worker.storage, base_url))
-
-
-def _post(message: Message, body: str, settings, client: redis.Redis) -> tuple[int, float | None]:
-    secret = tenant_secret(client, message.tenant, settings.webhook_secret if message.tenant == "default" else None)
-    headers = sign(secret, message.id, int(time.time()), body)
-    # The body is the job as GET shows it; which event it reports travels beside it.
-    headers.update({"content-type": "application/json", "user-agent": USER_AGENT, "maskq-event": message.event})
-    with guard_for(settings.webhook_allowed_networks).session() as session:
-        # No redirects: a webhook that moved must be registered again, and a redirect could lead inside.
-        response = session.post(message.url, data=body.encode(), headers=headers,
-                                timeout=settings.webhook_timeout_s, allow_redirects=False, stream=True)
-        response.close()
-    return response.status_code, retry_after_seconds(response.headers.get("retry-after"))
-
-
-def _schedule(message_id: str, attempt: int, generation: int, due: float, wait: float, visibility_s: float) -> None:
-    hop = max(0.0, min(wait, visibility_s / 2))
-    deliver_webhook.apply_async(args=[message_id, attempt, generation, due], countdown=hop, queue=WEBHOOK_QUEUE)
 
 
 def _app(celery_app):

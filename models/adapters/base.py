@@ -7,7 +7,7 @@ A worker process holds one adapter per model. The lifecycle is fixed:
    import onnxruntime or read a model file.
 2. ``setup(runtime)`` runs once per worker process (from
    ``worker_process_init``), never at import and never per job. Create the
-   ONNX Runtime sessions here with :func:`workers.adapters.onnx.create_session`
+   ONNX Runtime sessions here with :func:`models.adapters.onnx.create_session`
    so every session honours the deployment's providers and thread settings.
 3. ``preprocess(requests) -> (tensors, metas)`` turns a batch of decoded
    images and their prompts into model inputs; ``metas`` carries whatever
@@ -37,7 +37,7 @@ A minimal adapter::
         def postprocess(self, outputs, metas):
             return [[Instance(mask=o[0] > 0.5, score=1.0)] for o in outputs]
 
-Adapters raise :class:`tasks.errors.ModelError` for a model that misbehaves;
+Adapters raise :class:`domain.errors.ModelError` for a model that misbehaves;
 anything they raise is reported on the job, never crashes the worker.
 """
 from __future__ import annotations
@@ -153,6 +153,10 @@ class ModelAdapter:
     prompt_kinds: ClassVar[frozenset[str]] = frozenset()
     # True for models that cannot "segment everything" and need at least one prompt.
     requires_prompt: ClassVar[bool] = False
+    # True for an adapter whose predict() runs a whole batch as one stacked inference call. Only then
+    # does a worker take more queued jobs along (workers/batching.py, with the manifest's
+    # max_batch_size > 1): for an adapter that loops image by image, a batch would only add waiting.
+    stacks_batches: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec

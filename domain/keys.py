@@ -1,0 +1,130 @@
+"""Every name maskq gives a thing it keeps: its Redis keys, and the job folders in object storage.
+
+One home, so that a reader can see the whole keyspace at once and no module
+spells a key its own way. The Lua scripts take their key names from here too:
+a script written with ``${job}``, ``${lane}``… placeholders is filled in by
+:func:`lua` with the prefixes below (a script cannot be handed every key it
+touches in ``KEYS``, because it finds some ids only as it runs).
+
+Celery's own keys (the lane lists named after the lanes, ``unacked``,
+``_kombu.binding.*``) and flask-limiter's are theirs, not listed here.
+"""
+from __future__ import annotations
+
+from string import Template
+
+# -- jobs -------------------------------------------------------------------------------------
+JOB_PREFIX = "maskq:job:"                # + id: the job's record (a hash, with a TTL)
+LANE_PREFIX = "maskq:lane:"              # + lane: ids of the jobs queued in it, by entry time (a sorted set)
+DEADLINES = "maskq:deadlines"            # ids of queued jobs with a deadline, by deadline
+PROMOTED = "maskq:promoted"              # aged jobs promoted to the interactive lane and still queued
+# Every job ever created, "tenant/job_id" by created_at, kept after the record expires: retention's index.
+CREATED = "maskq:jobs:created"
+DURATIONS = "maskq:durations"            # how long recent jobs ran (a capped list), for start estimates
+
+
+def job(job_id: str) -> str:
+    return f"{JOB_PREFIX}{job_id}"
+
+
+def job_events(job_id: str) -> str:
+    """The pub/sub channel on which a job's moves are published (for long polls)."""
+    return f"{JOB_PREFIX}{job_id}:events"
+
+
+def lane_index(lane: str) -> str:
+    """A sorted set of the ids of the jobs queued in ``lane``, by the time they entered it."""
+    return f"{LANE_PREFIX}{lane}"
+
+
+# -- the result cache and coalescing ------------------------------------------------------------
+CACHE_ENTRY_PREFIX = "maskq:cache:entry:"        # + digest: the id of the job whose result it is
+CACHE_INDEX = "maskq:cache:index"                # digests by insertion time, for the size bound
+CACHE_INFLIGHT_PREFIX = "maskq:cache:inflight:"  # + digest: the job in flight that identical jobs follow
+CACHE_FOLLOWERS_PREFIX = "maskq:cache:followers:"  # + leader id: the jobs waiting on it
+
+
+def cache_entry(digest: str) -> str:
+    return f"{CACHE_ENTRY_PREFIX}{digest}"
+
+
+def cache_inflight(digest: str) -> str:
+    return f"{CACHE_INFLIGHT_PREFIX}{digest}"
+
+
+def cache_followers(job_id: str) -> str:
+    return f"{CACHE_FOLLOWERS_PREFIX}{job_id}"
+
+
+# -- tenants and submissions ----------------------------------------------------------------------
+API_KEYS = "maskq:apikeys"               # every key hash (a set), for listing
+
+
+def api_key(key_hash: str) -> str:
+    return f"maskq:apikey:{key_hash}"
+
+
+def idempotency(tenant: str, digest: str) -> str:
+    return f"maskq:idempotency:{tenant}:{digest}"
+
+
+# -- webhooks -------------------------------------------------------------------------------------
+WEBHOOK_DISABLED_URLS = "maskq:webhook:disabled"  # URLs a 410 answer disabled (a hash)
+
+
+def webhook_secret(tenant: str) -> str:
+    return f"maskq:webhook:secret:{tenant}"
+
+
+def webhook_message(message_id: str) -> str:
+    return f"maskq:webhook:msg:{message_id}"
+
+
+def webhook_attempts(message_id: str) -> str:
+    return f"maskq:webhook:msg:{message_id}:attempts"
+
+
+def job_deliveries(job_id: str) -> str:
+    return f"{JOB_PREFIX}{job_id}:deliveries"
+
+
+# -- workers, as they record themselves -------------------------------------------------------------
+WORKER_PREFIX = "maskq:worker:"          # + "host:pid": a pool process's heartbeat (a JSON value with a TTL)
+GATE_PREFIX = "maskq:gate:worker:"       # + worker name: its resource gate's state
+GATE_RESERVE_MB = "maskq:gate:reserve_mb"  # an operator's override of the gate's reserve
+CLAIM_OWNERS = "maskq:claims"            # the pool processes ("host:pid") holding batch claims now
+
+
+def worker(owner: str) -> str:
+    return f"{WORKER_PREFIX}{owner}"
+
+
+def gate(worker_name: str) -> str:
+    return f"{GATE_PREFIX}{worker_name}"
+
+
+def claims(owner: str) -> str:
+    """The messages one pool process took off the lanes for a batch (a hash by job id)."""
+    return f"maskq:claimed:{owner}"
+
+
+# -- object storage ---------------------------------------------------------------------------------
+def job_prefix(tenant: str, job_id: str) -> str:
+    """Where one job's objects live in storage: ``tenants/{tenant}/jobs/{job_id}/``."""
+    return f"tenants/{tenant}/jobs/{job_id}/"
+
+
+# -- Lua ------------------------------------------------------------------------------------------------
+_PREFIXES = {
+    "job": JOB_PREFIX,
+    "lane": LANE_PREFIX,
+    "deadlines": DEADLINES,
+    "promoted": PROMOTED,
+    "cache_entry": CACHE_ENTRY_PREFIX,
+    "cache_followers": CACHE_FOLLOWERS_PREFIX,
+}
+
+
+def lua(script: str) -> str:
+    """``script`` with its ``${job}``-style placeholders replaced by the key names above."""
+    return Template(script).substitute(_PREFIXES)

@@ -1,0 +1,145 @@
+"""How a job ends, in one place, whether it ran alone (``workers/job_runner.py``) or in a batch.
+
+:func:`end_job` takes what running the job gave, a result or an exception,
+and moves the record:
+
+- a result ``(result_key, instance count)``: ``succeeded``. If the job was
+  canceled while it ran, the model could not be stopped, so its result is
+  discarded; if another run of it ended it first (a redelivery), that run's
+  result, at the same keys, stays.
+- ``InputError``: ``failed`` with its code (``input``), logged at INFO.
+- ``SoftTimeLimitExceeded``: ``failed`` with ``timeout``.
+- out of memory (:class:`ResourceExhausted`, ``MemoryError``, or ONNX Runtime
+  saying it could not allocate): back on its lane after ``oom_retry_delay_s``
+  while the job has had at most ``oom_retries`` attempts, then ``failed``
+  with ``resources``. Attempts are counted by the record's start transition,
+  so a retry after a crash counts too.
+- another :class:`MaskqError`: ``failed`` with its code, logged as an error.
+- anything else: ``failed`` with ``internal``.
+
+Then :func:`settle` fills the result cache and resolves the identical jobs
+that waited on this one. It runs for every job that leaves a worker, however
+it left, and never raises.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import redis
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from config.settings import Settings, load_settings
+from domain.errors import InputError, MaskqError, ResourceExhausted
+from domain.lanes import send_job
+from domain.records import JobRecord, JobState, JobStore
+from domain.result_cache import ResultCache
+from domain.webhooks import JobEvents
+from models.catalog import ModelCatalog
+from workers import pipeline
+
+log = logging.getLogger(__name__)
+
+Outcome = tuple[str, int] | BaseException
+
+# How ONNX Runtime and its providers word an allocation failure.
+_OOM_MESSAGES = ("out of memory", "failed to allocate memory", "bad_alloc", "cudaerrormemoryallocation")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device (host or GPU) could not allocate memory."""
+    return isinstance(exc, (MemoryError, ResourceExhausted)) or any(m in str(exc).lower() for m in _OOM_MESSAGES)
+
+
+def end_job(worker, record: JobRecord, outcome: Outcome, ran_for_s: float) -> None:
+    """Move ``record``'s job to where ``outcome`` leads (see the module's docstring)."""
+    if isinstance(outcome, tuple):
+        _succeed(worker, record, outcome, ran_for_s)
+    elif out_of_memory(outcome):
+        _out_of_memory(worker, record, outcome)
+    else:
+        code, detail = describe_failure(record.id, outcome)
+        worker.jobs.fail(record.id, code, detail)
+
+
+def _succeed(worker, record: JobRecord, outcome: tuple[str, int], ran_for_s: float) -> None:
+    jobs, (key, count) = worker.jobs, outcome
+    if jobs.succeed(record.id, key, count):
+        jobs.record_duration(ran_for_s)
+        log.info("job %s: succeeded with %d instances", record.id, count)
+    elif (now := jobs.get(record.id)) is not None and now.status == JobState.CANCELED:
+        pipeline.discard_result(record, worker.storage)
+        log.info("job %s: canceled while running; result discarded", record.id)
+    else:
+        log.info("job %s: already ended by another run; keeping its result", record.id)
+
+
+def _out_of_memory(worker, record: JobRecord, exc: BaseException) -> None:
+    settings, jobs = worker.settings, worker.jobs
+    detail = exc.detail if isinstance(exc, MaskqError) else f"out of memory during inference: {exc}"
+    now = jobs.get(record.id)
+    attempts = now.attempts if now is not None else record.attempts
+    if attempts > settings.oom_retries:
+        log.info("job %s: out of memory %d times; giving up", record.id, attempts)
+        jobs.fail(record.id, "resources", f"the device ran out of memory {attempts} times: {detail}")
+        return
+    if jobs.requeue(record.id, {"code": ResourceExhausted.code, "message": detail}):
+        send_job(None, record.id, record.lane, time_limits(worker, record.model), countdown=settings.oom_retry_delay_s)
+        log.info("job %s: out of memory; back on the %s lane in %.1f s", record.id, record.lane,
+                 settings.oom_retry_delay_s)
+
+
+def describe_failure(job_id: str, exc: BaseException) -> tuple[str, str]:
+    """A failed job's error code and message, logged at the level its kind deserves."""
+    if isinstance(exc, InputError):
+        log.info("job %s: bad input: %s", job_id, exc.detail)
+        return exc.code, exc.detail
+    if isinstance(exc, SoftTimeLimitExceeded):
+        log.info("job %s: over its soft time limit", job_id)
+        return "timeout", "the job ran past its time limit"
+    if isinstance(exc, MaskqError):
+        log.error("job %s: %s", job_id, exc.detail, exc_info=exc)
+        return exc.code, exc.detail
+    log.error("job %s: unexpected error", job_id, exc_info=exc)
+    return "internal", f"{type(exc).__name__}: {exc}"
+
+
+def time_limits(worker, model: str) -> tuple[float, float]:
+    """``(soft, hard)`` seconds for a job of ``model``; the deployment's when the manifest no longer has it."""
+    settings = worker.settings
+    try:
+        return worker.models.catalog.current().time_limits(model, settings)
+    except MaskqError:
+        return settings.job_soft_time_limit_s, settings.job_hard_time_limit_s
+
+
+def settle(jobs, settings, catalog, job_id: str) -> None:
+    """:meth:`ResultCache.settle` after job ``job_id`` left a worker; never raises.
+
+    A failure here is logged and leaves the job's own outcome as it is; the
+    jobs that waited on it are taken over by the next identical submission.
+    """
+    try:
+        ResultCache(jobs, settings, catalog).settle(job_id)
+    except Exception:
+        log.exception("job %s: could not settle the jobs waiting on it", job_id)
+
+
+def end_killed_job(job_id: str, why: str) -> None:
+    """A job whose pool process was killed at its hard time limit: ``failed`` with ``timeout``.
+
+    Called in the worker's main process, where no :class:`~workers.process.WorkerProcess`
+    exists: it keeps a connection of its own.
+    """
+    jobs, settings = _main_process_jobs()
+    log.info("job %s: killed at its hard time limit", job_id)
+    jobs.fail(job_id, "timeout", f"the job ran past its hard time limit ({why})")
+    settle(jobs, settings, ModelCatalog.load(settings.models_manifest), job_id)
+
+
+@functools.cache
+def _main_process_jobs() -> tuple[JobStore, Settings]:
+    settings = load_settings()
+    client = redis.Redis.from_url(settings.broker_url)
+    return JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client)), settings

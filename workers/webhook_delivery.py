@@ -1,0 +1,118 @@
+"""One webhook delivery attempt, made by a worker: sign, POST, log, and schedule the next attempt.
+
+The messages and their log are the domain's (``domain/webhooks.py``,
+``domain/delivery_log.py``); this is the part that talks to the receiver.
+Each attempt is signed afresh (``webhook-timestamp`` is the attempt's time),
+logged, and on failure scheduled again after the next pause of
+``webhook_retry_schedule_s`` (jittered; longer if the receiver's
+``Retry-After`` asks). A 410 disables the URL. Nothing here touches the job's
+record: delivery cannot fail a job.
+
+Long pauses are taken in hops no longer than half the broker's visibility
+timeout, because a Redis broker hands an ETA message that outlives that
+timeout to a second worker (celery#5935).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import redis
+import requests
+from celery import current_app
+
+from config.celery import WEBHOOK_QUEUE
+from domain.delivery_log import DeliveryLog, Message
+from domain.documents import job_document
+from domain.webhook_urls import ForbiddenAddress, guard_for
+from domain.webhooks import (DELIVER_WEBHOOK, DISABLED_URLS, USER_AGENT, dumps, next_pause, retry_after_seconds,
+                             sign, tenant_secret)
+
+log = logging.getLogger(__name__)
+
+
+def deliver(worker, message_id: str, attempt: int = 1, generation: int = 0, not_before: float | None = None) -> None:
+    """Make attempt ``attempt`` of message ``message_id`` (or wait for ``not_before``), log it, schedule the next."""
+    settings = worker.settings
+    deliveries = DeliveryLog(worker.redis)
+    message = deliveries.get(message_id)
+    # Gone (retention), superseded by a redelivery, or already settled: nothing to do.
+    if message is None or message.generation != generation or message.status != "pending":
+        return
+    wait = (not_before or 0) - time.time()
+    if wait > 0.005:
+        _schedule(message_id, attempt, generation, not_before, wait, settings.visibility_timeout_s)
+        return
+    if worker.redis.hexists(DISABLED_URLS, message.url):
+        deliveries.record(message, None, "not sent: a 410 answer disabled deliveries to this URL", 0)
+        deliveries.settle(message, "disabled")
+        return
+    status, error, retry_after, permanent, started = None, None, None, False, time.monotonic()
+    try:
+        body = message.body or deliveries.freeze_body(message, _ending_body(message, worker))
+        status, retry_after = _post(message, body, settings, worker.redis)
+        if not 200 <= status < 300:
+            error = f"HTTP {status}"
+    except ForbiddenAddress as exc:
+        error, permanent = str(exc), True
+    except _JobGone as exc:
+        error, permanent = str(exc), True
+    except requests.RequestException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # a storage outage while building the body, among others: try again later
+        error = f"{type(exc).__name__}: {exc}"
+    deliveries.record(message, status, error, int((time.monotonic() - started) * 1000))
+    if error is None:
+        deliveries.settle(message, "succeeded")
+        log.info("job %s: %s delivered (%s) on attempt %d", message.job_id, message.event, message.id, attempt)
+    elif status == 410:
+        worker.redis.hset(DISABLED_URLS, message.url, json.dumps({"at": time.time(), "message_id": message.id}))
+        deliveries.settle(message, "disabled")
+        log.info("job %s: %s answered 410 Gone; deliveries to it are disabled", message.job_id, message.url)
+    else:
+        pause = None if permanent else next_pause(attempt, settings.webhook_retry_schedule_s,
+                                                   settings.webhook_retry_jitter, retry_after,
+                                                   settings.webhook_retry_after_max_s)
+        if pause is None:
+            deliveries.settle(message, "failed")
+            log.info("job %s: %s not delivered after attempt %d (%s); giving up", message.job_id, message.event,
+                     attempt, error)
+            return
+        due = time.time() + pause
+        deliveries.set_next(message, due)
+        log.info("job %s: %s attempt %d failed (%s); next in %.2f s", message.job_id, message.event, attempt,
+                 error, pause)
+        _schedule(message_id, attempt + 1, generation, due, pause, settings.visibility_timeout_s)
+
+
+class _JobGone(Exception):
+    pass
+
+
+def _ending_body(message: Message, worker) -> str:
+    record = worker.jobs.get(message.job_id)
+    if record is None:
+        raise _JobGone(f"job {message.job_id} no longer exists; nothing to send")
+    settings = worker.settings
+    base_url = settings.public_url or f"http://{settings.host}:{settings.port}"
+    return dumps(job_document(record, worker.storage, base_url))
+
+
+def _post(message: Message, body: str, settings, client: redis.Redis) -> tuple[int, float | None]:
+    secret = tenant_secret(client, message.tenant, settings.webhook_secret if message.tenant == "default" else None)
+    headers = sign(secret, message.id, int(time.time()), body)
+    # The body is the job as GET shows it; which event it reports travels beside it.
+    headers.update({"content-type": "application/json", "user-agent": USER_AGENT, "maskq-event": message.event})
+    with guard_for(settings.webhook_allowed_networks).session() as session:
+        # No redirects: a webhook that moved must be registered again, and a redirect could lead inside.
+        response = session.post(message.url, data=body.encode(), headers=headers,
+                                timeout=settings.webhook_timeout_s, allow_redirects=False, stream=True)
+        response.close()
+    return response.status_code, retry_after_seconds(response.headers.get("retry-after"))
+
+
+def _schedule(message_id: str, attempt: int, generation: int, due: float, wait: float, visibility_s: float) -> None:
+    hop = max(0.0, min(wait, visibility_s / 2))
+    current_app.send_task(DELIVER_WEBHOOK, args=[message_id, attempt, generation, due], countdown=hop,
+                          queue=WEBHOOK_QUEUE)
