@@ -35,7 +35,7 @@ from config.settings import Settings, load_settings
 from domain.tenants import KeyStore
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT.parent / "shared" / "data" / "images"
+IMAGES = ROOT / "tests" / "data" / "images"
 ENDED = {"succeeded", "failed", "canceled", "expired"}
 
 

@@ -21,7 +21,9 @@ from config.embedded_redis import RedisServer
 from config.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT.parent / "shared" / "data" / "images"
+DATA = ROOT / "tests" / "data"  # copied from the shared data folder, with its provenance note (README.md there)
+IMAGES = DATA / "images"
+PHOTOS = DATA / "photos"
 VENV_BIN = Path(sys.executable).parent
 # Celery's own bookkeeping (queue bindings) and live worker heartbeats survive the per-test flush.
 KEEP_KEYS = (b"_kombu.binding.", b"maskq:worker:")
@@ -50,7 +52,7 @@ def free_port() -> int:
 
 def image_bytes(name: str) -> bytes:
     path = IMAGES / name
-    require(path.is_file(), f"test image {path} (the shared data folder beside the repository)")
+    require(path.is_file(), f"test image {path} (tests/data/)")
     return path.read_bytes()
 
 

@@ -44,7 +44,7 @@ def run_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 def test_a_folder_becomes_coco_json_with_bad_files_reported_and_a_rerun_submits_nothing_twice(
         web, base_env, redis_client, tmp_path):
-    require((IMAGES / "en.jpg").is_file(), "the shared test images")
+    require((IMAGES / "en.jpg").is_file(), "the test images in tests/data/")
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
     for name in ("en.jpg", "ch_en_num.jpg"):

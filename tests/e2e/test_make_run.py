@@ -13,7 +13,7 @@ from tests.conftest import IMAGES, ROOT, VENV_BIN, free_port, require
 
 
 def test_make_run_serves_the_readme_example_and_ctrl_c_stops_everything(tmp_path):
-    require((IMAGES / "ch_en_num.jpg").is_file(), "the shared test images")
+    require((IMAGES / "ch_en_num.jpg").is_file(), "the test images in tests/data/")
     port, flower = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MASKQ_")}
     env.update(MASKQ_DATA_DIR=str(tmp_path / "var"), MASKQ_PORT=str(port), MASKQ_FLOWER_PORT=str(flower),

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from models.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest
 from models.adapters.text_regions import TextRegionsAdapter, bundled_model_files, box_coverage, match_text
 
-IMAGES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "images"
+IMAGES = Path(__file__).resolve().parents[1] / "data" / "images"
 REPO = Path(__file__).resolve().parents[2]
 SPEC = ModelSpec(name="text-regions", version="1", adapter="models.adapters.text_regions:TextRegionsAdapter")
 
