@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     gpu_device_index: int = 0
     oom_retries: int = 3
     oom_retry_delay_s: float = 10
+    # A job started more often than this fails with code "attempts" (its process died every time).
+    job_max_attempts: int = Field(default=5, ge=1)
+
+    # Recovery (workers/recovery.py): every worker looks this often for running jobs that no live
+    # process is running; one unclaimed for recovery_grace_s goes back to its lane.
+    recovery_check_s: float = Field(default=5, gt=0)
+    recovery_grace_s: float = Field(default=20, gt=0)
 
     # Dynamic batching (workers/batching.py): a worker running a job of a model whose adapter stacks
     # batches and whose manifest sets max_batch_size > 1 takes up to that many queued jobs of the model
@@ -235,6 +242,13 @@ class Settings(BaseSettings):
                 f"MASKQ_STORAGE_RETRY_BOUND_S ({self.storage_retry_bound_s}) must be below "
                 f"MASKQ_JOB_SOFT_TIME_LIMIT_S ({self.job_soft_time_limit_s})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _attempts_outlast_oom_retries(self):
+        if self.job_max_attempts <= self.oom_retries:
+            raise ValueError(f"MASKQ_JOB_MAX_ATTEMPTS ({self.job_max_attempts}) must be above MASKQ_OOM_RETRIES "
+                             f"({self.oom_retries}), or out-of-memory retries would end as 'attempts'")
         return self
 
     @model_validator(mode="after")

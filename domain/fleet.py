@@ -6,7 +6,9 @@ web never imports the worker runtime to learn about workers.
 
 - A *heartbeat* is one JSON value per pool process, ``maskq:worker:{host}:{pid}``,
   refreshed every beat with a TTL of three beats: the models it has loaded,
-  their load errors, its embedding-cache counters, and ``at``.
+  their load errors, its embedding-cache counters, the ids of the jobs it is
+  running now (``running``), and ``at``. A process writes it at once when it
+  starts or ends a job, so ``running`` is never behind its records.
 - A *gate state* is one JSON value per worker (main process),
   ``maskq:gate:worker:{name}``: open or closed, free and needed memory.
 """
@@ -37,6 +39,14 @@ def forget_heartbeat(client: redis.Redis, owner: str) -> None:
 def is_alive(client: redis.Redis, owner: str) -> bool:
     """Whether the pool process ``owner`` has beaten within its heartbeat's lifetime."""
     return bool(client.exists(keys.worker(owner)))
+
+
+def heartbeats(client: redis.Redis, owners: list[str]) -> dict[str, dict]:
+    """The live heartbeats of ``owners`` (one round trip); a lapsed one is absent."""
+    if not owners:
+        return {}
+    values = client.mget([keys.worker(owner) for owner in owners])
+    return {owner: json.loads(v) for owner, v in zip(owners, values) if v}
 
 
 def live_workers(client: redis.Redis) -> list[dict]:

@@ -6,8 +6,9 @@ a script written with ``${job}``, ``${lane}``… placeholders is filled in by
 :func:`lua` with the prefixes below (a script cannot be handed every key it
 touches in ``KEYS``, because it finds some ids only as it runs).
 
-Celery's own keys (the lane lists named after the lanes, ``unacked``,
-``_kombu.binding.*``) and flask-limiter's are theirs, not listed here.
+Celery's own keys are theirs (the lane lists are named after the lanes;
+``_kombu.binding.*``); the two that recovery reads are named at the end.
+flask-limiter's are its own.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ JOB_PREFIX = "maskq:job:"                # + id: the job's record (a hash, with 
 LANE_PREFIX = "maskq:lane:"              # + lane: ids of the jobs queued in it, by entry time (a sorted set)
 DEADLINES = "maskq:deadlines"            # ids of queued jobs with a deadline, by deadline
 PROMOTED = "maskq:promoted"              # aged jobs promoted to the interactive lane and still queued
+RUNNING = "maskq:running"                # ids of running jobs, by the time they started (recovery reads it)
 # Every job ever created, "tenant/job_id" by created_at, kept after the record expires: retention's index.
 CREATED = "maskq:jobs:created"
 DURATIONS = "maskq:durations"            # how long recent jobs ran (a capped list), for start estimates
@@ -103,9 +105,19 @@ def gate(worker_name: str) -> str:
     return f"{GATE_PREFIX}{worker_name}"
 
 
+CLAIMS_PREFIX = "maskq:claimed:"         # + owner: the messages it took off the lanes for a batch
+
+
 def claims(owner: str) -> str:
     """The messages one pool process took off the lanes for a batch (a hash by job id)."""
-    return f"maskq:claimed:{owner}"
+    return f"{CLAIMS_PREFIX}{owner}"
+
+
+# -- the broker's (kombu's Redis transport) ------------------------------------------------------
+# Messages delivered to a worker and not yet acknowledged: a hash by delivery tag of
+# [message, exchange, routing key], and the time each was delivered.
+BROKER_UNACKED = "unacked"
+BROKER_UNACKED_INDEX = "unacked_index"
 
 
 # -- object storage ---------------------------------------------------------------------------------
@@ -120,6 +132,8 @@ _PREFIXES = {
     "lane": LANE_PREFIX,
     "deadlines": DEADLINES,
     "promoted": PROMOTED,
+    "running": RUNNING,
+    "claims": CLAIMS_PREFIX,
     "cache_entry": CACHE_ENTRY_PREFIX,
     "cache_followers": CACHE_FOLLOWERS_PREFIX,
 }

@@ -52,6 +52,12 @@ if current == 'queued' and ARGV[2] ~= 'queued' then
 elseif ARGV[2] == 'queued' then
   redis.call('ZADD', '${lane}' .. lane, ARGV[4], id)
 end
+-- And the index of running jobs, which recovery reads (workers/recovery.py).
+if ARGV[2] == 'running' then
+  redis.call('ZADD', '${running}', ARGV[4], id)
+elseif current == 'running' then
+  redis.call('ZREM', '${running}', id)
+end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return {1, current}
 """)
@@ -89,6 +95,8 @@ class JobRecord:
     # whose result this one waits for, or took (a coalesced job).
     cache_key: str | None = None
     coalesced_with: str | None = None
+    # The pool process ("host:pid", as in domain/fleet.py) that started the job's latest run.
+    worker: str | None = None
 
     _JSON_FIELDS = ("request", "error", "last_error", "model_used")
 
@@ -204,16 +212,18 @@ class JobStore:
             self.on_moved(job_id, before, to)
         return moved, before
 
-    def start(self, job_id: str, model_version: str | None, model_used: dict | None = None) -> bool:
-        """Queued (or running, when a dead worker's job is redelivered) → running.
+    def start(self, job_id: str, model_version: str | None, model_used: dict | None = None,
+              worker: str | None = None) -> bool:
+        """Queued (or running, when a dead worker's job is redelivered) → running, by pool process ``worker``.
 
         ``model_version`` is the version that runs; a job run by a fallback model passes None (the
         requested model did not run: its version stays the one recorded at submit) and ``model_used``.
         """
         versions = {} if model_version is None else {"model_version": model_version}
+        runner = {} if worker is None else {"worker": worker}
         moved, _ = self.move(
             job_id, JobState.RUNNING, {JobState.QUEUED, JobState.RUNNING},
-            started_at=time.time(), model_used=model_used, **versions,
+            started_at=time.time(), model_used=model_used, **versions, **runner,
         )
         if moved:
             self.redis.hincrby(self.key(job_id), "attempts", 1)
@@ -246,9 +256,13 @@ class JobStore:
         return moved
 
     def requeue(self, job_id: str, reason: dict) -> bool:
-        """Running → queued again (the device ran out of memory); ``reason`` is kept as ``last_error``."""
+        """Running → queued again (out of memory, a lost worker); ``reason`` is kept as ``last_error``."""
         moved, _ = self.move(job_id, JobState.QUEUED, {JobState.RUNNING}, last_error=reason)
         return moved
+
+    def running(self) -> list[tuple[str, float]]:
+        """``(job id, started at)`` of every running job, oldest first."""
+        return [(job_id.decode(), score) for job_id, score in self.redis.zrange(keys.RUNNING, 0, -1, withscores=True)]
 
     def expire_due(self, now: float | None = None, limit: int = 100) -> list[str]:
         """Expire every queued job whose deadline has passed; return their ids."""

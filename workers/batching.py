@@ -197,7 +197,8 @@ def gather(claims: Claims, jobs: JobStore, first: JobRecord, choice, wanted: int
     while True:
         ids, higher_busy = claims.take(first.lane, first.model, wanted - len(started), skip=first.id)
         for job_id in ids:
-            started_now = jobs.start(job_id, choice.model_version, model_used=choice.model_used)
+            started_now = jobs.start(job_id, choice.model_version, model_used=choice.model_used,
+                                     worker=claims.owner)
             record = jobs.get(job_id) if started_now else None
             if record is not None:
                 started.append(record)

@@ -115,13 +115,16 @@ def time_limits(worker, model: str) -> tuple[float, float]:
 
 
 def settle(jobs, settings, catalog, job_id: str) -> None:
-    """:meth:`ResultCache.settle` after job ``job_id`` left a worker; never raises.
+    """:meth:`ResultCache.settle` after job ``job_id`` left a worker.
 
-    A failure here is logged and leaves the job's own outcome as it is; the
+    Raises only that Redis is unreachable (the caller may wait for it); any
+    other failure is logged and leaves the job's own outcome as it is: the
     jobs that waited on it are taken over by the next identical submission.
     """
     try:
         ResultCache(jobs, settings, catalog).settle(job_id)
+    except (redis.ConnectionError, redis.TimeoutError):
+        raise
     except Exception:
         log.exception("job %s: could not settle the jobs waiting on it", job_id)
 

@@ -3,10 +3,15 @@
 ``tasks/run_job.py`` calls :func:`run` for every ``maskq.run_job`` message.
 The job record decides whether the job runs at all: a job that is gone,
 past its deadline, canceled, or already ended (a redelivered message) stops
-here. A job of a model that stacks batches may take more queued jobs along
-(``workers/batching.py``); every other job is one image through
-:func:`workers.pipeline.run`. However the job ends, :mod:`workers.job_end`
-ends it.
+here, and a job started more than ``job_max_attempts`` times fails (its
+process died every time: ``attempts``). A job of a model that stacks batches
+may take more queued jobs along (``workers/batching.py``); every other job is
+one image through :func:`workers.pipeline.run`. However the job ends,
+:mod:`workers.job_end` ends it.
+
+Reading and writing the record ride out a Redis outage
+(``workers/redis_outage.py``): a job whose model ran keeps its outcome until
+Redis answers again, and its message is acknowledged only after that.
 """
 from __future__ import annotations
 
@@ -18,41 +23,62 @@ from domain.schemas import JobRequest
 from storage.retrying import RetryingStorage
 from workers import batching, job_end, pipeline, process
 from workers.loaded_models import ModelChoice
+from workers.redis_outage import ride_out
 
 log = logging.getLogger(__name__)
 
 
 def run(job_id: str) -> None:
     worker = process.current()
+    bound_s = worker.settings.visibility_timeout_s
     try:
-        _run(worker, job_id)
+        started = ride_out(lambda: _start(worker, job_id), bound_s=bound_s, what=f"job {job_id}: starting")
+        if started is None:
+            return
+        record, choice, since = started
+        try:
+            outcome = _segment(worker, record, choice)
+        except Exception as exc:  # whatever went wrong, the record ends: a job is never left running
+            outcome = exc
+        ride_out(lambda: job_end.end_job(worker, record, outcome, time.monotonic() - since),
+                 bound_s=bound_s, what=f"job {job_id}: recording its outcome")
     finally:
+        worker.finish(job_id)
         # However it ended, identical jobs waiting on it get its result or its place; a success fills the cache.
-        job_end.settle(worker.jobs, worker.settings, worker.models.catalog, job_id)
+        ride_out(lambda: job_end.settle(worker.jobs, worker.settings, worker.models.catalog, job_id),
+                 bound_s=bound_s, what=f"job {job_id}: settling the jobs that wait on it")
 
 
-def _run(worker: process.WorkerProcess, job_id: str) -> None:
+def _start(worker: process.WorkerProcess, job_id: str) -> tuple[JobRecord, ModelChoice, float] | None:
+    """Start the job on its model: ``(record, choice, monotonic start)``, or None when it must not run."""
     jobs = worker.jobs
     record = jobs.get(job_id)
     if record is None:
         log.info("job %s: no record (expired or deleted); dropping it", job_id)
-        return
+        return None
     if record.status == JobState.QUEUED and record.deadline_at and time.time() > record.deadline_at:
         if jobs.expire(job_id):
             log.info("job %s: deadline passed before it started; expired", job_id)
-        return
-    started = time.monotonic()
+        return None
     try:
         choice = _choose(worker, record)
-        # A redelivered job that already ended, or a job canceled while queued, stops here.
-        if not jobs.start(job_id, choice.model_version, model_used=choice.model_used):
-            now = jobs.get(job_id)
-            log.info("job %s: is %s; not running it", job_id, now.status if now else "gone")
-            return
-        outcome = _segment(worker, record, choice)
-    except Exception as exc:  # whatever went wrong, the record ends: a job is never left queued or running
-        outcome = exc
-    job_end.end_job(worker, record, outcome, time.monotonic() - started)
+    except Exception as exc:  # no model for it (or a stored request that no longer reads): it fails, it is not lost
+        code, detail = job_end.describe_failure(job_id, exc)
+        jobs.fail(job_id, code, detail)
+        return None
+    worker.begin(job_id)  # announced before the record says so: recovery never sees it running unclaimed
+    # A redelivered job that already ended, or a job canceled while queued, stops here.
+    if not jobs.start(job_id, choice.model_version, model_used=choice.model_used, worker=worker.owner):
+        now = jobs.get(job_id)
+        log.info("job %s: is %s; not running it", job_id, now.status if now else "gone")
+        return None
+    attempts = jobs.get(job_id).attempts
+    if attempts > worker.settings.job_max_attempts:
+        log.warning("job %s: started %d times and never finished; failing it", job_id, attempts)
+        jobs.fail(job_id, "attempts", f"the job was started {attempts} times and its worker stopped each time "
+                                      "before it ended (out of memory, or a crash); it will not be tried again")
+        return None
+    return record, choice, time.monotonic()
 
 
 def _choose(worker: process.WorkerProcess, record: JobRecord) -> ModelChoice:

@@ -12,6 +12,7 @@ import redis
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from config.settings import Settings, load_settings
+from domain import fleet
 from storage import Storage, open_storage
 from domain.records import JobStore
 from domain.webhooks import JobEvents
@@ -31,6 +32,14 @@ class WorkerProcess:
     storage: Storage
     models: LoadedModels
     heartbeat: Heartbeat | None = None
+    # The jobs this process is running now (announced in its heartbeat; recovery trusts it).
+    # Replaced, never changed in place: the heartbeat thread reads it while a job runs.
+    running: frozenset[str] = frozenset()
+
+    @property
+    def owner(self) -> str:
+        """This process's name in the fleet (``host:pid``); the ``worker`` of the jobs it starts."""
+        return fleet.this_process()
 
     @classmethod
     def start(cls, settings: Settings) -> "WorkerProcess":
@@ -52,7 +61,24 @@ class WorkerProcess:
         # Embedding-cache counters (SAM-family adapters) ride on the heartbeat for operators and tests.
         caches = {name: a.embedding_cache.stats() for name, a in adapters
                   if getattr(a, "embedding_cache", None) is not None}
-        return {**self.models.describe(), "embedding_caches": caches}
+        return {**self.models.describe(), "embedding_caches": caches, "running": sorted(self.running)}
+
+    def begin(self, *job_ids: str) -> None:
+        """These jobs run here now: say so in the heartbeat at once."""
+        self.running = self.running | set(job_ids)
+        self._announce()
+
+    def finish(self, *job_ids: str) -> None:
+        """These jobs have left this process (ended, put back, or their outcome could not be written)."""
+        self.running = self.running - set(job_ids)
+        self._announce()
+
+    def _announce(self) -> None:
+        if self.heartbeat is not None:
+            try:
+                self.heartbeat.beat()
+            except redis.RedisError:
+                pass  # Redis is away: the heartbeat thread writes it when it is back
 
 
 _current: WorkerProcess | None = None

@@ -1,13 +1,15 @@
 """Scheduling inside each worker's main process, as a Celery consumer bootstep.
 
 Two timers run on the consumer's own event loop (so cancelling and adding
-queue consumers is safe): the resource gate, and lane upkeep (aging and
-expiring jobs whose deadline passed while queued). Upkeep is idempotent and
-atomic in Redis, so every worker may run it.
+queue consumers is safe): the resource gate, and lane upkeep (aging,
+expiring jobs whose deadline passed while queued, putting back the jobs of
+dead batch claims, and recovery of running jobs no process runs). Upkeep is
+idempotent and atomic in Redis, so every worker may run it.
 """
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 from celery import bootsteps
@@ -17,6 +19,7 @@ from domain.lanes import Lanes
 from domain.records import JobStore
 from domain.webhooks import JobEvents
 from workers.batching import ClaimRecovery
+from workers.recovery import Recovery
 from workers.gate import ResourceGate, detect_device
 from models.catalog import LiveCatalog
 
@@ -41,6 +44,8 @@ class SchedulingStep(bootsteps.StartStopStep):
         self.jobs = JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client))  # expiries become webhook events
         self.lanes = Lanes(client, self.jobs, settings)
         self.claims = ClaimRecovery(client, self.jobs, grace_s=3 * settings.worker_heartbeat_s)
+        self.recovery = Recovery(client, self.jobs, settings, self.catalog)
+        self.next_recovery = time.monotonic() + settings.recovery_check_s
         self.gate = ResourceGate(detect_device(settings.gpu_device_index), self.catalog.current().memory_per_job_mb(),
                                  settings.gate_reserve_mb, client, worker=consumer.hostname)
         self.check_gate(consumer)
@@ -82,5 +87,10 @@ class SchedulingStep(bootsteps.StartStopStep):
             recovered = self.claims.recover()  # jobs a dead pool process had taken along in a batch
             if recovered:
                 log.info("batching: %d job(s) of a dead worker back on their lanes: %s", len(recovered), recovered[:5])
+            if time.monotonic() >= self.next_recovery:
+                self.next_recovery = time.monotonic() + self.settings.recovery_check_s
+                self.recovery.sweep()  # running jobs that no live process runs
         except redis.RedisError as exc:
             log.info("lane upkeep: Redis unavailable (%s)", exc)
+        except Exception:  # the next tick tries again; a timer that raised would stop the upkeep for good
+            log.exception("lane upkeep failed")

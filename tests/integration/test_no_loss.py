@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+
+import pytest
 
 from storage.local import LocalStorage
 from tests.conftest import image_bytes
@@ -73,4 +76,23 @@ def test_every_job_queued_before_a_redis_restart_completes_after_it(isolated):
     worker = isolated.worker()
     for job_id in ids:
         assert client.get(f"/v1/jobs/{job_id}?wait=30").get_json()["status"] == "succeeded", job_id
+    assert worker.alive
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_a_job_running_while_redis_restarts_ends_exactly_once_and_so_do_the_queued_ones(isolated, tmp_path, how):
+    """Redis goes away (a clean stop, or SIGKILL) while a job runs and comes back from its AOF."""
+    client = isolated.client()
+    worker = isolated.worker(MASKQ_MODELS_MANIFEST=slow_manifest(tmp_path, delay_s=2))
+    ids = [submit(client, small_png(i), {"lane": "batch"}).get_json()["id"] for i in range(4)]
+    jobs = isolated.jobs()
+    wait_for(lambda: status(jobs, ids[0]) == "running", 20)
+    time.sleep(1.2)  # AOF is written every second: the job's running state is on disk before a SIGKILL
+    getattr(isolated.server, how)()  # the job finishes while Redis is away: its outcome cannot be written yet
+    time.sleep(2.5)
+    isolated.server.start()
+    ended = wait_for(lambda: all(jobs.get(job_id).status.ended for job_id in ids) and ids, 120, interval=0.5)
+    assert [str(jobs.get(job_id).status) for job_id in ended] == ["succeeded"] * len(ids)
+    for job_id in ids:  # each ran to a stored result exactly once
+        assert worker.log().count(f"job {job_id}: succeeded with") == 1, worker.log()[-4000:]
     assert worker.alive

@@ -1,0 +1,97 @@
+"""Recovery: a running job that no live worker process runs goes back to its lane and ends.
+
+Each test builds the state a lost run leaves behind (a record ``running``,
+started by a process that is gone or has moved on, its message in no lane or
+stuck in the broker's ``unacked`` hash), then starts a real worker, whose lane
+upkeep must find the job and run it to its end well within the broker's
+visibility timeout (600 s here).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from domain import keys
+from domain.fleet import live_workers
+from tests.integration.helpers import small_png, submit, wait_for
+
+FAST = {"MASKQ_RECOVERY_GRACE_S": 1, "MASKQ_RECOVERY_CHECK_S": 0.5, "MASKQ_VISIBILITY_TIMEOUT_S": 600}
+
+
+def queued_job(isolated) -> tuple[str, bytes]:
+    """A job submitted while no worker runs: ``(id, its message)``, the message taken off its lane."""
+    client = isolated.client()
+    job_id = submit(client, small_png(7), {"lane": "batch"}).get_json()["id"]
+    message = isolated.redis.rpop("batch")
+    assert message is not None and json.loads(message)["headers"]["id"] == job_id
+    return job_id, message
+
+
+def as_if_running(isolated, job_id: str, worker: str, attempts: int = 1) -> None:
+    jobs = isolated.jobs()
+    assert jobs.start(job_id, "pp-ocrv4-det+rec", worker=worker)
+    isolated.redis.hset(keys.job(job_id), "attempts", attempts)
+    assert isolated.redis.zscore(keys.RUNNING, job_id) is not None  # the start indexed it
+
+
+def deliver_to_a_lost_worker(isolated, message: bytes) -> None:
+    """Put the message in ``unacked`` as kombu does when it delivers one (and no one will acknowledge it)."""
+    tag = "lost-delivery-tag"
+    isolated.redis.hset(keys.BROKER_UNACKED, tag, json.dumps([json.loads(message), "batch", "batch"]))
+    isolated.redis.zadd(keys.BROKER_UNACKED_INDEX, {tag: time.time()})
+
+
+def wait_ended(isolated, job_id: str, timeout: float = 45):
+    jobs = isolated.jobs()
+    return wait_for(lambda: (r := jobs.get(job_id)).status.ended and r, timeout, interval=0.2)
+
+
+@pytest.mark.parametrize("message_at", ["nowhere", "unacked"])
+def test_a_running_job_of_a_process_that_is_gone_goes_back_and_succeeds(isolated, message_at):
+    job_id, message = queued_job(isolated)
+    as_if_running(isolated, job_id, worker="host-that-died:4242")
+    if message_at == "unacked":
+        deliver_to_a_lost_worker(isolated, message)
+    started = time.monotonic()
+    isolated.worker(**FAST)
+    record = wait_ended(isolated, job_id)
+    assert str(record.status) == "succeeded"
+    assert time.monotonic() - started < 45  # not the visibility timeout
+    assert record.last_error["code"] == "worker_lost" and record.attempts == 2
+    assert record.worker != "host-that-died:4242"
+    assert not isolated.redis.hlen(keys.BROKER_UNACKED)  # the stuck delivery was moved, not copied
+    assert isolated.redis.llen("batch") == 0 and not isolated.redis.zscore(keys.RUNNING, job_id)
+
+
+def test_a_running_job_that_its_live_process_is_not_running_goes_back_and_succeeds(isolated):
+    job_id, message = queued_job(isolated)
+    worker = isolated.worker(**FAST)
+    [beat] = [w for w in live_workers(isolated.redis) if int(w["id"].rsplit(":", 1)[1]) in worker.children()]
+    assert beat["running"] == []
+    # Its outcome was lost (Redis went away and did not come back in time): the process has moved on.
+    as_if_running(isolated, job_id, worker=beat["id"])
+    deliver_to_a_lost_worker(isolated, message)
+    record = wait_ended(isolated, job_id)
+    assert str(record.status) == "succeeded" and record.last_error["code"] == "worker_lost"
+
+
+def test_a_job_whose_process_keeps_dying_fails_with_code_attempts(isolated):
+    job_id, _ = queued_job(isolated)
+    as_if_running(isolated, job_id, worker="host-that-died:4242", attempts=5)  # MASKQ_JOB_MAX_ATTEMPTS
+    isolated.worker(**FAST)
+    record = wait_ended(isolated, job_id)
+    assert str(record.status) == "failed" and record.error["code"] == "attempts"
+    assert "6 times" in record.error["message"]
+
+
+def test_a_job_its_process_is_running_is_left_alone(isolated, tmp_path):
+    from tests.support.slow_models import slow_manifest
+
+    client = isolated.client()
+    isolated.worker(MASKQ_MODELS_MANIFEST=slow_manifest(tmp_path, delay_s=6), **FAST)
+    job_id = submit(client, small_png(3)).get_json()["id"]
+    record = wait_ended(isolated, job_id, timeout=60)
+    assert str(record.status) == "succeeded"
+    assert record.attempts == 1 and record.last_error is None  # six seconds running, never taken for lost

@@ -1,0 +1,165 @@
+"""Recovery: running jobs that no live worker process is running go back to their lane.
+
+A job's record says ``running`` and names the pool process that started it
+(``worker``, ``host:pid``); each pool process's heartbeat names the jobs it is
+running now (``domain/fleet.py``). A running job is *unclaimed* when that
+process's heartbeat has lapsed (the process or its host died) or no longer
+names it (the process moved on without recording an outcome: Redis went away
+while it ran and did not come back in time). Every worker's lane upkeep
+sweeps the index of running jobs every ``recovery_check_s``; a job unclaimed
+for ``recovery_grace_s`` is put back:
+
+1. its record moves ``running → queued`` (``last_error`` ``worker_lost``). The
+   move is the lock: of several workers recovering at once, one goes on.
+2. its message is found and made runnable. Still delivered to a worker that
+   will never acknowledge it (the broker's ``unacked`` hash): moved back to
+   the consuming end of its lane now, rather than after the broker's
+   visibility timeout. Waiting in a lane, or held in a batch claim: it runs
+   from there. Nowhere: a new message is sent.
+
+A job put back over and over fails with code ``attempts`` when it next
+starts (``job_max_attempts``, ``workers/job_runner.py``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import redis
+
+from config.settings import LANES
+from domain import fleet, keys
+from domain.lanes import send_job
+from domain.records import JobState, JobStore
+
+log = logging.getLogger(__name__)
+
+WORKER_LOST = {"code": "worker_lost", "message": "no worker was running it any more; put back on its lane"}
+
+# KEYS: the lane lists, then the set of batch-claim owners. ARGV[1]: the job id.
+# Where the job's message waits: {'lane', name} or {'claimed', owner}; {} when in neither.
+_WAITING = keys.lua("""
+local id = ARGV[1]
+local function is_it(raw)
+  if not string.find(raw, id, 1, true) then return false end
+  local ok, m = pcall(cjson.decode, raw)
+  return ok and type(m) == 'table' and type(m['headers']) == 'table' and m['headers']['id'] == id
+end
+for i = 1, #KEYS - 1 do
+  local length = redis.call('LLEN', KEYS[i])
+  for start = 0, length - 1, 1000 do
+    for _, raw in ipairs(redis.call('LRANGE', KEYS[i], start, start + 999)) do
+      if is_it(raw) then return {'lane', KEYS[i]} end
+    end
+  end
+end
+for _, owner in ipairs(redis.call('SMEMBERS', KEYS[#KEYS])) do
+  if redis.call('HEXISTS', '${claims}' .. owner, id) == 1 then return {'claimed', owner} end
+end
+return {}
+""")
+
+
+class Recovery:
+    """Finds unclaimed running jobs and puts them back; one per worker, run by its lane upkeep."""
+
+    def __init__(self, client: redis.Redis, jobs: JobStore, settings, catalog=None):
+        self.redis = client
+        self.jobs = jobs
+        self.settings = settings
+        self.catalog = catalog
+        self.grace_s = settings.recovery_grace_s
+        self.suspects: dict[str, float] = {}  # job id -> when it was first seen unclaimed
+        self._waiting = client.register_script(_WAITING)
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Put back every job unclaimed for the grace period; return their ids."""
+        now = time.time() if now is None else now
+        unclaimed = self.unclaimed()
+        self.suspects = {job_id: self.suspects.get(job_id, now) for job_id in unclaimed}
+        due = [job_id for job_id, since in self.suspects.items() if now - since >= self.grace_s]
+        return [job_id for job_id in due if self.put_back(job_id)]
+
+    def unclaimed(self) -> list[str]:
+        """The running jobs whose process is gone, or alive and not running them."""
+        running = [job_id for job_id, _ in self.jobs.running()]
+        if not running:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in running:
+                pipe.hmget(JobStore.key(job_id), "status", "worker")
+            fields = pipe.execute()
+        owners = sorted({w.decode() for _, w in fields if w})
+        beats = fleet.heartbeats(self.redis, owners)
+        found = []
+        for job_id, (status, owner) in zip(running, fields):
+            if status is None:  # the record expired or was deleted while running: nothing to run
+                self.redis.zrem(keys.RUNNING, job_id)
+                continue
+            if status.decode() != JobState.RUNNING:
+                continue
+            beat = beats.get(owner.decode()) if owner else None
+            if beat is not None and ("running" not in beat or job_id in beat["running"]):
+                continue  # its process runs it (or is of a version that does not say: trust it)
+            found.append(job_id)
+        return found
+
+    def put_back(self, job_id: str) -> bool:
+        record = self.jobs.get(job_id)
+        if record is None or not self.jobs.requeue(job_id, WORKER_LOST):
+            return False  # it ended meanwhile, or another worker put it back
+        self.suspects.pop(job_id, None)
+        where = self._restore_delivered(job_id) or self._waiting_at(job_id)
+        if where is None:
+            send_job(None, job_id, record.lane, self._time_limits(record.model))
+            where = f"a new message on the {record.lane} lane"
+        log.warning("job %s: no worker was running it (it was started by %s); back on its lane via %s",
+                    job_id, record.worker or "an unknown process", where)
+        return True
+
+    def _restore_delivered(self, job_id: str) -> str | None:
+        """Move the job's message out of the broker's ``unacked`` hash to the consuming end of its lane."""
+        needle = job_id.encode()
+        for tag, raw in self.redis.hscan_iter(keys.BROKER_UNACKED, count=500):
+            if needle not in raw:
+                continue
+            message, _exchange, lane = json.loads(raw)
+            if (message.get("headers") or {}).get("id") != job_id or lane not in LANES:
+                continue
+            message["headers"]["redelivered"] = True
+            message.get("properties", {}).get("delivery_info", {})["redelivered"] = True
+            return self._move_to_lane(tag, raw, message, lane)
+        return None
+
+    def _move_to_lane(self, tag: bytes, raw: bytes, message: dict, lane: str) -> str | None:
+        # As kombu's own restore does: in one transaction, and only if nobody acknowledged or restored it
+        # meanwhile. Any other acknowledgement also touches the hash, so a conflict is tried again.
+        for _ in range(20):
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(keys.BROKER_UNACKED)
+                    if pipe.hget(keys.BROKER_UNACKED, tag) != raw:
+                        return None  # gone from there: the lanes are looked at next
+                    pipe.multi()
+                    pipe.hdel(keys.BROKER_UNACKED, tag)
+                    pipe.zrem(keys.BROKER_UNACKED_INDEX, tag)
+                    pipe.rpush(lane, json.dumps(message))
+                    pipe.execute()
+                    return f"its delivered message, moved back to the {lane} lane"
+                except redis.WatchError:
+                    continue
+        raise RuntimeError(f"the broker's unacked hash kept changing; {tag!r} is left for the next sweep")
+
+    def _waiting_at(self, job_id: str) -> str | None:
+        answer = self._waiting(keys=[*LANES, keys.CLAIM_OWNERS], args=[job_id])
+        if not answer:
+            return None
+        kind, name = (v.decode() for v in answer)
+        return f"its message waiting in the {name} lane" if kind == "lane" else f"a batch claim of {name}"
+
+    def _time_limits(self, model: str) -> tuple[float, float]:
+        try:
+            return self.catalog.current().time_limits(model, self.settings)
+        except Exception:  # no catalog here, or a model no longer in it: the deployment's limits
+            return self.settings.job_soft_time_limit_s, self.settings.job_hard_time_limit_s
