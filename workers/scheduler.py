@@ -14,6 +14,7 @@ import time
 import redis
 from celery import bootsteps
 
+from config.celery import WEBHOOK_QUEUE
 from config.settings import LANES, load_settings
 from domain.lanes import Lanes
 from domain.records import JobStore
@@ -69,9 +70,15 @@ class SchedulingStep(bootsteps.StartStopStep):
                     consumer.cancel_task_queue(lane)
                 self.closed = True
             elif state.open and self.closed:
-                # Added back in lane order: the order the broker is polled in.
+                # Added back in lane order, the order the broker is polled in, and the webhooks queue
+                # (which stays open) moved behind them again: a queue added back goes to the end.
+                webhooks = WEBHOOK_QUEUE in {q.name for q in consumer.task_consumer.queues}
+                if webhooks:
+                    consumer.cancel_task_queue(WEBHOOK_QUEUE)
                 for lane in LANES:
                     consumer.add_task_queue(lane)
+                if webhooks:
+                    consumer.add_task_queue(WEBHOOK_QUEUE)
                 self.closed = False
             self.gate.publish(ttl_s=max(3 * self.settings.gate_check_s, 5))
         except redis.RedisError as exc:

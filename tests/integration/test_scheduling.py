@@ -91,6 +91,12 @@ def test_a_closed_gate_takes_nothing_and_lowering_the_reserve_at_run_time_opens_
     isolated.redis.set("maskq:gate:reserve_mb", 0)
     assert client.get(f"/v1/jobs/{job_id}?wait=20").get_json()["status"] == "succeeded"
     assert [g["open"] for g in client.get("/v1/models").get_json()["gates"].values()] == [True]
+    # Reopened, the worker polls its queues in the order it started with: the lanes first, webhooks last.
+    from config.celery import create_celery
+
+    inspect = create_celery(isolated.settings()).control.inspect(timeout=5)
+    queues = wait_for(lambda: inspect.active_queues(), 20)
+    assert [[q["name"] for q in qs] for qs in queues.values()] == [["interactive", "default", "batch", "webhooks"]]
 
 
 def test_a_job_whose_deadline_passes_while_queued_expires_and_never_runs(isolated):
