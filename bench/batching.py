@@ -54,7 +54,7 @@ STACKING = f"{__name__}:{StackingTextRegionsAdapter.__name__}"
 
 def batching_manifest(folder: Path) -> Path:
     """The deployment's text-regions model alone, on :class:`StackingTextRegionsAdapter`, up to :data:`BATCH_SIZE` jobs a batch."""
-    catalog = ModelCatalog.load(load_settings().models_manifest)
+    catalog = ModelCatalog.from_settings(load_settings())
     spec = catalog.spec("text-regions")
     # Strings and numbers as JSON writes them are TOML too; the files are absolute paths already.
     lines = [f"default = {json.dumps(spec.name)}", f"[models.{json.dumps(spec.name)}]",

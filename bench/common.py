@@ -167,6 +167,9 @@ class ServiceStack:
     """
 
     overrides: dict = field(default_factory=dict)
+    # Extra arguments for each worker to start (the Procfile's command plus these: "-Q", "-n"...);
+    # None: the Procfile's one worker.
+    workers: list[list[str]] | None = None
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="maskq-bench-")))
     redis: RedisServer | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -191,8 +194,9 @@ class ServiceStack:
         self.base_url = f"http://{self.settings.host}:{self.settings.port}"
         # The Procfile's own commands, so the benchmark measures what `make run` runs.
         commands = procfile()
-        for name in ("worker", "web"):
-            self._spawn(name, shlex.split(commands[name]))
+        for i, extra in enumerate(self.workers or [[]]):
+            self._spawn("worker" if i == 0 else f"worker-{i + 1}", shlex.split(commands["worker"]) + extra)
+        self._spawn("web", shlex.split(commands["web"]))
         self._wait_ready(timeout)
         self.headers = self._authorization()
 

@@ -61,7 +61,7 @@ SERVICE = "service (HTTP, {clients} clients)"
 def load_default_model(settings) -> ModelAdapter:
     """The default model, set up as ``workers.process.WorkerProcess.start`` sets it up."""
     runtime = RuntimeOptions.from_settings(settings)
-    models = LoadedModels(ModelCatalog.load(settings.models_manifest), runtime)
+    models = LoadedModels(ModelCatalog.from_settings(settings), runtime)
     models.load_all()
     return models.get(models.catalog.current().default)
 

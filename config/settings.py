@@ -52,9 +52,18 @@ class Settings(BaseSettings):
     max_prompts: int = 64
     max_text_prompt_chars: int = 200
     max_wait_s: int = 30
+    # Image embeddings shared by every worker process in Redis (workers/shared_embeddings.py), so a
+    # second prompt on an image skips the encoder on any worker: bound in MB (0: off), TTL, fp16.
+    shared_embeddings_mb: float = Field(default=512, ge=0)
+    shared_embeddings_ttl_s: int = Field(default=3600, gt=0)
+    shared_embeddings_fp16: bool = True
+    # Segment-everything (SAM-family models, no prompt): the largest grid a request may ask for.
+    max_points_per_side: int = Field(default=32, ge=1, le=64)
 
     # Models and ONNX Runtime.
     models_manifest: Path = PROJECT_ROOT / "config" / "models.toml"
+    # Where fetched model files live (`make models`, models/fetch.py); "{models_dir}" in the manifest.
+    models_dir: Path = PROJECT_ROOT / "var" / "models"
     ort_providers: Annotated[tuple[str, ...], NoDecode] = ("CPUExecutionProvider",)
     ort_intra_op_threads: int = 0
     ort_inter_op_threads: int = 1

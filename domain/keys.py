@@ -58,6 +58,15 @@ def cache_followers(job_id: str) -> str:
     return f"{CACHE_FOLLOWERS_PREFIX}{job_id}"
 
 
+# -- image embeddings shared by every worker process (workers/shared_embeddings.py) -----------------
+EMBEDDING_PREFIX = "maskq:embedding:"    # + model:version:tenant:image sha256 -> a hash: data, dtype, shape
+EMBEDDINGS = "maskq:embeddings"          # the entries by last use (a sorted set), for the size bound
+
+
+def embedding(model: str, version: str, tenant: str, image_sha256: str) -> str:
+    return f"{EMBEDDING_PREFIX}{model}:{version}:{tenant}:{image_sha256}"
+
+
 # -- tenants and submissions ----------------------------------------------------------------------
 API_KEYS = "maskq:apikeys"               # every key hash (a set), for listing
 

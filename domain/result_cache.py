@@ -79,6 +79,8 @@ def cache_key(request: JobRequest | dict, *, image_sha256: str, model: str, vers
         # The pipeline asks "is 'png' among the outputs": order and repeats do not matter.
         "outputs": sorted(set(request.outputs)),
     }
+    if request.points_per_side is not None:  # changes a segment-everything result
+        what["points_per_side"] = request.points_per_side
     canonical = json.dumps(what, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -63,6 +63,10 @@ class JobRequest(Strict):
     webhook: Webhook | None = None
     outputs: list[Output] = Field(default_factory=lambda: ["rle"])
     deadline_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    points_per_side: StrictInt | None = Field(
+        default=None, ge=1, le=64,
+        description="segment everything (a SAM-family model, no prompt): a grid of this many points a side "
+                    "(the deployment's ceiling applies; default 16)")
 
 
 def parse_request(data: object) -> JobRequest:
@@ -84,7 +88,7 @@ def parse_request(data: object) -> JobRequest:
 
 def check_request(
     request: JobRequest, *, width: int, height: int, prompt_kinds: frozenset[str], max_prompts: int, max_text_chars: int,
-    requires_prompt: bool = False,
+    requires_prompt: bool = False, max_points_per_side: int = 64,
 ) -> None:
     """The checks that need the decoded image's size and the model's prompt kinds."""
     errors: list[dict] = []
@@ -98,6 +102,12 @@ def check_request(
     for kind in sorted(prompts.kinds - prompt_kinds):
         bad(f"prompts.{kind}", f"model {request.model!r} does not support {kind} prompts "
             f"(it supports: {', '.join(sorted(prompt_kinds)) or 'none'})")
+    if request.points_per_side is not None:
+        if prompts.kinds:
+            bad("points_per_side", "is for segment-everything: give it without prompts")
+        elif request.points_per_side > max_points_per_side:
+            bad("points_per_side", f"is {request.points_per_side}; at most {max_points_per_side} here "
+                                   f"({max_points_per_side ** 2} decoder runs)")
     if prompts.count > max_prompts:
         bad("prompts", f"{prompts.count} prompts; at most {max_prompts} are allowed")
     for i, text in enumerate(prompts.text):

@@ -9,11 +9,14 @@ import logging
 import threading
 from pathlib import Path
 
+from config.settings import Settings
 from domain.errors import ValidationFailed
 from models.adapters.base import ModelAdapter, ModelSpec
-from models.manifest import ManifestFile, import_adapter, read_manifest
+from models.manifest import ROUTE_KINDS, ManifestFile, import_adapter, read_manifest
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MODELS_DIR = Settings.model_fields["models_dir"].default
 
 
 class ModelCatalog:
@@ -24,18 +27,33 @@ class ModelCatalog:
     changes; :class:`LiveCatalog` swaps in a new one when the file changes.
     """
 
-    def __init__(self, specs: dict[str, ModelSpec], default: str):
+    def __init__(self, specs: dict[str, ModelSpec], default: str, routes: dict[str, str] | None = None):
         if default not in specs:
             raise ValueError(f"the default model {default!r} is not in the manifest")
         self.specs = specs
         self.default = default
+        self.routes = dict(routes or {})
 
     @classmethod
-    def load(cls, path: Path) -> "ModelCatalog":
-        """The catalog of a manifest file; :class:`models.manifest.ManifestError` if it is invalid."""
+    def load(cls, path: Path, models_dir: Path = DEFAULT_MODELS_DIR) -> "ModelCatalog":
+        """The catalog of a manifest file; :class:`models.manifest.ManifestError` if it is invalid.
+
+        ``models_dir`` is where ``{models_dir}`` in the manifest's file paths points (``MASKQ_MODELS_DIR``).
+        """
         path = Path(path)
         manifest = read_manifest(path)
-        return cls(manifest.specs(path.parent), manifest.default_model)
+        return cls(manifest.specs(path.parent, models_dir), manifest.default_model, manifest.routes)
+
+    @classmethod
+    def from_settings(cls, settings) -> "ModelCatalog":
+        return cls.load(settings.models_manifest, settings.models_dir)
+
+    def route(self, prompt_kinds: frozenset[str] | set[str]) -> str:
+        """The model a job that names none goes to, by its prompt kinds (the manifest's ``routes``)."""
+        for kind in ROUTE_KINDS:
+            if (kind in prompt_kinds or (kind == "none" and not prompt_kinds)) and kind in self.routes:
+                return self.routes[kind]
+        return self.default
 
     def current(self, force: bool = False) -> "ModelCatalog":
         return self
@@ -104,7 +122,8 @@ class LiveCatalog:
         self._catalog = self._read()
 
     def _read(self) -> ModelCatalog:
-        catalog = ModelCatalog.load(self.path)
+        models_dir = self.settings.models_dir if self.settings is not None else DEFAULT_MODELS_DIR
+        catalog = ModelCatalog.load(self.path, models_dir)
         if self.settings is not None:
             catalog.check_time_limits(self.settings)
         return catalog
@@ -141,7 +160,16 @@ def describe_models(catalog: ModelCatalog, workers: list[dict]) -> list[dict]:
             "fallback": spec.fallback,
             "max_batch_size": spec.max_batch_size,
         }
-        if errors:
+        if spec.source is not None:
+            entry["provenance"] = {"package": f"npm {spec.source['npm']}", "package_sha256": spec.source["sha256"],
+                                   "license": spec.source["license"], "description": spec.source["description"],
+                                   "files_sha256": dict(spec.sha256)}
+        missing = sorted(role for role, path in spec.files.items() if not Path(path).is_file())
+        if missing:  # known without asking a worker: nothing can load it
+            entry["error"] = (f"its {', '.join(missing)} file{'s are' if len(missing) > 1 else ' is'} missing"
+                              + (" (not fetched: run `make models`)" if spec.source else ""))
+        elif errors:
             entry["error"] = errors[0]
+        entry["available"] = "error" not in entry and (entry["loaded"] or not workers)
         models.append(entry)
     return models

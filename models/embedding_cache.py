@@ -56,15 +56,17 @@ class EmbeddingCache:
             self._stats.hits += 1
             return value
 
-    def store(self, key: Hashable, embedding: np.ndarray) -> None:
-        """Record one encoder run and keep its output (made read-only), evicting the least recently used to fit.
+    def store(self, key: Hashable, embedding: np.ndarray, encoded: bool = True) -> None:
+        """Keep an embedding (made read-only), evicting the least recently used to fit.
 
-        An embedding larger than the whole budget is not kept (a budget of 0
-        turns the cache off).
+        ``encoded``: it comes from an encoder run here (counted), not from the
+        shared store. An embedding larger than the whole budget is not kept (a
+        budget of 0 turns the cache off).
         """
         embedding.flags.writeable = False  # the caller hands it over; nobody may change it now
         with self._lock:
-            self._stats.encoder_runs += 1
+            if encoded:
+                self._stats.encoder_runs += 1
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= old.nbytes

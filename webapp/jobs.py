@@ -39,7 +39,8 @@ def submit_job():
     if job_request.webhook is not None:
         check_webhook_url(job_request.webhook.url, settings.webhook_allowed_networks)  # 422 for private targets
     catalog = s.catalog.current()  # one reading of the manifest for the whole submission, even if it changes now
-    spec = catalog.spec(job_request.model)
+    # A job that names no model goes by its prompts (the manifest's routes); the record keeps the name.
+    spec = catalog.spec(job_request.model or catalog.route(job_request.prompts.kinds))
     image_sha256 = hashlib.sha256(data).hexdigest()
     cache = ResultCache(s.jobs, settings, catalog, s.celery)
     cache_key = cache.key_for(job_request, image_sha256=image_sha256, model=spec.name, version=spec.version,
@@ -54,6 +55,7 @@ def submit_job():
         job_request.model_copy(update={"model": spec.name}), width=width, height=height,
         prompt_kinds=catalog.prompt_kinds(spec.name), max_prompts=settings.max_prompts,
         max_text_chars=settings.max_text_prompt_chars, requires_prompt=catalog.adapter_class(spec.name).requires_prompt,
+        max_points_per_side=settings.max_points_per_side,
     )
     lane = choose_lane(job_request.lane)  # 403 above the key's ceiling
     job_id = uuid.uuid4().hex
@@ -80,9 +82,31 @@ def submit_job():
     s.jobs.create(record)
     if cache.join(record) is None:  # else an identical job is in flight, and this one gets its result
         send_job(s.celery, job_id, lane, catalog.time_limits(spec.name, settings))
-    response = _json(_document(record), 202)
+    wait = preferred_wait(request.headers.get("Prefer"), settings.max_wait_s)
+    if wait:  # one round trip for an interactive client: the ended job if it ends in time
+        record = s.jobs.wait_until_ended(job_id, wait) or record
+    response = _json(_document(record), 200 if record.status.ended else 202)
     response.headers["Location"] = url_for("jobs.get_job", job_id=job_id)
+    if wait:
+        response.headers["Preference-Applied"] = f"wait={wait:g}"
+        response.headers["Vary"] = "Prefer"
     return response
+
+
+def preferred_wait(header: str | None, limit: int) -> float:
+    """Seconds from ``Prefer: wait=N`` (RFC 7240), capped at ``limit``; 0 without one.
+
+    A preference is a hint: one that cannot be read is ignored, as the RFC asks, never an error.
+    """
+    for preference in (header or "").split(","):
+        name, _, value = preference.strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                return 0
+            return min(max(seconds, 0), limit) if seconds == seconds else 0  # NaN is no number of seconds
+    return 0
 
 
 @bp.get("/v1/jobs/<job_id>")

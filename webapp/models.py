@@ -13,7 +13,9 @@ bp = Blueprint("models", __name__)
 @bp.get("/v1/models")
 def list_models():
     s = services()
-    body = {"models": describe_models(s.catalog.current(), live_workers(s.redis)), "gates": gate_states(s.redis)}
+    catalog = s.catalog.current()
+    body = {"models": describe_models(catalog, live_workers(s.redis)), "default": catalog.default,
+            "routes": catalog.routes, "gates": gate_states(s.redis)}
     if getattr(s.catalog, "error", None):
         body["manifest_error"] = s.catalog.error  # a changed manifest that was refused; the last good one serves
     return jsonify(body)

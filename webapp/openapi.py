@@ -129,11 +129,16 @@ class ModelInfo(Document):
     loaded_versions: list[str] = []
     fallback: str | None = None
     max_batch_size: int = 1
-    error: str | None = Field(None, description="why live workers could not load this version")
+    error: str | None = Field(None, description="why it cannot serve: files missing, or why workers could not load it")
+    available: bool = Field(True, description="whether jobs of this model run on it (else on its fallback)")
+    provenance: dict | None = Field(None, description="the package its files come from, checksums and licence")
 
 
 class ModelList(Document):
     models: list[ModelInfo]
+    default: str | None = Field(None, description="the model of a job that names none and has no route")
+    routes: dict[str, str] = Field(default_factory=dict,
+                                   description="a job that names no model goes by its prompts: kind -> model")
     gates: dict[str, dict] = Field(default_factory=dict, description="each worker's resource gate")
     manifest_error: str | None = None
 
@@ -206,7 +211,11 @@ def _operations(max_wait_s: int) -> dict[tuple[str, str], dict]:
             "summary": "Submit a job", "operationId": "submitJob",
             "parameters": [{"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
                             "description": "the same key and body within 24 h return the same job",
-                            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH}}],
+                            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH}},
+                           {"name": "Prefer", "in": "header", "required": False,
+                            "description": f"wait=N (RFC 7240; N ≤ {max_wait_s}): answer 200 with the ended job if "
+                                           "it ends within N seconds, else 202 as usual",
+                            "schema": {"type": "string"}}],
             "requestBody": {"required": True, "content": {
                 "multipart/form-data": {"schema": {"$ref": REF.format(model="MultipartSubmission")},
                                         "encoding": {"request": {"contentType": "application/json"}}},

@@ -324,7 +324,7 @@ class Batch:
             return
         try:
             key = pipeline.store_result(member.record, member.request, member.segment.image,
-                                        member.instances, self.storage)
+                                        member.instances, self.storage, member.segment.report)
             member.outcome = (key, len(member.instances))
         except SoftTimeLimitExceeded:
             raise

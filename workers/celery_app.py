@@ -11,6 +11,6 @@ from workers.scheduler import SchedulingStep
 settings = load_settings()
 logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
 # Refuse at start-up a manifest whose time limits outlast the visibility timeout.
-ModelCatalog.load(settings.models_manifest).check_time_limits(settings)
+ModelCatalog.from_settings(settings).check_time_limits(settings)
 app = create_celery(settings)
 app.steps["consumer"].add(SchedulingStep)

@@ -138,7 +138,7 @@ def end_killed_job(job_id: str, why: str) -> None:
     jobs, settings = _main_process_jobs()
     log.info("job %s: killed at its hard time limit", job_id)
     jobs.fail(job_id, "timeout", f"the job ran past its hard time limit ({why})")
-    settle(jobs, settings, ModelCatalog.load(settings.models_manifest), job_id)
+    settle(jobs, settings, ModelCatalog.from_settings(settings), job_id)
 
 
 @functools.cache

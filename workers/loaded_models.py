@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from domain.errors import MaskqError, ModelError
 from models.adapters.base import ModelAdapter, ModelSpec, RuntimeOptions
 from models.catalog import LiveCatalog, ModelCatalog
+from models.fetch import verify_files
 from models.manifest import import_adapter
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,10 @@ class LoadedModels:
     gives its jobs to its fallback.
     """
 
-    def __init__(self, catalog: ModelCatalog | LiveCatalog, runtime: RuntimeOptions):
+    def __init__(self, catalog: ModelCatalog | LiveCatalog, runtime: RuntimeOptions, shared_embeddings=None):
         self.catalog = catalog
         self.runtime = runtime
+        self.shared_embeddings = shared_embeddings  # given to every adapter set up (workers/shared_embeddings.py)
         # Replaced, never mutated, so the heartbeat thread can read them while a reload runs.
         self.adapters: dict[str, ModelAdapter] = {}
         self.failures: dict[str, ModelFailure] = {}
@@ -105,8 +107,10 @@ class LoadedModels:
         self.adapters, self.failures, self._synced = adapters, failures, catalog
 
     def _set_up(self, spec: ModelSpec) -> ModelAdapter:
+        verify_files(spec)
         adapter = import_adapter(spec.adapter)(spec)
         adapter.setup(self.runtime_for(spec))
+        adapter.shared_embeddings = self.shared_embeddings
         return adapter
 
     def runtime_for(self, spec: ModelSpec) -> RuntimeOptions:

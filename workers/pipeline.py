@@ -28,13 +28,18 @@ def to_prompts(request: JobRequest) -> Prompts:
 def load_request(record: JobRecord, storage: Storage, max_bytes: int, max_pixels: int) -> tuple[SegmentRequest, JobRequest]:
     request = JobRequest.model_validate(record.request)
     image = decode_image(storage.get(record.input_key), max_bytes=max_bytes, max_pixels=max_pixels)
-    return SegmentRequest(image=image.pixels, prompts=to_prompts(request), image_id=record.image_sha256), request
+    options = {"points_per_side": request.points_per_side} if request.points_per_side is not None else {}
+    return SegmentRequest(image=image.pixels, prompts=to_prompts(request), image_id=record.image_sha256,
+                          scope=record.tenant, options=options), request
 
 
 def store_result(
-    record: JobRecord, request: JobRequest, image: np.ndarray, instances: list[Instance], storage: Storage
+    record: JobRecord, request: JobRequest, image: np.ndarray, instances: list[Instance], storage: Storage,
+    report: dict | None = None,
 ) -> str:
     """Write ``result.json`` (and a PNG per mask if asked); return the result's key.
+
+    ``report`` is what the adapter noted about the run (``SegmentRequest.report``): kept in the result.
 
     Keys depend only on the job id, so a job run twice overwrites its own
     files and never leaves a second result behind.
@@ -54,7 +59,7 @@ def store_result(
             item["png_key"] = f"{prefix}masks/{i}.png"
             storage.put(item["png_key"], masks.to_png(instance.mask), "image/png")
         out.append(item)
-    result = {"width": width, "height": height, "instances": out}
+    result = {"width": width, "height": height, "instances": out, **(report or {})}
     key = f"{prefix}result.json"
     storage.put(key, json.dumps(result).encode(), "application/json")
     return key
@@ -78,5 +83,5 @@ def run(record: JobRecord, adapter: ModelAdapter, storage: Storage, max_bytes: i
     """Segment one job's image; return ``(result_key, instance count)``."""
     segment_request, request = load_request(record, storage, max_bytes, max_pixels)
     instances = adapter.segment([segment_request])[0]
-    key = store_result(record, request, segment_request.image, instances, storage)
+    key = store_result(record, request, segment_request.image, instances, storage, segment_request.report)
     return key, len(instances)

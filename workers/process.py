@@ -20,6 +20,7 @@ from models.adapters.base import RuntimeOptions
 from workers.heartbeat import Heartbeat
 from models.catalog import LiveCatalog
 from workers.loaded_models import LoadedModels
+from workers.shared_embeddings import SharedEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,10 @@ class WorkerProcess:
         runtime = RuntimeOptions.from_settings(settings)
         # The manifest is followed while the process runs: before each job, and by a watcher thread when idle.
         catalog = LiveCatalog(settings.models_manifest, settings.manifest_check_s, settings)
-        models = LoadedModels(catalog, runtime)
+        shared = (SharedEmbeddings(client, settings.shared_embeddings_mb, settings.shared_embeddings_ttl_s,
+                                   half=settings.shared_embeddings_fp16)
+                  if settings.shared_embeddings_mb > 0 else None)
+        models = LoadedModels(catalog, runtime, shared_embeddings=shared)
         models.load_all()  # a model that fails to load is reported, not fatal: its fallback serves
         models.watch(settings.manifest_check_s)
         jobs = JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client))  # moves become webhook events

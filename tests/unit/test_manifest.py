@@ -79,7 +79,7 @@ def test_the_bundled_manifest_serves_text_regions_by_default():
     ('default = "a"\n', "field 'models': Field required"),
     ('[models]\n', "field 'models': Dictionary should have at least 1 item"),
     ('defualt = "a"\n[models.a]\nversion = "1"\nadapter = "%s"\n' % TEXT,
-     "field 'defualt': unknown field (known: default, models)"),
+     "field 'defualt': unknown field (known: default, routes, models)"),
     ('[models.a\nversion = "1"\n', "not a readable TOML/YAML model manifest"),
 ])
 def test_an_invalid_manifest_is_refused_naming_the_model_and_the_field(tmp_path, body, expected):
