@@ -55,7 +55,8 @@ class RedisServer:
             "--appendonly", "yes",
             "--appendfsync", "everysec",
             "--save", "",
-            "--protected-mode", "no",
+            # Protected mode: no password is set, so it answers only on loopback whatever --bind says.
+            "--protected-mode", "yes",
             "--loglevel", "warning",
         ]
         self.process = subprocess.Popen(command)

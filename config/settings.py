@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 600
     unacked_restore_interval_s: float = 10
     worker_concurrency: int = 1
+    # False for a worker that only delivers webhooks and applies retention (-Q webhooks): it loads no model.
+    worker_loads_models: bool = True
     worker_heartbeat_s: float = 5
 
     # Scheduling: lane limits, aging, the resource gate, retries on out-of-memory.

@@ -35,6 +35,10 @@ from domain.records import JobRecord, JobStore
 # KEYS[3]/KEYS[4]: the lower/interactive lane index, KEYS[5]: the set of promoted jobs still queued.
 # ARGV: now, aging seconds, lower lane name, most promoted jobs queued at once.
 _PROMOTE = keys.lua("""
+-- A promoted job whose record expired or left the queue some other way must not hold its place for ever.
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  if redis.call('HGET', '${job}' .. id, 'status') ~= 'queued' then redis.call('SREM', KEYS[5], id) end
+end
 local promoted = {}
 for _ = 1, 100 do
   if redis.call('SCARD', KEYS[5]) >= tonumber(ARGV[4]) then break end

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 from functools import lru_cache
 from urllib.parse import urlsplit
 
@@ -37,6 +38,23 @@ class Unresolvable(OSError):
     """A webhook host has no address (now): a network error like any other."""
 
 
+NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))  # RFC 6052, RFC 8215
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # ::a.b.c.d (deprecated by RFC 4291, still routed by some stacks)
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address leads to, if it carries one."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if any(ip in network for network in NAT64) or (ip in IPV4_COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 class WebhookGuard:
     """Decides which addresses a webhook may reach; ``allowed`` lists the CIDR networks let through anyway."""
 
@@ -44,11 +62,15 @@ class WebhookGuard:
         self.allowed = tuple(ipaddress.ip_network(n, strict=False) for n in allowed)
 
     def permits(self, ip: IPAddress) -> bool:
-        # An IPv4-mapped IPv6 address (::ffff:10.0.0.1) is judged as the IPv4 address it carries.
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         if any(ip in network for network in self.allowed):
             return True
+        # An IPv6 address that carries an IPv4 one (mapped, NAT64, 6to4, Teredo, IPv4-compatible)
+        # reaches that IPv4 address: it is judged as that address too.
+        embedded = embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+        if embedded is not None and not self.permits(embedded):
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            return True  # the mapped IPv4 address passed just now
         return ip.is_global and not ip.is_multicast
 
     def resolve(self, host: str, port: int) -> list[str]:
@@ -90,11 +112,11 @@ class WebhookGuard:
         except (ForbiddenAddress, Unresolvable) as exc:
             refuse(str(exc))
 
-    def session(self) -> requests.Session:
-        """A ``requests`` session that only connects to addresses this guard permits."""
+    def session(self, deadline: Deadline | None = None) -> requests.Session:
+        """A ``requests`` session that only connects to addresses this guard permits (within ``deadline``)."""
         session = requests.Session()
         session.trust_env = False  # no proxy from the environment: the guard must see the real peer
-        adapter = _GuardedAdapter(self)
+        adapter = _GuardedAdapter(self, deadline)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         return session
@@ -110,7 +132,50 @@ def check_webhook_url(url: str, allowed: tuple[str, ...] = ()) -> None:
     guard_for(tuple(allowed)).check_url(url)
 
 
-def _guarded_connection(base: type, guard: WebhookGuard) -> type:
+class Deadline:
+    """A whole request's time limit: once it is up, the request's sockets are shut down.
+
+    Socket timeouts bound each read, not the request: a receiver that
+    trickles its answer a byte at a time would hold a worker for ever. Use
+    as a context manager around the request, with :meth:`WebhookGuard.session`.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def __enter__(self) -> "Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv, unlike close()
+    except OSError:
+        pass
+
+
+def _guarded_connection(base: type, guard: WebhookGuard, deadline: Deadline | None) -> type:
     class GuardedConnection(base):
         def _new_conn(self):
             # Resolve once, check every answer, and connect to the checked address; the Host
@@ -119,22 +184,26 @@ def _guarded_connection(base: type, guard: WebhookGuard) -> type:
             address = guard.resolve(host.rstrip("."), self.port)[0]
             self._dns_host = address
             try:
-                return super()._new_conn()
+                sock = super()._new_conn()
             finally:
                 self._dns_host = host
+            if deadline is not None:
+                deadline.watch(sock)
+            return sock
 
     return GuardedConnection
 
 
 class _GuardedAdapter(HTTPAdapter):
-    def __init__(self, guard: WebhookGuard):
+    def __init__(self, guard: WebhookGuard, deadline: Deadline | None = None):
         self.guard = guard
+        self.deadline = deadline
         super().__init__(max_retries=0)
 
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
         http = type("GuardedHTTPPool", (HTTPConnectionPool,),
-                    {"ConnectionCls": _guarded_connection(HTTPConnection, self.guard)})
+                    {"ConnectionCls": _guarded_connection(HTTPConnection, self.guard, self.deadline)})
         https = type("GuardedHTTPSPool", (HTTPSConnectionPool,),
-                     {"ConnectionCls": _guarded_connection(HTTPSConnection, self.guard)})
+                     {"ConnectionCls": _guarded_connection(HTTPSConnection, self.guard, self.deadline)})
         self.poolmanager.pool_classes_by_scheme = {"http": http, "https": https}

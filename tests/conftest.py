@@ -46,6 +46,16 @@ def require(condition: bool, why: str) -> None:
         pytest.skip(why)
 
 
+def procfile_queues(process: str) -> str:
+    """The ``-Q`` queues of a worker process of the Procfile (what `make run` starts)."""
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        if name.strip() == process:
+            words = command.split()
+            return words[words.index("-Q") + 1]
+    raise KeyError(f"no {process!r} process in the Procfile")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -269,8 +279,8 @@ class IsolatedStack:
         app.testing = True
         return authorized_client(app)
 
-    def worker(self, name: str = "isolated", **env) -> WorkerProcess:
-        process = WorkerProcess({**self.env, **{k: str(v) for k, v in env.items()}}, name).start(self.redis)
+    def worker(self, name: str = "isolated", queues: str = "interactive,default,batch,webhooks", **env) -> WorkerProcess:
+        process = WorkerProcess({**self.env, **{k: str(v) for k, v in env.items()}}, name, queues=queues).start(self.redis)
         self.workers.append(process)
         return process
 

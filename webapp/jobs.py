@@ -27,6 +27,7 @@ from webapp.submission import read_submission
 bp = Blueprint("jobs", __name__)
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+MASK_FILE = re.compile(r"masks/[0-9]{1,6}\.png")
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
 
 
@@ -137,9 +138,10 @@ def cancel_job(job_id: str):
 @bp.get("/v1/jobs/<job_id>/files/<path:name>")
 def get_job_file(job_id: str, name: str):
     record = load_job(job_id)
-    key = file_key(record, name)  # a cached or coalesced job's masks are those of the job that ran
-    if ".." in name or not (name.startswith("masks/") or key == record.input_key):
+    # Only the names the service writes: a mask's PNG, or the input's own file name.
+    if not (MASK_FILE.fullmatch(name) or name == record.input_key.rpartition("/")[2]):
         raise NotFound("no such file")
+    key = file_key(record, name)  # a cached or coalesced job's masks are those of the job that ran
     try:
         data = services().storage.get(key)
     except KeyError:

@@ -9,6 +9,9 @@ from flask import Request
 
 from domain.errors import InputError, PayloadTooLarge, UnsupportedMediaType
 
+# The request JSON sent as a file part: as much as Flask allows a form field (MAX_FORM_MEMORY_SIZE).
+MAX_REQUEST_PART_BYTES = 8 * 1024 * 1024
+
 
 def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes, object]:
     """``(image bytes, request JSON)`` from ``multipart/form-data`` or ``application/json``.
@@ -22,6 +25,10 @@ def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes, obje
             raise InputError("the multipart body has no part named 'image'", errors=[{"field": "image", "message": "missing"}])
         data = upload.stream.read(max_image_bytes + 1)
         raw = request.form.get("request")
+        if raw is None and "request" in request.files:  # `curl -F request=@req.json` sends it as a file
+            raw = request.files["request"].stream.read(MAX_REQUEST_PART_BYTES + 1)
+            if len(raw) > MAX_REQUEST_PART_BYTES:
+                raise PayloadTooLarge(f"the request part is larger than {MAX_REQUEST_PART_BYTES} bytes")
         body = {} if raw is None or not raw.strip() else _json(raw, "request")
     elif request.mimetype == "application/json":
         body = _json(request.get_data(cache=False, as_text=False), "body")

@@ -1,12 +1,15 @@
 """A worker pool process announces itself in Redis, so the front end can tell who is ready with what."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 import redis
 
 from domain import fleet
+
+log = logging.getLogger(__name__)
 
 
 class Heartbeat:
@@ -40,3 +43,5 @@ class Heartbeat:
                 self.beat()
             except redis.RedisError:
                 pass  # Redis is away; the entry lapses and the worker shows as not ready
+            except Exception:  # whatever else went wrong, the next beat tries again: a dead thread means a "dead" worker
+                log.exception("heartbeat failed")

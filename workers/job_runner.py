@@ -23,7 +23,7 @@ from domain.schemas import JobRequest
 from storage.retrying import RetryingStorage
 from workers import batching, job_end, pipeline, process
 from workers.loaded_models import ModelChoice
-from workers.redis_outage import ride_out
+from workers.redis_outage import UNREACHABLE, ride_out
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,14 @@ def run(job_id: str) -> None:
     worker = process.current()
     bound_s = worker.settings.visibility_timeout_s
     try:
-        started = ride_out(lambda: _start(worker, job_id), bound_s=bound_s, what=f"job {job_id}: starting")
+        try:
+            started = ride_out(lambda: _start(worker, job_id), bound_s=bound_s, what=f"job {job_id}: starting")
+        except UNREACHABLE:
+            raise  # past the bound: the message stays unacknowledged and recovery finds the job
+        except Exception as exc:  # a record that no longer reads, say: the job ends, it is not left queued
+            code, detail = job_end.describe_failure(job_id, exc)
+            worker.jobs.fail(job_id, code, f"the job could not be started: {detail}")
+            return
         if started is None:
             return
         record, choice, since = started

@@ -52,8 +52,9 @@ class WorkerProcess:
                                    half=settings.shared_embeddings_fp16)
                   if settings.shared_embeddings_mb > 0 else None)
         models = LoadedModels(catalog, runtime, shared_embeddings=shared)
-        models.load_all()  # a model that fails to load is reported, not fatal: its fallback serves
-        models.watch(settings.manifest_check_s)
+        if settings.worker_loads_models:  # not in a webhooks-only worker: it runs no model
+            models.load_all()  # a model that fails to load is reported, not fatal: its fallback serves
+            models.watch(settings.manifest_check_s)
         jobs = JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client))  # moves become webhook events
         process = cls(settings, client, jobs, open_storage(settings), models)
         process.heartbeat = Heartbeat(client, settings.worker_heartbeat_s, process.describe)

@@ -49,6 +49,8 @@ class SchedulingStep(bootsteps.StartStopStep):
         self.next_recovery = time.monotonic() + settings.recovery_check_s
         self.gate = ResourceGate(detect_device(settings.gpu_device_index), self.catalog.current().memory_per_job_mb(),
                                  settings.gate_reserve_mb, client, worker=consumer.hostname)
+        # The lanes this worker consumes (a webhooks-only worker consumes none): the gate touches these alone.
+        self.lanes_consumed = [lane for lane in LANES if lane in {q.name for q in consumer.task_consumer.queues}]
         self.check_gate(consumer)
         self.timers = [
             consumer.timer.call_repeatedly(settings.gate_check_s, self.check_gate, (consumer,), priority=10),
@@ -66,7 +68,7 @@ class SchedulingStep(bootsteps.StartStopStep):
             self.gate.need_mb = self.catalog.current().memory_per_job_mb()
             state, _ = self.gate.check()
             if not state.open and not self.closed:
-                for lane in LANES:
+                for lane in self.lanes_consumed:
                     consumer.cancel_task_queue(lane)
                 self.closed = True
             elif state.open and self.closed:
@@ -75,7 +77,7 @@ class SchedulingStep(bootsteps.StartStopStep):
                 webhooks = WEBHOOK_QUEUE in {q.name for q in consumer.task_consumer.queues}
                 if webhooks:
                     consumer.cancel_task_queue(WEBHOOK_QUEUE)
-                for lane in LANES:
+                for lane in self.lanes_consumed:
                     consumer.add_task_queue(lane)
                 if webhooks:
                     consumer.add_task_queue(WEBHOOK_QUEUE)

@@ -25,7 +25,7 @@ from celery import current_app
 from config.celery import WEBHOOK_QUEUE
 from domain.delivery_log import DeliveryLog, Message
 from domain.documents import job_document
-from domain.webhook_urls import ForbiddenAddress, guard_for
+from domain.webhook_urls import Deadline, ForbiddenAddress, guard_for
 from domain.webhooks import (DELIVER_WEBHOOK, DISABLED_URLS, USER_AGENT, dumps, next_pause, retry_after_seconds,
                              sign, tenant_secret)
 
@@ -104,11 +104,17 @@ def _post(message: Message, body: str, settings, client: redis.Redis) -> tuple[i
     headers = sign(secret, message.id, int(time.time()), body)
     # The body is the job as GET shows it; which event it reports travels beside it.
     headers.update({"content-type": "application/json", "user-agent": USER_AGENT, "maskq-event": message.event})
-    with guard_for(settings.webhook_allowed_networks).session() as session:
-        # No redirects: a webhook that moved must be registered again, and a redirect could lead inside.
-        response = session.post(message.url, data=body.encode(), headers=headers,
-                                timeout=settings.webhook_timeout_s, allow_redirects=False, stream=True)
-        response.close()
+    limit = settings.webhook_timeout_s  # for the whole attempt: connecting, sending, the answer's headers
+    with Deadline(limit) as deadline, guard_for(settings.webhook_allowed_networks).session(deadline) as session:
+        try:
+            # No redirects: a webhook that moved must be registered again, and a redirect could lead inside.
+            response = session.post(message.url, data=body.encode(), headers=headers,
+                                    timeout=limit, allow_redirects=False, stream=True)
+            response.close()
+        except requests.RequestException as exc:
+            if deadline.expired:
+                raise requests.Timeout(f"no answer within {limit:g} s (the whole attempt)") from exc
+            raise
     return response.status_code, retry_after_seconds(response.headers.get("retry-after"))
 
 

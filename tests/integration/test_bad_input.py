@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 
@@ -185,3 +186,38 @@ def test_a_job_whose_stored_input_is_undecodable_fails_with_code_input_and_the_w
     assert final["error"]["code"] == "input"
     assert worker.alive
     assert run_to_end(client, image_bytes("en.jpg"))["status"] == "succeeded"
+
+
+def test_a_request_sent_as_a_file_part_is_read_like_a_form_field(client, jpeg):
+    request = json.dumps({"lane": "batch", "outputs": ["rle", "png"]}).encode()
+    answer = client.post("/v1/jobs", data={"image": (io.BytesIO(jpeg), "a.jpg"),
+                                           "request": (io.BytesIO(request), "req.json")},
+                         content_type="multipart/form-data")
+    assert answer.status_code == 202, answer.get_json()
+    assert answer.get_json()["lane"] == "batch"  # not silently the default lane
+    broken = client.post("/v1/jobs", data={"image": (io.BytesIO(jpeg), "a.jpg"),
+                                           "request": (io.BytesIO(b"{oops"), "req.json")},
+                         content_type="multipart/form-data")
+    assert_problem(broken, 400, "request")
+
+
+def test_a_megabyte_of_mask_counts_is_a_prompt_422_in_the_requests_words(client, jpeg):
+    request = {"prompts": {"mask": {"size": [132, 709], "counts": "P" * 400_000}}}
+    answer = submit(client, image_bytes("en.jpg"), request)
+    assert answer.status_code == 422
+    body = answer.get_json()
+    [counts] = [e["message"] for e in body["errors"] if e["field"] == "prompts.mask.counts"]
+    assert "longer than the whole" in counts and "digits" not in body["detail"]
+
+
+def test_a_jobs_files_are_served_and_any_other_name_is_a_404_never_a_500(client, worker):
+    job = run_to_end(client, image_bytes("ch_en_num.jpg"), {"outputs": ["rle", "png"]})
+    assert job["status"] == "succeeded" and job["result"]["instances"]
+    base = f"/v1/jobs/{job['id']}/files/"
+    png = client.get(base + "masks/0.png")
+    assert png.status_code == 200 and png.mimetype == "image/png" and png.data.startswith(b"\x89PNG")
+    assert client.get(base + "input.jpg").status_code == 200
+    for name in ("masks/%00.png", "masks/0.png%00", "%00", "masks/../input.jpg", "masks/x.png", "result.json",
+                 "masks/99.png", "..%2f..%2fetc%2fpasswd"):
+        answer = client.get(base + name)
+        assert answer.status_code == 404 and answer.mimetype == "application/problem+json", (name, answer.status_code)

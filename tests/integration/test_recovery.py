@@ -95,3 +95,33 @@ def test_a_job_its_process_is_running_is_left_alone(isolated, tmp_path):
     record = wait_ended(isolated, job_id, timeout=60)
     assert str(record.status) == "succeeded"
     assert record.attempts == 1 and record.last_error is None  # six seconds running, never taken for lost
+
+
+def test_a_job_whose_record_no_longer_reads_fails_instead_of_staying_queued(isolated):
+    client = isolated.client()
+    job_id = submit(client, small_png(9)).get_json()["id"]
+    isolated.redis.hset(keys.job(job_id), "created_at", "not a time")  # as a bad upgrade or a hand edit leaves it
+    isolated.worker()
+    wait_for(lambda: isolated.redis.hget(keys.job(job_id), "status") == b"failed", 30)
+    error = json.loads(isolated.redis.hget(keys.job(job_id), "error"))
+    assert error["code"] == "internal" and error["message"].startswith("the job could not be started")
+
+
+def test_the_heartbeat_survives_an_error_in_what_it_reports(redis_client):
+    from workers.heartbeat import Heartbeat
+
+    calls = []
+
+    def describe() -> dict:
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("a model's counters could not be read")
+        return {"models": {}}
+
+    heartbeat = Heartbeat(redis_client, 0.05, describe)
+    heartbeat.start()
+    try:
+        wait_for(lambda: len(calls) >= 5, 5)  # it went on beating after the error
+        assert live_workers(redis_client)
+    finally:
+        heartbeat.stop()

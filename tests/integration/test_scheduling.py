@@ -238,3 +238,5 @@ def test_aging_promotes_a_trickle_not_the_whole_backlog(isolated):
     client.delete(f"/v1/jobs/{ids[0]}")  # once it leaves the queue, the next one may go
     assert lanes.promote_aged(now=later) == [ids[1]]
     assert lanes.depths() == {"interactive": 1, "default": 0, "batch": 3}
+    isolated.redis.delete(f"maskq:job:{ids[1]}")  # its record expired while it waited promoted
+    assert lanes.promote_aged(now=later) == [ids[2]]  # aging goes on: the stale entry holds no place

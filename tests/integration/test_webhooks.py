@@ -224,3 +224,62 @@ def test_the_guarded_connection_refuses_a_name_that_resolves_to_loopback(receive
 def test_deliveries_of_an_unknown_job_are_a_404(client):
     assert client.get(f"/v1/jobs/{'0' * 32}/deliveries").status_code == 404
     assert client.post(f"/v1/jobs/{'0' * 32}/deliveries/redeliver").status_code == 404
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_attempts_deadline(redis_client, settings):
+    """Socket timeouts bound each read; a byte every 0.2 s would pass them all. The attempt has a total limit."""
+    import socket
+    import threading
+
+    import requests
+
+    from domain.delivery_log import Message
+    from workers.webhook_delivery import _post
+
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Slow: " + b"." * 40 + b"\r\n\r\n"
+    sent = []
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        try:
+            for byte in answer:
+                conn.sendall(bytes([byte]))
+                sent.append(byte)
+                time.sleep(0.2)
+        except OSError:
+            pass  # the client gave up and shut the connection
+        conn.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/hooks/maskq"
+    message = Message(id="msg_trickle", job_id="0" * 32, tenant="default", event="job.succeeded", url=url, body="{}",
+                      status="pending", generation=0, created_at=time.time(), expires_at=time.time() + 60)
+    with pytest.raises(requests.Timeout, match="the whole attempt"):
+        _post(message, "{}", settings.model_copy(update={"webhook_timeout_s": 1.0}), redis_client)
+    time.sleep(0.5)
+    assert len(sent) < len(answer) / 2  # cut off after about a second, not after the whole answer (~18 s)
+    listener.close()
+
+
+def test_under_steady_load_a_callback_is_sent_by_the_webhooks_worker_before_the_lanes_drain(isolated, receivers, image,
+                                                                                            tmp_path):
+    """As `make run` starts them: inference on the lanes, deliveries on a worker of their own (no models)."""
+    from tests.conftest import procfile_queues
+    from tests.integration.helpers import small_png, submit, wait_for
+    from tests.support.slow_models import slow_manifest
+
+    lanes, hooks = procfile_queues("worker"), procfile_queues("webhooks")
+    assert "webhooks" not in lanes.split(",") and hooks == "webhooks"
+    receiver = receivers()
+    isolated.worker("lanes", queues=lanes, MASKQ_MODELS_MANIFEST=slow_manifest(tmp_path, delay_s=2))
+    isolated.worker("hooks", queues=hooks, MASKQ_WORKER_LOADS_MODELS="false")
+    client = isolated.client()
+    first = submit_with_hook(client, image, receiver.url)
+    backlog = [submit(client, small_png(i)).get_json()["id"] for i in range(4)]
+    wait_for(lambda: receiver.received(), 30)
+    assert receiver.received()[0]["headers"]["maskq-event"] == "job.succeeded"
+    assert job(client, first, wait=0)["status"] == "succeeded"
+    statuses = [job(client, job_id, wait=0)["status"] for job_id in backlog]
+    assert any(s in ("queued", "running") for s in statuses), statuses  # the lanes were still busy

@@ -96,6 +96,26 @@ def test_public_addresses_pass_and_an_allowed_network_admits_its_private_address
     assert not guard.permits(ipaddress.ip_address("10.21.3.4"))
 
 
+@pytest.mark.parametrize("address", [
+    "64:ff9b::a00:1", "64:ff9b::7f00:1", "64:ff9b:1::a9fe:a9fe",  # NAT64 of 10.0.0.1, 127.0.0.1, 169.254.169.254
+    "2002:a00:1::1", "2002:7f00:1::",  # 6to4 of 10.0.0.1, 127.0.0.1
+    "::a00:1", "::127.0.0.1", "::169.254.169.254",  # IPv4-compatible
+    "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo, its client 10.0.0.1 (stored inverted)
+    "::ffff:10.0.0.1",  # IPv4-mapped
+])
+def test_an_ipv6_address_that_carries_a_private_ipv4_address_is_judged_as_that_address(address):
+    guard = WebhookGuard()
+    assert not guard.permits(ipaddress.ip_address(address))
+    with pytest.raises(ValidationFailed):
+        check_webhook_url(f"http://[{address}]/hook")  # refused at submit: no delivery ever starts
+
+
+def test_an_ipv6_address_carrying_a_public_ipv4_address_is_judged_by_both():
+    guard = WebhookGuard()
+    assert guard.permits(ipaddress.ip_address("::ffff:93.184.216.34"))
+    assert guard.permits(ipaddress.ip_address("2606:4700:4700::1111"))  # no IPv4 inside: an ordinary address
+
+
 @pytest.mark.parametrize("url", [
     "http://169.254.169.254/latest/meta-data/", "http://10.0.0.5/hook", "http://[::1]:8080/hook",
     "ftp://93.184.216.34/hook", "not a url", "http:///nohost",
