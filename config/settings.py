@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     dev_key: bool = True
     default_rate: str = "600/minute"   # per API key, unless the key has its own
     global_rate: str = "6000/minute"   # every client together
+    failed_auth_rate: str = "20/minute"  # failed authentications per client address; past it, 429 (key guessing)
     rate_limit_strategy: str = "fixed-window"
     idempotency_ttl_s: int = 24 * 3600
 
@@ -52,6 +53,8 @@ class Settings(BaseSettings):
     max_prompts: int = 64
     max_text_prompt_chars: int = 200
     max_wait_s: int = 30
+    # Long polls (?wait=N, Prefer: wait) one API key may hold at once: the web's threads are shared by all.
+    max_waits_per_key: int = Field(default=8, ge=1)
     # Image embeddings shared by every worker process in Redis (workers/shared_embeddings.py), so a
     # second prompt on an image skips the encoder on any worker: bound in MB (0: off), TTL, fp16.
     shared_embeddings_mb: float = Field(default=512, ge=0)
@@ -189,7 +192,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(strategies)}")
         return value
 
-    @field_validator("default_rate", "global_rate")
+    @field_validator("default_rate", "global_rate", "failed_auth_rate")
     @classmethod
     def _readable_rate(cls, value: str) -> str:
         from limits import parse_many

@@ -100,6 +100,18 @@ class ResourceExhausted(MaskqError):
     title = "Resources exhausted"
 
 
+class TooManyRequests(MaskqError):
+    """The client is over a limit (failed authentications, waiting requests); ``retry_after`` seconds is a hint."""
+
+    status = 429
+    code = "rate_limited"
+    title = "Too many requests"
+
+    def __init__(self, detail: str, *, retry_after: int = 1, errors: list[dict] | None = None):
+        super().__init__(detail, errors=errors)
+        self.retry_after = retry_after
+
+
 class ServiceUnavailable(MaskqError):
     """The service cannot take the request now; ``retry_after`` seconds is a hint."""
 

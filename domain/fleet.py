@@ -4,13 +4,17 @@ Worker processes write these records (``workers/heartbeat.py``,
 ``workers/gate.py``); the web front end and other workers read them here. The
 web never imports the worker runtime to learn about workers.
 
-- A *heartbeat* is one JSON value per pool process, ``maskq:worker:{host}:{pid}``,
-  refreshed every beat with a TTL of three beats: the models it has loaded,
-  their load errors, its embedding-cache counters, the ids of the jobs it is
-  running now (``running``), and ``at``. A process writes it at once when it
-  starts or ends a job, so ``running`` is never behind its records.
-- A *gate state* is one JSON value per worker (main process),
-  ``maskq:gate:worker:{name}``: open or closed, free and needed memory.
+- A *heartbeat* is one JSON entry per pool process (``host:pid``) in the hash
+  ``maskq:workers``, refreshed every beat and lapsing after three: the models
+  it has loaded, their load errors, its embedding-cache counters, the ids of
+  the jobs it is running now (``running``), and ``at``. A process writes it at
+  once when it starts or ends a job, so ``running`` is never behind its records.
+- A *gate state* is one JSON entry per worker (main process) in ``maskq:gates``:
+  open or closed, free and needed memory.
+
+Each hash has a sorted set of when each entry lapses, written and read in Lua
+with Redis's own clock (hosts' clocks need not agree): every read is one call,
+whatever else the keyspace holds, and drops lapsed entries as it goes.
 """
 from __future__ import annotations
 
@@ -22,50 +26,80 @@ import redis
 
 from domain import keys
 
+# KEYS[1]: the hash, KEYS[2]: its lapse set. ARGV: member, JSON, seconds until it lapses.
+_WRITE = """
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], tonumber(now[1]) + tonumber(now[2]) / 1e6 + tonumber(ARGV[3]), ARGV[1])
+"""
+
+# KEYS as _WRITE. ARGV: the members to read (none: all). Returns {member, JSON, ...} of the live ones.
+_READ = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1e6
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  redis.call('HDEL', KEYS[1], gone)
+  redis.call('ZREM', KEYS[2], gone)
+end
+if #ARGV == 0 then return redis.call('HGETALL', KEYS[1]) end
+local out = {}
+for _, member in ipairs(ARGV) do
+  local value = redis.call('HGET', KEYS[1], member)
+  if value then table.insert(out, member) table.insert(out, value) end
+end
+return out
+"""
+
 
 def this_process() -> str:
     """This process's name in the fleet: ``host:pid`` (also the owner name of its batch claims)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _write(client: redis.Redis, hash_key: str, lapse_key: str, member: str, value: dict, ttl_s: float) -> None:
+    client.register_script(_WRITE)(keys=[hash_key, lapse_key], args=[member, json.dumps(value), ttl_s])
+
+
+def _read(client: redis.Redis, hash_key: str, lapse_key: str, members: list[str] | None = None) -> dict[str, dict]:
+    flat = client.register_script(_READ)(keys=[hash_key, lapse_key], args=members or [])
+    return {flat[i].decode(): json.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
 def write_heartbeat(client: redis.Redis, owner: str, body: dict, ttl_s: float) -> None:
-    client.set(keys.worker(owner), json.dumps(body), px=int(ttl_s * 1000))
+    _write(client, keys.WORKERS, keys.WORKERS_LAPSE, owner, body, ttl_s)
 
 
 def forget_heartbeat(client: redis.Redis, owner: str) -> None:
-    client.delete(keys.worker(owner))
+    with client.pipeline() as pipe:
+        pipe.hdel(keys.WORKERS, owner)
+        pipe.zrem(keys.WORKERS_LAPSE, owner)
+        pipe.execute()
 
 
 def is_alive(client: redis.Redis, owner: str) -> bool:
     """Whether the pool process ``owner`` has beaten within its heartbeat's lifetime."""
-    return bool(client.exists(keys.worker(owner)))
+    return owner in heartbeats(client, [owner])
 
 
 def heartbeats(client: redis.Redis, owners: list[str]) -> dict[str, dict]:
-    """The live heartbeats of ``owners`` (one round trip); a lapsed one is absent."""
+    """The live heartbeats of ``owners`` (one call); a lapsed one is absent."""
     if not owners:
         return {}
-    values = client.mget([keys.worker(owner) for owner in owners])
-    return {owner: json.loads(v) for owner, v in zip(owners, values) if v}
+    return _read(client, keys.WORKERS, keys.WORKERS_LAPSE, owners)
 
 
 def live_workers(client: redis.Redis) -> list[dict]:
     """Every worker process whose heartbeat has not lapsed, each with its ``id`` (``host:pid``)."""
-    found = list(client.scan_iter(match=keys.WORKER_PREFIX + "*", count=200))
-    if not found:
-        return []
-    return [dict(json.loads(v), id=k.decode()[len(keys.WORKER_PREFIX):]) for k, v in zip(found, client.mget(found)) if v]
+    return [dict(body, id=owner) for owner, body in _read(client, keys.WORKERS, keys.WORKERS_LAPSE).items()]
 
 
 def write_gate(client: redis.Redis, worker_name: str, state: dict, ttl_s: float) -> None:
-    client.set(keys.gate(worker_name), json.dumps(state), px=int(ttl_s * 1000))
+    _write(client, keys.GATES, keys.GATES_LAPSE, worker_name, state, ttl_s)
 
 
 def gate_states(client: redis.Redis) -> dict[str, dict]:
     """Each live worker's gate, by worker name."""
-    found = list(client.scan_iter(match=keys.GATE_PREFIX + "*", count=200))
-    values = client.mget(found) if found else []
-    return {k.decode()[len(keys.GATE_PREFIX):]: json.loads(v) for k, v in zip(found, values) if v}
+    return _read(client, keys.GATES, keys.GATES_LAPSE)
 
 
 def reserve_override(client: redis.Redis) -> float | None:

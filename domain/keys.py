@@ -75,6 +75,11 @@ def api_key(key_hash: str) -> str:
     return f"maskq:apikey:{key_hash}"
 
 
+def waits(client_id: str) -> str:
+    """The long polls one API key (or address) holds now: a sorted set of request tokens by when they end."""
+    return f"maskq:waits:{client_id}"
+
+
 def idempotency(tenant: str, digest: str) -> str:
     return f"maskq:idempotency:{tenant}:{digest}"
 
@@ -99,19 +104,15 @@ def job_deliveries(job_id: str) -> str:
     return f"{JOB_PREFIX}{job_id}:deliveries"
 
 
-# -- workers, as they record themselves -------------------------------------------------------------
-WORKER_PREFIX = "maskq:worker:"          # + "host:pid": a pool process's heartbeat (a JSON value with a TTL)
-GATE_PREFIX = "maskq:gate:worker:"       # + worker name: its resource gate's state
+# -- workers, as they record themselves (domain/fleet.py) ---------------------------------------------
+# Each kind of record is a hash (member -> JSON) beside a sorted set of when each member lapses, in
+# Redis's own clock: read in one call, never by scanning the keyspace.
+WORKERS = "maskq:workers"                # "host:pid" -> a pool process's heartbeat
+WORKERS_LAPSE = "maskq:workers:lapse"    # "host:pid" -> when its heartbeat lapses
+GATES = "maskq:gates"                    # worker name -> its resource gate's state
+GATES_LAPSE = "maskq:gates:lapse"
 GATE_RESERVE_MB = "maskq:gate:reserve_mb"  # an operator's override of the gate's reserve
 CLAIM_OWNERS = "maskq:claims"            # the pool processes ("host:pid") holding batch claims now
-
-
-def worker(owner: str) -> str:
-    return f"{WORKER_PREFIX}{owner}"
-
-
-def gate(worker_name: str) -> str:
-    return f"{GATE_PREFIX}{worker_name}"
 
 
 CLAIMS_PREFIX = "maskq:claimed:"         # + owner: the messages it took off the lanes for a batch

@@ -7,7 +7,10 @@ loopback, private, link-local (cloud metadata at 169.254.169.254 among them),
 shared (CGNAT), multicast, reserved or unspecified ones. The check runs at
 submit (a 422 naming ``webhook.url``) and again on every delivery, where the
 connection is made to the very address that was checked, so a DNS answer that
-changes in between (DNS rebinding) cannot redirect it.
+changes in between (DNS rebinding) cannot redirect it. The submit-time check
+never resolves a name (a client's name server must not hold a web thread):
+it judges addresses and ``localhost`` names, and leaves other names to the
+delivery, which refuses them for good if they lead somewhere forbidden.
 """
 from __future__ import annotations
 
@@ -107,10 +110,21 @@ class WebhookGuard:
             refuse(f"is not a valid URL: {exc}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             refuse("must be an absolute http:// or https:// URL")
+        # No DNS lookup here: the name is the client's, and a slow or hostile name server would hold
+        # a web thread. An address, and the names that are loopback by definition, are judged now;
+        # any other name is resolved and checked at every delivery attempt (a refusal ends it for good).
+        host = parts.hostname.rstrip(".").lower()
         try:
-            self.resolve(parts.hostname, port)
-        except (ForbiddenAddress, Unresolvable) as exc:
-            refuse(str(exc))
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            if host == "localhost" or host.endswith(".localhost"):  # RFC 6761
+                address = ipaddress.ip_address("127.0.0.1")
+            else:
+                return
+        if not self.permits(address):
+            refuse(f"{parts.hostname} is a loopback, private, link-local or otherwise non-public address; "
+                   "webhooks may only call public addresses (an operator can allow a network with "
+                   "MASKQ_WEBHOOK_ALLOWED_NETWORKS)")
 
     def session(self, deadline: Deadline | None = None) -> requests.Session:
         """A ``requests`` session that only connects to addresses this guard permits (within ``deadline``)."""

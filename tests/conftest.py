@@ -28,7 +28,7 @@ TEXT_MODELS = ROOT / "tests" / "support" / "text_models.toml"
 SERVICE_MODELS = ROOT / "config" / "models.toml"  # what `make run` serves: text-regions and SAM, routed by prompt
 VENV_BIN = Path(sys.executable).parent
 # Celery's own bookkeeping (queue bindings) and live worker heartbeats survive the per-test flush.
-KEEP_KEYS = (b"_kombu.binding.", b"maskq:worker:")
+KEEP_KEYS = (b"_kombu.binding.", b"maskq:workers")
 
 
 def pytest_collection_modifyitems(items):
@@ -167,13 +167,10 @@ class WorkerProcess:
             return []
 
     def ready_children(self, client: redis.Redis) -> list[int]:
+        from domain.fleet import live_workers
+
         pids = set(self.children())
-        ready = []
-        for key in client.scan_iter(match=b"maskq:worker:*"):
-            pid = int(key.rsplit(b":", 1)[1])
-            if pid in pids:
-                ready.append(pid)
-        return ready
+        return [pid for pid in (int(w["id"].rsplit(":", 1)[1]) for w in live_workers(client)) if pid in pids]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

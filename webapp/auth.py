@@ -7,9 +7,15 @@ pick a lane with :func:`choose_lane`.
 """
 from __future__ import annotations
 
-from flask import Flask, g, request
+import math
+import time
 
-from domain.errors import Forbidden, Unauthorized
+from flask import Flask, current_app, g, request
+from limits import parse
+from limits.storage import storage_from_string
+from limits.strategies import FixedWindowRateLimiter
+
+from domain.errors import Forbidden, TooManyRequests, Unauthorized
 from domain.tenants import ApiKey, KeyStore
 from webapp.errors import problem
 from webapp.services import services
@@ -21,6 +27,7 @@ LOCAL_TENANT = "default"
 
 def init_app(app: Flask) -> None:
     """Register the hook; call it before the rate limiter's, which keys on the authenticated key."""
+    app.extensions["maskq.failed_auth"] = FailedAuthentications(app.extensions["maskq"].settings)
     app.before_request(authenticate)
 
     @app.errorhandler(Unauthorized)
@@ -36,16 +43,43 @@ def authenticate() -> None:
     if s.settings.auth == "off":
         g.api_key = ApiKey(key_hash="", tenant=LOCAL_TENANT)
         return
+    failures = current_app.extensions["maskq.failed_auth"]
+    address = request.remote_addr or "unknown"
+    failures.check(address)  # an address that keeps failing is refused before any key is looked at
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
+        failures.count(address)
         raise Unauthorized("send the API key as `Authorization: Bearer <key>` (`maskq keys create` makes one)")
     record = KeyStore(s.redis).lookup(token)
     if record is None:
+        failures.count(address)
         raise Unauthorized("the API key is not valid")
     if record.revoked:
         raise Forbidden(f"the API key {record.key_id} was revoked")
     g.api_key = record
+
+
+class FailedAuthentications:
+    """Counts failed authentications per client address (``MASKQ_FAILED_AUTH_RATE``), shared by every web process.
+
+    Past the rate, the address gets a 429 with ``Retry-After`` on every ``/v1``
+    request until the window passes: guessing keys costs time, not only requests.
+    """
+
+    def __init__(self, settings):
+        self.rate = parse(settings.failed_auth_rate)
+        self.limiter = FixedWindowRateLimiter(storage_from_string(settings.broker_url, socket_timeout=5))
+
+    def check(self, address: str) -> None:
+        if not self.limiter.test(self.rate, "maskq-auth-failures", address):
+            reset, _ = self.limiter.get_window_stats(self.rate, "maskq-auth-failures", address)
+            raise TooManyRequests(f"too many failed authentications from this address (over {self.rate}); "
+                                  "retry after the time in Retry-After",
+                                  retry_after=max(1, math.ceil(reset - time.time())))
+
+    def count(self, address: str) -> None:
+        self.limiter.hit(self.rate, "maskq-auth-failures", address)
 
 
 def current_key() -> ApiKey:

@@ -7,7 +7,7 @@ import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from domain.errors import MaskqError, ServiceUnavailable
+from domain.errors import MaskqError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ def register_error_handlers(app: Flask) -> None:
     def _maskq(exc: MaskqError):
         if exc.status >= 500:
             log.warning("%s: %s", exc.title, exc.detail)
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ServiceUnavailable) else None
+        retry_after = getattr(exc, "retry_after", None)  # ServiceUnavailable, TooManyRequests
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         return problem(exc.status, exc.title, exc.detail, exc.errors, headers)
 
     @app.errorhandler(HTTPException)

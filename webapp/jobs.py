@@ -11,7 +11,7 @@ from flask import Blueprint, Response, request, url_for
 
 from domain.documents import job_result
 from domain.keys import job_prefix
-from domain.errors import Conflict, InputError, NotFound
+from domain.errors import Conflict, InputError, NotFound, TooManyRequests
 from domain.fleet import live_workers
 from domain.images import decode_image
 from domain.lanes import send_job
@@ -22,7 +22,9 @@ from domain.webhook_urls import check_webhook_url
 from webapp.auth import choose_lane, current_tenant
 from webapp.idempotency import claim_submission
 from webapp.services import services
+from webapp.limits import client_id
 from webapp.submission import read_submission
+from webapp.waits import wait_slot
 
 bp = Blueprint("jobs", __name__)
 
@@ -85,7 +87,11 @@ def submit_job():
         send_job(s.celery, job_id, lane, catalog.time_limits(spec.name, settings))
     wait = preferred_wait(request.headers.get("Prefer"), settings.max_wait_s)
     if wait:  # one round trip for an interactive client: the ended job if it ends in time
-        record = s.jobs.wait_until_ended(job_id, wait) or record
+        with wait_slot(s.redis, client_id(), wait, settings.max_waits_per_key) as waiting:
+            if waiting:  # a preference, not a demand: over the key's waits, the answer comes at once
+                record = s.jobs.wait_until_ended(job_id, wait) or record
+            else:
+                wait = 0
     response = _json(_document(record), 200 if record.status.ended else 202)
     response.headers["Location"] = url_for("jobs.get_job", job_id=job_id)
     if wait:
@@ -116,7 +122,12 @@ def get_job(job_id: str):
     wait = _wait_seconds(s.settings.max_wait_s)
     record = load_job(job_id)
     if wait and not record.status.ended:
-        record = s.jobs.wait_until_ended(job_id, wait) or record
+        with wait_slot(s.redis, client_id(), wait, s.settings.max_waits_per_key) as waiting:
+            if not waiting:
+                raise TooManyRequests(f"this key already holds {s.settings.max_waits_per_key} waiting requests "
+                                      "(MASKQ_MAX_WAITS_PER_KEY); poll without wait, or when one of them ends",
+                                      retry_after=1)
+            record = s.jobs.wait_until_ended(job_id, wait) or record
     return _json(_document(record), 200)
 
 

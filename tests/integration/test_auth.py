@@ -28,7 +28,11 @@ def maskq(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def test_every_v1_route_without_a_key_or_with_an_unknown_one_is_a_401_problem(app):
+def test_every_v1_route_without_a_key_or_with_an_unknown_one_is_a_401_problem(settings, redis_client):
+    from webapp.app import create_app
+
+    # Every route, four ways, from one address: far over the failed-authentication rate, on purpose.
+    app = create_app(settings.model_copy(update={"failed_auth_rate": "10000/minute"}))
     anonymous = app.test_client()
     routes = [(rule.rule.replace("<job_id>", "0" * 32).replace("<path:name>", "masks/0.png"), method)
               for rule in app.url_map.iter_rules() if rule.rule.startswith("/v1/")
@@ -180,3 +184,21 @@ def test_the_web_server_prints_a_development_key_that_works_with_the_readmes_cur
     finally:
         os.killpg(web.pid, signal.SIGINT)  # gunicorn's quick shutdown
         web.wait(20)
+
+
+def test_an_address_that_keeps_failing_to_authenticate_is_refused_for_a_while(app):
+    guesser = app.test_client()
+    guesser.environ_base["REMOTE_ADDR"] = "192.0.2.7"
+    answers = [guesser.get("/v1/models", headers={"Authorization": f"Bearer mq_guess{i}"}) for i in range(21)]
+    assert [a.status_code for a in answers[:20]] == [401] * 20  # MASKQ_FAILED_AUTH_RATE: 20/minute
+    refused = answers[20]
+    assert refused.status_code == 429 and refused.mimetype == "application/problem+json"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert "failed authentications" in refused.get_json()["detail"]
+    # A real key from that address waits too; another address is untouched.
+    with_key = authorized_client(app)
+    with_key.environ_base["REMOTE_ADDR"] = "192.0.2.7"
+    assert with_key.get("/v1/models").status_code == 429
+    elsewhere = authorized_client(app)
+    elsewhere.environ_base["REMOTE_ADDR"] = "192.0.2.8"
+    assert elsewhere.get("/v1/models").status_code == 200

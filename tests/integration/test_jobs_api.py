@@ -1,12 +1,13 @@
 """The core job path through the API: a real worker process runs the real model on real images."""
 from __future__ import annotations
 
+import io
 import time
 
 import pytest
 
 from tests.conftest import image_bytes
-from tests.integration.helpers import decode, run_to_end, submit
+from tests.integration.helpers import decode, run_to_end, small_png, submit
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -147,3 +148,37 @@ def test_models_and_readiness_show_the_loaded_worker(client):
     assert ready.status_code == 200 and ready.get_json()["checks"]["redis"] == "ok"
     assert client.get("/healthz").status_code == 200
     assert b"maskq_lane_depth" in client.get("/metrics").data
+
+
+def test_one_key_cannot_hold_every_web_thread_with_long_polls(isolated):
+    import threading
+
+    client = isolated.client(max_waits_per_key=2)
+    job_id = submit(client, small_png()).get_json()["id"]  # no worker: it stays queued
+    app = client.application
+    started = threading.Barrier(3)
+    answers = []
+
+    def long_poll() -> None:
+        poller = app.test_client()
+        poller.environ_base = dict(client.environ_base)  # the same key
+        started.wait()
+        answers.append(poller.get(f"/v1/jobs/{job_id}?wait=4").status_code)
+
+    threads = [threading.Thread(target=long_poll) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    time.sleep(0.5)  # both are waiting now
+    third = client.get(f"/v1/jobs/{job_id}?wait=4")
+    assert third.status_code == 429 and int(third.headers["Retry-After"]) >= 1
+    assert "MASKQ_MAX_WAITS_PER_KEY" in third.get_json()["detail"]
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # polling without wait still answers
+    assert app.test_client().get("/healthz").status_code == 200
+    prefer = client.post("/v1/jobs", data={"image": (io.BytesIO(small_png(2)), "a.png")},
+                         content_type="multipart/form-data", headers={"Prefer": "wait=4"})
+    assert prefer.status_code == 202 and "Preference-Applied" not in prefer.headers  # answered at once
+    for thread in threads:
+        thread.join()
+    assert answers == [200, 200]
+    assert client.get(f"/v1/jobs/{job_id}?wait=0.2").status_code == 200  # the slots are free again

@@ -125,3 +125,25 @@ def test_the_heartbeat_survives_an_error_in_what_it_reports(redis_client):
         assert live_workers(redis_client)
     finally:
         heartbeat.stop()
+
+
+def test_polling_a_queued_job_and_the_health_routes_never_scan_the_keyspace(isolated):
+    client = isolated.client()
+    isolated.redis.set(keys.GATE_RESERVE_MB, 10**9)  # the gate stays closed: the job stays queued while we poll
+    isolated.worker(MASKQ_RECOVERY_CHECK_S=0.2)
+    job_id = submit(client, small_png(1), {"lane": "batch", "deadline_s": 600}).get_json()["id"]
+    client.get(f"/v1/jobs/{job_id}")  # scripts loaded, connections made
+
+    def scans() -> int:
+        return int(isolated.redis.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+    before = scans()
+    for _ in range(5):
+        job = client.get(f"/v1/jobs/{job_id}").get_json()
+        assert job["status"] == "queued" and "estimated_start_at" in job
+        client.get("/readyz")
+        client.get("/metrics")
+        client.get("/v1/models")
+    time.sleep(1)  # the worker's own upkeep (gate, recovery) runs meanwhile: it scans nothing either
+    assert scans() == before
+    assert len(live_workers(isolated.redis)) == 1

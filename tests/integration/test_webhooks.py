@@ -283,3 +283,20 @@ def test_under_steady_load_a_callback_is_sent_by_the_webhooks_worker_before_the_
     assert job(client, first, wait=0)["status"] == "succeeded"
     statuses = [job(client, job_id, wait=0)["status"] for job_id in backlog]
     assert any(s in ("queued", "running") for s in statuses), statuses  # the lanes were still busy
+
+
+def test_a_webhook_host_name_is_not_looked_up_in_the_request_thread(client, image, monkeypatch):
+    import socket
+
+    looked_up = []
+    real = socket.getaddrinfo
+
+    def recording(host, *args, **kwargs):
+        looked_up.append(host)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", recording)
+    # An event that never fires (the job is never canceled): no delivery is ever attempted to that name.
+    answer = submit(client, image, {"webhook": {"url": "https://hooks.example.invalid/maskq", "events": ["job.canceled"]}})
+    assert answer.status_code == 202, answer.get_json()
+    assert "hooks.example.invalid" not in looked_up
