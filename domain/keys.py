@@ -20,6 +20,9 @@ LANE_PREFIX = "maskq:lane:"              # + lane: ids of the jobs queued in it,
 DEADLINES = "maskq:deadlines"            # ids of queued jobs with a deadline, by deadline
 PROMOTED = "maskq:promoted"              # aged jobs promoted to the interactive lane and still queued
 RUNNING = "maskq:running"                # ids of running jobs, by the time they started (recovery reads it)
+# Ids of queued jobs whose message may not have been sent yet, by creation time: written with the record,
+# removed once the message is out (or the job follows an identical one); recovery sends what is left.
+UNSENT = "maskq:unsent"
 # Every job ever created, "tenant/job_id" by created_at, kept after the record expires: retention's index.
 CREATED = "maskq:jobs:created"
 DURATIONS = "maskq:durations"            # how long recent jobs ran (a capped list), for start estimates

@@ -180,17 +180,27 @@ class JobStore:
     def create(self, record: JobRecord, ttl_s: int | None = None) -> None:
         """Write a new record (kept ``ttl_s``, else the store's TTL); a queued one is indexed in its lane.
 
-        A record created already ended (a result-cache hit) is in no lane.
+        A record created already ended (a result-cache hit) is in no lane. A queued one is marked
+        unsent in the same transaction: see :meth:`sent`.
         """
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(record.id), mapping=record.to_hash())
             pipe.expire(self.key(record.id), ttl_s or self.ttl_s)
             if record.status == JobState.QUEUED:
                 pipe.zadd(keys.lane_index(record.lane), {record.id: record.created_at})
+                pipe.zadd(keys.UNSENT, {record.id: record.created_at})
             pipe.zadd(keys.CREATED, {f"{record.tenant}/{record.id}": record.created_at})
             if record.deadline_at is not None:
                 pipe.zadd(keys.DEADLINES, {record.id: record.deadline_at})
             pipe.execute()
+
+    def sent(self, job_id: str) -> None:
+        """The job's message is out (or it needs none: it follows an identical job)."""
+        self.redis.zrem(keys.UNSENT, job_id)
+
+    def unsent(self, older_than: float, limit: int = 100) -> list[str]:
+        """Queued jobs marked unsent since before ``older_than``: their sender may have died."""
+        return [i.decode() for i in self.redis.zrangebyscore(keys.UNSENT, "-inf", older_than, start=0, num=limit)]
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.redis.hgetall(self.key(job_id))

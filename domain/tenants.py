@@ -78,6 +78,7 @@ class ApiKey:
     label: str = ""
     created_at: float = 0.0
     revoked_at: float | None = None
+    admin: bool = False  # may read the service's internals (GET /v1/admin/status)
 
     @property
     def key_id(self) -> str:
@@ -100,7 +101,8 @@ class ApiKey:
 
     def to_hash(self) -> dict[str, str]:
         fields = {"tenant": self.tenant, "lane": self.lane or "", "max_lane": self.max_lane,
-                  "rate": self.rate or "", "label": self.label, "created_at": repr(self.created_at)}
+                  "rate": self.rate or "", "label": self.label, "created_at": repr(self.created_at),
+                  "admin": "1" if self.admin else ""}
         if self.revoked_at is not None:
             fields["revoked_at"] = repr(self.revoked_at)
         return fields
@@ -113,6 +115,7 @@ class ApiKey:
             max_lane=data.get("max_lane", "interactive"), rate=data.get("rate") or None,
             label=data.get("label", ""), created_at=float(data.get("created_at", 0)),
             revoked_at=float(data["revoked_at"]) if data.get("revoked_at") else None,
+            admin=data.get("admin") == "1",
         )
 
 
@@ -127,17 +130,17 @@ class KeyStore:
     key = staticmethod(keys.api_key)
 
     def create(self, tenant: str, *, lane: str | None = None, max_lane: str = "interactive",
-               rate: str | None = None, label: str = "") -> tuple[str, ApiKey]:
+               rate: str | None = None, label: str = "", admin: bool = False) -> tuple[str, ApiKey]:
         """A new key for ``tenant``: ``(the key, as shown once, its stored record)``."""
         key = new_key()
-        return key, self.add(key, tenant, lane=lane, max_lane=max_lane, rate=rate, label=label)
+        return key, self.add(key, tenant, lane=lane, max_lane=max_lane, rate=rate, label=label, admin=admin)
 
     def add(self, key: str, tenant: str, *, lane: str | None = None, max_lane: str = "interactive",
-            rate: str | None = None, label: str = "") -> ApiKey:
+            rate: str | None = None, label: str = "", admin: bool = False) -> ApiKey:
         """Store the hash of a key made elsewhere (the development key); ``create`` is the usual way."""
         check_policy(tenant, lane, max_lane, rate)
         record = ApiKey(key_hash=hash_key(key), tenant=tenant, lane=lane, max_lane=max_lane,
-                        rate=rate, label=label, created_at=time.time())
+                        rate=rate, label=label, created_at=time.time(), admin=admin)
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(record.key_hash), mapping=record.to_hash())
             pipe.zadd(self.INDEX, {record.key_hash: record.created_at})

@@ -27,8 +27,8 @@ PHOTOS = DATA / "photos"
 TEXT_MODELS = ROOT / "tests" / "support" / "text_models.toml"
 SERVICE_MODELS = ROOT / "config" / "models.toml"  # what `make run` serves: text-regions and SAM, routed by prompt
 VENV_BIN = Path(sys.executable).parent
-# Celery's own bookkeeping (queue bindings) and live worker heartbeats survive the per-test flush.
-KEEP_KEYS = (b"_kombu.binding.", b"maskq:workers")
+# Celery's own bookkeeping (queue bindings), live worker heartbeats and gate states survive the per-test flush.
+KEEP_KEYS = (b"_kombu.binding.", b"maskq:workers", b"maskq:gates")
 
 
 def pytest_collection_modifyitems(items):

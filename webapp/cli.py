@@ -98,7 +98,8 @@ def _describe(record: ApiKey, settings: Settings) -> str:
 
 def _create(args, settings: Settings, store: KeyStore) -> int:
     check_policy(args.tenant, args.lane, args.max_lane, args.rate)
-    key, record = store.create(args.tenant, lane=args.lane, max_lane=args.max_lane, rate=args.rate, label=args.label)
+    key, record = store.create(args.tenant, lane=args.lane, max_lane=args.max_lane, rate=args.rate, label=args.label,
+                               admin=args.admin)
     print(key, flush=True)
     print(f"new API key (shown once; only its hash is kept): {_describe(record, settings)}\n"
           f"tenant {args.tenant!r} webhook secret: {_webhook_secret(args.tenant, settings, store)}", file=sys.stderr)
@@ -174,6 +175,8 @@ def parser() -> argparse.ArgumentParser:
                         help="the highest lane the key may ask for; higher is a 403 (default: %(default)s)")
     create.add_argument("--rate", help="the key's rate limit, e.g. '600/minute' (default: MASKQ_DEFAULT_RATE)")
     create.add_argument("--label", default="", help="a note to tell keys apart in `keys list`")
+    create.add_argument("--admin", action="store_true",
+                        help="the key may read the service's internals (GET /v1/admin/status): for operators")
     create.set_defaults(run=_create)
     revoke = keys.add_parser("revoke", help="revoke a key: it then gets 403")
     revoke.add_argument("key", help="the key itself, or its id from `keys list` (8+ characters)")

@@ -7,9 +7,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from config.settings import LANES
-from domain.errors import MaskqError
+from domain.errors import Forbidden, MaskqError
 from domain.fleet import gate_states, live_workers
 from domain.keys import lane_index
+from webapp.auth import current_key
 from webapp.services import services
 
 bp = Blueprint("health", __name__)
@@ -22,29 +23,46 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
+    """The public probe: ready or not, and which part is not. No names, paths or error texts."""
+    checks, _ = _checks()
+    ready = all(value == "ok" for key, value in checks.items() if key != "workers") and checks["workers"] != "none ready"
+    return jsonify({"status": "ready" if ready else "not ready", "checks": checks}), (200 if ready else 503)
+
+
+@bp.get("/v1/admin/status")
+def admin_status():
+    """What an operator needs behind the probe: each worker's heartbeat, the gates, the error texts (admin keys)."""
+    if not current_key().admin:
+        raise Forbidden("this needs an admin API key (`maskq keys create --admin`)")
+    checks, detail = _checks(detailed=True)
+    s = services()
+    try:
+        workers, gates = live_workers(s.redis), gate_states(s.redis)
+    except redis.RedisError:
+        workers, gates = [], {}
+    return jsonify({"checks": checks, "detail": detail, "workers": workers, "gates": gates})
+
+
+def _checks(detailed: bool = False) -> tuple[dict[str, str], dict[str, str]]:
+    """``(checks, why)``: each part ``ok`` or what is wrong in a word; the error texts apart."""
     s = services()
     checks: dict[str, str] = {}
-    workers: list[dict] = []
+    why: dict[str, str] = {}
     try:
         s.redis.ping()
         checks["redis"] = "ok"
-        workers = live_workers(s.redis)
-        checks["workers"] = f"{len(workers)} ready" if workers else "none ready"
+        count = len(live_workers(s.redis))
+        checks["workers"] = f"{count} ready" if count else "none ready"
     except redis.RedisError as exc:
-        checks["redis"] = f"unreachable: {exc}"
-        checks["workers"] = "unknown"
+        checks["redis"], checks["workers"] = "unreachable", "unknown"
+        why["redis"] = str(exc)
     try:
         s.storage.check()
         checks["storage"] = "ok"
     except MaskqError as exc:
-        checks["storage"] = f"unavailable: {exc.detail}"
-    ready = checks["redis"] == "ok" and checks["storage"] == "ok" and bool(workers)
-    try:
-        gates = gate_states(s.redis)
-    except redis.RedisError:
-        gates = {}
-    body = {"status": "ready" if ready else "not ready", "checks": checks, "workers": workers, "gates": gates}
-    return jsonify(body), (200 if ready else 503)
+        checks["storage"] = "unavailable"
+        why["storage"] = exc.detail
+    return checks, why
 
 
 class QueueCollector:

@@ -85,6 +85,7 @@ def submit_job():
     s.jobs.create(record)
     if cache.join(record) is None:  # else an identical job is in flight, and this one gets its result
         send_job(s.celery, job_id, lane, catalog.time_limits(spec.name, settings))
+    s.jobs.sent(job_id)  # had this process died before here, recovery would send it (workers/recovery.py)
     wait = preferred_wait(request.headers.get("Prefer"), settings.max_wait_s)
     if wait:  # one round trip for an interactive client: the ended job if it ends in time
         with wait_slot(s.redis, client_id(), wait, settings.max_waits_per_key) as waiting:

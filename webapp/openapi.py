@@ -149,8 +149,14 @@ class Health(Document):
 
 class Readiness(Document):
     status: Literal["ready", "not ready"]
+    checks: dict[str, str] = Field(description="redis, storage: ok or what is wrong in a word; workers: how many")
+
+
+class AdminStatus(Document):
     checks: dict[str, str]
-    workers: list[dict]
+    detail: dict[str, str] = Field(description="the error texts behind checks that are not ok")
+    workers: list[dict] = Field(description="each worker process's heartbeat")
+    gates: dict[str, dict] = Field(description="each worker's resource gate")
 
 
 class InlineImage(Strict):
@@ -171,7 +177,7 @@ class MultipartSubmission(BaseModel):
 
 
 REQUEST_MODELS = (JsonSubmission, MultipartSubmission)
-RESPONSE_MODELS = (Job, Problem, ModelList, Health, Readiness, DeliveryList, Redelivered)
+RESPONSE_MODELS = (Job, Problem, ModelList, Health, Readiness, AdminStatus, DeliveryList, Redelivered)
 
 ERRORS = {
     400: "Bad request: unreadable input", 401: "No API key, or an unknown one",
@@ -257,6 +263,11 @@ def _operations(max_wait_s: int) -> dict[tuple[str, str], dict]:
         ("/v1/models", "get"): {
             "summary": "The models this deployment serves", "operationId": "listModels",
             "responses": {"200": json_answer("ModelList", "The models", RATE_HEADERS), **error_answers(*V1_ERRORS)},
+        },
+        ("/v1/admin/status", "get"): {
+            "summary": "Workers, gates and error texts, for operators (an admin key)", "operationId": "adminStatus",
+            "responses": {"200": json_answer("AdminStatus", "The service's internals", RATE_HEADERS),
+                          **error_answers(*V1_ERRORS)},
         },
         ("/healthz", "get"): {"summary": "The process is alive", "operationId": "health", "security": [],
                               "responses": {"200": json_answer("Health", "Alive")}},

@@ -19,6 +19,11 @@ for ``recovery_grace_s`` is put back:
 
 A job put back over and over fails with code ``attempts`` when it next
 starts (``job_max_attempts``, ``workers/job_runner.py``).
+
+The same sweep sends the queued jobs whose message was never sent: a record
+is marked unsent when it is created, and the mark goes once the message is
+out. A mark older than the grace period means the sender died in between:
+unless the message is found after all, a new one is sent.
 """
 from __future__ import annotations
 
@@ -80,6 +85,29 @@ class Recovery:
         self.suspects = {job_id: self.suspects.get(job_id, now) for job_id in unclaimed}
         due = [job_id for job_id, since in self.suspects.items() if now - since >= self.grace_s]
         return [job_id for job_id in due if self.put_back(job_id)]
+
+    def send_unsent(self, now: float | None = None) -> list[str]:
+        """Send the queued jobs whose sender died between writing the record and sending the message."""
+        now = time.time() if now is None else now
+        sent = []
+        for job_id in self.jobs.unsent(older_than=now - self.grace_s):
+            record = self.jobs.get(job_id)
+            if (record is not None and record.status == JobState.QUEUED and not record.coalesced_with
+                    and self._where(job_id) is None):
+                send_job(None, job_id, record.lane, self._time_limits(record.model))
+                log.warning("job %s: its message was never sent (its sender stopped); sent now to the %s lane",
+                            job_id, record.lane)
+                sent.append(job_id)
+            self.jobs.sent(job_id)
+        return sent
+
+    def _where(self, job_id: str) -> str | None:
+        """Where the job's message is: delivered and unacknowledged, waiting in a lane, or in a batch claim."""
+        needle = job_id.encode()
+        for _tag, raw in self.redis.hscan_iter(keys.BROKER_UNACKED, count=500):
+            if needle in raw and (json.loads(raw)[0].get("headers") or {}).get("id") == job_id:
+                return "delivered"
+        return self._waiting_at(job_id)
 
     def unclaimed(self) -> list[str]:
         """The running jobs whose process is gone, or alive and not running them."""

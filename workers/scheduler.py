@@ -99,6 +99,7 @@ class SchedulingStep(bootsteps.StartStopStep):
             if time.monotonic() >= self.next_recovery:
                 self.next_recovery = time.monotonic() + self.settings.recovery_check_s
                 self.recovery.sweep()  # running jobs that no live process runs
+                self.recovery.send_unsent()  # queued jobs whose message was never sent
         except redis.RedisError as exc:
             log.info("lane upkeep: Redis unavailable (%s)", exc)
         except Exception:  # the next tick tries again; a timer that raised would stop the upkeep for good

@@ -182,3 +182,22 @@ def test_one_key_cannot_hold_every_web_thread_with_long_polls(isolated):
         thread.join()
     assert answers == [200, 200]
     assert client.get(f"/v1/jobs/{job_id}?wait=0.2").status_code == 200  # the slots are free again
+
+
+def test_the_public_probe_says_ready_or_not_and_only_an_admin_key_reads_the_internals(app, client, worker):
+    ready = client.application.test_client().get("/readyz")  # no key needed
+    body = ready.get_json()
+    assert ready.status_code == 200 and body["status"] == "ready"
+    assert set(body) == {"status", "checks"} and body["checks"]["redis"] == "ok"
+    assert "pid" not in ready.get_data(as_text=True) and "onnx" not in ready.get_data(as_text=True)
+    assert client.get("/v1/admin/status").status_code == 403  # a tenant's key
+    from domain.tenants import KeyStore
+    from webapp.services import services
+
+    with app.app_context():
+        key, _ = KeyStore(services().redis).create("ops", admin=True)
+    status = client.get("/v1/admin/status", headers={"Authorization": f"Bearer {key}"})
+    assert status.status_code == 200
+    detail = status.get_json()
+    assert detail["workers"] and all("models" in w and "id" in w for w in detail["workers"])
+    assert detail["gates"] and detail["checks"]["redis"] == "ok"

@@ -147,3 +147,27 @@ def test_polling_a_queued_job_and_the_health_routes_never_scan_the_keyspace(isol
     time.sleep(1)  # the worker's own upkeep (gate, recovery) runs meanwhile: it scans nothing either
     assert scans() == before
     assert len(live_workers(isolated.redis)) == 1
+
+
+def test_a_job_whose_sender_died_before_sending_its_message_is_sent_by_recovery_and_runs(isolated):
+    from domain.records import JobRecord
+    from storage.local import LocalStorage
+
+    # What a web process leaves when it dies between writing the record and sending the message.
+    jobs = isolated.jobs()
+    job_id = "e" * 32
+    input_key = f"tenants/default/jobs/{job_id}/input.png"
+    LocalStorage(isolated.env["MASKQ_STORAGE_DIR"]).put(input_key, small_png(5), "image/png")
+    jobs.create(JobRecord(id=job_id, tenant="default", lane="default", model="text-regions", input_key=input_key,
+                          image_sha256="0" * 64, width=64, height=48, request={"model": "text-regions"},
+                          created_at=time.time()))
+    assert isolated.redis.zscore(keys.UNSENT, job_id) is not None and isolated.redis.llen("default") == 0
+    # A job whose message did go out is not sent twice.
+    client = isolated.client()
+    other = submit(client, small_png(6)).get_json()["id"]
+    assert isolated.redis.zscore(keys.UNSENT, other) is None and isolated.redis.llen("default") == 1
+    isolated.worker(**FAST)
+    record = wait_ended(isolated, job_id)
+    assert str(record.status) == "succeeded" and record.attempts == 1
+    assert str(wait_ended(isolated, other).status) == "succeeded" and jobs.get(other).attempts == 1
+    assert not isolated.redis.zcard(keys.UNSENT)

@@ -86,7 +86,7 @@ def test_a_closed_gate_takes_nothing_and_lowering_the_reserve_at_run_time_opens_
     job_id = submit(client, small_png()).get_json()["id"]
     time.sleep(2)
     assert client.get(f"/v1/jobs/{job_id}").get_json()["status"] == "queued"
-    gates = client.get("/readyz").get_json()["gates"]
+    gates = client.get("/v1/models").get_json()["gates"]
     assert [g["open"] for g in gates.values()] == [False]
     isolated.redis.set("maskq:gate:reserve_mb", 0)
     assert client.get(f"/v1/jobs/{job_id}?wait=20").get_json()["status"] == "succeeded"
