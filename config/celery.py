@@ -50,6 +50,7 @@ def celery_config(settings: Settings) -> dict:
         "accept_content": ["json"],
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": settings.worker_concurrency,
+        "worker_soft_shutdown_timeout": settings.worker_soft_shutdown_s,
         "worker_hijack_root_logger": False,
         # Loading models happens in worker_process_init; Celery's default allows 4 s.
         "worker_proc_alive_timeout": 120,

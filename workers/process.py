@@ -5,7 +5,10 @@ per job); tasks reach it with :func:`current`.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
 from dataclasses import dataclass
 
 import redis
@@ -89,6 +92,26 @@ class WorkerProcess:
 _current: WorkerProcess | None = None
 
 
+def _own_process_group() -> None:
+    """Leave the worker's process group, and die with the worker's main process.
+
+    A process manager stops a worker by signalling its whole process group
+    (honcho, `make run`'s, does so). The pool processes would get the signal
+    too and die mid-job, and the main process's warm shutdown, which lets the
+    running job end and be recorded, would have nothing left to wait for. In
+    a group of their own they are stopped by their main process instead, and,
+    where Linux allows, killed when it dies, so nothing outlives a SIGKILLed worker.
+    """
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def current() -> WorkerProcess:
     if _current is None:
         raise RuntimeError("this process is not a maskq worker (worker_process_init has not run)")
@@ -98,6 +121,7 @@ def current() -> WorkerProcess:
 @worker_process_init.connect
 def _start_process(**_) -> None:
     global _current
+    _own_process_group()
     _current = WorkerProcess.start(load_settings())
     log.info("worker process ready with models %s", _current.describe()["models"])
 

@@ -7,32 +7,41 @@ import subprocess
 import time
 
 import psutil
+import redis
 import requests
 
 from tests.conftest import IMAGES, ROOT, VENV_BIN, free_port, require
 
 
-def test_make_run_serves_the_readme_example_and_ctrl_c_stops_everything(tmp_path):
-    require((IMAGES / "ch_en_num.jpg").is_file(), "the test images in tests/data/")
+def make_run(tmp_path, **settings) -> tuple[subprocess.Popen, dict, str]:
+    """The Procfile under honcho, as `make run` starts it, on free ports and a data folder of its own."""
     port, flower = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MASKQ_")}
     env.update(MASKQ_DATA_DIR=str(tmp_path / "var"), MASKQ_PORT=str(port), MASKQ_FLOWER_PORT=str(flower),
-               MASKQ_EMBEDDED_REDIS_PORT=str(free_port()), MASKQ_ORT_INTRA_OP_THREADS="2")
-    log = (tmp_path / "honcho.log").open("wb")
+               MASKQ_EMBEDDED_REDIS_PORT=str(free_port()), MASKQ_ORT_INTRA_OP_THREADS="2",
+               **{f"MASKQ_{k.upper()}": str(v) for k, v in settings.items()})
+    log = (tmp_path / "honcho.log").open("ab")
     honcho = subprocess.Popen([str(VENV_BIN / "honcho"), "start", "-f", "Procfile"], cwd=ROOT, env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return honcho, env, base
+        except requests.RequestException:
+            pass
+        assert honcho.poll() is None, (tmp_path / "honcho.log").read_text()
+        assert time.monotonic() < deadline, (tmp_path / "honcho.log").read_text()[-4000:]
+        time.sleep(0.5)
+
+
+def test_make_run_serves_the_readme_example_and_ctrl_c_stops_everything(tmp_path):
+    require((IMAGES / "ch_en_num.jpg").is_file(), "the test images in tests/data/")
+    honcho, env, base = make_run(tmp_path)
+    flower = env["MASKQ_FLOWER_PORT"]
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert honcho.poll() is None, (tmp_path / "honcho.log").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "honcho.log").read_text()[-4000:]
-            time.sleep(0.5)
         key = (tmp_path / "var" / "dev-api-key").read_text().strip()
         assert "export MASKQ_API_KEY=" in (tmp_path / "honcho.log").read_text()
         headers = {"Authorization": f"Bearer {key}"}
@@ -50,11 +59,33 @@ def test_make_run_serves_the_readme_example_and_ctrl_c_stops_everything(tmp_path
     finally:
         children = [p for p in psutil.Process(honcho.pid).children(recursive=True)] if honcho.poll() is None else []
         os.killpg(honcho.pid, signal.SIGINT)  # Ctrl-C in the terminal
-        try:
-            honcho.wait(60)
-        finally:
-            log.close()
+        honcho.wait(60)
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert alive == [], [p.cmdline() for p in alive]
     # The embedded Redis wrote its append-only file where the settings say.
     assert list((tmp_path / "var" / "redis").rglob("*.aof"))
+
+
+def test_ctrl_c_while_a_job_runs_lets_the_worker_record_it_before_redis_stops(tmp_path):
+    """Redis stops last: the worker's warm shutdown ends the running job and records it."""
+    from config.embedded_redis import RedisServer
+    from domain import keys
+    from tests.support.slow_models import slow_manifest
+
+    honcho, env, base = make_run(tmp_path, models_manifest=slow_manifest(tmp_path, delay_s=2.5), dev_key="true")
+    key = (tmp_path / "var" / "dev-api-key").read_text().strip()
+    with (IMAGES / "en.jpg").open("rb") as image:
+        job_id = requests.post(f"{base}/v1/jobs", headers={"Authorization": f"Bearer {key}"},
+                               files={"image": image}).json()["id"]
+    client = redis.Redis(port=int(env["MASKQ_EMBEDDED_REDIS_PORT"]))
+    deadline = time.monotonic() + 30
+    while client.hget(keys.job(job_id), "status") != b"running":
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.05)
+    os.killpg(honcho.pid, signal.SIGINT)  # Ctrl-C in the terminal, mid-job
+    honcho.wait(60)
+    log = (tmp_path / "honcho.log").read_text()
+    assert "waiting for 1 running job(s) to end before stopping" in log
+    with RedisServer(free_port(), tmp_path / "var" / "redis") as server:  # the data as Redis left it
+        record = redis.Redis.from_url(server.url).hgetall(keys.job(job_id))
+    assert record[b"status"] == b"succeeded", record
