@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 RAPIDOCR := rapidocr-onnxruntime==1.4.4
 
-.PHONY: install install-dev models run test test-unit bench clean
+.PHONY: install install-dev models run test test-unit bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ test-unit: install-dev
 
 bench: install-dev
 	$(BIN)/python -m bench
+
+# Ten minutes of mixed load under injected faults (bench/soak.py); non-zero on any lost or doubled job.
+SOAK_MINUTES ?= 10
+soak: install-dev
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) var

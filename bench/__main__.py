@@ -23,6 +23,7 @@ import bench
 from bench.common import IMAGES, Options, format_table, machine
 
 NOT_BENCHMARKS = {"common", "__main__"}
+ONLY_WHEN_NAMED = {"soak"}  # ten minutes of faults: `make soak` or --only soak, never by default
 LAST = ("service_efficiency",)
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(names))
         return 0
     options = Options(jobs=args.jobs, clients=args.clients, warmup=args.warmup, rounds=args.rounds, images=args.images)
-    selected = [n for n in names if not args.only or n in args.only]
+    selected = [n for n in names if (n in args.only if args.only else n not in ONLY_WHEN_NAMED)]
     host = machine()
     print(f"machine: {host['cpus']} CPUs, {host['cpu_model'] or 'unknown CPU'}; load average {host['load_avg']}")
     results = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": host,

@@ -43,7 +43,10 @@ def server_binary() -> Path:
 class RedisServer:
     """One Redis-protocol server process with AOF (``appendfsync everysec``) in ``data_dir``."""
 
-    def __init__(self, port: int, data_dir: Path, host: str = "127.0.0.1"):
+    def __init__(self, port: int, data_dir: Path, host: str = "127.0.0.1", die_with_parent: bool = False):
+        # die_with_parent: Linux ends the server when the *thread* that started it ends, so only an owner
+        # that starts it from its main thread and lives as long as it (`maskq redis`) should ask for it.
+        self.die_with_parent = die_with_parent
         self.port = port
         self.host = host
         self.data_dir = Path(data_dir)
@@ -68,9 +71,9 @@ class RedisServer:
             "--loglevel", "warning",
         ]
         # A session of its own: a Ctrl-C or a signal to `make run`'s process group does not reach it, so
-        # whoever started it decides when it stops (after the workers: `maskq redis`). It dies with its
-        # parent all the same, where the platform allows (Linux).
-        self.process = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
+        # whoever started it decides when it stops (after the workers: `maskq redis`).
+        self.process = subprocess.Popen(command, start_new_session=True,
+                                        preexec_fn=_die_with_parent if self.die_with_parent else None)
         client = redis.Redis(host=self.host, port=self.port)
         deadline = time.monotonic() + timeout
         while True:

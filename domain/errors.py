@@ -85,11 +85,12 @@ class ModelError(MaskqError):
 
 
 class StorageUnavailable(MaskqError):
-    """The object store could not be reached; retried with backoff."""
+    """The object store could not be reached; retried with backoff (a client is told when to try again)."""
 
     status = 503
     code = "storage"
     title = "Storage unavailable"
+    retry_after = 5
 
 
 class ResourceExhausted(MaskqError):

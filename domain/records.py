@@ -35,13 +35,18 @@ class JobState(StrEnum):
 ENDED = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED, JobState.EXPIRED})
 
 _TRANSITION = keys.lua("""
--- KEYS[1]: the job's hash. ARGV: channel, new status, allowed current statuses, now, field/value pairs.
+-- KEYS[1]: the job's hash. ARGV: channel, new status, allowed current statuses, now, fence (the process
+-- whose run this move ends, or ''), field/value pairs.
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return false end
 if not string.find(',' .. ARGV[3] .. ',', ',' .. current .. ',', 1, true) then
   return {0, current}
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 5))
+-- A run that another run took over (recovery put it back, another process started it) ends nothing.
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5] then
+  return {0, current}
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 6))
 -- Keep the lane index (queue positions, lane depths) and the deadline index in step with the record.
 local id = redis.call('HGET', KEYS[1], 'id')
 local lane = redis.call('HGET', KEYS[1], 'lane')
@@ -206,12 +211,15 @@ class JobStore:
         raw = self.redis.hgetall(self.key(job_id))
         return JobRecord.from_hash(raw) if raw else None
 
-    def move(self, job_id: str, to: JobState, allowed_from: set[JobState], **fields) -> tuple[bool, JobState | None]:
+    def move(self, job_id: str, to: JobState, allowed_from: set[JobState], fence: str | None = None,
+             **fields) -> tuple[bool, JobState | None]:
         """Set ``status`` to ``to`` (and ``fields``) if the job is in one of ``allowed_from``.
 
-        Returns ``(moved, state_before)``; ``state_before`` is None for a job that does not exist.
+        ``fence``: the pool process whose run the move ends; the move happens only if that process
+        started the job's latest run (the record's ``worker``). Returns ``(moved, state_before)``;
+        ``state_before`` is None for a job that does not exist.
         """
-        args = [self.channel(job_id), str(to), ",".join(sorted(allowed_from)), time.time()]
+        args = [self.channel(job_id), str(to), ",".join(sorted(allowed_from)), time.time(), fence or ""]
         for name, value in fields.items():
             args += [name, json.dumps(value) if name in JobRecord._JSON_FIELDS else str(value)]
         answer = self._transition(keys=[self.key(job_id)], args=args)
@@ -239,16 +247,16 @@ class JobStore:
             self.redis.hincrby(self.key(job_id), "attempts", 1)
         return moved
 
-    def succeed(self, job_id: str, result_key: str, instances: int) -> bool:
+    def succeed(self, job_id: str, result_key: str, instances: int, fence: str | None = None) -> bool:
         moved, _ = self.move(
-            job_id, JobState.SUCCEEDED, {JobState.RUNNING},
+            job_id, JobState.SUCCEEDED, {JobState.RUNNING}, fence,
             finished_at=time.time(), result_key=result_key, instances=instances,
         )
         return moved
 
-    def fail(self, job_id: str, code: str, message: str) -> bool:
+    def fail(self, job_id: str, code: str, message: str, fence: str | None = None) -> bool:
         moved, _ = self.move(
-            job_id, JobState.FAILED, {JobState.QUEUED, JobState.RUNNING},
+            job_id, JobState.FAILED, {JobState.QUEUED, JobState.RUNNING}, fence,
             finished_at=time.time(), error={"code": code, "message": message},
         )
         return moved
@@ -265,9 +273,9 @@ class JobStore:
         )
         return moved
 
-    def requeue(self, job_id: str, reason: dict) -> bool:
+    def requeue(self, job_id: str, reason: dict, fence: str | None = None) -> bool:
         """Running → queued again (out of memory, a lost worker); ``reason`` is kept as ``last_error``."""
-        moved, _ = self.move(job_id, JobState.QUEUED, {JobState.RUNNING}, last_error=reason)
+        moved, _ = self.move(job_id, JobState.QUEUED, {JobState.RUNNING}, fence, last_error=reason)
         return moved
 
     def running(self) -> list[tuple[str, float]]:

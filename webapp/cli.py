@@ -186,7 +186,7 @@ def _redis(args, settings: Settings, store: KeyStore) -> int:
         log.info("MASKQ_REDIS_URL is set; using that server and starting none")
         stop.wait()
         return 0
-    server = RedisServer(settings.embedded_redis_port, settings.data_dir / "redis").start()
+    server = RedisServer(settings.embedded_redis_port, settings.data_dir / "redis", die_with_parent=True).start()
     log.info("embedded Redis ready at %s (AOF in %s)", server.url, server.data_dir)
     try:
         while not stop.wait(0.2) and server.process.poll() is None:

@@ -60,17 +60,22 @@ def end_job(worker, record: JobRecord, outcome: Outcome, ran_for_s: float) -> No
         _out_of_memory(worker, record, outcome)
     else:
         code, detail = describe_failure(record.id, outcome)
-        worker.jobs.fail(record.id, code, detail)
+        if not worker.jobs.fail(record.id, code, detail, fence=worker.owner):
+            log.info("job %s: ended elsewhere, or taken over by another run; this run's failure is not recorded",
+                     record.id)
 
 
 def _succeed(worker, record: JobRecord, outcome: tuple[str, int], ran_for_s: float) -> None:
     jobs, (key, count) = worker.jobs, outcome
-    if jobs.succeed(record.id, key, count):
+    if jobs.succeed(record.id, key, count, fence=worker.owner):
         jobs.record_duration(ran_for_s)
         log.info("job %s: succeeded with %d instances", record.id, count)
     elif (now := jobs.get(record.id)) is not None and now.status == JobState.CANCELED:
         pipeline.discard_result(record, worker.storage)
         log.info("job %s: canceled while running; result discarded", record.id)
+    elif now is not None and now.status == JobState.RUNNING:
+        log.warning("job %s: taken over by another run (%s) while this one ran; not recorded here", record.id,
+                    now.worker)
     else:
         log.info("job %s: already ended by another run; keeping its result", record.id)
 
@@ -82,9 +87,9 @@ def _out_of_memory(worker, record: JobRecord, exc: BaseException) -> None:
     attempts = now.attempts if now is not None else record.attempts
     if attempts > settings.oom_retries:
         log.info("job %s: out of memory %d times; giving up", record.id, attempts)
-        jobs.fail(record.id, "resources", f"the device ran out of memory {attempts} times: {detail}")
+        jobs.fail(record.id, "resources", f"the device ran out of memory {attempts} times: {detail}", fence=worker.owner)
         return
-    if jobs.requeue(record.id, {"code": ResourceExhausted.code, "message": detail}):
+    if jobs.requeue(record.id, {"code": ResourceExhausted.code, "message": detail}, fence=worker.owner):
         send_job(None, record.id, record.lane, time_limits(worker, record.model), countdown=settings.oom_retry_delay_s)
         log.info("job %s: out of memory; back on the %s lane in %.1f s", record.id, record.lane,
                  settings.oom_retry_delay_s)

@@ -171,3 +171,18 @@ def test_a_job_whose_sender_died_before_sending_its_message_is_sent_by_recovery_
     assert str(record.status) == "succeeded" and record.attempts == 1
     assert str(wait_ended(isolated, other).status) == "succeeded" and jobs.get(other).attempts == 1
     assert not isolated.redis.zcard(keys.UNSENT)
+
+
+def test_a_run_that_another_run_took_over_cannot_end_the_job(isolated):
+    job_id, _ = queued_job(isolated)
+    jobs = isolated.jobs()
+    assert jobs.start(job_id, "1", worker="host-a:1")
+    # Its heartbeat lapsed (the process was alive but stalled): recovery put the job back, and host-b runs it now.
+    assert jobs.requeue(job_id, {"code": "worker_lost", "message": "test"})
+    assert jobs.start(job_id, "1", worker="host-b:2")
+    # host-a wakes up and finishes its run: fenced off, whatever it tries.
+    assert not jobs.succeed(job_id, "tenants/default/jobs/x/result.json", 1, fence="host-a:1")
+    assert not jobs.fail(job_id, "internal", "late", fence="host-a:1")
+    assert not jobs.requeue(job_id, {"code": "resources", "message": "late"}, fence="host-a:1")
+    assert jobs.get(job_id).status == "running" and jobs.get(job_id).worker == "host-b:2"
+    assert jobs.succeed(job_id, "tenants/default/jobs/x/result.json", 1, fence="host-b:2")

@@ -14,7 +14,7 @@ from config.embedded_redis import RedisServer
 from domain.keys import job_prefix
 from webapp.app import create_app
 from tests.conftest import VENV_BIN, IsolatedStack, authorized_client, clean_redis, free_port, image_bytes, require
-from tests.integration.helpers import submit
+from tests.integration.helpers import small_png, submit
 from tests.support.slow_models import slow_manifest
 from tests.integration.s3_server import S3Server
 
@@ -113,3 +113,12 @@ def test_a_store_that_stays_away_past_the_bound_fails_the_job_with_code_storage(
     job = client.get(f"/v1/jobs/{job_id}?wait=30").get_json()
     assert job["status"] == "failed" and job["error"]["code"] == "storage", job
     assert time.monotonic() - started >= BOUND_S - 1  # it kept trying for the bound first
+
+
+def test_a_submit_while_the_store_is_away_is_a_503_with_retry_after_and_nothing_is_queued(stack, s3, clean):
+    client = clean
+    s3.kill()
+    answer = submit(client, small_png(8))
+    assert answer.status_code == 503 and answer.mimetype == "application/problem+json"
+    assert int(answer.headers["Retry-After"]) >= 1  # a client can tell "try again" from "broken"
+    assert not list(stack.redis.scan_iter(match="maskq:job:*"))
