@@ -75,6 +75,7 @@ class Tally:
     statuses: Counter = field(default_factory=Counter)
     server_errors: list[str] = field(default_factory=list)  # 5xx other than 503 + Retry-After
     faults: Counter = field(default_factory=Counter)
+    crashes: Counter = field(default_factory=Counter)  # processes that exited on their own and were restarted
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -88,7 +89,10 @@ class Soak:
         self.random = random.Random(seed)
         self.tally = Tally()
         self.processes: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, str] = {}
+        self.down: set[str] = set()  # processes a fault stopped on purpose (the supervisor leaves them)
         self.stop_load = threading.Event()
+        self.stopping = threading.Event()
 
     # -- the stack ----------------------------------------------------------------------------
 
@@ -124,6 +128,7 @@ class Soak:
         self._wait_ready()
 
     def _spawn(self, name: str, command: str) -> None:
+        self.commands[name] = command
         with (self.folder / f"{name}.log").open("ab") as log:
             self.processes[name] = subprocess.Popen(["/bin/sh", "-c", command], cwd=ROOT, env=self.env, stdout=log,
                                                     stderr=subprocess.STDOUT, start_new_session=True)
@@ -139,7 +144,19 @@ class Soak:
             time.sleep(0.3)
         raise RuntimeError(f"the soak's service was not ready in {timeout} s; logs in {self.folder}")
 
+    def supervise(self) -> None:
+        """Start again a process that exited on its own, as compose's restart policy or Kubernetes would."""
+        while not self.stopping.wait(1):
+            for name, process in list(self.processes.items()):
+                if process.poll() is not None and name not in self.down and not self.stopping.is_set():
+                    with self.tally.lock:
+                        self.tally.crashes[name] += 1
+                    print(f"soak: {time.strftime('%H:%M:%S')} {name} exited (code {process.returncode}); "
+                          "started again", flush=True)
+                    self._spawn(name, self.commands[name])
+
     def stop(self) -> None:
+        self.stopping.set()
         for process in self.processes.values():
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
@@ -237,10 +254,12 @@ class Soak:
 
     def kill_worker(self) -> None:
         self._fault("SIGKILL of a whole worker")
+        self.down.add("worker-b")
         os.killpg(self.processes["worker-b"].pid, signal.SIGKILL)
         self.processes["worker-b"].wait()
         time.sleep(5)
         self._spawn("worker-b", procfile()["worker"] + " -n worker-b@%h")
+        self.down.discard("worker-b")
 
     def restart_redis_cleanly(self) -> None:
         self._fault("Redis stopped and started again")
@@ -277,6 +296,7 @@ class Soak:
                 thread.start()
             faults = threading.Thread(target=self.faults, daemon=True)
             faults.start()
+            threading.Thread(target=self.supervise, daemon=True).start()
             time.sleep(self.seconds)
             self.stop_load.set()
             for thread in clients:
@@ -325,6 +345,7 @@ class Soak:
             "5xx (other than 503 + Retry-After)": list(self.tally.server_errors),
             "answers": dict(self.tally.statuses),
             "faults": dict(self.tally.faults),
+            "processes restarted after exiting on their own": dict(self.tally.crashes),
             "logs": str(self.folder),
         }
         report["clean"] = not any(report[k] for k in ("lost (no record)", "stuck (not ended)", "ran to a result twice",
@@ -344,8 +365,10 @@ class Soak:
 
 def table(report: dict) -> list[dict]:
     rows = [{"figure": k, "value": len(v) if isinstance(v, list) else v} for k, v in report.items()
-            if k not in ("answers", "faults", "by status", "logs")]
+            if k not in ("answers", "faults", "by status", "logs", "processes restarted after exiting on their own")]
     rows += [{"figure": f"fault: {k}", "value": v} for k, v in report["faults"].items()]
+    rows += [{"figure": f"restarted after exiting on its own: {k}", "value": v}
+             for k, v in report["processes restarted after exiting on their own"].items()]
     rows += [{"figure": f"jobs {k}", "value": v} for k, v in report["by status"].items()]
     rows += [{"figure": f"answers: {k}", "value": v} for k, v in sorted(report["answers"].items())]
     return rows

@@ -136,7 +136,7 @@ class WorkerProcess:
         self.process: subprocess.Popen | None = None
         self.log_path = Path(env["MASKQ_DATA_DIR"]) / f"worker-{name}.log"
 
-    def start(self, client: redis.Redis, timeout: float = 60) -> "WorkerProcess":
+    def start(self, client: redis.Redis, timeout: float = 60, wait_ready: bool = True) -> "WorkerProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [
             str(VENV_BIN / "celery"), "-A", "workers.celery_app", "worker", "-Q", self.queues,
@@ -149,7 +149,7 @@ class WorkerProcess:
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not self.ready_children(client):
+        while wait_ready and not self.ready_children(client):
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker {self.name} exited at start:\n{self.log()[-3000:]}")
             if time.monotonic() > deadline:

@@ -24,7 +24,10 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="maskq-heartbeat", daemon=True)
 
     def start(self) -> None:
-        self.beat()
+        try:
+            self.beat()
+        except redis.RedisError:
+            pass  # Redis is away: the thread beats once it is back
         self._thread.start()
 
     def beat(self) -> None:

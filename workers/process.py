@@ -9,6 +9,7 @@ import ctypes
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import redis
@@ -23,9 +24,13 @@ from models.adapters.base import RuntimeOptions
 from workers.heartbeat import Heartbeat
 from models.catalog import LiveCatalog
 from workers.loaded_models import LoadedModels
+from workers.redis_outage import ride_out
 from workers.shared_embeddings import SharedEmbeddings
 
 log = logging.getLogger(__name__)
+
+# Within Celery's worker_proc_alive_timeout (120 s, config/celery.py): a start-up past it is killed.
+START_BOUND_S = 60
 
 
 @dataclass
@@ -113,8 +118,17 @@ def _own_process_group() -> None:
 
 
 def current() -> WorkerProcess:
+    """This pool process's state. A process whose start-up failed exits here instead, at its first job.
+
+    Raising would let Celery acknowledge the job as done with its record still queued, and such a
+    process would swallow the whole queue that way. Exiting makes Celery put the job back
+    (``task_reject_on_worker_lost``) and start a fresh pool process, whose start-up may succeed now.
+    """
     if _current is None:
-        raise RuntimeError("this process is not a maskq worker (worker_process_init has not run)")
+        log.critical("this pool process has no worker state (its start-up failed); exiting so that its job "
+                     "is redelivered and a fresh process takes its place")
+        time.sleep(1)  # a process that keeps failing at start-up does not spin
+        os._exit(70)
     return _current
 
 
@@ -122,7 +136,13 @@ def current() -> WorkerProcess:
 def _start_process(**_) -> None:
     global _current
     _own_process_group()
-    _current = WorkerProcess.start(load_settings())
+    settings = load_settings()
+    try:
+        # Redis may be restarting just now (this process replaces one that died): wait for it a while.
+        _current = ride_out(lambda: WorkerProcess.start(settings), bound_s=START_BOUND_S, what="worker process start-up")
+    except Exception:
+        log.exception("worker process start-up failed; this process exits at its first job (see current())")
+        return
     log.info("worker process ready with models %s", _current.describe()["models"])
 
 

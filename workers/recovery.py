@@ -24,6 +24,12 @@ The same sweep sends the queued jobs whose message was never sent: a record
 is marked unsent when it is created, and the mark goes once the message is
 out. A mark older than the grace period means the sender died in between:
 unless the message is found after all, a new one is sent.
+
+And, every ``ORPHAN_CHECK_S``, a last net under everything else: the oldest
+queued jobs of each lane (queued longer than ``ORPHAN_AGE_S``, at most
+``ORPHAN_BATCH``) are looked for in the lane, the broker's ``unacked`` hash
+and the batch claims, in one server-side pass; a job found nowhere gets a new
+message. Whatever lost a message (a fault no one foresaw), the job still runs.
 """
 from __future__ import annotations
 
@@ -41,6 +47,37 @@ from domain.records import JobState, JobStore
 log = logging.getLogger(__name__)
 
 WORKER_LOST = {"code": "worker_lost", "message": "no worker was running it any more; put back on its lane"}
+ORPHAN_CHECK_S = 60
+ORPHAN_AGE_S = 60
+ORPHAN_BATCH = 500
+
+# KEYS[1]: a lane list, KEYS[2]: the broker's unacked hash, KEYS[3]: the batch-claim owners.
+# ARGV: job ids. Returns those whose message is in none of them. A message's id is the first
+# `"id": "…"` in it (the headers' id: kombu writes headers before properties, and no other field is "id").
+_ORPHANS = keys.lua("""
+local wanted, left = {}, #ARGV
+for _, id in ipairs(ARGV) do wanted[id] = true end
+local function seen(raw)
+  local id = string.match(raw, '"id": ?"([%w-]+)"')
+  if id and wanted[id] then wanted[id] = nil left = left - 1 end
+end
+local length = redis.call('LLEN', KEYS[1])
+for start = 0, length - 1, 1000 do
+  if left == 0 then break end
+  for _, raw in ipairs(redis.call('LRANGE', KEYS[1], start, start + 999)) do seen(raw) end
+end
+if left > 0 then
+  for _, raw in ipairs(redis.call('HVALS', KEYS[2])) do seen(raw) end
+end
+for _, owner in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  for id, _ in pairs(wanted) do
+    if redis.call('HEXISTS', '${claims}' .. owner, id) == 1 then wanted[id] = nil end
+  end
+end
+local out = {}
+for id, _ in pairs(wanted) do table.insert(out, id) end
+return out
+""")
 
 # KEYS: the lane lists, then the set of batch-claim owners. ARGV[1]: the job id.
 # Where the job's message waits: {'lane', name} or {'claimed', owner}; {} when in neither.
@@ -77,6 +114,8 @@ class Recovery:
         self.grace_s = settings.recovery_grace_s
         self.suspects: dict[str, float] = {}  # job id -> when it was first seen unclaimed
         self._waiting = client.register_script(_WAITING)
+        self._orphans = client.register_script(_ORPHANS)
+        self.orphans_checked_at = 0.0
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Put back every job unclaimed for the grace period; return their ids."""
@@ -99,6 +138,28 @@ class Recovery:
                             job_id, record.lane)
                 sent.append(job_id)
             self.jobs.sent(job_id)
+        return sent
+
+    def send_orphans(self, now: float | None = None) -> list[str]:
+        """Send the old queued jobs whose message is in no lane, no ``unacked`` hash and no claim."""
+        now = time.time() if now is None else now
+        if now - self.orphans_checked_at < ORPHAN_CHECK_S:
+            return []
+        self.orphans_checked_at = now
+        sent = []
+        for lane in LANES:
+            ids = [i.decode() for i in self.redis.zrangebyscore(keys.lane_index(lane), "-inf", now - ORPHAN_AGE_S,
+                                                                 start=0, num=ORPHAN_BATCH)]
+            if not ids:
+                continue
+            for raw in self._orphans(keys=[lane, keys.BROKER_UNACKED, keys.CLAIM_OWNERS], args=ids):
+                job_id = raw.decode()
+                record = self.jobs.get(job_id)
+                if record is None or record.status != JobState.QUEUED or record.coalesced_with or record.lane != lane:
+                    continue
+                send_job(None, job_id, lane, self._time_limits(record.model))
+                log.warning("job %s: queued with its message in no lane, unacked hash or claim; sent again", job_id)
+                sent.append(job_id)
         return sent
 
     def _where(self, job_id: str) -> str | None:

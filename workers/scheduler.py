@@ -100,6 +100,7 @@ class SchedulingStep(bootsteps.StartStopStep):
                 self.next_recovery = time.monotonic() + self.settings.recovery_check_s
                 self.recovery.sweep()  # running jobs that no live process runs
                 self.recovery.send_unsent()  # queued jobs whose message was never sent
+                self.recovery.send_orphans()  # old queued jobs whose message is nowhere (every minute)
         except redis.RedisError as exc:
             log.info("lane upkeep: Redis unavailable (%s)", exc)
         except Exception:  # the next tick tries again; a timer that raised would stop the upkeep for good

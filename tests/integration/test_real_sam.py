@@ -121,6 +121,17 @@ def upside_down_jpeg(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
+def with_alpha(data: bytes) -> bytes:
+    """The photo as an RGBA PNG, half transparent on the left: the service lays alpha on white."""
+    image = Image.open(io.BytesIO(data)).convert("RGBA")
+    alpha = np.full(image.size[::-1], 255, dtype=np.uint8)
+    alpha[:, : image.size[0] // 2] = 128
+    image.putalpha(Image.fromarray(alpha))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 # (file, how it is sent, prompts): every prompt kind, and inputs whose pixels need work before the model.
 SERVICE_CASES = {
     "a point": ("coffee.png", None, {"points": [[365, 285, 1]]}),
@@ -128,6 +139,7 @@ SERVICE_CASES = {
     "an include and an exclude point": ("coffee.png", None, {"points": [[290, 150, 1], [365, 285, 0]]}),
     "an EXIF-rotated upload": ("coffee.png", upside_down_jpeg, {"points": [[365, 285, 1]]}),
     "a greyscale photo": ("coins.png", None, {"points": [[50, 50, 1]]}),
+    "a photo with an alpha channel": ("coffee.png", with_alpha, {"points": [[365, 285, 1]]}),
 }
 
 

@@ -186,3 +186,37 @@ def test_a_run_that_another_run_took_over_cannot_end_the_job(isolated):
     assert not jobs.requeue(job_id, {"code": "resources", "message": "late"}, fence="host-a:1")
     assert jobs.get(job_id).status == "running" and jobs.get(job_id).worker == "host-b:2"
     assert jobs.succeed(job_id, "tenants/default/jobs/x/result.json", 1, fence="host-b:2")
+
+
+def test_a_pool_process_whose_start_up_failed_puts_its_job_back_instead_of_swallowing_it(isolated, tmp_path):
+    from tests.conftest import WorkerProcess
+
+    client = isolated.client()
+    job_id = submit(client, small_png(11)).get_json()["id"]
+    # Its storage folder cannot be made (a file is in the way): no pool process of this worker can start.
+    (tmp_path / "a-file").write_text("")
+    broken = {**isolated.env, "MASKQ_STORAGE_DIR": str(tmp_path / "a-file" / "storage")}
+    worker = WorkerProcess(broken, "broken").start(isolated.redis, wait_ready=False)
+    isolated.workers.append(worker)
+    wait_for(lambda: "no worker state" in worker.log(), 60)  # it took the job, and gave it back
+    worker.stop()
+    assert isolated.jobs().get(job_id).status == "queued"
+    isolated.worker("healthy")
+    record = wait_ended(isolated, job_id)
+    assert str(record.status) == "succeeded" and record.attempts == 1
+
+
+def test_an_old_queued_job_whose_message_is_nowhere_is_sent_again_and_one_still_queued_is_not(isolated):
+    client = isolated.client()
+    lost = submit(client, small_png(12), {"lane": "batch"}).get_json()["id"]
+    kept = submit(client, small_png(13), {"lane": "batch"}).get_json()["id"]
+    # As a swallowed delivery leaves it: the record queued, its message gone, nothing marked unsent.
+    message = isolated.redis.rpop("batch")
+    assert json.loads(message)["headers"]["id"] == lost and isolated.redis.llen("batch") == 1
+    for job_id in (lost, kept):  # both queued for two minutes already
+        isolated.redis.zadd(keys.lane_index("batch"), {job_id: time.time() - 120})
+    worker = isolated.worker(**FAST)
+    for job_id in (lost, kept):
+        record = wait_ended(isolated, job_id)
+        assert str(record.status) == "succeeded" and record.attempts == 1
+    assert "queued with its message in no lane" in worker.log() and worker.log().count(f"job {kept}: succeeded") == 1
