@@ -93,6 +93,13 @@ class StorageUnavailable(MaskqError):
     retry_after = 5
 
 
+class InputLost(MaskqError):
+    """The job's stored input is gone from the store (deleted, or lost by the store): it cannot run."""
+
+    code = "storage"
+    title = "Input missing"
+
+
 class ResourceExhausted(MaskqError):
     """The device ran out of memory; the job is put back with a delay."""
 

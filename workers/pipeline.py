@@ -6,6 +6,7 @@ import json
 import cv2
 import numpy as np
 
+from domain.errors import InputLost
 from domain.keys import job_prefix
 from storage import Storage
 from domain import masks
@@ -27,7 +28,11 @@ def to_prompts(request: JobRequest) -> Prompts:
 
 def load_request(record: JobRecord, storage: Storage, max_bytes: int, max_pixels: int) -> tuple[SegmentRequest, JobRequest]:
     request = JobRequest.model_validate(record.request)
-    image = decode_image(storage.get(record.input_key), max_bytes=max_bytes, max_pixels=max_pixels)
+    try:
+        data = storage.get(record.input_key)
+    except KeyError:
+        raise InputLost(f"the job's input {record.input_key} is no longer in storage") from None
+    image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
     options = {"points_per_side": request.points_per_side} if request.points_per_side is not None else {}
     return SegmentRequest(image=image.pixels, prompts=to_prompts(request), image_id=record.image_sha256,
                           scope=record.tenant, options=options), request

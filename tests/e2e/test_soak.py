@@ -8,7 +8,7 @@ from bench.soak import Soak
 
 
 def test_a_minute_of_mixed_load_under_every_fault_loses_nothing_and_runs_nothing_twice(tmp_path):
-    report = Soak(minutes=1.0, clients=3, folder=tmp_path).run(drain_s=240)
+    report = Soak(minutes=1.0, clients=3, folder=tmp_path).run()
     assert set(report["faults"]) == {
         "SIGKILL of a pool process", "SIGKILL of a whole worker", "Redis stopped and started again",
         "S3 server down for 20 s", "webhook receiver down for 12 s", "Redis SIGKILLed and started again"}
