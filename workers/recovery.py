@@ -51,25 +51,29 @@ ORPHAN_CHECK_S = 60
 ORPHAN_AGE_S = 60
 ORPHAN_BATCH = 500
 
-# KEYS[1]: a lane list, KEYS[2]: the broker's unacked hash, KEYS[3]: the batch-claim owners.
-# ARGV: job ids. Returns those whose message is in none of them. A message's id is the first
-# `"id": "…"` in it (the headers' id: kombu writes headers before properties, and no other field is "id").
-_ORPHANS = keys.lua("""
+# KEYS: the lane lists, then the broker's unacked hash, then the batch-claim owners. ARGV: job ids.
+# Returns those whose message is in none of them: the one place that answers "where is its message".
+# A message's id is the first `"id": "…"` in it (the headers' id: kombu writes headers before
+# properties, and no other field is "id"), so no message needs decoding.
+_NOWHERE = keys.lua("""
 local wanted, left = {}, #ARGV
 for _, id in ipairs(ARGV) do wanted[id] = true end
 local function seen(raw)
   local id = string.match(raw, '"id": ?"([%w-]+)"')
   if id and wanted[id] then wanted[id] = nil left = left - 1 end
 end
-local length = redis.call('LLEN', KEYS[1])
-for start = 0, length - 1, 1000 do
-  if left == 0 then break end
-  for _, raw in ipairs(redis.call('LRANGE', KEYS[1], start, start + 999)) do seen(raw) end
+local lanes = #KEYS - 2
+for i = 1, lanes do
+  local length = redis.call('LLEN', KEYS[i])
+  for start = 0, length - 1, 1000 do
+    if left == 0 then break end
+    for _, raw in ipairs(redis.call('LRANGE', KEYS[i], start, start + 999)) do seen(raw) end
+  end
 end
 if left > 0 then
-  for _, raw in ipairs(redis.call('HVALS', KEYS[2])) do seen(raw) end
+  for _, raw in ipairs(redis.call('HVALS', KEYS[lanes + 1])) do seen(raw) end
 end
-for _, owner in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+for _, owner in ipairs(redis.call('SMEMBERS', KEYS[lanes + 2])) do
   for id, _ in pairs(wanted) do
     if redis.call('HEXISTS', '${claims}' .. owner, id) == 1 then wanted[id] = nil end
   end
@@ -77,29 +81,6 @@ end
 local out = {}
 for id, _ in pairs(wanted) do table.insert(out, id) end
 return out
-""")
-
-# KEYS: the lane lists, then the set of batch-claim owners. ARGV[1]: the job id.
-# Where the job's message waits: {'lane', name} or {'claimed', owner}; {} when in neither.
-_WAITING = keys.lua("""
-local id = ARGV[1]
-local function is_it(raw)
-  if not string.find(raw, id, 1, true) then return false end
-  local ok, m = pcall(cjson.decode, raw)
-  return ok and type(m) == 'table' and type(m['headers']) == 'table' and m['headers']['id'] == id
-end
-for i = 1, #KEYS - 1 do
-  local length = redis.call('LLEN', KEYS[i])
-  for start = 0, length - 1, 1000 do
-    for _, raw in ipairs(redis.call('LRANGE', KEYS[i], start, start + 999)) do
-      if is_it(raw) then return {'lane', KEYS[i]} end
-    end
-  end
-end
-for _, owner in ipairs(redis.call('SMEMBERS', KEYS[#KEYS])) do
-  if redis.call('HEXISTS', '${claims}' .. owner, id) == 1 then return {'claimed', owner} end
-end
-return {}
 """)
 
 
@@ -113,8 +94,7 @@ class Recovery:
         self.catalog = catalog
         self.grace_s = settings.recovery_grace_s
         self.suspects: dict[str, float] = {}  # job id -> when it was first seen unclaimed
-        self._waiting = client.register_script(_WAITING)
-        self._orphans = client.register_script(_ORPHANS)
+        self._nowhere = client.register_script(_NOWHERE)
         self.orphans_checked_at = 0.0
 
     def sweep(self, now: float | None = None) -> list[str]:
@@ -132,7 +112,7 @@ class Recovery:
         for job_id in self.jobs.unsent(older_than=now - self.grace_s):
             record = self.jobs.get(job_id)
             if (record is not None and record.status == JobState.QUEUED and not record.coalesced_with
-                    and self._where(job_id) is None):
+                    and self.nowhere([job_id])):
                 send_job(None, job_id, record.lane, self._time_limits(record.model))
                 log.warning("job %s: its message was never sent (its sender stopped); sent now to the %s lane",
                             job_id, record.lane)
@@ -146,29 +126,23 @@ class Recovery:
         if now - self.orphans_checked_at < ORPHAN_CHECK_S:
             return []
         self.orphans_checked_at = now
+        queued = [i.decode() for lane in LANES for i in self.redis.zrangebyscore(
+            keys.lane_index(lane), "-inf", now - ORPHAN_AGE_S, start=0, num=ORPHAN_BATCH)]
         sent = []
-        for lane in LANES:
-            ids = [i.decode() for i in self.redis.zrangebyscore(keys.lane_index(lane), "-inf", now - ORPHAN_AGE_S,
-                                                                 start=0, num=ORPHAN_BATCH)]
-            if not ids:
+        for job_id in self.nowhere(queued):
+            record = self.jobs.get(job_id)
+            if record is None or record.status != JobState.QUEUED or record.coalesced_with:
                 continue
-            for raw in self._orphans(keys=[lane, keys.BROKER_UNACKED, keys.CLAIM_OWNERS], args=ids):
-                job_id = raw.decode()
-                record = self.jobs.get(job_id)
-                if record is None or record.status != JobState.QUEUED or record.coalesced_with or record.lane != lane:
-                    continue
-                send_job(None, job_id, lane, self._time_limits(record.model))
-                log.warning("job %s: queued with its message in no lane, unacked hash or claim; sent again", job_id)
-                sent.append(job_id)
+            send_job(None, job_id, record.lane, self._time_limits(record.model))
+            log.warning("job %s: queued with its message in no lane, unacked hash or claim; sent again", job_id)
+            sent.append(job_id)
         return sent
 
-    def _where(self, job_id: str) -> str | None:
-        """Where the job's message is: delivered and unacknowledged, waiting in a lane, or in a batch claim."""
-        needle = job_id.encode()
-        for _tag, raw in self.redis.hscan_iter(keys.BROKER_UNACKED, count=500):
-            if needle in raw and (json.loads(raw)[0].get("headers") or {}).get("id") == job_id:
-                return "delivered"
-        return self._waiting_at(job_id)
+    def nowhere(self, job_ids: list[str]) -> list[str]:
+        """Those of ``job_ids`` whose message is in no lane, no ``unacked`` hash and no batch claim."""
+        if not job_ids:
+            return []
+        return [i.decode() for i in self._nowhere(keys=[*LANES, keys.BROKER_UNACKED, keys.CLAIM_OWNERS], args=job_ids)]
 
     def unclaimed(self) -> list[str]:
         """The running jobs whose process is gone, or alive and not running them."""
@@ -199,7 +173,9 @@ class Recovery:
         if record is None or not self.jobs.requeue(job_id, WORKER_LOST):
             return False  # it ended meanwhile, or another worker put it back
         self.suspects.pop(job_id, None)
-        where = self._restore_delivered(job_id) or self._waiting_at(job_id)
+        where = self._restore_delivered(job_id)
+        if where is None and not self.nowhere([job_id]):
+            where = "its message, waiting in a lane or a batch claim"
         if where is None:
             send_job(None, job_id, record.lane, self._time_limits(record.model))
             where = f"a new message on the {record.lane} lane"
@@ -239,13 +215,6 @@ class Recovery:
                 except redis.WatchError:
                     continue
         raise RuntimeError(f"the broker's unacked hash kept changing; {tag!r} is left for the next sweep")
-
-    def _waiting_at(self, job_id: str) -> str | None:
-        answer = self._waiting(keys=[*LANES, keys.CLAIM_OWNERS], args=[job_id])
-        if not answer:
-            return None
-        kind, name = (v.decode() for v in answer)
-        return f"its message waiting in the {name} lane" if kind == "lane" else f"a batch claim of {name}"
 
     def _time_limits(self, model: str) -> tuple[float, float]:
         try:
