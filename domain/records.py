@@ -231,8 +231,10 @@ class JobStore:
         return moved, before
 
     def start(self, job_id: str, model_version: str | None, model_used: dict | None = None,
-              worker: str | None = None) -> bool:
+              worker: str | None = None) -> int:
         """Queued (or running, when a dead worker's job is redelivered) → running, by pool process ``worker``.
+
+        Returns the job's attempts counting this one, or 0 when it did not start.
 
         ``model_version`` is the version that runs; a job run by a fallback model passes None (the
         requested model did not run: its version stays the one recorded at submit) and ``model_used``.
@@ -243,9 +245,7 @@ class JobStore:
             job_id, JobState.RUNNING, {JobState.QUEUED, JobState.RUNNING},
             started_at=time.time(), model_used=model_used, **versions, **runner,
         )
-        if moved:
-            self.redis.hincrby(self.key(job_id), "attempts", 1)
-        return moved
+        return int(self.redis.hincrby(self.key(job_id), "attempts", 1)) if moved else 0
 
     def succeed(self, job_id: str, result_key: str, instances: int, fence: str | None = None) -> bool:
         moved, _ = self.move(

@@ -53,5 +53,8 @@ def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes, obje
 def _json(raw: str | bytes, what: str) -> object:
     try:
         return json.loads(raw)
+    except RecursionError:  # Python's decoder recurses per level: a few thousand "[" exhaust it
+        raise InputError(f"the {what} is nested too deeply to be a job request",
+                         errors=[{"field": what, "message": "nested too deeply"}]) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"the {what} is not valid JSON: {exc}", errors=[{"field": what, "message": "invalid JSON"}]) from None

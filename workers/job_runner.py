@@ -75,11 +75,11 @@ def _start(worker: process.WorkerProcess, job_id: str) -> tuple[JobRecord, Model
         return None
     worker.begin(job_id)  # announced before the record says so: recovery never sees it running unclaimed
     # A redelivered job that already ended, or a job canceled while queued, stops here.
-    if not jobs.start(job_id, choice.model_version, model_used=choice.model_used, worker=worker.owner):
+    attempts = jobs.start(job_id, choice.model_version, model_used=choice.model_used, worker=worker.owner)
+    if not attempts:
         now = jobs.get(job_id)
         log.info("job %s: is %s; not running it", job_id, now.status if now else "gone")
         return None
-    attempts = jobs.get(job_id).attempts
     if attempts > worker.settings.job_max_attempts:
         log.warning("job %s: started %d times and never finished; failing it", job_id, attempts)
         jobs.fail(job_id, "attempts", f"the job was started {attempts} times and its worker stopped each time "

@@ -221,3 +221,15 @@ def test_a_jobs_files_are_served_and_any_other_name_is_a_404_never_a_500(client,
                  "masks/99.png", "..%2f..%2fetc%2fpasswd"):
         answer = client.get(base + name)
         assert answer.status_code == 404 and answer.mimetype == "application/problem+json", (name, answer.status_code)
+
+
+@pytest.mark.parametrize("as_body", [False, True])
+def test_json_nested_far_too_deeply_is_a_400_not_a_500(client, jpeg, as_body):
+    nested = "[" * 200_000 + "]" * 200_000
+    if as_body:
+        answer = client.post("/v1/jobs", data=nested, content_type="application/json")
+        assert_problem(answer, 400, "body")
+    else:
+        answer = client.post("/v1/jobs", data={"image": (io.BytesIO(jpeg), "a.jpg"), "request": nested},
+                             content_type="multipart/form-data")
+        assert_problem(answer, 400, "request")
