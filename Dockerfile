@@ -3,9 +3,14 @@ FROM python:3.11-slim
 
 WORKDIR /app
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# MASKQ_DEVICE=cuda (docker compose build --build-arg MASKQ_DEVICE=cuda) puts onnxruntime-gpu in the image;
+# the CUDA libraries come from its nvidia-* dependencies, the driver from the host (NVIDIA Container Toolkit).
+ARG MASKQ_DEVICE=cpu
 COPY requirements.txt ./
+COPY config/device.py ./config/device.py
 RUN pip install --no-cache-dir -r requirements.txt \
- && pip install --no-cache-dir --no-deps rapidocr-onnxruntime==1.4.4
+ && pip install --no-cache-dir --no-deps rapidocr-onnxruntime==1.4.4 \
+ && MASKQ_DEVICE=$MASKQ_DEVICE python -m config.device install 1.31.1
 COPY . .
 RUN pip install --no-cache-dir --no-deps -e .
 

