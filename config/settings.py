@@ -70,7 +70,19 @@ class Settings(BaseSettings):
     models_manifest: Path = PROJECT_ROOT / "config" / "models.toml"
     # Where fetched model files live (`make models`, models/fetch.py); "{models_dir}" in the manifest.
     models_dir: Path = PROJECT_ROOT / "var" / "models"
-    ort_providers: Annotated[tuple[str, ...], NoDecode] = ("CPUExecutionProvider",)
+    # Where models run (workers/devices.py): "auto" (CUDA when onnxruntime-gpu and a GPU are there, else
+    # CPU), "cuda" (a model that cannot get CUDA does not load), "cpu". `make install` installs the
+    # matching onnxruntime build (config/device.py).
+    device: str = "auto"
+    # One worker process per GPU (workers/launch.py): "" (one worker, no pinning), "all", or NVML
+    # indices / UUIDs ("0,1"). Each gets CUDA_VISIBLE_DEVICES=<its UUID>.
+    gpus: str = ""
+    # ONNX Runtime providers in order of preference; empty: by device (CUDA then CPU, or CPU).
+    ort_providers: Annotated[tuple[str, ...], NoDecode] = ()
+    # The CUDA arena gives its memory back after each run, so the resource gate reads what is really free.
+    gpu_arena_shrinkage: bool = True
+    # TensorRT engine and timing caches, per model version and GPU model (None: data_dir/trt).
+    trt_cache_dir: Path | None = None
     ort_intra_op_threads: int = 0
     ort_inter_op_threads: int = 1
 
@@ -101,7 +113,7 @@ class Settings(BaseSettings):
     scheduler_tick_s: float = 1.0
     gate_check_s: float = 1.0
     gate_reserve_mb: float = 512
-    gpu_device_index: int = 0
+    gpu_device_index: int = 0  # the CUDA ordinal among the visible devices (workers/devices.py maps it to NVML)
     oom_retries: int = 3
     oom_retry_delay_s: float = 10
     # A job started more often than this fails with code "attempts" (its process died every time).
@@ -167,6 +179,14 @@ class Settings(BaseSettings):
     def _split_providers(cls, value):
         if isinstance(value, str):
             return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("auto", "cuda", "cpu"):
+            raise ValueError("must be 'auto', 'cuda' or 'cpu'")
         return value
 
     @field_validator("default_lane")
@@ -310,6 +330,10 @@ class Settings(BaseSettings):
     @property
     def storage_root(self) -> Path:
         return self.storage_dir or self.data_dir / "storage"
+
+    @property
+    def trt_cache_path(self) -> Path:
+        return self.trt_cache_dir or self.data_dir / "trt"
 
 
 def load_settings(**overrides) -> Settings:

@@ -159,6 +159,9 @@ def describe_models(catalog: ModelCatalog, workers: list[dict]) -> list[dict]:
             "loaded_versions": versions,
             "fallback": spec.fallback,
             "max_batch_size": spec.max_batch_size,
+            # What the live workers run it on: ONNX Runtime providers, and devices ("cpu", "cuda:0 <GPU> <UUID>").
+            "providers": sorted({p for w in workers for p in w.get("providers", {}).get(name, [])}),
+            "devices": sorted({w["device"] for w in workers if name in w.get("models", {}) and w.get("device")}),
         }
         if spec.source is not None:
             entry["provenance"] = {"package": f"npm {spec.source['npm']}", "package_sha256": spec.source["sha256"],

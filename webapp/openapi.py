@@ -129,6 +129,8 @@ class ModelInfo(Document):
     loaded_versions: list[str] = []
     fallback: str | None = None
     max_batch_size: int = 1
+    providers: list[str] = Field(default_factory=list, description="the ONNX Runtime providers live workers run it on")
+    devices: list[str] = Field(default_factory=list, description='where: "cpu", or "cuda:N <GPU> <UUID>"')
     error: str | None = Field(None, description="why it cannot serve: files missing, or why workers could not load it")
     available: bool = Field(True, description="whether jobs of this model run on it (else on its fallback)")
     provenance: dict | None = Field(None, description="the package its files come from, checksums and licence")

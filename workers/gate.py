@@ -16,6 +16,7 @@ import psutil
 import redis
 
 from domain import fleet
+from workers.devices import NvmlDevice, placement_here
 
 log = logging.getLogger(__name__)
 
@@ -32,26 +33,30 @@ class HostMemory:
 
 
 class GpuMemory:
-    """Free memory of one NVIDIA GPU, through NVML."""
+    """Free memory of one NVIDIA GPU, through NVML, found by its UUID (NVML's indices are not CUDA's)."""
 
-    def __init__(self, index: int):
+    def __init__(self, gpu: NvmlDevice, cuda_device_id: int = 0):
         import pynvml
 
         pynvml.nvmlInit()
         self._pynvml = pynvml
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        self.name = f"cuda:{index}"
+        self._handle = pynvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+        self.name = f"cuda:{cuda_device_id} ({gpu.uuid})"
 
     def free_bytes(self) -> int:
         return int(self._pynvml.nvmlDeviceGetMemoryInfo(self._handle).free)
 
 
-def detect_device(gpu_index: int):
-    """NVML's view of the GPU if there is one, else the host's memory."""
+def detect_device(settings):
+    """The memory of the GPU this worker's models run on (workers/devices.py), else the host's."""
+    placement = placement_here(settings)
+    if placement.gpu is None:
+        log.info("gating on host memory (%s)", placement.reason)
+        return HostMemory()
     try:
-        return GpuMemory(gpu_index)
-    except Exception as exc:  # no driver, no library, no such device: all mean "no GPU here"
-        log.info("no NVIDIA GPU through NVML (%s); gating on host memory", exc)
+        return GpuMemory(placement.gpu, placement.cuda_device_id)
+    except Exception as exc:  # the GPU went away between listing and opening it
+        log.warning("NVML cannot open %s (%s); gating on host memory", placement.gpu.uuid, exc)
         return HostMemory()
 
 

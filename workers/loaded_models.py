@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from domain.errors import MaskqError, ModelError
 from models.adapters.base import ModelAdapter, ModelSpec, RuntimeOptions
@@ -114,10 +116,14 @@ class LoadedModels:
         return adapter
 
     def runtime_for(self, spec: ModelSpec) -> RuntimeOptions:
-        """The deployment's runtime options with this model's providers and fp16 on top."""
+        """The deployment's runtime options with this model's providers, fp16, memory cap and engine cache on top."""
+        runtime = dataclasses.replace(self.runtime, fp16=spec.fp16, gpu_mem_limit_mb=spec.memory_mb)
+        if self.runtime.trt_cache_dir:  # one folder per model version under the GPU model's
+            version = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{spec.name}-{spec.version}")
+            runtime = dataclasses.replace(runtime, trt_cache_dir=str(Path(self.runtime.trt_cache_dir) / version))
         if spec.providers is None:
-            return dataclasses.replace(self.runtime, fp16=spec.fp16)
-        return dataclasses.replace(self.runtime, providers=spec.providers, providers_required=True, fp16=spec.fp16)
+            return runtime
+        return dataclasses.replace(runtime, providers=spec.providers, providers_required=True)
 
     def get(self, name: str) -> ModelAdapter:
         try:
@@ -161,6 +167,7 @@ class LoadedModels:
         return {
             "models": {name: a.version for name, a in self.adapters.items()},
             "model_errors": {name: dataclasses.asdict(f) for name, f in self.failures.items()},
+            "providers": {name: a.execution_providers() for name, a in self.adapters.items()},
         }
 
     def watch(self, interval_s: float) -> threading.Thread:

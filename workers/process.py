@@ -21,6 +21,7 @@ from storage import Storage, open_storage
 from domain.records import JobStore
 from domain.webhooks import JobEvents
 from models.adapters.base import RuntimeOptions
+from workers.devices import Placement, placement_here, runtime_options
 from workers.heartbeat import Heartbeat
 from models.catalog import LiveCatalog
 from workers.loaded_models import LoadedModels
@@ -41,6 +42,7 @@ class WorkerProcess:
     storage: Storage
     models: LoadedModels
     heartbeat: Heartbeat | None = None
+    placement: Placement | None = None  # where its models run (None in a webhooks-only worker)
     # The jobs this process is running now (announced in its heartbeat; recovery trusts it).
     # Replaced, never changed in place: the heartbeat thread reads it while a job runs.
     running: frozenset[str] = frozenset()
@@ -53,7 +55,8 @@ class WorkerProcess:
     @classmethod
     def start(cls, settings: Settings) -> "WorkerProcess":
         client = redis.Redis.from_url(settings.broker_url)
-        runtime = RuntimeOptions.from_settings(settings)
+        placement = placement_here(settings) if settings.worker_loads_models else None
+        runtime = runtime_options(settings, placement) if placement else RuntimeOptions.from_settings(settings)
         # The manifest is followed while the process runs: before each job, and by a watcher thread when idle.
         catalog = LiveCatalog(settings.models_manifest, settings.manifest_check_s, settings)
         shared = (SharedEmbeddings(client, settings.shared_embeddings_mb, settings.shared_embeddings_ttl_s,
@@ -64,7 +67,7 @@ class WorkerProcess:
             models.load_all()  # a model that fails to load is reported, not fatal: its fallback serves
             models.watch(settings.manifest_check_s)
         jobs = JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client))  # moves become webhook events
-        process = cls(settings, client, jobs, open_storage(settings), models)
+        process = cls(settings, client, jobs, open_storage(settings), models, placement=placement)
         process.heartbeat = Heartbeat(client, settings.worker_heartbeat_s, process.describe)
         process.heartbeat.start()
         return process
@@ -74,7 +77,8 @@ class WorkerProcess:
         # Embedding-cache counters (SAM-family adapters) ride on the heartbeat for operators and tests.
         caches = {name: a.embedding_cache.stats() for name, a in adapters
                   if getattr(a, "embedding_cache", None) is not None}
-        return {**self.models.describe(), "embedding_caches": caches, "running": sorted(self.running)}
+        return {**self.models.describe(), "embedding_caches": caches, "running": sorted(self.running),
+                "device": self.placement.describe()["device"] if self.placement else None}
 
     def begin(self, *job_ids: str) -> None:
         """These jobs run here now: say so in the heartbeat at once."""

@@ -47,7 +47,7 @@ class SchedulingStep(bootsteps.StartStopStep):
         self.claims = ClaimRecovery(client, self.jobs, grace_s=3 * settings.worker_heartbeat_s)
         self.recovery = Recovery(client, self.jobs, settings, self.catalog)
         self.next_recovery = time.monotonic() + settings.recovery_check_s
-        self.gate = ResourceGate(detect_device(settings.gpu_device_index), self.catalog.current().memory_per_job_mb(),
+        self.gate = ResourceGate(detect_device(settings), self.catalog.current().memory_per_job_mb(),
                                  settings.gate_reserve_mb, client, worker=consumer.hostname)
         # The lanes this worker consumes (a webhooks-only worker consumes none): the gate touches these alone.
         self.lanes_consumed = [lane for lane in LANES if lane in {q.name for q in consumer.task_consumer.queues}]

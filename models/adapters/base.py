@@ -122,12 +122,22 @@ class RuntimeOptions:
     # them (none there: the model fails to load and its fallback serves); else CPU is the last resort.
     providers_required: bool = False
     fp16: bool = False  # TensorRT builds fp16 engines
+    # The GPU side (models/adapters/onnx.py: provider_options): the CUDA ordinal among the visible devices
+    # (workers/devices.py maps it to NVML's), the most one session's CUDA arena may hold (the model's
+    # memory_mb), whether the arena gives memory back after each run, and the TensorRT engine cache.
+    device_id: int = 0
+    gpu_mem_limit_mb: float | None = None
+    arena_shrinkage: bool = True
+    trt_cache_dir: str | None = None
 
     @classmethod
     def from_settings(cls, settings) -> "RuntimeOptions":
-        """The deployment's ``MASKQ_ORT_*`` settings (a worker and a benchmark must agree on them)."""
-        return cls(providers=tuple(settings.ort_providers), intra_op_threads=settings.ort_intra_op_threads,
-                   inter_op_threads=settings.ort_inter_op_threads)
+        """The deployment's ``MASKQ_ORT_*`` settings (a worker and a benchmark must agree on them).
+
+        A worker narrows them to its device (``workers.devices.Placement``)."""
+        return cls(providers=tuple(settings.ort_providers) or ("CPUExecutionProvider",),
+                   intra_op_threads=settings.ort_intra_op_threads,
+                   inter_op_threads=settings.ort_inter_op_threads, arena_shrinkage=settings.gpu_arena_shrinkage)
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,11 @@ class ModelAdapter:
 
     def setup(self, runtime: RuntimeOptions) -> None:
         raise NotImplementedError
+
+    def execution_providers(self) -> list[str]:
+        """The ONNX Runtime providers this adapter's sessions run on (those made by ``create_session``
+        and kept as attributes): what the heartbeat and ``GET /v1/models`` show."""
+        return sorted({p for value in vars(self).values() for p in getattr(value, "execution_providers", ())})
 
     def preprocess(self, requests: Sequence[SegmentRequest]) -> tuple[Any, list[Any]]:
         raise NotImplementedError

@@ -144,6 +144,8 @@ def test_models_and_readiness_show_the_loaded_worker(client):
     models = client.get("/v1/models").get_json()["models"]
     assert [m["name"] for m in models] == ["text-regions"]
     assert models[0]["loaded"] is True and models[0]["prompt_kinds"] == ["boxes", "points", "text"]
+    # Where the live worker runs it: this machine has no GPU, so ONNX Runtime's CPU provider, on "cpu".
+    assert models[0]["providers"] == ["CPUExecutionProvider"] and models[0]["devices"] == ["cpu"]
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.get_json()["checks"]["redis"] == "ok"
     assert client.get("/healthz").status_code == 200

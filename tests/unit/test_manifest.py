@@ -234,13 +234,14 @@ def test_a_reload_swaps_changed_versions_keeps_the_old_one_if_the_new_fails_and_
     models.refresh()
     assert models.choose("base").adapter.version == "2"  # the new version failed: the old one serves on
     assert models.describe() == {"models": {"base": "2"},
-                                 "model_errors": {"base": {"version": "3", "error": "RuntimeError: corrupt"}}}
+                                 "model_errors": {"base": {"version": "3", "error": "RuntimeError: corrupt"}},
+                                 "providers": {"base": []}}  # the toy adapter has no ONNX Runtime session
 
 
 def test_a_model_with_its_own_providers_must_get_one_of_them_while_the_deployment_list_falls_back_to_cpu():
     import onnxruntime as ort
 
-    from models.adapters.onnx import _configured, create_session
+    from models.adapters.onnx import create_session, provider_options
     from models.adapters.text_regions import bundled_model_files
 
     missing = next(p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider")
@@ -256,9 +257,11 @@ def test_a_model_with_its_own_providers_must_get_one_of_them_while_the_deploymen
         create_session(detector, own)
     preferred = models.runtime_for(ModelSpec("m", "1", TEXT, providers=(missing, "CPUExecutionProvider")))
     assert create_session(detector, preferred).get_providers() == ["CPUExecutionProvider"]
-    # fp16 reaches TensorRT as its own provider option; other providers take no fp16 switch.
-    assert _configured("TensorrtExecutionProvider", own) == ("TensorrtExecutionProvider", {"trt_fp16_enable": True})
-    assert _configured("CUDAExecutionProvider", own) == "CUDAExecutionProvider"
+    # fp16 reaches TensorRT as its own provider option; CUDA takes no fp16 switch (it runs fp16 files).
+    assert provider_options("TensorrtExecutionProvider", own)["trt_fp16_enable"] == "True"
+    assert "trt_fp16_enable" not in provider_options("CUDAExecutionProvider", own)
+    # The model's memory_mb caps its CUDA arena (512, the default).
+    assert provider_options("CUDAExecutionProvider", own)["gpu_mem_limit"] == str(512 * 2**20)
 
 
 def test_a_job_for_a_model_added_a_moment_ago_makes_the_worker_look_at_the_manifest_at_once(tmp_path):
