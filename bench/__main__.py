@@ -1,4 +1,4 @@
-"""``python -m bench [--only NAME] [--jobs N] [--clients N] [--warmup N]``: run the benchmarks, print the tables.
+"""``python -m bench [--only NAME] [--jobs N] [--clients N] [--warmup N] [--device]``: run the benchmarks, print the tables.
 
 Every module ``bench/<name>.py`` but ``common`` is a benchmark (it has ``run``); they
 run one after another (never side by side: they would share the cores), in
@@ -22,7 +22,7 @@ from pathlib import Path
 import bench
 from bench.common import IMAGES, Options, format_table, machine
 
-NOT_BENCHMARKS = {"common", "__main__"}
+NOT_BENCHMARKS = {"common", "__main__", "device_check"}  # device_check: `--device`, for a GPU machine
 ONLY_WHEN_NAMED = {"soak"}  # ten minutes of faults: `make soak` or --only soak, never by default
 LAST = ("service_efficiency",)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
                         help="alternating measurement rounds per comparison (default %(default)s)")
     parser.add_argument("--images", type=Path, default=IMAGES, help="folder of images to cycle (default %(default)s)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument("--device", action="store_true",
+                        help="run the GPU device check instead (bench/device_check.py; exits 0 without a GPU)")
     args = parser.parse_args(argv)
     if args.only:
         args.only = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(names))
         return 0
+    if args.device:
+        from bench.device_check import main as device_check
+
+        return device_check([])
     options = Options(jobs=args.jobs, clients=args.clients, warmup=args.warmup, rounds=args.rounds, images=args.images)
     selected = [n for n in names if (n in args.only if args.only else n not in ONLY_WHEN_NAMED)]
     host = machine()

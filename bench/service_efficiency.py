@@ -50,8 +50,9 @@ from domain.images import decode_image
 from domain.records import JobRecord
 from domain.schemas import JobRequest
 from workers import pipeline
-from models.adapters.base import ModelAdapter, RuntimeOptions, SegmentRequest
+from models.adapters.base import ModelAdapter, SegmentRequest
 from models.catalog import ModelCatalog
+from workers.devices import placement_here, runtime_options
 from workers.loaded_models import LoadedModels
 
 RAW = "raw model path (1 process)"
@@ -60,7 +61,7 @@ SERVICE = "service (HTTP, {clients} clients)"
 
 def load_default_model(settings) -> ModelAdapter:
     """The default model, set up as ``workers.process.WorkerProcess.start`` sets it up."""
-    runtime = RuntimeOptions.from_settings(settings)
+    runtime = runtime_options(settings, placement_here(settings))  # on the worker's device (a GPU where there is one)
     models = LoadedModels(ModelCatalog.from_settings(settings), runtime)
     models.load_all()
     return models.get(models.catalog.current().default)
