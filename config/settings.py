@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     # False for a worker that only delivers webhooks and applies retention (-Q webhooks): it loads no model.
     worker_loads_models: bool = True
     worker_heartbeat_s: float = 5
+    # A worker host's own Prometheus series (workers/metrics.py): its main process serves them here (0: off).
+    worker_metrics_port: int = Field(default=9808, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
 
     # Scheduling: lane limits, aging, the resource gate, retries on out-of-memory.
     lane_max_depth: dict[str, int] = {"interactive": 1000, "default": 10000, "batch": 100000}
@@ -173,12 +176,21 @@ class Settings(BaseSettings):
     api_key: str | None = None
 
     log_level: str = "INFO"
+    # "text" (the default, for a terminal) or "json": one object per line, with the job's fields (config/logs.py).
+    log_format: str = "text"
 
     @field_validator("ort_providers", mode="before")
     @classmethod
     def _split_providers(cls, value):
         if isinstance(value, str):
             return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("log_format")
+    @classmethod
+    def _known_log_format(cls, value: str) -> str:
+        if value not in ("text", "json"):
+            raise ValueError("must be 'text' or 'json'")
         return value
 
     @field_validator("device")

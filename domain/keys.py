@@ -26,6 +26,9 @@ UNSENT = "maskq:unsent"
 # Every job ever created, "tenant/job_id" by created_at, kept after the record expires: retention's index.
 CREATED = "maskq:jobs:created"
 DURATIONS = "maskq:durations"            # how long recent jobs ran (a capped list), for start estimates
+# The service-wide job series (domain/job_metrics.py): "name|label values" -> count; histograms add "|b<i>", "|sum".
+METRIC_COUNTERS = "maskq:metrics:counters"
+METRIC_HISTOGRAMS = "maskq:metrics:histograms"
 
 
 def job(job_id: str) -> str:
@@ -149,6 +152,8 @@ _PREFIXES = {
     "claims": CLAIMS_PREFIX,
     "cache_entry": CACHE_ENTRY_PREFIX,
     "cache_followers": CACHE_FOLLOWERS_PREFIX,
+    "metric_counters": METRIC_COUNTERS,
+    "metric_histograms": METRIC_HISTOGRAMS,
 }
 
 

@@ -16,7 +16,8 @@ from enum import StrEnum
 
 import redis
 
-from domain import keys
+from domain import job_metrics, keys
+from domain.job_metrics import JobMetrics
 
 
 class JobState(StrEnum):
@@ -64,6 +65,7 @@ elseif current == 'running' then
   redis.call('ZREM', '${running}', id)
 end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
+""" + job_metrics.COUNT_MOVE_LUA + """
 return {1, current}
 """)
 
@@ -102,8 +104,14 @@ class JobRecord:
     coalesced_with: str | None = None
     # The pool process ("host:pid", as in domain/fleet.py) that started the job's latest run.
     worker: str | None = None
+    # When it last went back on its lane (out of memory, a lost worker): its queue wait counts from here.
+    requeued_at: float | None = None
+    # Seconds the run that succeeded spent in each phase (queue, load, encode, predict, store, total).
+    timings: dict | None = None
+    # The W3C trace context the job carries through web, worker and webhook (its traceparent).
+    traceparent: str | None = None
 
-    _JSON_FIELDS = ("request", "error", "last_error", "model_used")
+    _JSON_FIELDS = ("request", "error", "last_error", "model_used", "timings")
 
     def to_hash(self) -> dict[str, str]:
         out = {}
@@ -155,15 +163,26 @@ class JobRecord:
             doc["result"] = result
         if self.error:
             doc["error"] = self.error
+        doc["metrics"] = self.metrics()
+        if self.traceparent:
+            doc["traceparent"] = self.traceparent
         return doc
+
+    def metrics(self) -> dict[str, float]:
+        """Seconds per phase, as Replicate's ``metrics.predict_time``: ``queue`` once started, ``total`` once
+        ended, and for a job that ran to success ``load``, ``encode`` (SAM-family), ``predict``, ``store``."""
+        out = dict(self.timings or {})
+        if self.started_at is not None:
+            out["queue"] = round(self.started_at - (self.requeued_at or self.created_at), 4)
+        if self.finished_at is not None:
+            out["total"] = round(self.finished_at - self.created_at, 4)
+        return out
 
 
 def rfc3339(epoch: float | None) -> str | None:
     if epoch is None:
         return None
     return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 
 
 class JobStore:
@@ -177,6 +196,7 @@ class JobStore:
         self.redis = client
         self.ttl_s = ttl_s
         self.on_moved = on_moved
+        self.metrics = JobMetrics(client)
         self._transition = client.register_script(_TRANSITION)
 
     key = staticmethod(keys.job)
@@ -197,6 +217,12 @@ class JobStore:
             pipe.zadd(keys.CREATED, {f"{record.tenant}/{record.id}": record.created_at})
             if record.deadline_at is not None:
                 pipe.zadd(keys.DEADLINES, {record.id: record.deadline_at})
+            # Counted in the same transaction as the record (domain/job_metrics.py).
+            job_metrics.add_count(pipe, job_metrics.SUBMITTED, (record.model, record.lane))
+            if record.status.ended:  # a result-cache hit: submitted and ended at once
+                job_metrics.add_count(pipe, job_metrics.ENDED, (record.model, record.lane, str(record.status), ""))
+                job_metrics.add_observation(pipe, job_metrics.TOTAL, (record.model, record.lane, str(record.status)),
+                                            (record.finished_at or record.created_at) - record.created_at)
             pipe.execute()
 
     def sent(self, job_id: str) -> None:
@@ -247,10 +273,12 @@ class JobStore:
         )
         return int(self.redis.hincrby(self.key(job_id), "attempts", 1)) if moved else 0
 
-    def succeed(self, job_id: str, result_key: str, instances: int, fence: str | None = None) -> bool:
+    def succeed(self, job_id: str, result_key: str, instances: int, fence: str | None = None,
+                timings: dict[str, float] | None = None) -> bool:
+        extra = {"timings": timings} if timings else {}
         moved, _ = self.move(
             job_id, JobState.SUCCEEDED, {JobState.RUNNING}, fence,
-            finished_at=time.time(), result_key=result_key, instances=instances,
+            finished_at=time.time(), result_key=result_key, instances=instances, **extra,
         )
         return moved
 
@@ -275,7 +303,8 @@ class JobStore:
 
     def requeue(self, job_id: str, reason: dict, fence: str | None = None) -> bool:
         """Running → queued again (out of memory, a lost worker); ``reason`` is kept as ``last_error``."""
-        moved, _ = self.move(job_id, JobState.QUEUED, {JobState.RUNNING}, fence, last_error=reason)
+        moved, _ = self.move(job_id, JobState.QUEUED, {JobState.RUNNING}, fence, last_error=reason,
+                             requeued_at=time.time())
         return moved
 
     def running(self) -> list[tuple[str, float]]:

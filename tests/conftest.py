@@ -98,6 +98,8 @@ def base_env(redis_server, storage_dir) -> dict[str, str]:
         # Most tests submit the same image again and mean a second run: the result cache is off here
         # (tests/integration/test_result_cache.py turns it on for its own apps and workers).
         "MASKQ_RESULT_CACHE_ENABLED": "false",
+        # Many workers run at once here: none serves its own metrics port unless a test asks (test_metrics.py).
+        "MASKQ_WORKER_METRICS_PORT": "0",
     }
 
 

@@ -37,8 +37,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     # Every move a request makes (a cancel, an expiry noticed on read) becomes the job's webhook event.
     jobs.on_moved = JobEvents(client, app.extensions["maskq"].celery)
-    from webapp import deliveries, health, jobs, models
+    from webapp import deliveries, health, jobs, metrics, models
 
+    # Timed from the first hook to the last, so every answer (an auth failure, a 429) is counted.
+    app.before_request(metrics.start_timer)
+    app.after_request(metrics.count_request)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(models.bp)
     app.register_blueprint(health.bp)

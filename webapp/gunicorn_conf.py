@@ -1,7 +1,22 @@
-"""gunicorn's settings, from maskq's: ``gunicorn -c webapp/gunicorn_conf.py "webapp.app:create_app()"``."""
+"""gunicorn's settings, from maskq's: ``gunicorn -c webapp/gunicorn_conf.py "webapp.app:create_app()"``.
+
+Also the web tier's logging (``config/logs.py``) and Prometheus's multiprocess mode: each gunicorn
+process writes its HTTP series to a folder of this server's, and a scrape of any one reads them all.
+"""
+import os
+import shutil
+
+from config import logs
 from config.settings import load_settings
 
 _settings = load_settings()
+logs.configure(_settings)
+
+# Before prometheus_client is imported anywhere (the app is imported in each worker, after the fork).
+_metrics_dir = _settings.data_dir / "metrics" / f"web-{_settings.port}"
+shutil.rmtree(_metrics_dir, ignore_errors=True)  # the last run's processes are gone
+_metrics_dir.mkdir(parents=True, exist_ok=True)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
 
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.web_workers
@@ -21,3 +36,9 @@ def when_ready(server):
     from webapp.cli import announce_dev_key
 
     announce_dev_key(_settings)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # its live gauges go; its counters stay counted

@@ -1,15 +1,11 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness and readiness (Prometheus metrics: webapp/metrics.py)."""
 from __future__ import annotations
 
 import redis
-from flask import Blueprint, Response, jsonify
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from flask import Blueprint, jsonify
 
-from config.settings import LANES
 from domain.errors import Forbidden, MaskqError
 from domain.fleet import gate_states, live_workers
-from domain.keys import lane_index
 from webapp.auth import current_key
 from webapp.services import services
 
@@ -63,25 +59,3 @@ def _checks(detailed: bool = False) -> tuple[dict[str, str], dict[str, str]]:
         checks["storage"] = "unavailable"
         why["storage"] = exc.detail
     return checks, why
-
-
-class QueueCollector:
-    """Reads lane depths and live workers from Redis at scrape time, so every web process reports the same."""
-
-    def __init__(self, client: redis.Redis):
-        self.redis = client
-
-    def collect(self):
-        depth = GaugeMetricFamily("maskq_lane_depth", "Jobs waiting in each lane", labels=["lane"])
-        for lane in LANES:
-            depth.add_metric([lane], self.redis.zcard(lane_index(lane)))
-        yield depth
-        yield GaugeMetricFamily("maskq_workers_ready", "Worker processes with a live heartbeat",
-                                value=len(live_workers(self.redis)))
-
-
-@bp.get("/metrics")
-def metrics():
-    registry = CollectorRegistry()
-    registry.register(QueueCollector(services().redis))
-    return Response(generate_latest(registry), mimetype="text/plain; version=0.0.4")

@@ -77,6 +77,10 @@ class Job(Document):
     degraded: bool = False
     model_used: ModelVersion | None = Field(None, description="the fallback model that ran, when degraded")
     degraded_reason: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict, description=(
+        "seconds: queue (once started), total (once ended); for a job that succeeded also load, encode "
+        "(SAM-family models, 0 when the embedding was cached), predict, store"))
+    traceparent: str | None = Field(None, description="the W3C trace context the job carries (sent or made at submit)")
 
 
 class DeliveryAttempt(Document):

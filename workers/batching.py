@@ -47,7 +47,7 @@ from domain import fleet, keys
 from domain.errors import MaskqError
 from domain.records import JobRecord, JobState, JobStore
 from storage import Storage
-from workers import job_end, pipeline
+from workers import job_end, metrics, pipeline
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,10 @@ class Batch:
         if not ready:
             return
         try:
+            metrics.series().batch_size.labels(self.adapter.name).observe(len(ready))
+            started = time.perf_counter()
             results = self.adapter.segment([m.segment for m in ready])
+            metrics.series().inference.labels(self.adapter.name).observe(time.perf_counter() - started)
             if len(results) != len(ready):
                 raise MaskqError(f"the adapter returned {len(results)} results for {len(ready)} requests")
         except SoftTimeLimitExceeded:

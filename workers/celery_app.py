@@ -1,16 +1,25 @@
 """The worker's entry point: ``celery -A workers.celery_app worker -Q interactive,default,batch``."""
-import logging
+from celery.signals import worker_init
 
-from config.celery import create_celery
+from config import logs
 from config.settings import load_settings
-
-import workers.process  # noqa: F401  (connects the per-process start-up signals)
-from models.catalog import ModelCatalog
-from workers.scheduler import SchedulingStep
+from workers import metrics
 
 settings = load_settings()
-logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+metrics.prepare(settings)  # before prometheus_client is imported: the pool processes share its folder
+
+from config.celery import create_celery  # noqa: E402
+import workers.process  # noqa: E402,F401  (connects the per-process start-up signals)
+from models.catalog import ModelCatalog  # noqa: E402
+from workers.scheduler import SchedulingStep  # noqa: E402
+
+logs.configure(settings)  # text, or JSON lines with the job's fields (MASKQ_LOG_FORMAT)
 # Refuse at start-up a manifest whose time limits outlast the visibility timeout.
 ModelCatalog.from_settings(settings).check_time_limits(settings)
 app = create_celery(settings)
 app.steps["consumer"].add(SchedulingStep)
+
+
+@worker_init.connect
+def _serve_metrics(**_) -> None:
+    metrics.serve(settings)  # the main process, once: every pool process's series and the GPUs'

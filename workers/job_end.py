@@ -31,6 +31,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from config.settings import Settings, load_settings
+from domain import job_metrics
 from domain.errors import InputError, MaskqError, ResourceExhausted
 from domain.lanes import send_job
 from domain.records import JobRecord, JobState, JobStore
@@ -41,7 +42,7 @@ from workers import pipeline
 
 log = logging.getLogger(__name__)
 
-Outcome = tuple[str, int] | BaseException
+Outcome = tuple | BaseException  # (result_key, count[, seconds per phase]), or what the job raised
 
 # How ONNX Runtime and its providers word an allocation failure.
 _OOM_MESSAGES = ("out of memory", "failed to allocate memory", "bad_alloc", "cudaerrormemoryallocation")
@@ -65,9 +66,10 @@ def end_job(worker, record: JobRecord, outcome: Outcome, ran_for_s: float) -> No
                      record.id)
 
 
-def _succeed(worker, record: JobRecord, outcome: tuple[str, int], ran_for_s: float) -> None:
-    jobs, (key, count) = worker.jobs, outcome
-    if jobs.succeed(record.id, key, count, fence=worker.owner):
+def _succeed(worker, record: JobRecord, outcome: tuple, ran_for_s: float) -> None:
+    """``outcome``: ``(result_key, count)``, or ``(result_key, count, seconds per phase)`` from the pipeline."""
+    jobs, (key, count), timings = worker.jobs, outcome[:2], (outcome[2] if len(outcome) > 2 else None)
+    if jobs.succeed(record.id, key, count, fence=worker.owner, timings=timings):
         jobs.record_duration(ran_for_s)
         log.info("job %s: succeeded with %d instances", record.id, count)
     elif (now := jobs.get(record.id)) is not None and now.status == JobState.CANCELED:
@@ -90,6 +92,7 @@ def _out_of_memory(worker, record: JobRecord, exc: BaseException) -> None:
         jobs.fail(record.id, "resources", f"the device ran out of memory {attempts} times: {detail}", fence=worker.owner)
         return
     if jobs.requeue(record.id, {"code": ResourceExhausted.code, "message": detail}, fence=worker.owner):
+        jobs.metrics.count(job_metrics.OOM_REQUEUES, record.model)
         send_job(None, record.id, record.lane, time_limits(worker, record.model), countdown=settings.oom_retry_delay_s)
         log.info("job %s: out of memory; back on the %s lane in %.1f s", record.id, record.lane,
                  settings.oom_retry_delay_s)

@@ -25,14 +25,18 @@ from workers.devices import DeviceError, NvmlDevice, nvml_devices, select_gpus
 CELERY_APP = ["-A", "workers.celery_app", "worker"]
 
 
-def worker_commands(gpus: list[NvmlDevice], args: list[str], env: dict[str, str],
-                    celery: str) -> list[tuple[list[str], dict[str, str]]]:
-    """The command line and environment of each GPU's worker (pure; unit-tested)."""
+def worker_commands(gpus: list[NvmlDevice], args: list[str], env: dict[str, str], celery: str,
+                    metrics_port: int = 0) -> list[tuple[list[str], dict[str, str]]]:
+    """The command line and environment of each GPU's worker (pure; unit-tested).
+
+    Each serves its own series (workers/metrics.py) on the next port from ``metrics_port`` (0: none).
+    """
     commands = []
-    for gpu in gpus:
+    for i, gpu in enumerate(gpus):
         argv = [celery, *CELERY_APP, *_named(args, f"gpu{gpu.index}")]
         pinned = {**env, "CUDA_VISIBLE_DEVICES": gpu.uuid, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-                  "MASKQ_GPU_DEVICE_INDEX": "0", "MASKQ_GPUS": ""}
+                  "MASKQ_GPU_DEVICE_INDEX": "0", "MASKQ_GPUS": "",
+                  "MASKQ_WORKER_METRICS_PORT": str(metrics_port + i if metrics_port else 0)}
         commands.append((argv, pinned))
     return commands
 
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(celery, [celery, *CELERY_APP, *args])
     for gpu in gpus:
         print(f"maskq: worker gpu{gpu.index} on {gpu.name} {gpu.uuid}", file=sys.stderr)
-    return supervise(worker_commands(gpus, args, dict(os.environ), celery))
+    return supervise(worker_commands(gpus, args, dict(os.environ), celery, settings.worker_metrics_port))
 
 
 if __name__ == "__main__":

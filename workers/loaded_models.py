@@ -14,6 +14,7 @@ from models.adapters.base import ModelAdapter, ModelSpec, RuntimeOptions
 from models.catalog import LiveCatalog, ModelCatalog
 from models.fetch import verify_files
 from models.manifest import import_adapter
+from workers import metrics
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,18 @@ class LoadedModels:
             except Exception as exc:  # whatever a model does at set-up, the worker stays up
                 error = exc.detail if isinstance(exc, MaskqError) else f"{type(exc).__name__}: {exc}"
                 failures[name] = ModelFailure(spec.version, error)
+                metrics.series().load_failures.labels(name).inc()
                 log.error("model %s version %s failed to load%s: %s", name, spec.version,
                           f"; version {old.version} keeps serving" if old is not None else "", error,
                           exc_info=not isinstance(exc, MaskqError))
         for name in set(self.adapters) - set(adapters):
             log.info("model %s removed from the manifest; unloaded", name)
+        loaded = metrics.series().models_loaded
+        for name, adapter in self.adapters.items():  # this process's gauge follows what it holds
+            if adapters.get(name) is not adapter:
+                loaded.labels(name, adapter.version).set(0)
+        for name, adapter in adapters.items():
+            loaded.labels(name, adapter.version).set(1)
         self.adapters, self.failures, self._synced = adapters, failures, catalog
 
     def _set_up(self, spec: ModelSpec) -> ModelAdapter:

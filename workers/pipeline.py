@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import cv2
 import numpy as np
@@ -9,6 +10,7 @@ import numpy as np
 from domain.errors import InputLost
 from domain.keys import job_prefix
 from storage import Storage
+from workers import metrics
 from domain import masks
 from domain.images import decode_image
 from domain.records import JobRecord
@@ -70,6 +72,16 @@ def store_result(
     return key
 
 
+def count_model_work(model: str, seconds: float, report: dict) -> None:
+    """This worker's series (workers/metrics.py): the model's time, and where a SAM embedding came from."""
+    series = metrics.series()
+    series.inference.labels(model).observe(seconds)
+    embedding = report.get("embedding")
+    if embedding is not None:
+        result = {"this worker": "local", "shared": "shared"}.get(embedding.get("source"), "miss")
+        series.embeddings.labels(model, result).inc()
+
+
 def discard_result(record: JobRecord, storage: Storage) -> None:
     """Delete what a job wrote besides its input (its result and masks)."""
     prefix = job_prefix(record.tenant, record.id)
@@ -84,9 +96,23 @@ def polygons(mask: np.ndarray) -> list[list[float]]:
     return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
 
 
-def run(record: JobRecord, adapter: ModelAdapter, storage: Storage, max_bytes: int, max_pixels: int) -> tuple[str, int]:
-    """Segment one job's image; return ``(result_key, instance count)``."""
+def run(record: JobRecord, adapter: ModelAdapter, storage: Storage, max_bytes: int,
+        max_pixels: int) -> tuple[str, int, dict[str, float]]:
+    """Segment one job's image; return ``(result_key, instance count, seconds per phase)``.
+
+    The phases: ``load`` (the input from storage, decoded), ``encode`` (an adapter's image encoder, as it
+    reports in ``SegmentRequest.timings``; SAM-family models), ``predict`` (the rest of the model's work),
+    ``store`` (the result and masks written).
+    """
+    started = time.perf_counter()
     segment_request, request = load_request(record, storage, max_bytes, max_pixels)
+    loaded = time.perf_counter()
     instances = adapter.segment([segment_request])[0]
+    segmented = time.perf_counter()
     key = store_result(record, request, segment_request.image, instances, storage, segment_request.report)
-    return key, len(instances)
+    encode = segment_request.timings.get("encode", 0.0)
+    timings = {"load": loaded - started, "predict": segmented - loaded - encode, "store": time.perf_counter() - segmented}
+    count_model_work(adapter.name, segmented - loaded, segment_request.report)
+    if "encode" in segment_request.timings:
+        timings["encode"] = encode
+    return key, len(instances), {phase: round(s, 4) for phase, s in timings.items()}

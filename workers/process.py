@@ -22,6 +22,7 @@ from domain.records import JobStore
 from domain.webhooks import JobEvents
 from models.adapters.base import RuntimeOptions
 from workers.devices import Placement, placement_here, runtime_options
+from workers import metrics
 from workers.heartbeat import Heartbeat
 from models.catalog import LiveCatalog
 from workers.loaded_models import LoadedModels
@@ -152,6 +153,7 @@ def _start_process(**_) -> None:
 
 @worker_process_shutdown.connect
 def _stop_process(**_) -> None:
+    metrics.process_ended()
     if _current:
         _current.models.stop_watching()
     if _current and _current.heartbeat:

@@ -19,6 +19,7 @@ from config.settings import LANES, load_settings
 from domain.lanes import Lanes
 from domain.records import JobStore
 from domain.webhooks import JobEvents
+from workers import metrics
 from workers.batching import ClaimRecovery
 from workers.recovery import Recovery
 from workers.gate import ResourceGate, detect_device
@@ -67,6 +68,9 @@ class SchedulingStep(bootsteps.StartStopStep):
             # A new manifest may change what one job needs.
             self.gate.need_mb = self.catalog.current().memory_per_job_mb()
             state, _ = self.gate.check()
+            series = metrics.series()
+            series.gate_open.set(1 if state.open else 0)
+            series.device_free.set(state.free_mb * 2**20)
             if not state.open and not self.closed:
                 for lane in self.lanes_consumed:
                     consumer.cancel_task_queue(lane)

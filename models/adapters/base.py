@@ -91,7 +91,8 @@ class SegmentRequest:
     who may share that work. ``options`` are the request's model options
     (``points_per_side``). An adapter may note how it ran the request in
     ``report`` (``{"embedding": {"cached": True, ...}}``); the worker stores
-    those notes with the job's result.
+    those notes with the job's result. ``timings`` takes the seconds of named
+    phases an adapter can tell apart (``encode``): the job's ``metrics``.
     """
 
     image: np.ndarray
@@ -100,6 +101,7 @@ class SegmentRequest:
     scope: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

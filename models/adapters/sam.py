@@ -35,6 +35,7 @@ overlapping ones removed by non-maximum suppression on their boxes.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -305,7 +306,9 @@ class SamAdapter(ModelAdapter):
         for item in tensors:
             embedding = item.embedding if item.embedding is not None else fresh.get(item.key)
             if embedding is None:
+                started = time.perf_counter()
                 embedding = self._run(self._encoder, None, {self._encoder_input_name: item.encoder_input}, "encoder")[0]
+                item.request.timings["encode"] = time.perf_counter() - started
                 if embedding.ndim == 3:
                     embedding = embedding[np.newaxis]
                 self.embedding_cache.store(item.key, embedding)

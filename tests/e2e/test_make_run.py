@@ -19,6 +19,7 @@ def make_run(tmp_path, **settings) -> tuple[subprocess.Popen, dict, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MASKQ_")}
     env.update(MASKQ_DATA_DIR=str(tmp_path / "var"), MASKQ_PORT=str(port), MASKQ_FLOWER_PORT=str(flower),
                MASKQ_EMBEDDED_REDIS_PORT=str(free_port()), MASKQ_ORT_INTRA_OP_THREADS="2",
+               MASKQ_WORKER_METRICS_PORT=str(free_port()),
                **{f"MASKQ_{k.upper()}": str(v) for k, v in settings.items()})
     log = (tmp_path / "honcho.log").open("ab")
     honcho = subprocess.Popen([str(VENV_BIN / "honcho"), "start", "-f", "Procfile"], cwd=ROOT, env=env,
@@ -56,6 +57,13 @@ def test_make_run_serves_the_readme_example_and_ctrl_c_stops_everything(tmp_path
         png = requests.get(instance["png_url"], headers=headers)
         assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
         assert requests.get(f"http://127.0.0.1:{flower}/", timeout=5).status_code == 200
+        # Metrics as an operator scrapes them: gunicorn's processes together (multiprocess mode) and the
+        # service-wide job series on the web; the worker's own series on its port.
+        web = requests.get(f"{base}/metrics", timeout=5).text
+        assert 'maskq_jobs_ended_total{code="",lane="default",model="text-regions",outcome="succeeded"} 1.0' in web
+        assert 'maskq_http_requests_total{method="POST",route="/v1/jobs",status="202"} 1.0' in web
+        worker = requests.get(f"http://127.0.0.1:{env['MASKQ_WORKER_METRICS_PORT']}/metrics", timeout=5).text
+        assert 'maskq_worker_inference_seconds_count{model="text-regions"} 1.0' in worker
     finally:
         children = [p for p in psutil.Process(honcho.pid).children(recursive=True)] if honcho.poll() is None else []
         os.killpg(honcho.pid, signal.SIGINT)  # Ctrl-C in the terminal

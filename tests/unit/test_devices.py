@@ -129,13 +129,14 @@ def test_all_on_a_host_without_gpus_is_refused():
 
 def test_the_launcher_pins_one_worker_per_gpu_by_uuid_and_names_each():
     commands = worker_commands([A, C], ["-Q", "interactive,default,batch"], {"PATH": "/bin", "MASKQ_GPUS": "all"},
-                               "/venv/bin/celery")
+                               "/venv/bin/celery", metrics_port=9808)
     assert [argv for argv, _ in commands] == [
         ["/venv/bin/celery", "-A", "workers.celery_app", "worker", "-Q", "interactive,default,batch", "-n", "gpu0@%h"],
         ["/venv/bin/celery", "-A", "workers.celery_app", "worker", "-Q", "interactive,default,batch", "-n", "gpu2@%h"],
     ]
-    for (_, env), gpu in zip(commands, [A, C]):
+    for (_, env), gpu, port in zip(commands, [A, C], ["9808", "9809"]):
         assert env["CUDA_VISIBLE_DEVICES"] == gpu.uuid
+        assert env["MASKQ_WORKER_METRICS_PORT"] == port  # each its own metrics port
         assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
         assert env["MASKQ_GPU_DEVICE_INDEX"] == "0"
         assert env["MASKQ_GPUS"] == ""  # a worker does not launch workers
