@@ -126,16 +126,18 @@ class Lanes:
 RUN_JOB = "maskq.run_job"  # the Celery task that runs a job (tasks/run_job.py)
 
 
-def send_job(celery, job_id: str, lane: str, time_limits: tuple[float, float], countdown: float | None = None) -> None:
+def send_job(celery, job_id: str, lane: str, time_limits: tuple[float, float], countdown: float | None = None,
+             traceparent: str | None = None) -> None:
     """Put job ``job_id``'s message on its lane, for a worker to run; the message's id is the job's.
 
     The one way a job reaches a worker: a submit, a follower that leads after
     its leader ended without a result, and a job put back after an
     out-of-memory error (``countdown`` seconds later). ``celery`` is None in a
-    worker, which sends with its own app.
+    worker, which sends with its own app. ``traceparent`` (the job's W3C trace
+    context) travels in the message's headers.
     """
     if celery is None:
         from celery import current_app as celery
     soft, hard = time_limits
     celery.send_task(RUN_JOB, args=[job_id], queue=lane, task_id=job_id, soft_time_limit=soft, time_limit=hard,
-                     countdown=countdown)
+                     countdown=countdown, headers={"traceparent": traceparent} if traceparent else None)

@@ -20,6 +20,7 @@ class JobTask(Task):
             job_end.end_killed_job(args[0] if args else task_id, str(exc))
 
 
-@shared_task(name=RUN_JOB, base=JobTask)
-def run_job(job_id: str) -> None:
-    job_runner.run(job_id)
+@shared_task(name=RUN_JOB, base=JobTask, bind=True)
+def run_job(self, job_id: str) -> None:
+    # The job's W3C trace context rides in the message's headers (domain/lanes.py send_job).
+    job_runner.run(job_id, traceparent=self.request.get("traceparent"))

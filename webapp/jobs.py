@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import re
 import time
@@ -9,6 +10,8 @@ import uuid
 
 from flask import Blueprint, Response, request, url_for
 
+from config import logs
+from domain import job_metrics, trace
 from domain.documents import job_result
 from domain.keys import job_prefix
 from domain.errors import Conflict, InputError, NotFound, TooManyRequests
@@ -27,6 +30,8 @@ from webapp.submission import read_submission
 from webapp.waits import wait_slot
 
 bp = Blueprint("jobs", __name__)
+
+log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 MASK_FILE = re.compile(r"masks/[0-9]{1,6}\.png")
@@ -66,6 +71,8 @@ def submit_job():
     if claim.replayed:
         return _replayed(claim.job_id)
     now = time.time()
+    # The caller's W3C trace context (a bad one is ignored), else a new trace: the job carries it to its end.
+    traceparent = trace.parse(request.headers.get("traceparent")) or trace.new()
     input_key = (cached.input_key if cached else
                  f"{job_prefix(current_tenant(), job_id)}input.{EXTENSIONS[image.format]}")
     record = JobRecord(
@@ -73,18 +80,30 @@ def submit_job():
         input_key=input_key, image_sha256=image_sha256, width=width, height=height, created_at=now,
         deadline_at=now + job_request.deadline_s if job_request.deadline_s else None,
         request=job_request.model_copy(update={"model": spec.name, "lane": lane}).model_dump(mode="json"),
-        cache_key=cache_key,
+        cache_key=cache_key, traceparent=traceparent,
     )
+    with logs.job_context(job_id=job_id, tenant=record.tenant, model=spec.name, lane=lane, traceparent=traceparent):
+        return _accept(s, record, data, image, cached, cache, catalog)
+
+
+def _accept(s, record: JobRecord, data: bytes, image, cached, cache: ResultCache, catalog) -> Response:
+    """Store the new job (or answer it from the cache), send it to its lane, and answer (waiting if asked)."""
+    settings, job_id, lane = s.settings, record.id, record.lane
     if cached is not None:  # a job of its own, already succeeded with the identical job's result; nothing queued
+        s.jobs.metrics.count(job_metrics.RESULT_CACHE, "hit")
         response = _json(_document(cache.serve(record, cached)), 200)
         response.headers["Location"] = url_for("jobs.get_job", job_id=job_id)
         return response
     s.lanes.check_room(lane)
     # Input first, record second, message last: a worker that gets the message finds both.
-    s.storage.put(input_key, data, image.media_type)
+    s.storage.put(record.input_key, data, image.media_type)
     s.jobs.create(record)
-    if cache.join(record) is None:  # else an identical job is in flight, and this one gets its result
-        send_job(s.celery, job_id, lane, catalog.time_limits(spec.name, settings))
+    log.info("job %s: accepted for model %s on the %s lane", job_id, record.model, lane)
+    follows = cache.join(record)  # an identical job in flight: this one gets its result, and is not sent
+    if record.cache_key is not None:
+        s.jobs.metrics.count(job_metrics.RESULT_CACHE, "coalesced" if follows else "miss")
+    if follows is None:
+        send_job(s.celery, job_id, lane, catalog.time_limits(record.model, settings), traceparent=record.traceparent)
     s.jobs.sent(job_id)  # had this process died before here, recovery would send it (workers/recovery.py)
     wait = preferred_wait(request.headers.get("Prefer"), settings.max_wait_s)
     if wait:  # one round trip for an interactive client: the ended job if it ends in time

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 
+from config import logs
 from domain.records import JobRecord, JobState
 from domain.schemas import JobRequest
 from storage.retrying import RetryingStorage
@@ -28,7 +29,13 @@ from workers.redis_outage import UNREACHABLE, ride_out
 log = logging.getLogger(__name__)
 
 
-def run(job_id: str) -> None:
+def run(job_id: str, traceparent: str | None = None) -> None:
+    """Run job ``job_id``; every line logged meanwhile carries the job (config/logs.py)."""
+    with logs.job_context(job_id=job_id, traceparent=traceparent):
+        _run(job_id)
+
+
+def _run(job_id: str) -> None:
     worker = process.current()
     bound_s = worker.settings.visibility_timeout_s
     try:
@@ -63,6 +70,10 @@ def _start(worker: process.WorkerProcess, job_id: str) -> tuple[JobRecord, Model
     if record is None:
         log.info("job %s: no record (expired or deleted); dropping it", job_id)
         return None
+    # The message's trace context, else the record's (a message resent by recovery carries none).
+    message_trace = "trace_id" in logs.current_job()
+    logs.bind_job(tenant=record.tenant, model=record.model, lane=record.lane,
+                  traceparent=None if message_trace else record.traceparent)
     if record.status == JobState.QUEUED and record.deadline_at and time.time() > record.deadline_at:
         if jobs.expire(job_id):
             log.info("job %s: deadline passed before it started; expired", job_id)
@@ -97,8 +108,8 @@ def _choose(worker: process.WorkerProcess, record: JobRecord) -> ModelChoice:
     return choice
 
 
-def _segment(worker: process.WorkerProcess, record: JobRecord, choice: ModelChoice) -> tuple[str, int]:
-    """``(result_key, instance count)`` of the job; jobs taken along in a batch end inside the batch."""
+def _segment(worker: process.WorkerProcess, record: JobRecord, choice: ModelChoice) -> tuple:
+    """``(result_key, instance count[, seconds per phase])`` of the job; jobs taken along in a batch end inside the batch."""
     settings = worker.settings
     # A store that is away for less than storage_retry_bound_s only delays the job; past it, code "storage".
     storage = RetryingStorage.from_settings(worker.storage, settings)

@@ -22,9 +22,11 @@ import redis
 import requests
 from celery import current_app
 
+from config import logs
 from config.celery import WEBHOOK_QUEUE
 from domain.delivery_log import DeliveryLog, Message
 from domain.documents import job_document
+from domain.job_metrics import WEBHOOK_ATTEMPTS, WEBHOOK_LAG, JobMetrics
 from domain.webhook_urls import Deadline, ForbiddenAddress, guard_for
 from domain.webhooks import (DELIVER_WEBHOOK, DISABLED_URLS, USER_AGENT, dumps, next_pause, retry_after_seconds,
                              sign, tenant_secret)
@@ -34,23 +36,32 @@ log = logging.getLogger(__name__)
 
 def deliver(worker, message_id: str, attempt: int = 1, generation: int = 0, not_before: float | None = None) -> None:
     """Make attempt ``attempt`` of message ``message_id`` (or wait for ``not_before``), log it, schedule the next."""
+    with logs.job_context():
+        _deliver(worker, message_id, attempt, generation, not_before)
+
+
+def _deliver(worker, message_id: str, attempt: int, generation: int, not_before: float | None) -> None:
     settings = worker.settings
     deliveries = DeliveryLog(worker.redis)
     message = deliveries.get(message_id)
     # Gone (retention), superseded by a redelivery, or already settled: nothing to do.
     if message is None or message.generation != generation or message.status != "pending":
         return
+    logs.bind_job(job_id=message.job_id, tenant=message.tenant)
     wait = (not_before or 0) - time.time()
     if wait > 0.005:
         _schedule(message_id, attempt, generation, not_before, wait, settings.visibility_timeout_s)
         return
+    metrics = JobMetrics(worker.redis)
     if worker.redis.hexists(DISABLED_URLS, message.url):
         deliveries.record(message, None, "not sent: a 410 answer disabled deliveries to this URL", 0)
         deliveries.settle(message, "disabled")
+        metrics.count(WEBHOOK_ATTEMPTS, "skipped_disabled")
         return
     status, error, retry_after, permanent, started = None, None, None, False, time.monotonic()
     try:
         body = message.body or deliveries.freeze_body(message, _ending_body(message, worker))
+        _bind_job_of(body)
         status, retry_after = _post(message, body, settings, worker.redis)
         if not 200 <= status < 300:
             error = f"HTTP {status}"
@@ -65,8 +76,11 @@ def deliver(worker, message_id: str, attempt: int = 1, generation: int = 0, not_
     deliveries.record(message, status, error, int((time.monotonic() - started) * 1000))
     if error is None:
         deliveries.settle(message, "succeeded")
+        metrics.count(WEBHOOK_ATTEMPTS, "delivered")
+        metrics.observe(WEBHOOK_LAG, seconds=time.time() - message.created_at)
         log.info("job %s: %s delivered (%s) on attempt %d", message.job_id, message.event, message.id, attempt)
     elif status == 410:
+        metrics.count(WEBHOOK_ATTEMPTS, "gone")
         worker.redis.hset(DISABLED_URLS, message.url, json.dumps({"at": time.time(), "message_id": message.id}))
         deliveries.settle(message, "disabled")
         log.info("job %s: %s answered 410 Gone; deliveries to it are disabled", message.job_id, message.url)
@@ -74,6 +88,7 @@ def deliver(worker, message_id: str, attempt: int = 1, generation: int = 0, not_
         pause = None if permanent else next_pause(attempt, settings.webhook_retry_schedule_s,
                                                    settings.webhook_retry_jitter, retry_after,
                                                    settings.webhook_retry_after_max_s)
+        metrics.count(WEBHOOK_ATTEMPTS, "failed" if pause is None else "retry")
         if pause is None:
             deliveries.settle(message, "failed")
             log.info("job %s: %s not delivered after attempt %d (%s); giving up", message.job_id, message.event,
@@ -90,6 +105,23 @@ class _JobGone(Exception):
     pass
 
 
+def _bind_job_of(body: str) -> None:
+    """The job's model, lane and trace (from the job document the body is) on this delivery's log lines."""
+    try:
+        doc = json.loads(body)
+        logs.bind_job(model=doc["model"]["name"], lane=doc["lane"], traceparent=doc.get("traceparent"))
+    except (ValueError, KeyError, TypeError):
+        pass
+
+
+def _traceparent(body: str) -> str | None:
+    """The job's trace context, from the job document the body is."""
+    try:
+        return json.loads(body).get("traceparent")
+    except (ValueError, AttributeError):
+        return None
+
+
 def _ending_body(message: Message, worker) -> str:
     record = worker.jobs.get(message.job_id)
     if record is None:
@@ -104,6 +136,9 @@ def _post(message: Message, body: str, settings, client: redis.Redis) -> tuple[i
     headers = sign(secret, message.id, int(time.time()), body)
     # The body is the job as GET shows it; which event it reports travels beside it.
     headers.update({"content-type": "application/json", "user-agent": USER_AGENT, "maskq-event": message.event})
+    traceparent = _traceparent(body)
+    if traceparent:  # the job's trace goes on to the receiver (W3C Trace Context)
+        headers["traceparent"] = traceparent
     limit = settings.webhook_timeout_s  # for the whole attempt: connecting, sending, the answer's headers
     with Deadline(limit) as deadline, guard_for(settings.webhook_allowed_networks).session(deadline) as session:
         try:
