@@ -21,9 +21,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV)/.installed-dev: requirements-dev.txt requirements-sam.txt $(VENV)/.installed
+$(VENV)/.installed-dev: requirements-dev.txt requirements-sam.txt requirements-otel.txt $(VENV)/.installed
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-sam.txt
+	$(BIN)/pip install --quiet -r requirements-otel.txt
 	touch $@
 
 # Runs on every install (nothing to do when the chosen build is in place): `MASKQ_DEVICE=cuda make install`

@@ -39,3 +39,10 @@ class Storage(ABC):
 
     def check(self) -> None:
         """Raise :class:`StorageUnavailable` unless the store is usable."""
+
+    @abstractmethod
+    def identity(self) -> str:
+        """A name of the store itself: processes that report the same one share their objects.
+
+        The web checks that every worker's is its own (``webapp/health.py``): a local folder on
+        two hosts is two stores, and a job's input written on one is missing on the other."""

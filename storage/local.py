@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from storage.base import Storage
 from domain.errors import StorageUnavailable
 
 TEMP_SUFFIX = ".partial"
+IDENTITY_FILE = ".maskq-store"  # a random name made once per folder: who shares this folder shares it
 
 
 class LocalStorage(Storage):
@@ -51,7 +53,8 @@ class LocalStorage(Storage):
         if not base.is_dir():
             return []
         return sorted(
-            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.endswith(TEMP_SUFFIX)
+            str(p.relative_to(self.root)) for p in base.rglob("*")
+            if p.is_file() and not p.name.endswith(TEMP_SUFFIX) and p.name != IDENTITY_FILE
         )
 
     def delete(self, key):
@@ -66,3 +69,17 @@ class LocalStorage(Storage):
     def check(self):
         if not self.root.is_dir() or not os.access(self.root, os.W_OK):
             raise StorageUnavailable(f"storage folder {self.root} is not a writable folder")
+
+    def identity(self):
+        path = self.root / IDENTITY_FILE
+        if not path.exists():  # the first process to ask names the folder (atomically: a link of a whole file)
+            fd, tmp = tempfile.mkstemp(dir=self.root, suffix=TEMP_SUFFIX)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"local:{uuid.uuid4().hex}")
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+        return path.read_text().strip()

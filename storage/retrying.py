@@ -85,3 +85,6 @@ class RetryingStorage(Storage):
 
     def check(self):
         return self.inner.check()
+
+    def identity(self):
+        return self.inner.identity()

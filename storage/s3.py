@@ -164,6 +164,9 @@ class S3Storage(Storage):
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.presign_expiry_s
         )
 
+    def identity(self):
+        return f"s3:{self.endpoint_url or 'aws'}/{self.bucket}"
+
     def check(self):
         try:
             self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import redis
 from flask import Flask
 
+from config import telemetry
 from config.celery import create_celery
 from config.settings import Settings, load_settings
 from storage import open_storage
@@ -55,4 +56,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     limits.init_app(app, settings)
     app.register_blueprint(openapi.bp)
     docs.init_app(app)
+    telemetry.instrument_web(app)  # OpenTelemetry, when installed and OTEL_EXPORTER_OTLP_ENDPOINT is set
     return app

@@ -1,6 +1,8 @@
 """Liveness and readiness (Prometheus metrics: webapp/metrics.py)."""
 from __future__ import annotations
 
+import logging
+
 import redis
 from flask import Blueprint, jsonify
 
@@ -10,6 +12,7 @@ from webapp.auth import current_key
 from webapp.services import services
 
 bp = Blueprint("health", __name__)
+log = logging.getLogger(__name__)
 
 
 @bp.get("/healthz")
@@ -55,7 +58,24 @@ def _checks(detailed: bool = False) -> tuple[dict[str, str], dict[str, str]]:
     try:
         s.storage.check()
         checks["storage"] = "ok"
+        elsewhere = _workers_on_another_store(s)
+        if elsewhere:
+            checks["storage"] = "not shared"
+            why["storage"] = (f"{len(elsewhere)} worker process(es) write to another store than this web process "
+                              f"({s.storage.identity()}): {', '.join(sorted(elsewhere)[:5])}. More than one host "
+                              "needs S3 (MASKQ_S3_BUCKET) or one folder every host mounts")
+            log.error("storage: %s", why["storage"])
     except MaskqError as exc:
         checks["storage"] = "unavailable"
         why["storage"] = exc.detail
     return checks, why
+
+
+def _workers_on_another_store(s) -> set[str]:
+    """The live workers whose store is not this process's (a local folder on another host, another bucket)."""
+    try:
+        workers = live_workers(s.redis)
+    except redis.RedisError:
+        return set()
+    mine = s.storage.identity()
+    return {w["id"] for w in workers if w.get("storage") and w["storage"] != mine}

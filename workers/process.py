@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import redis
 from celery.signals import worker_process_init, worker_process_shutdown
 
+from config import telemetry
 from config.settings import Settings, load_settings
 from domain import fleet
 from storage import Storage, open_storage
@@ -44,6 +45,7 @@ class WorkerProcess:
     models: LoadedModels
     heartbeat: Heartbeat | None = None
     placement: Placement | None = None  # where its models run (None in a webhooks-only worker)
+    storage_identity: str = ""  # the web checks that it shares this store (webapp/health.py)
     # The jobs this process is running now (announced in its heartbeat; recovery trusts it).
     # Replaced, never changed in place: the heartbeat thread reads it while a job runs.
     running: frozenset[str] = frozenset()
@@ -68,7 +70,8 @@ class WorkerProcess:
             models.load_all()  # a model that fails to load is reported, not fatal: its fallback serves
             models.watch(settings.manifest_check_s)
         jobs = JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client))  # moves become webhook events
-        process = cls(settings, client, jobs, open_storage(settings), models, placement=placement)
+        storage = open_storage(settings)
+        process = cls(settings, client, jobs, storage, models, placement=placement, storage_identity=storage.identity())
         process.heartbeat = Heartbeat(client, settings.worker_heartbeat_s, process.describe)
         process.heartbeat.start()
         return process
@@ -79,7 +82,8 @@ class WorkerProcess:
         caches = {name: a.embedding_cache.stats() for name, a in adapters
                   if getattr(a, "embedding_cache", None) is not None}
         return {**self.models.describe(), "embedding_caches": caches, "running": sorted(self.running),
-                "device": self.placement.describe()["device"] if self.placement else None}
+                "device": self.placement.describe()["device"] if self.placement else None,
+                "storage": self.storage_identity}
 
     def begin(self, *job_ids: str) -> None:
         """These jobs run here now: say so in the heartbeat at once."""
@@ -141,6 +145,7 @@ def current() -> WorkerProcess:
 def _start_process(**_) -> None:
     global _current
     _own_process_group()
+    telemetry.instrument_worker_process()  # OpenTelemetry, when installed and OTEL_EXPORTER_OTLP_ENDPOINT is set
     settings = load_settings()
     try:
         # Redis may be restarting just now (this process replaces one that died): wait for it a while.
@@ -154,6 +159,7 @@ def _start_process(**_) -> None:
 @worker_process_shutdown.connect
 def _stop_process(**_) -> None:
     metrics.process_ended()
+    telemetry.flush()
     if _current:
         _current.models.stop_watching()
     if _current and _current.heartbeat:
