@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from kombu import Queue
 
+from config.redis_connection import is_sentinel
 from config.settings import LANES, Settings
 
 # Webhook deliveries and housekeeping: their own queue, consumed after every lane,
@@ -31,6 +32,8 @@ def celery_config(settings: Settings) -> dict:
             # every tenth sweep: ~100 s.
             "unacked_restore_interval": settings.unacked_restore_interval_s,
             "unacked_restore_throttle": 1,
+            # A sentinel:// broker URL: the primary the Sentinels name (config/redis_connection.py).
+            **({"master_name": settings.redis_sentinel_master} if is_sentinel(settings.broker_url) else {}),
         },
         "task_queues": [Queue(lane, routing_key=lane) for lane in LANES] + [Queue(WEBHOOK_QUEUE, routing_key=WEBHOOK_QUEUE)],
         "task_routes": {"maskq.deliver_webhook": {"queue": WEBHOOK_QUEUE}, "maskq.apply_retention": {"queue": WEBHOOK_QUEUE}},

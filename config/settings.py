@@ -23,6 +23,8 @@ class Settings(BaseSettings):
 
     # Where things live. No redis_url means: start the embedded Redis.
     redis_url: str | None = None
+    # With a sentinel:// redis_url: the name the Sentinels know the primary by (config/redis_connection.py).
+    redis_sentinel_master: str = "mymaster"
     embedded_redis_port: int = 6390
     # On Ctrl-C the embedded Redis stops last: it waits (at most this long) until no job is running, so a
     # worker's warm shutdown can record its job. honcho kills what is left after 5 s.

@@ -5,6 +5,7 @@ import redis
 from flask import Flask
 
 from config import telemetry
+from config.redis_connection import connect
 from config.celery import create_celery
 from config.settings import Settings, load_settings
 from storage import open_storage
@@ -23,7 +24,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_image_bytes * 4 // 3 + 8 * 1024 * 1024
     app.config["MAX_FORM_MEMORY_SIZE"] = 8 * 1024 * 1024
     app.json.sort_keys = False
-    client = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=5)
+    client = connect(settings.broker_url, settings.redis_sentinel_master, socket_timeout=10, socket_connect_timeout=5)
     jobs = JobStore(client, settings.job_ttl_s)
     # Follows the manifest file: a new model version is served without a restart (models/catalog.py).
     catalog = LiveCatalog(settings.models_manifest, settings.manifest_check_s, settings)

@@ -15,6 +15,7 @@ from limits import parse
 from limits.storage import storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
+from config.redis_connection import limiter_storage
 from domain.errors import Forbidden, TooManyRequests, Unauthorized
 from domain.tenants import ApiKey, KeyStore
 from webapp.errors import problem
@@ -69,7 +70,8 @@ class FailedAuthentications:
 
     def __init__(self, settings):
         self.rate = parse(settings.failed_auth_rate)
-        self.limiter = FixedWindowRateLimiter(storage_from_string(settings.broker_url, socket_timeout=5))
+        uri, options = limiter_storage(settings.broker_url, settings.redis_sentinel_master)
+        self.limiter = FixedWindowRateLimiter(storage_from_string(uri, socket_timeout=5, **options))
 
     def check(self, address: str) -> None:
         if not self.limiter.test(self.rate, "maskq-auth-failures", address):

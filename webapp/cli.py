@@ -24,6 +24,7 @@ from pathlib import Path
 
 import redis
 
+from config.redis_connection import connect
 from config.embedded_redis import RedisServer
 from config.settings import LANES, Settings, load_settings
 from domain import keys
@@ -75,7 +76,7 @@ def announce_dev_key(settings: Settings, wait_s: float = 10, out=sys.stdout) -> 
     """Make (once) and print the development key, waiting up to ``wait_s`` for Redis to start."""
     if dev_key_wanted(settings) is not None:
         return None
-    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=5)
+    client = connect(settings.broker_url, settings.redis_sentinel_master, socket_connect_timeout=2, socket_timeout=5)
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # pydantic's ValidationError says which MASKQ_ variable is wrong
         print(f"maskq: bad settings: {exc}", file=sys.stderr)
         return 2
-    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3, socket_timeout=10)
+    client = connect(settings.broker_url, settings.redis_sentinel_master, socket_connect_timeout=3, socket_timeout=10)
     try:
         return args.run(args, settings, KeyStore(client))
     except (ValueError, LookupError) as exc:

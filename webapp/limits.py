@@ -18,6 +18,7 @@ import time
 from flask import Flask, Response, current_app, g, request
 from flask_limiter import ApplicationLimit, HeaderNames, Limiter, RateLimitExceeded
 
+from config.redis_connection import limiter_storage
 from config.settings import Settings
 from webapp.errors import problem
 from webapp.services import services
@@ -46,14 +47,15 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
     # Flask runs after_request hooks last-registered first: registered before the limiter's own,
     # this one sees the headers the limiter has written.
     app.after_request(_retry_after)
+    storage_uri, storage_options = limiter_storage(settings.broker_url, settings.redis_sentinel_master)
     limiter = Limiter(
         client_id,
         application_limits=[
             ApplicationLimit(key_rate, scope="key"),
             ApplicationLimit(settings.global_rate, key_function=lambda: "everyone", scope="global"),
         ],
-        storage_uri=settings.broker_url,
-        storage_options={"socket_timeout": 5, "socket_connect_timeout": 5},
+        storage_uri=storage_uri,
+        storage_options={"socket_timeout": 5, "socket_connect_timeout": 5, **storage_options},
         strategy=settings.rate_limit_strategy,
         headers_enabled=True,
         # Redis down: count in each process's memory instead (and go back once it answers), so the

@@ -30,6 +30,7 @@ import redis
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from config.redis_connection import connect
 from config.settings import Settings, load_settings
 from domain import job_metrics
 from domain.errors import InputError, MaskqError, ResourceExhausted
@@ -152,5 +153,5 @@ def end_killed_job(job_id: str, why: str) -> None:
 @functools.cache
 def _main_process_jobs() -> tuple[JobStore, Settings]:
     settings = load_settings()
-    client = redis.Redis.from_url(settings.broker_url)
+    client = connect(settings.broker_url, settings.redis_sentinel_master)
     return JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client)), settings

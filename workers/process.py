@@ -16,6 +16,7 @@ import redis
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from config import telemetry
+from config.redis_connection import connect
 from config.settings import Settings, load_settings
 from domain import fleet
 from storage import Storage, open_storage
@@ -57,7 +58,7 @@ class WorkerProcess:
 
     @classmethod
     def start(cls, settings: Settings) -> "WorkerProcess":
-        client = redis.Redis.from_url(settings.broker_url)
+        client = connect(settings.broker_url, settings.redis_sentinel_master)
         placement = placement_here(settings) if settings.worker_loads_models else None
         runtime = runtime_options(settings, placement) if placement else RuntimeOptions.from_settings(settings)
         # The manifest is followed while the process runs: before each job, and by a watcher thread when idle.

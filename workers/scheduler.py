@@ -14,6 +14,7 @@ import time
 import redis
 from celery import bootsteps
 
+from config.redis_connection import connect
 from config.celery import WEBHOOK_QUEUE
 from config.settings import LANES, load_settings
 from domain.lanes import Lanes
@@ -40,7 +41,7 @@ class SchedulingStep(bootsteps.StartStopStep):
 
     def start(self, consumer):
         settings = load_settings()
-        client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+        client = connect(settings.broker_url, settings.redis_sentinel_master, socket_timeout=5)
         self.catalog = LiveCatalog(settings.models_manifest, settings.manifest_check_s, settings)
         self.settings = settings
         self.jobs = JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client))  # expiries become webhook events

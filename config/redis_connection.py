@@ -1,0 +1,54 @@
+"""The one way maskq connects to Redis: a ``redis://`` / ``rediss://`` URL, or Sentinel for failover.
+
+``MASKQ_REDIS_URL=sentinel://[:password@]host:port[;sentinel://host:port…][/db]`` (kombu's form, so
+Celery reads the same URL) with ``MASKQ_REDIS_SENTINEL_MASTER`` (``mymaster``) names the Sentinels
+to ask; every client (records, lanes, heartbeats, rate limits, Celery's broker) then talks to the
+primary they name, and finds the new one after a failover. The password is the primary's; the
+Sentinels are asked without one. The Lua scripts need one primary: Sentinel, not Redis Cluster.
+"""
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.sentinel import Sentinel
+
+SENTINEL = "sentinel://"
+
+
+def is_sentinel(url: str) -> bool:
+    return url.startswith(SENTINEL)
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str | None, int]:
+    """``([(host, port), …], password, db)`` of a kombu-style Sentinel URL (pure; unit-tested)."""
+    hosts, password, db = [], None, 0
+    for part in url.split(";"):
+        parsed = urlsplit(part.strip())
+        if parsed.scheme != "sentinel" or not parsed.hostname:
+            raise ValueError(f"not a sentinel://host:port URL: {part!r}")
+        hosts.append((parsed.hostname, parsed.port or 26379))
+        password = unquote(parsed.password) if parsed.password else password
+        if parsed.path.strip("/"):
+            db = int(parsed.path.strip("/"))
+    return hosts, password, db
+
+
+def connect(url: str, master: str = "mymaster", **kwargs) -> redis.Redis:
+    """A client of the Redis primary at ``url`` (through Sentinel for a ``sentinel://`` URL)."""
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **kwargs)
+    hosts, password, db = parse_sentinel_url(url)
+    timeouts = {k: v for k, v in kwargs.items() if k in ("socket_timeout", "socket_connect_timeout")}
+    return Sentinel(hosts, sentinel_kwargs=timeouts).master_for(master, password=password, db=db, **kwargs)
+
+
+def limiter_storage(url: str, master: str = "mymaster") -> tuple[str, dict]:
+    """The same server as flask-limiter's storage URI and extra options (``redis+sentinel://`` for Sentinel,
+    whose Sentinels are asked without the primary's password, as :func:`connect` asks them)."""
+    if not is_sentinel(url):
+        return url, {}
+    hosts, password, db = parse_sentinel_url(url)
+    auth = f":{password}@" if password else ""
+    uri = f"redis+sentinel://{auth}{','.join(f'{h}:{p}' for h, p in hosts)}/{master}"
+    return uri, {"sentinel_kwargs": {"password": None}, **({"db": db} if db else {})}
