@@ -195,8 +195,8 @@ class ServiceStack:
         # The Procfile's own commands, so the benchmark measures what `make run` runs.
         commands = procfile()
         for i, extra in enumerate(self.workers or [[]]):
-            self._spawn("worker" if i == 0 else f"worker-{i + 1}", shlex.split(commands["worker"]) + extra)
-        self._spawn("web", shlex.split(commands["web"]))
+            self._spawn("worker" if i == 0 else f"worker-{i + 1}", f"{commands['worker']} {shlex.join(extra)}")
+        self._spawn("web", commands["web"])
         self._wait_ready(timeout)
         self.headers = self._authorization()
 
@@ -211,9 +211,10 @@ class ServiceStack:
         key, _ = KeyStore(redis.Redis.from_url(self.redis.url)).create("bench", rate="1000000/minute", label="bench")
         return {"Authorization": f"Bearer {key}"}
 
-    def _spawn(self, name: str, command: list[str]) -> None:
+    def _spawn(self, name: str, command: str) -> None:
+        """A Procfile command line, run by the shell as honcho runs it (its ``exec`` and ``VAR=value``)."""
         with (self.data_dir / f"{name}.log").open("ab") as log:
-            self.processes[name] = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log,
+            self.processes[name] = subprocess.Popen(["/bin/sh", "-c", command], cwd=ROOT, env=self.env, stdout=log,
                                                     stderr=subprocess.STDOUT, start_new_session=True)
 
     def _wait_ready(self, timeout: float) -> None:

@@ -60,7 +60,7 @@ def life(store: JobStore) -> float:
 
 def run(options: Options) -> list[dict]:
     assert WITHOUT != _TRANSITION, "the counting part was not found in the transition script"
-    jobs = max(200, options.jobs * 5)
+    jobs = max(2400, options.jobs * 30)
     with tempfile.TemporaryDirectory() as folder:
         server = RedisServer(free_port(), Path(folder)).start()
         try:
