@@ -187,8 +187,10 @@ class ServiceStack:
         self.redis = RedisServer(free_port(), self.data_dir / "redis")
         with _output_to(self.data_dir / "redis.log"):  # RedisServer lets its server write to our terminal
             self.redis.start()
+        # The clients share one API key: its cap on long polls held at once (8) is raised out of the way,
+        # as its rate limit is (_authorization); the web's threads still bound them.
         values = {"redis_url": self.redis.url, "data_dir": self.data_dir, "host": "127.0.0.1",
-                  "port": free_port(), **self.overrides}
+                  "port": free_port(), "max_waits_per_key": 1000, **self.overrides}
         self.settings: Settings = load_settings(**values)
         self.env = {**os.environ, **{f"MASKQ_{k.upper()}": _env_value(v) for k, v in values.items()}}
         self.base_url = f"http://{self.settings.host}:{self.settings.port}"
@@ -319,11 +321,14 @@ def run_http_job(session: requests.Session, base_url: str, name: str, data: byte
 
 
 def drive_clients(stack: ServiceStack, images: list[tuple[str, bytes]], jobs: int, clients: int,
-                  first: int = 0) -> tuple[float, list[JobOutcome]]:
+                  first: int = 0, request_json: str | None = None) -> tuple[float, list[JobOutcome]]:
     """``jobs`` jobs on ``stack`` over ``clients`` threads, each with its own session; ``(wall seconds, outcomes)``.
 
     Job ``i`` uses image ``(first + i) % len(images)``, so any run of a
     multiple of ``len(images)`` jobs has the same mix as the raw loop.
+    ``request_json`` is each job's request part (say, the model: a job
+    without prompts and without a model goes to the manifest's ``none`` route,
+    segment-everything on SAM).
     """
     counter = itertools.count()
     lock = threading.Lock()
@@ -340,7 +345,7 @@ def drive_clients(stack: ServiceStack, images: list[tuple[str, bytes]], jobs: in
                     return
                 name, data = images[(first + i) % len(images)]
                 try:
-                    outcome = run_http_job(session, stack.base_url, name, data)
+                    outcome = run_http_job(session, stack.base_url, name, data, request_json)
                 except BaseException as exc:  # noqa: BLE001  (reported after the threads end)
                     errors.append(exc)
                     return

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -141,7 +142,9 @@ def run(options: Options) -> list[dict]:
         with ServiceStack(overrides={"result_cache_enabled": False}) as stack:
             ort_settings = lambda s: (s.ort_intra_op_threads, s.ort_inter_op_threads, s.ort_providers)  # noqa: E731
             assert ort_settings(stack.settings) == ort_settings(settings)
-            drive_clients(stack, images, options.warmup, options.clients)
+            # The raw loop's model, named: without prompts, a job naming none would be routed to SAM.
+            request_json = json.dumps({"model": loop.adapter.name})
+            drive_clients(stack, images, options.warmup, options.clients, request_json=request_json)
             # The idle stack is metered during the raw rounds too, so that its timers are not taken for noise.
             groups = {"bench": [os.getpid()], **stack.pids()}
             for r, (first, count) in enumerate(split(options.jobs, options.rounds)):
@@ -153,7 +156,8 @@ def run(options: Options) -> list[dict]:
                         latencies = [loop.job(i) for i in range(first, first + count)]
                         raw.add(time.perf_counter() - started, latencies, meter.stop())
                     else:
-                        wall, done = drive_clients(stack, images, count, options.clients, first=first)
+                        wall, done = drive_clients(stack, images, count, options.clients, first=first,
+                                                   request_json=request_json)
                         service.add(wall, [o.latency_s for o in done], meter.stop())
                         outcomes += done
     return [
