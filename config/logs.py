@@ -18,7 +18,6 @@ import sys
 import time
 
 _JOB: contextvars.ContextVar[dict | None] = contextvars.ContextVar("maskq_job", default=None)
-FIELDS = ("job_id", "tenant", "model", "lane", "trace_id")
 RUN_JOB_TASK = "maskq.run_job"  # domain/lanes.py RUN_JOB (config cannot import domain)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(job_prefix)s%(message)s"
 
