@@ -220,6 +220,7 @@ class JobStore:
             # Counted in the same transaction as the record (domain/job_metrics.py).
             job_metrics.add_count(pipe, job_metrics.SUBMITTED, (record.model, record.lane))
             if record.status.ended:  # a result-cache hit: submitted and ended at once
+                job_metrics.add_count(pipe, job_metrics.RESULT_CACHE, ("hit",))
                 job_metrics.add_count(pipe, job_metrics.ENDED, (record.model, record.lane, str(record.status), ""))
                 job_metrics.add_observation(pipe, job_metrics.TOTAL, (record.model, record.lane, str(record.status)),
                                             (record.finished_at or record.created_at) - record.created_at)
