@@ -42,9 +42,13 @@ def _seconds(job: dict, start: str, end: str) -> float:
     return (datetime.fromisoformat(job[end]) - datetime.fromisoformat(job[start])).total_seconds()
 
 
-@functools.cache
 def _default_model(stack: ServiceStack) -> str:
-    return ModelCatalog.from_settings(stack.settings).default
+    return _manifest_default(stack.settings.models_manifest)
+
+
+@functools.cache
+def _manifest_default(manifest) -> str:
+    return ModelCatalog.load(manifest).default
 
 
 def _submit(session: requests.Session, stack: ServiceStack, name: str, data: bytes, lane: str) -> dict:
