@@ -173,7 +173,6 @@ def measure(spec: ModelSpec, variant: Variant, runtime: RuntimeOptions, requests
         row["setup_mb"] = round(before - after_setup)
         row["busiest_job_mb"] = round(after_setup - least_free) if least_free is not None else ""
         row["gate_need_mb"] = spec.memory_mb
-    del adapter
     return row, masks
 
 

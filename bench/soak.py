@@ -30,7 +30,6 @@ import io
 import json
 import os
 import random
-import shlex
 import signal
 import subprocess
 import sys

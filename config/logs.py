@@ -25,11 +25,7 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(job_prefix)
 @contextlib.contextmanager
 def job_context(**fields):
     """Lines logged inside are about this job (``job_id``, ``tenant``, ``model``, ``lane``, ``traceparent``)."""
-    traceparent = fields.pop("traceparent", None)
-    if traceparent:
-        fields["trace_id"] = traceparent.split("-")[1]
-    token = _JOB.set({**(_JOB.get() or {}), **{k: v for k, v in fields.items() if v is not None}})  # a copy: bind_job
-    # changes this block's job only
+    token = _JOB.set({**(_JOB.get() or {}), **_fields(fields)})  # a copy: bind_job changes this block's job only
     try:
         yield
     finally:
@@ -41,10 +37,15 @@ def bind_job(**fields) -> None:
     job = _JOB.get()
     if job is None:
         return
+    job.update(_fields(fields))
+
+
+def _fields(fields: dict) -> dict:
+    """The fields given, less the unknown (None) ones, with a ``traceparent`` as its ``trace_id``."""
     traceparent = fields.pop("traceparent", None)
     if traceparent:
         fields["trace_id"] = traceparent.split("-")[1]
-    job.update({k: v for k, v in fields.items() if v is not None})
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def current_job() -> dict:

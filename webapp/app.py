@@ -1,7 +1,6 @@
 """The Flask app factory: ``create_app(settings=None)``."""
 from __future__ import annotations
 
-import redis
 from flask import Flask
 
 from config import telemetry

@@ -47,22 +47,25 @@ def _checks(detailed: bool = False) -> tuple[dict[str, str], dict[str, str]]:
     s = services()
     checks: dict[str, str] = {}
     why: dict[str, str] = {}
+    workers: list[dict] = []
     try:
         s.redis.ping()
         checks["redis"] = "ok"
-        count = len(live_workers(s.redis))
-        checks["workers"] = f"{count} ready" if count else "none ready"
+        workers = live_workers(s.redis)
+        checks["workers"] = f"{len(workers)} ready" if workers else "none ready"
     except redis.RedisError as exc:
         checks["redis"], checks["workers"] = "unreachable", "unknown"
         why["redis"] = str(exc)
     try:
         s.storage.check()
         checks["storage"] = "ok"
-        elsewhere = _workers_on_another_store(s)
+        mine = s.storage.identity()
+        # Live workers on another store (a local folder on another host, another bucket) would miss inputs.
+        elsewhere = {w["id"] for w in workers if w.get("storage") and w["storage"] != mine}
         if elsewhere:
             checks["storage"] = "not shared"
             why["storage"] = (f"{len(elsewhere)} worker process(es) write to another store than this web process "
-                              f"({s.storage.identity()}): {', '.join(sorted(elsewhere)[:5])}. More than one host "
+                              f"({mine}): {', '.join(sorted(elsewhere)[:5])}. More than one host "
                               "needs S3 (MASKQ_S3_BUCKET) or one folder every host mounts")
             log.error("storage: %s", why["storage"])
     except MaskqError as exc:
@@ -70,12 +73,3 @@ def _checks(detailed: bool = False) -> tuple[dict[str, str], dict[str, str]]:
         why["storage"] = exc.detail
     return checks, why
 
-
-def _workers_on_another_store(s) -> set[str]:
-    """The live workers whose store is not this process's (a local folder on another host, another bucket)."""
-    try:
-        workers = live_workers(s.redis)
-    except redis.RedisError:
-        return set()
-    mine = s.storage.identity()
-    return {w["id"] for w in workers if w.get("storage") and w["storage"] != mine}

