@@ -9,7 +9,7 @@ lanes, identical jobs (cache hits and coalescing), jobs with webhooks, jobs
 canceled at once, jobs whose deadline passes while queued. Meanwhile, at
 fixed fractions of the run:
 
-- SIGKILL of a worker's pool process, every 45 s (as an out-of-memory kill);
+- SIGKILL of a worker's pool process, every 45 s from 10 s on (as an out-of-memory kill);
 - SIGKILL of a whole inference worker (a machine lost), started again 5 s later;
 - Redis stopped cleanly and started again 3 s later, from its AOF;
 - the S3 server stopped for 20 s;
@@ -223,7 +223,8 @@ class Soak:
     def faults(self) -> None:
         plan = sorted([(0.25, self.kill_worker), (0.40, self.restart_redis_cleanly), (0.55, self.stop_s3),
                        (0.65, self.stop_receiver), (0.80, self.crash_redis)], key=lambda p: p[0])
-        plan += [(t / self.seconds, self.kill_pool_process) for t in np.arange(15, self.seconds - 5, 45)]
+        # From 10 s on, so that no pool kill falls on the whole worker's kill (at a quarter: 15 s in a 1-minute soak).
+        plan += [(t / self.seconds, self.kill_pool_process) for t in np.arange(10, self.seconds - 5, 45)]
         plan.sort(key=lambda p: p[0])
         started = time.monotonic()
         threads = []
@@ -242,14 +243,20 @@ class Soak:
         print(f"soak: {time.strftime('%H:%M:%S')} {kind}", flush=True)
 
     def kill_pool_process(self) -> None:
-        name = self.random.choice(["worker-a", "worker-b"])
-        try:
-            pool = psutil.Process(self.processes[name].pid).children()  # the worker's pool processes
-        except psutil.NoSuchProcess:
-            return
-        if pool:
-            self._fault("SIGKILL of a pool process")
-            os.kill(self.random.choice(pool).pid, signal.SIGKILL)
+        """SIGKILL one pool process of a worker that is up (waiting a little for one, if both are restarting)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            names = [n for n in ("worker-a", "worker-b") if n not in self.down]
+            name = self.random.choice(names) if names else None
+            try:
+                pool = psutil.Process(self.processes[name].pid).children() if name else []  # its pool processes
+            except psutil.NoSuchProcess:
+                pool = []
+            if pool:
+                self._fault("SIGKILL of a pool process")
+                os.kill(self.random.choice(pool).pid, signal.SIGKILL)
+                return
+            time.sleep(0.5)
 
     def kill_worker(self) -> None:
         self._fault("SIGKILL of a whole worker")
