@@ -53,7 +53,12 @@ test: install-dev
 test-unit: install-dev
 	$(BIN)/python -m pytest tests/unit
 
-bench: install-dev
+# The peers bench/peers.py compares maskq with (Ray Serve, LitServe): an optional extra, for `make bench` only.
+$(VENV)/.installed-peers: requirements-peers.txt $(VENV)/.installed-dev
+	$(BIN)/pip install --quiet -r requirements-peers.txt
+	touch $@
+
+bench: install-dev $(VENV)/.installed-peers
 	$(BIN)/python -m bench
 
 # Ten minutes of mixed load under injected faults (bench/soak.py); non-zero on any lost or doubled job.
