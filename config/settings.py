@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     shared_embeddings_mb: float = Field(default=512, ge=0)
     shared_embeddings_ttl_s: int = Field(default=3600, gt=0)
     shared_embeddings_fp16: bool = True
+    # POST /v1/batches (domain/batches.py): images one batch may hold, and the bytes of its upload.
+    max_batch_images: int = Field(default=500, ge=1)
+    max_batch_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    # A batch whose upload was cut off (the web process died while it fanned out) is closed, with
+    # the jobs it has, once this old.
+    batch_receive_timeout_s: float = Field(default=600, gt=0)
     # Segment-everything (SAM-family models, no prompt): the largest grid a request may ask for.
     max_points_per_side: int = Field(default=32, ge=1, le=64)
 

@@ -8,7 +8,7 @@ Keys (all expire with the job's record):
   ``next_attempt_at``;
 - ``maskq:webhook:msg:{id}:attempts`` — a list of JSON attempts: time, status
   code, error, duration;
-- ``maskq:job:{job_id}:deliveries`` — the job's message ids, oldest first.
+- ``maskq:job:{job_id}:deliveries`` — the job's (or a batch's, by its id) message ids, oldest first.
 """
 from __future__ import annotations
 
@@ -62,16 +62,20 @@ class DeliveryLog:
         self.redis = client
 
     def create(self, record: JobRecord, event: str, url: str, body: str, ttl_s: int) -> Message:
+        return self.create_for(record.id, record.tenant, event, url, body, ttl_s)
+
+    def create_for(self, subject_id: str, tenant: str, event: str, url: str, body: str, ttl_s: int) -> Message:
+        """A message about job (or batch: ``batch.completed``) ``subject_id``, kept ``ttl_s``."""
         now = time.time()
-        message = Message(id=f"msg_{uuid.uuid4().hex}", job_id=record.id, tenant=record.tenant, event=event,
+        message = Message(id=f"msg_{uuid.uuid4().hex}", job_id=subject_id, tenant=tenant, event=event,
                           url=url, body=body, status="pending", generation=0, created_at=now,
                           expires_at=now + ttl_s)
         fields = {k: str(v) for k, v in message.__dict__.items() if v is not None}
         with self.redis.pipeline() as pipe:
             pipe.hset(message_key(message.id), mapping=fields)
             pipe.expire(message_key(message.id), ttl_s)
-            pipe.rpush(job_deliveries_key(record.id), message.id)
-            pipe.expire(job_deliveries_key(record.id), ttl_s)
+            pipe.rpush(job_deliveries_key(subject_id), message.id)
+            pipe.expire(job_deliveries_key(subject_id), ttl_s)
             pipe.execute()
         return message
 

@@ -45,6 +45,27 @@ def lane_index(lane: str) -> str:
     return f"{LANE_PREFIX}{lane}"
 
 
+# -- batches (domain/batches.py) -------------------------------------------------------------------
+BATCH_PREFIX = "maskq:batch:"            # + id: the batch (a hash); + id:jobs, + id:pending
+# Batches whose last job ended and whose batch.completed event is not queued yet, by when it is due
+# (a notifier takes an entry by pushing its time a lease ahead, and removes it once queued).
+BATCHES_UNNOTIFIED = "maskq:batches:unnotified"
+
+
+def batch(batch_id: str) -> str:
+    return f"{BATCH_PREFIX}{batch_id}"
+
+
+def batch_jobs(batch_id: str) -> str:
+    """The batch's jobs in upload order: a list of JSON ``[job id, file name]``."""
+    return f"{BATCH_PREFIX}{batch_id}:jobs"
+
+
+def batch_pending(batch_id: str) -> str:
+    """The ids of the batch's jobs that have not ended (a set): the batch completes when it empties."""
+    return f"{BATCH_PREFIX}{batch_id}:pending"
+
+
 # -- the result cache and coalescing ------------------------------------------------------------
 CACHE_ENTRY_PREFIX = "maskq:cache:entry:"        # + digest: the id of the job whose result it is
 CACHE_INDEX = "maskq:cache:index"                # digests by insertion time, for the size bound
@@ -149,6 +170,8 @@ _PREFIXES = {
     "deadlines": DEADLINES,
     "promoted": PROMOTED,
     "running": RUNNING,
+    "batch": BATCH_PREFIX,
+    "batches_unnotified": BATCHES_UNNOTIFIED,
     "claims": CLAIMS_PREFIX,
     "cache_entry": CACHE_ENTRY_PREFIX,
     "cache_followers": CACHE_FOLLOWERS_PREFIX,

@@ -65,6 +65,16 @@ elseif current == 'running' then
   redis.call('ZREM', '${running}', id)
 end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
+-- A job of a batch that ends leaves the batch's pending set; the last one to leave a sealed batch
+-- completes it, in this same step, so a crash cannot lose the completion (domain/batches.py).
+local batch = redis.call('HGET', KEYS[1], 'batch')
+if batch and (ARGV[2] == 'succeeded' or ARGV[2] == 'failed' or ARGV[2] == 'canceled' or ARGV[2] == 'expired')
+    and redis.call('SREM', '${batch}' .. batch .. ':pending', id) == 1
+    and redis.call('SCARD', '${batch}' .. batch .. ':pending') == 0
+    and redis.call('HEXISTS', '${batch}' .. batch, 'sealed_at') == 1
+    and redis.call('HSETNX', '${batch}' .. batch, 'completed_at', ARGV[4]) == 1 then
+  redis.call('ZADD', '${batches_unnotified}', ARGV[4], batch)
+end
 """ + job_metrics.COUNT_MOVE_LUA + """
 return {1, current}
 """)
@@ -110,6 +120,8 @@ class JobRecord:
     timings: dict | None = None
     # The W3C trace context the job carries through web, worker and webhook (its traceparent).
     traceparent: str | None = None
+    # The batch the job is one image of (POST /v1/batches), if any.
+    batch: str | None = None
 
     _JSON_FIELDS = ("request", "error", "last_error", "model_used", "timings")
 

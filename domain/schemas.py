@@ -69,21 +69,55 @@ class JobRequest(Strict):
                     "(the deployment's ceiling applies; default 16)")
 
 
+BatchEvent = Literal["batch.completed", "job.started", "job.succeeded", "job.failed", "job.canceled", "job.expired"]
+
+
+class BatchWebhook(Strict):
+    """A batch's webhook: ``batch.completed`` once every job has ended; job events, if listed, for each job."""
+
+    url: str = Field(min_length=1, max_length=2048)
+    events: list[BatchEvent] = Field(default_factory=lambda: ["batch.completed"])
+
+
+class BatchRequest(JobRequest):
+    """The ``request`` part of ``POST /v1/batches``: one job request for every image, on the batch lane."""
+
+    webhook: BatchWebhook | None = None
+    lane: Lane = "batch"
+
+    def job_request(self, prompts: "PromptSet | None" = None) -> dict:
+        """The request of one image's job (``prompts``: that image's own), as ``POST /v1/jobs`` takes it."""
+        body = self.model_dump(mode="json", exclude_none=True, exclude={"webhook"})
+        if prompts is not None:
+            body["prompts"] = prompts.model_dump(mode="json", exclude_none=True)
+        job_events = [e for e in (self.webhook.events if self.webhook else []) if e.startswith("job.")]
+        if job_events:
+            body["webhook"] = {"url": self.webhook.url, "events": job_events}
+        return body
+
+
 def parse_request(data: object) -> JobRequest:
     """Validate the request JSON's shape; a :class:`ValidationFailed` names each bad field."""
+    return parse_model(JobRequest, data, "request")
+
+
+def parse_model(model: type[Strict], data: object, what: str):
+    """``data`` validated as ``model``; a :class:`ValidationFailed` names each bad field.
+
+    Strict, in JSON mode: a number must be a JSON number, as the OpenAPI document says (lax mode
+    would take "12" for 12); arrays still fill the tuples.
+    """
     if not isinstance(data, dict):
-        raise ValidationFailed("the request must be a JSON object", errors=[{"field": "request", "message": "must be an object"}])
+        raise ValidationFailed(f"the {what} must be a JSON object", errors=[{"field": what, "message": "must be an object"}])
     try:
-        # Strict, in JSON mode: a number must be a JSON number, as the OpenAPI document says
-        # (lax mode would take "12" for 12); arrays still fill the tuples.
-        return JobRequest.model_validate_json(json.dumps(data), strict=True)
+        return model.model_validate_json(json.dumps(data), strict=True)
     except ValidationError as exc:
         errors = [
-            {"field": ".".join(str(p) for p in err["loc"]) or "request", "message": err["msg"]}
+            {"field": ".".join(str(p) for p in err["loc"]) or what, "message": err["msg"]}
             for err in exc.errors(include_url=False)
         ]
         fields = ", ".join(sorted({e["field"] for e in errors}))
-        raise ValidationFailed(f"invalid request: {fields}", errors=errors) from None
+        raise ValidationFailed(f"invalid {what}: {fields}", errors=errors) from None
 
 
 def check_request(

@@ -24,6 +24,7 @@ from standardwebhooks.webhooks import Webhook
 
 from config.celery import WEBHOOK_QUEUE
 from domain import keys
+from domain.batches import BATCH_EVENTS, BatchStore, document as batch_document
 from domain.delivery_log import DeliveryLog
 from domain.records import JobRecord, JobState, JobStore
 
@@ -102,6 +103,30 @@ def notify(job: JobRecord | str, event: str, client: redis.Redis, celery_app=Non
     except Exception:
         log.exception("job %s: could not queue the %s webhook", getattr(job, "id", job), event)
         return None
+
+
+def notify_batches(batches: BatchStore, base_url: str, celery_app=None) -> list[str]:
+    """Queue the ``batch.completed`` webhook of every batch whose last job has ended; return the message ids.
+
+    Each due batch is taken under a lease (domain/batches.py), so two processes never both queue it, and
+    one that dies before queuing it leaves it to the next caller once the lease runs out.
+    """
+    queued = []
+    for batch_id in batches.take_due_events():
+        batch = batches.get(batch_id)
+        hook = (batch.webhook or {}) if batch is not None else {}
+        if hook.get("url") and "batch.completed" in (hook.get("events") or BATCH_EVENTS):
+            entries = batches.job_entries(batch_id)
+            statuses = batches.statuses([job_id for job_id, _ in entries])
+            body = dumps(batch_document(batch, entries, statuses, base_url))
+            ttl = batches.redis.ttl(keys.batch(batch_id))
+            message = DeliveryLog(batches.redis).create_for(batch_id, batch.tenant, "batch.completed", hook["url"],
+                                                            body, ttl if ttl > 0 else DEFAULT_TTL_S)
+            _app(celery_app).send_task(DELIVER_WEBHOOK, args=[message.id, 1, 0, None], queue=WEBHOOK_QUEUE)
+            log.info("batch %s: batch.completed queued for delivery as %s", batch_id, message.id)
+            queued.append(message.id)
+        batches.event_queued(batch_id)
+    return queued
 
 
 class JobEvents:

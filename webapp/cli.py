@@ -152,7 +152,8 @@ def _dev(args, settings: Settings, store: KeyStore) -> int:
 
 
 def _segment(args, settings: Settings, store: KeyStore) -> int:
-    from webapp.batch_client import BatchClient, segment_folder
+    from maskq.client import Client
+    from webapp.folder_run import WRITERS, Progress, find_images, read_prompts_file, segment_each, segment_on_server
 
     key = settings.api_key or (dev_key_path(settings).read_text().strip() if dev_key_path(settings).exists() else None)
     request: dict = {"lane": args.lane, "outputs": ["rle"]}
@@ -160,16 +161,25 @@ def _segment(args, settings: Settings, store: KeyStore) -> int:
         request["model"] = args.model
     if args.text:
         request["prompts"] = {"text": args.text}
-    client = BatchClient(settings.api_url.rstrip("/"), key, request)
-
-    def progress(outcome, done, total):
-        print(f"[{done}/{total}] {outcome.path.name}: {outcome.error or 'ok'}", file=sys.stderr)
-
-    coco = segment_folder(client, Path(args.folder), args.concurrency, progress)
-    Path(args.out).write_text(json.dumps(coco, ensure_ascii=False))
-    print(f"{len(coco['images'])} images, {len(coco['annotations'])} instances, {len(coco['failures'])} failures "
-          f"-> {args.out}", file=sys.stderr)
-    return 1 if coco["failures"] else 0
+    prompts = read_prompts_file(Path(args.prompts_file)) if args.prompts_file else {}
+    folder = Path(args.folder)
+    paths = find_images(folder)
+    client = Client(settings.api_url, key)
+    progress = Progress(len(paths))
+    try:
+        if args.server_batch:
+            items = segment_on_server(client, folder, paths, request, prompts, progress)
+        else:
+            items = segment_each(client, folder, paths, request, prompts, args.concurrency, progress)
+    finally:
+        progress.close()
+    out = Path(args.out)
+    WRITERS[args.format](items, out)
+    failures = sum(1 for item in items if item.error or (item.job or {}).get("status") != "succeeded")
+    instances = sum(len(((item.job or {}).get("result") or {}).get("instances", [])) for item in items)
+    print(f"{len(items) - failures} images, {instances} instances, {failures} failures -> {out} ({args.format})",
+          file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _redis(args, settings: Settings, store: KeyStore) -> int:
@@ -235,9 +245,17 @@ def parser() -> argparse.ArgumentParser:
     dev = keys.add_parser("dev", help="print the development key (loopback and embedded Redis only)")
     dev.set_defaults(run=_dev)
     segment = groups.add_parser("segment", help="segment every image in a folder through a running service; "
-                                "write COCO JSON (MASKQ_API_URL, MASKQ_API_KEY or the dev key)")
+                                "write COCO JSON, JSON lines or PNG masks (MASKQ_API_URL, MASKQ_API_KEY or the dev key)")
     segment.add_argument("folder")
-    segment.add_argument("--out", required=True, help="the COCO JSON file to write")
+    segment.add_argument("--out", required=True,
+                         help="the file to write (coco, jsonl), or the folder (png: one folder of masks per image)")
+    segment.add_argument("--format", choices=("coco", "jsonl", "png"), default="coco",
+                         help="COCO results JSON, one JSON line per image, or PNG masks in a folder tree "
+                              "(default %(default)s)")
+    segment.add_argument("--prompts-file", help="per-image prompts by file name: JSON lines "
+                         '({"file": "a.jpg", "points": [[x, y, 1]]}) or CSV (file,text,points,boxes)')
+    segment.add_argument("--server-batch", action="store_true",
+                         help="send the folder as server-side batches (POST /v1/batches) instead of one job each")
     segment.add_argument("--model", help="the model (default: the service's)")
     segment.add_argument("--text", action="append", help="a text prompt (repeatable)")
     segment.add_argument("--lane", choices=LANES, default="batch")

@@ -7,6 +7,7 @@ import json
 import re
 import time
 import uuid
+from dataclasses import dataclass
 
 from flask import Blueprint, Response, request, url_for
 
@@ -41,8 +42,34 @@ EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF":
 @bp.post("/v1/jobs")
 def submit_job():
     s = services()
+    data, body = read_submission(request, s.settings.max_image_bytes)
+    job = new_job(s, data, body)
+    claim = claim_submission(job.record.id, data, body)  # Idempotency-Key: 422 on another body
+    if claim.replayed:
+        return _replayed(claim.job_id)
+    # The caller's W3C trace context (a bad one is ignored), else a new trace: the job carries it to its end.
+    job.record.traceparent = trace.parse(request.headers.get("traceparent")) or trace.new()
+    record = job.record
+    with logs.job_context(job_id=record.id, tenant=record.tenant, model=record.model, lane=record.lane,
+                          traceparent=record.traceparent):
+        return _answer(s, accept(s, job))
+
+
+@dataclass
+class NewJob:
+    """A checked submission not stored yet: its record, and what storing it needs."""
+
+    record: JobRecord
+    data: bytes
+    image: object  # the decoded image; None for a result-cache hit (its bytes were checked before)
+    cached: object  # the cached result, or None
+    cache: ResultCache
+    catalog: object
+
+
+def new_job(s, data: bytes, body: object, batch: str | None = None) -> NewJob:
+    """Check one image and its request JSON (every 4xx a submission can earn) and make the job's record."""
     settings = s.settings
-    data, body = read_submission(request, settings.max_image_bytes)
     job_request = parse_request(body)
     if job_request.webhook is not None:
         check_webhook_url(job_request.webhook.url, settings.webhook_allowed_networks)  # 422 for private targets
@@ -67,12 +94,7 @@ def submit_job():
     )
     lane = choose_lane(job_request.lane)  # 403 above the key's ceiling
     job_id = uuid.uuid4().hex
-    claim = claim_submission(job_id, data, body)  # Idempotency-Key: 422 on another body
-    if claim.replayed:
-        return _replayed(claim.job_id)
     now = time.time()
-    # The caller's W3C trace context (a bad one is ignored), else a new trace: the job carries it to its end.
-    traceparent = trace.parse(request.headers.get("traceparent")) or trace.new()
     input_key = (cached.input_key if cached else
                  f"{job_prefix(current_tenant(), job_id)}input.{EXTENSIONS[image.format]}")
     record = JobRecord(
@@ -80,32 +102,37 @@ def submit_job():
         input_key=input_key, image_sha256=image_sha256, width=width, height=height, created_at=now,
         deadline_at=now + job_request.deadline_s if job_request.deadline_s else None,
         request=job_request.model_copy(update={"model": spec.name, "lane": lane}).model_dump(mode="json"),
-        cache_key=cache_key, traceparent=traceparent,
+        cache_key=cache_key, batch=batch,
     )
-    with logs.job_context(job_id=job_id, tenant=record.tenant, model=spec.name, lane=lane, traceparent=traceparent):
-        return _accept(s, record, data, image, cached, cache, catalog)
+    return NewJob(record, data, image, cached, cache, catalog)
 
 
-def _accept(s, record: JobRecord, data: bytes, image, cached, cache: ResultCache, catalog) -> Response:
-    """Store the new job (or answer it from the cache), send it to its lane, and answer (waiting if asked)."""
-    settings, job_id, lane = s.settings, record.id, record.lane
-    if cached is not None:  # a job of its own, already succeeded with the identical job's result; nothing queued
+def accept(s, job: NewJob, check_room: bool = True) -> JobRecord:
+    """Store the new job (or answer it from the cache) and send it to its lane; return its record."""
+    settings, record, cache = s.settings, job.record, job.cache
+    if job.cached is not None:  # a job of its own, already succeeded with the identical job's result; nothing queued
         # (counted as a cache hit in the same transaction as its record: domain/records.py)
-        response = _json(_document(cache.serve(record, cached)), 200)
-        response.headers["Location"] = url_for("jobs.get_job", job_id=job_id)
-        return response
-    s.lanes.check_room(lane)
+        return cache.serve(record, job.cached)
+    if check_room:
+        s.lanes.check_room(record.lane)
     # Input first, record second, message last: a worker that gets the message finds both.
-    s.storage.put(record.input_key, data, image.media_type)
+    s.storage.put(record.input_key, job.data, job.image.media_type)
     s.jobs.create(record)
-    log.info("job %s: accepted for model %s on the %s lane", job_id, record.model, lane)
+    log.info("job %s: accepted for model %s on the %s lane", record.id, record.model, record.lane)
     follows = cache.join(record)  # an identical job in flight: this one gets its result, and is not sent
     if record.cache_key is not None:
         s.jobs.metrics.count(job_metrics.RESULT_CACHE, "coalesced" if follows else "miss")
     if follows is None:
-        send_job(s.celery, job_id, lane, catalog.time_limits(record.model, settings), traceparent=record.traceparent)
-    s.jobs.sent(job_id)  # had this process died before here, recovery would send it (workers/recovery.py)
-    wait = preferred_wait(request.headers.get("Prefer"), settings.max_wait_s)
+        send_job(s.celery, record.id, record.lane, job.catalog.time_limits(record.model, settings),
+                 traceparent=record.traceparent)
+    s.jobs.sent(record.id)  # had this process died before here, recovery would send it (workers/recovery.py)
+    return record
+
+
+def _answer(s, record: JobRecord) -> Response:
+    """The submit's answer: the job (waiting for its end first if the client prefers)."""
+    settings, job_id = s.settings, record.id
+    wait = 0 if record.status.ended else preferred_wait(request.headers.get("Prefer"), settings.max_wait_s)
     if wait:  # one round trip for an interactive client: the ended job if it ends in time
         with wait_slot(s.redis, client_id(), wait, settings.max_waits_per_key) as waiting:
             if waiting:  # a preference, not a demand: over the key's waits, the answer comes at once

@@ -29,9 +29,9 @@ def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes, obje
             raw = request.files["request"].stream.read(MAX_REQUEST_PART_BYTES + 1)
             if len(raw) > MAX_REQUEST_PART_BYTES:
                 raise PayloadTooLarge(f"the request part is larger than {MAX_REQUEST_PART_BYTES} bytes")
-        body = {} if raw is None or not raw.strip() else _json(raw, "request")
+        body = {} if raw is None or not raw.strip() else parse_json(raw, "request")
     elif request.mimetype == "application/json":
-        body = _json(request.get_data(cache=False, as_text=False), "body")
+        body = parse_json(request.get_data(cache=False, as_text=False), "body")
         if not isinstance(body, dict):
             raise InputError("the JSON body must be an object")
         image = body.pop("image", None)
@@ -50,7 +50,7 @@ def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes, obje
     return data, body
 
 
-def _json(raw: str | bytes, what: str) -> object:
+def parse_json(raw: str | bytes, what: str) -> object:
     try:
         return json.loads(raw)
     except RecursionError:  # Python's decoder recurses per level: a few thousand "[" exhaust it

@@ -19,7 +19,8 @@ from config.celery import WEBHOOK_QUEUE
 from config.settings import LANES, load_settings
 from domain.lanes import Lanes
 from domain.records import JobStore
-from domain.webhooks import JobEvents
+from domain.batches import BatchStore
+from domain.webhooks import JobEvents, notify_batches
 from workers import metrics
 from workers.batching import ClaimRecovery
 from workers.recovery import Recovery
@@ -46,6 +47,8 @@ class SchedulingStep(bootsteps.StartStopStep):
         self.settings = settings
         self.jobs = JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client))  # expiries become webhook events
         self.lanes = Lanes(client, self.jobs, settings)
+        self.batches = BatchStore(client, self.jobs)
+        self.base_url = settings.public_url or f"http://{settings.host}:{settings.port}"
         self.claims = ClaimRecovery(client, self.jobs, grace_s=3 * settings.worker_heartbeat_s)
         self.recovery = Recovery(client, self.jobs, settings, self.catalog)
         self.next_recovery = time.monotonic() + settings.recovery_check_s
@@ -98,6 +101,8 @@ class SchedulingStep(bootsteps.StartStopStep):
             promoted = self.lanes.promote_aged()
             if promoted:
                 log.info("aging: %d job(s) moved to the interactive lane: %s", len(promoted), promoted[:5])
+            # Batches whose last job just ended (or whose notifier died): their batch.completed webhook.
+            notify_batches(self.batches, self.base_url)
             recovered = self.claims.recover()  # jobs a dead pool process had taken along in a batch
             if recovered:
                 log.info("batching: %d job(s) of a dead worker back on their lanes: %s", len(recovered), recovered[:5])

@@ -1,0 +1,240 @@
+"""``/v1/batches``: many images in one request, one job each on the batch lane, followed as one batch.
+
+``POST`` takes ``multipart/form-data``: image parts named ``images`` (as
+many as allowed) and/or one ``archive`` part (zip or tar), a ``request``
+part (one job request for every image, on the ``batch`` lane unless it
+says otherwise; its ``webhook`` gets ``batch.completed``) and an optional
+``prompts`` part (a JSON object: file name → that image's prompts). Every
+image is checked as ``POST /v1/jobs`` checks it; one that fails is listed
+under ``rejected`` with its problem, and the rest go on. The batch itself
+lives in Redis (domain/batches.py), so it outlives any process.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+
+from flask import Blueprint, Response, request, url_for
+
+from domain import trace
+from domain.archives import Member, read_archive
+from domain.batches import BatchRecord, BatchStore, document
+from domain.coco import Item, coco_document
+from domain.documents import job_document
+from domain.errors import (Conflict, MaskqError, NotFound, PayloadTooLarge, ServiceUnavailable,
+                           UnsupportedMediaType, ValidationFailed)
+from domain.records import JobState
+from domain.result_cache import ResultCache
+from domain.schemas import BatchRequest, PromptSet, parse_model
+from domain.webhook_urls import check_webhook_url
+from domain.webhooks import notify_batches
+from webapp.auth import choose_lane, current_tenant
+from webapp.idempotency import claim_submission
+from webapp.jobs import accept, new_job
+from webapp.services import services
+from webapp.submission import MAX_REQUEST_PART_BYTES, parse_json
+
+bp = Blueprint("batches", __name__)
+
+log = logging.getLogger(__name__)
+
+BATCH_ID_LENGTH = 32
+
+
+def batches() -> BatchStore:
+    s = services()
+    return BatchStore(s.redis, s.jobs)
+
+
+@bp.post("/v1/batches")
+def submit_batch():
+    s = services()
+    settings = s.settings
+    # This route alone takes a whole folder; the app's limit is one image's.
+    request.max_content_length = settings.max_batch_bytes + MAX_REQUEST_PART_BYTES
+    if request.mimetype != "multipart/form-data":
+        raise UnsupportedMediaType("send multipart/form-data: parts 'images' (repeatable) or 'archive', "
+                                   "'request', and optionally 'prompts'")
+    body = _json_part("request") or {}
+    batch_request = parse_model(BatchRequest, body, "request")
+    if batch_request.webhook is not None:
+        check_webhook_url(batch_request.webhook.url, settings.webhook_allowed_networks)  # 422 for private targets
+    per_image = _per_image_prompts(_json_part("prompts") or {})
+    choose_lane(batch_request.lane)  # 403 above the key's ceiling, before anything is read
+    images = _images(settings, per_image)
+    if not images:
+        raise ValidationFailed("the batch has no images: send parts named 'images', or an 'archive'",
+                               errors=[{"field": "images", "message": "missing"}])
+    depth, limit = s.lanes.depth(batch_request.lane), settings.lane_max_depth[batch_request.lane]
+    if depth + len(images) > limit:
+        raise ServiceUnavailable(f"the {batch_request.lane} lane has room for {max(limit - depth, 0)} more jobs, "
+                                 f"not {len(images)}; try again later", retry_after=30)
+    store = batches()
+    batch = BatchRecord(id=store.new_id(), tenant=current_tenant(), created_at=time.time(), lane=batch_request.lane,
+                        model=batch_request.model,
+                        webhook=batch_request.webhook.model_dump(mode="json") if batch_request.webhook else None)
+    fingerprint = hashlib.sha256(b"".join(hashlib.sha256(m.data).digest() for m in images)).digest()
+    claim = claim_submission(batch.id, fingerprint, {"request": body, "prompts": per_image_raw(per_image),
+                                                     "names": [m.name for m in images]})
+    if claim.replayed:
+        return _answer(load_batch(claim.job_id), 200, replayed=True)
+    store.create(batch)
+    traceparent = trace.parse(request.headers.get("traceparent")) or trace.new()
+    rejected = _fan_out(s, store, batch, images, batch_request, per_image, traceparent)
+    if rejected:
+        store.reject(batch.id, rejected)
+    if len(rejected) == len(images):
+        store.discard(batch.id)  # no batch, no batch.completed: the answer is the 422
+        raise ValidationFailed(f"none of the {len(images)} images could be accepted",
+                               errors=[{"field": r["file_name"], "message": r["detail"]} for r in rejected])
+    if store.seal(batch.id):  # every job had ended already (result-cache hits): the batch is complete now
+        notify_batches(store, _base_url(), s.celery)
+    log.info("batch %s: %d jobs on the %s lane, %d rejected", batch.id, len(images) - len(rejected),
+             batch.lane, len(rejected))
+    return _answer(load_batch(batch.id), 202)
+
+
+def _fan_out(s, store: BatchStore, batch: BatchRecord, images: list[Member], batch_request: BatchRequest,
+             per_image: dict[str, PromptSet], traceparent: str) -> list[dict]:
+    """One job per image, in upload order; returns the images refused, each with its problem."""
+    rejected = []
+    for member in images:
+        if member.too_large:
+            rejected.append({"file_name": member.name, "status": 413,
+                             "detail": f"the image is larger than {s.settings.max_image_bytes} bytes"})
+            continue
+        job = None
+        try:
+            job = new_job(s, member.data, batch_request.job_request(per_image.get(member.name)), batch=batch.id)
+            job.record.traceparent = traceparent
+            store.will_add(batch.id, job.record.id)
+            record = accept(s, job, check_room=False)  # the room for every job was checked up front
+        except MaskqError as exc:
+            if job is not None:
+                store.not_added(batch.id, job.record.id)
+            rejected.append({"file_name": member.name, "status": exc.status, "detail": exc.detail,
+                             **({"errors": exc.errors} if exc.errors else {})})
+            continue
+        store.added(batch.id, record.id, member.name, record.status.ended)
+    return rejected
+
+
+def _images(settings, per_image: dict) -> list[Member]:
+    """The uploaded images (parts ``images``, then the ``archive``'s members), bounded in number and size."""
+    parts = request.files.getlist("images")
+    images: list[Member] = []
+    for part in parts:
+        if len(images) >= settings.max_batch_images:
+            raise PayloadTooLarge(f"a batch holds at most {settings.max_batch_images} images (MASKQ_MAX_BATCH_IMAGES)")
+        data = part.stream.read(settings.max_image_bytes + 1)
+        name = part.filename or f"image-{len(images) + 1}"
+        images.append(Member(name, too_large=True) if len(data) > settings.max_image_bytes else Member(name, data))
+    archive = request.files.get("archive")
+    if archive is not None:
+        images += read_archive(archive.stream, max_images=settings.max_batch_images - len(images),
+                               max_image_bytes=settings.max_image_bytes, max_total_bytes=settings.max_batch_bytes)
+    names = [m.name for m in images]
+    unknown = sorted(set(per_image) - set(names))
+    if unknown:
+        raise ValidationFailed(f"prompts name files that are not in the batch: {', '.join(unknown[:5])}",
+                               errors=[{"field": f"prompts[{n}]", "message": "no such image"} for n in unknown[:20]])
+    if len(set(names)) != len(names):  # per-image prompts and the COCO file go by name
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValidationFailed(f"file names must be unique in a batch: {', '.join(twice[:5])}",
+                               errors=[{"field": "images", "message": f"{n!r} appears twice"} for n in twice[:20]])
+    return images
+
+
+def _json_part(name: str) -> object:
+    raw = request.form.get(name)
+    if raw is None and name in request.files:  # `curl -F request=@req.json` sends it as a file
+        raw = request.files[name].stream.read(MAX_REQUEST_PART_BYTES + 1)
+        if len(raw) > MAX_REQUEST_PART_BYTES:
+            raise PayloadTooLarge(f"the {name} part is larger than {MAX_REQUEST_PART_BYTES} bytes")
+    return None if raw is None or not raw.strip() else parse_json(raw, name)
+
+
+def _per_image_prompts(raw: object) -> dict[str, PromptSet]:
+    if not isinstance(raw, dict):
+        raise ValidationFailed("the prompts part must be a JSON object: file name -> prompts",
+                               errors=[{"field": "prompts", "message": "must be an object"}])
+    return {name: parse_model(PromptSet, prompts, f"prompts[{name}]") for name, prompts in raw.items()}
+
+
+def per_image_raw(per_image: dict[str, PromptSet]) -> dict:
+    return {name: prompts.model_dump(mode="json") for name, prompts in sorted(per_image.items())}
+
+
+@bp.get("/v1/batches/<batch_id>")
+def get_batch(batch_id: str):
+    return _answer(load_batch(batch_id), 200)
+
+
+@bp.get("/v1/batches/<batch_id>/coco")
+def get_batch_coco(batch_id: str):
+    """The batch's results as one COCO file: succeeded jobs as images and annotations, the rest as failures."""
+    s = services()
+    batch = load_batch(batch_id)
+    store = batches()
+    items = []
+    for job_id, name in store.job_entries(batch.id):
+        record = s.jobs.get(job_id)
+        if record is None:
+            items.append(Item(name, error="the job's record has expired"))
+        elif not record.status.ended:
+            items.append(Item(name, error=f"{record.status}: not ended yet"))
+        else:
+            items.append(Item(name, job=job_document(record, s.storage, _base_url())))
+    coco = coco_document(items, description=f"maskq batch {batch.id}")
+    coco["failures"] += [{"file_name": r["file_name"], "error": f"{r['status']}: {r['detail']}"}
+                         for r in batch.rejected]
+    return Response(json.dumps(coco, ensure_ascii=False), mimetype="application/json")
+
+
+@bp.delete("/v1/batches/<batch_id>")
+def cancel_batch(batch_id: str):
+    """Cancel every queued job of the batch (running ones finish); a batch already complete is a 409."""
+    s = services()
+    batch = load_batch(batch_id)
+    if batch.completed_at is not None:
+        raise Conflict(f"batch {batch_id} has already ended ({batch.status}); there is nothing to cancel")
+    store = batches()
+    store.mark_canceled(batch.id)
+    cache = ResultCache(s.jobs, s.settings, s.catalog, s.celery)
+    for job_id, _ in store.job_entries(batch.id):
+        moved, _before = s.jobs.move(job_id, JobState.CANCELED, {JobState.QUEUED}, finished_at=time.time())
+        if moved:
+            s.celery.control.revoke(job_id)  # a hint to workers; the record is what stops it
+            cache.settle(job_id)
+    notify_batches(store, _base_url(), s.celery)  # the last cancel may have completed it
+    return _answer(load_batch(batch.id), 200)
+
+
+def load_batch(batch_id: str) -> BatchRecord:
+    """The tenant's batch ``batch_id``, or a 404; a batch whose upload was cut off long ago is sealed on read."""
+    s = services()
+    ok = len(batch_id) == BATCH_ID_LENGTH and all(c in "0123456789abcdef" for c in batch_id)
+    batch = batches().get(batch_id) if ok else None
+    if batch is None or batch.tenant != current_tenant():
+        raise NotFound(f"no batch {batch_id}")
+    batch = batches().seal_if_abandoned(batch, s.settings.batch_receive_timeout_s)
+    if batch.completed_at is not None:
+        notify_batches(batches(), _base_url(), s.celery)
+    return batch
+
+
+def _answer(batch: BatchRecord, status: int, replayed: bool = False) -> Response:
+    store = batches()
+    entries = store.job_entries(batch.id)
+    doc = document(batch, entries, store.statuses([job_id for job_id, _ in entries]), _base_url())
+    response = Response(json.dumps(doc, ensure_ascii=False), status=status, mimetype="application/json")
+    response.headers["Location"] = url_for("batches.get_batch", batch_id=batch.id)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def _base_url() -> str:
+    return services().settings.public_url or request.host_url
