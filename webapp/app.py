@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     # Every move a request makes (a cancel, an expiry noticed on read) becomes the job's webhook event.
     jobs.on_moved = JobEvents(client, app.extensions["maskq"].celery)
-    from webapp import deliveries, health, jobs, metrics, models
+    from webapp import deliveries, health, jobs, metrics, models, page
 
     # Timed from the first hook to the last, so every answer (an auth failure, a 429) is counted.
     app.before_request(metrics.start_timer)
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(models.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(deliveries.bp)
+    app.register_blueprint(page.bp)  # the click-to-segment page at /
     register_error_handlers(app)
     from webapp import auth, docs, limits, openapi
 

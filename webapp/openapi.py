@@ -23,7 +23,7 @@ from webapp.services import services
 
 bp = Blueprint("openapi", __name__)
 REF = "#/components/schemas/{model}"
-UNDOCUMENTED = ("/docs", "/static")
+UNDOCUMENTED = ("/docs", "/static", "/ui", "/favicon.ico")  # pages and their files, not the API (and "/", the page)
 
 
 class Document(BaseModel):
@@ -320,7 +320,7 @@ def build_document(app: Flask) -> dict:
                                  [(m, "serialization") for m in RESPONSE_MODELS], ref_template=REF)
     paths: dict[str, dict] = {}
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
-        if rule.endpoint == "static" or rule.rule.startswith(UNDOCUMENTED):
+        if rule.endpoint == "static" or rule.rule.startswith(UNDOCUMENTED) or rule.rule == "/":
             continue
         path = _path(rule.rule)
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):

@@ -1,0 +1,651 @@
+// maskq's click-to-segment page: a client of the public API (API.md), in plain JavaScript.
+//
+// Every change of the prompts, the image or the model submits a job with `Prefer: wait`; a newer
+// change aborts the older request and cancels its job, and an answer that arrives for anything but
+// the latest change is dropped, so a stale mask never replaces a newer one.
+"use strict";
+
+const MAX_CANVAS_SIDE = 2048;  // larger photos are shown scaled down; prompts are sent in image pixels
+const RECENT_JOBS = 20;
+const COLOURS = [[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240],
+                 [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40], [128, 0, 0]];
+const MASK_ALPHA = 140;
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  key: "",
+  maxWait: 30,
+  models: [],          // from GET /v1/models
+  file: null,          // the chosen File
+  bitmap: null,        // the browser's upright decoding of it, or null when the browser cannot decode it
+  width: 0, height: 0, // image pixels
+  scale: 1,            // canvas pixels per image pixel
+  prompts: [],         // {kind: "point", x, y, label} | {kind: "box", box: [x0, y0, x1, y1]}, in order
+  change: 0,           // bumped on every change: answers for an older one are dropped
+  controller: null,    // aborts the latest change's requests
+  pendingJob: null,    // the id of the latest change's job while it has not ended
+  job: null,           // the job whose masks are shown
+  recent: [],
+};
+
+// ---------- the API ----------
+
+function authHeaders(extra = {}) {
+  return state.key ? {...extra, Authorization: `Bearer ${state.key}`} : extra;
+}
+
+class ApiProblem extends Error {
+  constructor(status, body) {
+    const detail = body && typeof body === "object" && body.detail ? body.detail : null;
+    super(detail || `the service answered ${status}`);
+    this.status = status;
+    this.title = body && body.title;
+    this.detail = detail;
+  }
+}
+
+async function readAnswer(response) {
+  const type = response.headers.get("Content-Type") || "";
+  const body = type.includes("json") ? await response.json().catch(() => null) : null;
+  if (!response.ok) throw new ApiProblem(response.status, body);
+  return body;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, {...options, headers: authHeaders(options.headers || {})});
+  return readAnswer(response);
+}
+
+// ---------- COCO compressed RLE (pycocotools' rleFrString), column-major over an h x w mask ----------
+
+function rleRuns(counts) {
+  const runs = [];
+  let p = 0;
+  while (p < counts.length) {
+    let value = 0, shift = 0, more = true;
+    while (more) {
+      if (p >= counts.length) throw new Error("counts ends in the middle of a run");
+      const c = counts.charCodeAt(p) - 48;
+      value |= (c & 0x1f) << shift;
+      more = (c & 0x20) !== 0;
+      p += 1;
+      shift += 5;
+      if (!more && (c & 0x10)) value |= -1 << shift;
+    }
+    if (runs.length > 2) value += runs[runs.length - 2];
+    runs.push(value);
+  }
+  return runs;
+}
+
+// Paint the mask's pixels with `colour` into `pixels` (a Uint32Array over a w x h RGBA image).
+function paintRle(rle, pixels, colour) {
+  const [h, w] = rle.size;
+  let index = 0, on = false;
+  for (const run of rleRuns(rle.counts)) {
+    if (on) {
+      let x = Math.floor(index / h), y = index - x * h;
+      for (let k = 0; k < run; k++) {
+        pixels[y * w + x] = colour;
+        if (++y === h) { y = 0; x++; }
+      }
+    }
+    index += run;
+    on = !on;
+  }
+}
+
+function rgba([r, g, b], a) {
+  // ImageData is RGBA in memory; a Uint32Array over it is little-endian on every browser platform.
+  return ((a << 24) | (b << 16) | (g << 8) | r) >>> 0;
+}
+
+// ---------- drawing ----------
+
+function setupCanvases() {
+  const w = Math.max(1, Math.round(state.width * state.scale));
+  const h = Math.max(1, Math.round(state.height * state.scale));
+  for (const id of ["image-layer", "mask-layer", "mark-layer"]) {
+    const canvas = $(id);
+    canvas.width = w;
+    canvas.height = h;
+  }
+  const ctx = $("image-layer").getContext("2d");
+  ctx.fillStyle = "#444";
+  ctx.fillRect(0, 0, w, h);
+  if (state.bitmap) ctx.drawImage(state.bitmap, 0, 0, w, h);
+  $("stage").hidden = false;
+}
+
+function drawMasks(job) {
+  const canvas = $("mask-layer");
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const result = job && job.result;
+  const instances = (result && result.instances) || [];
+  if (result && instances.some((i) => i.mask)) {
+    const full = document.createElement("canvas");
+    full.width = result.width;
+    full.height = result.height;
+    const fullCtx = full.getContext("2d");
+    const image = fullCtx.createImageData(result.width, result.height);
+    const pixels = new Uint32Array(image.data.buffer);
+    instances.forEach((instance, i) => {
+      if (instance.mask) paintRle(instance.mask, pixels, rgba(COLOURS[i % COLOURS.length], MASK_ALPHA));
+    });
+    fullCtx.putImageData(image, 0, 0);
+    ctx.imageSmoothingEnabled = false;  // a pixel is in a mask or not: no blended edges
+    ctx.drawImage(full, 0, 0, canvas.width, canvas.height);
+  }
+  $("stage").dataset.jobId = job ? job.id : "";
+  drawMarks(instances, result);
+  listInstances(instances);
+}
+
+function drawMarks(instances = (state.job && state.job.result && state.job.result.instances) || [],
+                   result = state.job && state.job.result) {
+  const canvas = $("mark-layer");
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const s = state.scale;
+  ctx.font = "13px system-ui, sans-serif";
+  ctx.textBaseline = "bottom";
+  if (result) {
+    const sx = canvas.width / result.width, sy = canvas.height / result.height;
+    instances.forEach((instance, i) => {
+      const [x, y] = instance.bbox;
+      const text = `${instance.label || "mask"} ${instance.score.toFixed(2)}`;
+      const tw = ctx.measureText(text).width + 6;
+      const left = Math.min(Math.max(0, x * sx), canvas.width - tw), top = Math.max(16, y * sy);
+      ctx.fillStyle = `rgb(${COLOURS[i % COLOURS.length].join(",")})`;
+      ctx.fillRect(left, top - 16, tw, 16);
+      ctx.fillStyle = "#fff";
+      ctx.fillText(text, left + 3, top - 2);
+    });
+  }
+  for (const prompt of state.prompts) {
+    if (prompt.kind === "point") {
+      ctx.beginPath();
+      ctx.arc(prompt.x * s, prompt.y * s, 6, 0, 2 * Math.PI);
+      ctx.fillStyle = prompt.label ? "#2ecc40" : "#ff4136";
+      ctx.fill();
+      ctx.lineWidth = 2;
+      ctx.strokeStyle = "#fff";
+      ctx.stroke();
+    } else {
+      const [x0, y0, x1, y1] = prompt.box;
+      ctx.setLineDash([6, 4]);
+      ctx.lineWidth = 2;
+      ctx.strokeStyle = "#ffdc00";
+      ctx.strokeRect(x0 * s, y0 * s, (x1 - x0) * s, (y1 - y0) * s);
+      ctx.setLineDash([]);
+    }
+  }
+}
+
+function listInstances(instances) {
+  const list = $("instances");
+  list.replaceChildren(...instances.map((instance, i) => {
+    const item = document.createElement("li");
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.backgroundColor = `rgb(${COLOURS[i % COLOURS.length].join(",")})`;
+    item.append(swatch, `${instance.label || "mask"} — score ${instance.score.toFixed(2)}, ${instance.area} px`);
+    return item;
+  }));
+  const ended = state.job && state.job.status === "succeeded";
+  $("download-coco").disabled = !ended;
+  $("download-masks").disabled = !(ended && instances.some((i) => i.png_url));
+}
+
+// ---------- status and errors ----------
+
+function showStatus(text, stateName) {
+  const status = $("status");
+  status.textContent = text;
+  status.dataset.state = stateName;
+}
+
+function showError(error) {
+  const box = $("error");
+  if (!error) {
+    box.hidden = true;
+    box.textContent = "";
+    return;
+  }
+  box.replaceChildren();
+  if (error instanceof ApiProblem && error.title) {
+    const title = document.createElement("strong");
+    title.textContent = `${error.title} (${error.status}): `;
+    box.append(title);
+  }
+  const detail = document.createElement("span");
+  detail.className = "detail";
+  detail.textContent = error instanceof ApiProblem ? error.message : `Something went wrong: ${error.message}`;
+  box.append(detail);
+  box.hidden = false;
+}
+
+function describeWaiting(job) {
+  if (job.status === "queued") {
+    return job.queue_position !== undefined ? `Queued — position ${job.queue_position} in the ${job.lane} lane`
+                                           : "Queued";
+  }
+  return `Running on ${job.model.name}…`;
+}
+
+// ---------- jobs ----------
+
+function currentModel() {
+  return state.models.find((m) => m.name === $("model").value) || null;
+}
+
+function buildRequest() {
+  const model = currentModel();
+  const kinds = new Set(model ? model.prompt_kinds : []);
+  const prompts = {};
+  const text = $("text-prompt").value.split(",").map((t) => t.trim()).filter(Boolean);
+  if (kinds.has("text") && text.length) prompts.text = text;
+  const points = state.prompts.filter((p) => p.kind === "point").map((p) => [p.x, p.y, p.label]);
+  if (kinds.has("points") && points.length) prompts.points = points;
+  const boxes = state.prompts.filter((p) => p.kind === "box").map((p) => p.box);
+  if (kinds.has("boxes") && boxes.length) prompts.boxes = boxes;
+  const request = {outputs: ["rle", "png"]};
+  if (model) request.model = model.name;
+  if (Object.keys(prompts).length) request.prompts = prompts;
+  return request;
+}
+
+function hasPrompts(request) {
+  return Boolean(request.prompts);
+}
+
+// A change happened: submit the image with the prompts that fit the model (unless there is nothing to ask).
+async function submit({force = false} = {}) {
+  const change = ++state.change;
+  if (state.controller) state.controller.abort();
+  cancelPending();
+  const controller = new AbortController();
+  state.controller = controller;
+  const stale = () => change !== state.change;
+  showError(null);
+  if (!state.file) return;
+  const request = buildRequest();
+  if (!hasPrompts(request) && !force) {
+    state.job = null;
+    drawMasks(null);
+    showStatus(promptHint(), "idle");
+    return;
+  }
+  if (!state.key) {
+    showStatus("An API key is needed: paste one above.", "idle");
+    return;
+  }
+  const form = new FormData();
+  form.append("image", state.file, state.file.name || "upload");
+  form.append("request", JSON.stringify(request));
+  showStatus("Sending…", "sending");
+  try {
+    let job = await api("/v1/jobs", {method: "POST", body: form, signal: controller.signal,
+                                     headers: {Prefer: `wait=${state.maxWait}`}});
+    if (stale()) return;
+    remember(job);
+    state.pendingJob = job.id;
+    while (job.status === "queued" || job.status === "running") {
+      showStatus(describeWaiting(job), job.status);
+      // Short long-polls, so that the queue position stays current while the job waits.
+      job = await api(`/v1/jobs/${job.id}?wait=${Math.min(2, state.maxWait)}`, {signal: controller.signal});
+      if (stale()) return;
+      remember(job);
+    }
+    state.pendingJob = null;
+    showJob(job);
+  } catch (error) {
+    if (stale() || error.name === "AbortError") return;
+    state.pendingJob = null;
+    showStatus("Refused.", "error");
+    showError(error);
+  }
+}
+
+function cancelPending() {
+  // The job of a change that was overtaken is of no use to anyone: free its worker (best effort).
+  const id = state.pendingJob;
+  state.pendingJob = null;
+  if (id) fetch(`/v1/jobs/${id}`, {method: "DELETE", headers: authHeaders()}).catch(() => {});
+}
+
+function showJob(job) {
+  state.job = job;
+  if (!state.bitmap && job.result) {  // an image only the service could read: draw its masks on grey
+    state.width = job.result.width;
+    state.height = job.result.height;
+    state.scale = Math.min(1, MAX_CANVAS_SIDE / Math.max(state.width, state.height));
+    setupCanvases();
+  }
+  drawMasks(job);
+  if (job.status === "succeeded") {
+    const n = job.result.instances.length;
+    const took = job.metrics && job.metrics.total !== undefined ? ` in ${Number(job.metrics.total).toFixed(2)} s` : "";
+    showStatus(`${n} mask${n === 1 ? "" : "s"} from ${job.model.name}${took}${job.cached ? " (cached)" : ""}.`,
+               "succeeded");
+  } else {
+    showStatus(`The job ${job.status}.`, job.status);
+    if (job.error) showError(new Error(job.error.message || job.error.code));
+  }
+}
+
+function promptHint() {
+  const model = currentModel();
+  if (!model) return "Choose a model.";
+  const kinds = new Set(model.prompt_kinds);
+  if (kinds.has("points") || kinds.has("boxes")) return "Click on the image to segment the object there.";
+  if (kinds.has("text")) return "Type the text to find.";
+  return "Ready.";
+}
+
+// ---------- recent jobs ----------
+
+function remember(job) {
+  const entry = {id: job.id, status: job.status, model: job.model && job.model.name,
+                 file: state.file ? state.file.name : "", when: new Date()};
+  const at = state.recent.findIndex((j) => j.id === job.id);
+  if (at >= 0) state.recent[at] = {...state.recent[at], status: job.status};
+  else state.recent.unshift(entry);
+  state.recent.length = Math.min(state.recent.length, RECENT_JOBS);
+  const list = $("recent-jobs");
+  list.replaceChildren(...state.recent.map((j) => {
+    const item = document.createElement("li");
+    item.dataset.jobId = j.id;
+    const code = document.createElement("code");
+    code.textContent = j.id.slice(0, 8);
+    code.title = j.id;
+    item.append(code, ` ${j.file} · ${j.model || "?"} · `);
+    const status = document.createElement("span");
+    status.className = `job-status ${j.status}`;
+    status.textContent = j.status;
+    item.append(status);
+    return item;
+  }));
+}
+
+// ---------- downloads ----------
+
+function saveBlob(blob, name) {
+  const url = URL.createObjectURL(blob);
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = name;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+function toCoco(job, fileName) {
+  // As domain/coco.py writes it for `maskq segment`: the image, one annotation per instance (the RLE mask
+  // as its segmentation), one category for the model.
+  const result = job.result;
+  return {
+    info: {description: "maskq page"},
+    images: [{id: 1, file_name: fileName, width: result.width, height: result.height, maskq_job_id: job.id}],
+    annotations: result.instances.map((instance, i) => {
+      const annotation = {id: i + 1, image_id: 1, category_id: 1, bbox: instance.bbox, area: instance.area,
+                          iscrowd: 0, score: instance.score, label: instance.label ?? null};
+      if (instance.mask) annotation.segmentation = instance.mask;
+      return annotation;
+    }),
+    categories: [{id: 1, name: job.model.name}],
+    failures: [],
+  };
+}
+
+async function downloadMasks() {
+  const job = state.job;
+  for (const [i, instance] of job.result.instances.entries()) {
+    if (!instance.png_url) continue;
+    const name = `${job.id}-mask-${i}.png`;
+    const url = new URL(instance.png_url, location.href);
+    const own = url.pathname.match(/\/v1\/jobs\/[0-9a-f]+\/files\/masks\/\d+\.png$/);
+    if (!own) {  // presigned storage URL: it carries its own signature and wants no key
+      window.open(url.href, "_blank", "noopener");
+      continue;
+    }
+    try {
+      // The same path on this page's origin: the file needs the key, so it cannot be a plain link.
+      const response = await fetch(own[0], {headers: authHeaders()});
+      if (!response.ok) await readAnswer(response);
+      saveBlob(await response.blob(), name);
+    } catch (error) {
+      showError(error);
+      return;
+    }
+  }
+}
+
+// ---------- the image ----------
+
+async function chooseFile(file) {
+  if (!file) return;
+  state.file = file;
+  state.prompts = [];
+  state.job = null;
+  try {
+    // EXIF orientation applied, as the service applies it: prompts are in upright pixels.
+    state.bitmap = await createImageBitmap(file, {imageOrientation: "from-image"});
+    state.width = state.bitmap.width;
+    state.height = state.bitmap.height;
+    state.scale = Math.min(1, MAX_CANVAS_SIDE / Math.max(state.width, state.height));
+    setupCanvases();
+    drawMasks(null);
+    updateButtons();
+    submit();
+  } catch {
+    // The browser cannot read it: let the service say what it makes of it (its problem's detail).
+    state.bitmap = null;
+    $("stage").hidden = true;
+    drawMasks(null);
+    updateButtons();
+    submit({force: true});
+  }
+}
+
+// ---------- prompts from the mouse ----------
+
+function imagePoint(event) {
+  const rect = $("mark-layer").getBoundingClientRect();
+  const x = (event.clientX - rect.left) * (state.width / rect.width);
+  const y = (event.clientY - rect.top) * (state.height / rect.height);
+  return [Math.round(Math.min(Math.max(x, 0), state.width - 1)), Math.round(Math.min(Math.max(y, 0), state.height - 1))];
+}
+
+let drag = null;
+
+function onPointerDown(event) {
+  if (!state.bitmap) return;
+  drag = {start: imagePoint(event), button: event.button, shift: event.shiftKey, id: event.pointerId};
+  $("mark-layer").setPointerCapture(event.pointerId);
+  event.preventDefault();
+}
+
+function onPointerMove(event) {
+  if (!drag || drag.button !== 0) return;
+  const [x, y] = imagePoint(event);
+  drawMarks();
+  const ctx = $("mark-layer").getContext("2d");
+  const s = state.scale;
+  ctx.setLineDash([6, 4]);
+  ctx.strokeStyle = "#ffdc00";
+  ctx.lineWidth = 2;
+  ctx.strokeRect(drag.start[0] * s, drag.start[1] * s, (x - drag.start[0]) * s, (y - drag.start[1]) * s);
+  ctx.setLineDash([]);
+}
+
+function onPointerUp(event) {
+  if (!drag) return;
+  const {start, button, shift} = drag;
+  drag = null;
+  const end = imagePoint(event);
+  const far = Math.hypot((end[0] - start[0]) * state.scale, (end[1] - start[1]) * state.scale) > 5;
+  if (far && button === 0) {
+    addPrompt({kind: "box", box: [Math.min(start[0], end[0]), Math.min(start[1], end[1]),
+                                  Math.max(start[0], end[0]), Math.max(start[1], end[1])]});
+  } else if (button === 0 || button === 2) {
+    addPrompt({kind: "point", x: start[0], y: start[1], label: button === 2 || shift ? 0 : 1});
+  }
+}
+
+function addPrompt(prompt) {
+  const model = currentModel();
+  const kind = prompt.kind === "box" ? "boxes" : "points";
+  if (model && !model.prompt_kinds.includes(kind)) {
+    $("model-note").textContent = `${model.name} takes no ${kind}; choose a model that does.`;
+    drawMarks();
+    return;
+  }
+  state.prompts.push(prompt);
+  drawMarks();
+  updateButtons();
+  submit();
+}
+
+function updateButtons() {
+  $("undo").disabled = state.prompts.length === 0;
+  $("clear").disabled = state.prompts.length === 0;
+}
+
+// ---------- settings ----------
+
+async function loadModels() {
+  const select = $("model");
+  if (!state.key) {
+    select.disabled = true;
+    return;
+  }
+  try {
+    const body = await api("/v1/models");
+    state.models = body.models;
+    const previous = select.value;
+    select.replaceChildren(...body.models.map((m) => {
+      const option = document.createElement("option");
+      option.value = m.name;
+      const note = m.available === false ? " — unavailable" : "";
+      option.textContent = `${m.name} (${m.prompt_kinds.join(", ") || "no prompts"})${note}`;
+      return option;
+    }));
+    select.value = body.models.some((m) => m.name === previous) ? previous : (body.default || body.models[0].name);
+    select.disabled = false;
+    $("key-note").textContent = $("key-note").dataset.source === "development"
+      ? "The development key of this machine (make run) is filled in." : "Key accepted.";
+    onModelChosen({resubmit: false});
+  } catch (error) {
+    select.disabled = true;
+    $("key-note").textContent = "";
+    showError(error);
+  }
+}
+
+function onModelChosen({resubmit = true} = {}) {
+  const model = currentModel();
+  $("model-note").textContent = model && model.provenance
+    ? `${model.version} · ${model.provenance.package} · ${model.provenance.license}` : (model ? model.version : "");
+  $("text-field").hidden = !(model && model.prompt_kinds.includes("text"));
+  if (resubmit) submit(); else if (state.file && !state.job) showStatus(promptHint(), "idle");
+}
+
+async function loadConfig() {
+  try {
+    const config = await (await fetch("/ui/config")).json();
+    state.maxWait = config.max_wait_s || state.maxWait;
+    if (config.api_key) {
+      $("api-key").value = config.api_key;
+      state.key = config.api_key;
+      $("key-note").dataset.source = "development";
+    }
+  } catch {
+    // No settings: the page still works with a pasted key.
+  }
+  if (!state.key) $("key-note").textContent = "Paste an API key (`maskq keys create --tenant …` prints one).";
+  await loadModels();
+}
+
+// ---------- wiring ----------
+
+function openChooser() {
+  $("file").click();
+}
+
+function wire() {
+  const zone = $("drop-zone");
+  const input = $("file");
+  zone.addEventListener("click", openChooser);
+  zone.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      openChooser();
+    }
+  });
+  input.addEventListener("change", () => chooseFile(input.files[0]).finally(() => { input.value = ""; }));
+  for (const target of [zone, $("stage")]) {
+    target.addEventListener("dragover", (event) => {
+      event.preventDefault();
+      zone.classList.add("dragging");
+    });
+    target.addEventListener("dragleave", () => zone.classList.remove("dragging"));
+    target.addEventListener("drop", (event) => {
+      event.preventDefault();
+      zone.classList.remove("dragging");
+      chooseFile(event.dataTransfer.files[0]);
+    });
+  }
+
+  const marks = $("mark-layer");
+  marks.addEventListener("pointerdown", onPointerDown);
+  marks.addEventListener("pointermove", onPointerMove);
+  marks.addEventListener("pointerup", onPointerUp);
+  marks.addEventListener("contextmenu", (event) => event.preventDefault());
+
+  $("model").addEventListener("change", () => onModelChosen());
+  let typing = null;
+  $("text-prompt").addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => submit(), 600);
+  });
+  $("text-prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter") {
+      clearTimeout(typing);
+      submit();
+    }
+  });
+  let keyTimer = null;
+  $("api-key").addEventListener("input", () => {
+    clearTimeout(keyTimer);
+    keyTimer = setTimeout(() => {
+      state.key = $("api-key").value.trim();
+      delete $("key-note").dataset.source;
+      showError(null);
+      loadModels();
+    }, 300);
+  });
+  $("undo").addEventListener("click", () => {
+    state.prompts.pop();
+    drawMarks();
+    updateButtons();
+    submit();
+  });
+  $("clear").addEventListener("click", () => {
+    state.prompts = [];
+    drawMarks();
+    updateButtons();
+    submit();
+  });
+  $("download-coco").addEventListener("click", () => {
+    const coco = toCoco(state.job, state.file ? state.file.name : "image");
+    saveBlob(new Blob([JSON.stringify(coco, null, 1)], {type: "application/json"}), `${state.job.id}.coco.json`);
+  });
+  $("download-masks").addEventListener("click", downloadMasks);
+}
+
+wire();
+loadConfig();
