@@ -40,7 +40,17 @@ models: onnxruntime
 
 install: $(VENV)/.installed onnxruntime models
 
-install-dev: $(VENV)/.installed-dev onnxruntime models
+install-dev: $(VENV)/.installed-dev onnxruntime models browser
+
+# The page's tests (tests/e2e/test_page.py) drive Debian's chromium with Playwright (`playwright install`
+# cannot reach its download host here). Installed when missing, as root, where apt-get is; never fails
+# the make: without it those tests skip (and fail under CI=true).
+.PHONY: browser
+browser:
+	-@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y --no-install-recommends chromium || \
+		{ apt-get update && apt-get install -y --no-install-recommends chromium; }; \
+	fi
 
 run: install
 	$(BIN)/honcho start -f Procfile
