@@ -202,8 +202,11 @@ def test_on_loopback_the_dev_key_is_filled_in_and_a_click_paints_that_jobs_mask(
     page.wait_for_function("() => document.getElementById('mark-layer').width === 600")
     assert page.evaluate("document.getElementById('mark-layer').height") == 400
 
+    submits = []
+    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/v1/jobs") and submits.append(r.headers))
     click_image(page, *SPOON)
     job_id = wait_for_overlay(page)
+    assert submits and submits[0]["prefer"] == "wait=30"  # the settings' MASKQ_MAX_WAIT_S, from /ui/config
     job = api_job(url, key, job_id)
     assert job["status"] == "succeeded" and job["model"]["name"] == "sam"
     [instance] = job["result"]["instances"]
@@ -263,6 +266,20 @@ def test_a_pasted_key_works_and_a_bad_file_shows_the_problems_detail(page, web, 
     job_id = wait_for_overlay(page)
     assert api_job(web, pasted_key, job_id)["status"] == "succeeded"
     assert page.is_hidden("#error")
+
+
+def test_typed_text_finds_its_region_with_the_text_model(page, dev_web):
+    page.goto(f"{dev_web['url']}/")
+    page.wait_for_function("() => document.getElementById('model').options.length > 1", timeout=20_000)
+    page.select_option("#model", "text-regions")
+    page.set_input_files("#file", str(ROOT / "tests" / "data" / "images" / "ch_en_num.jpg"))
+    page.fill("#text-prompt", "促销")
+    page.press("#text-prompt", "Enter")
+    job_id = wait_for_overlay(page)
+    [instance] = api_job(dev_web["url"], dev_web["key"], job_id)["result"]["instances"]
+    assert "促销" in instance["label"] and instance["label"] in page.text_content("#instances")
+    shown = painted(page)
+    assert shown.shape == (430, 323) and iou(shown, decode(instance["mask"])) >= 0.95
 
 
 def test_the_upload_works_from_the_keyboard(page, dev_web):
