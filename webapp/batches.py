@@ -41,6 +41,7 @@ bp = Blueprint("batches", __name__)
 log = logging.getLogger(__name__)
 
 BATCH_ID_LENGTH = 32
+FORM_SLACK_BYTES = 1024 * 1024
 
 
 def batches() -> BatchStore:
@@ -52,8 +53,9 @@ def batches() -> BatchStore:
 def submit_batch():
     s = services()
     settings = s.settings
-    # This route alone takes a whole folder; the app's limit is one image's.
-    request.max_content_length = settings.max_batch_bytes + MAX_REQUEST_PART_BYTES
+    # This route alone takes a whole folder; the app's limit is one image's. (A megabyte more for the
+    # request and prompts parts and the multipart framing.)
+    request.max_content_length = settings.max_batch_bytes + FORM_SLACK_BYTES
     if request.mimetype != "multipart/form-data":
         raise UnsupportedMediaType("send multipart/form-data: parts 'images' (repeatable) or 'archive', "
                                    "'request', and optionally 'prompts'")

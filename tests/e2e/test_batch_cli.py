@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -54,3 +55,75 @@ def test_a_folder_becomes_coco_json_with_bad_files_reported_and_a_rerun_submits_
     rerun = json.loads((tmp_path / "again.json").read_text())
     assert [i["maskq_job_id"] for i in rerun["images"]] == [i["maskq_job_id"] for i in coco["images"]]
     assert len(list(redis_client.scan_iter(match="maskq:job:*"))) == jobs_before
+
+
+def folder_of_test_images(tmp_path) -> Path:
+    folder = tmp_path / "scans"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(IMAGES / "en.jpg", folder / "en.jpg")
+    shutil.copy(IMAGES / "ch_en_num.jpg", folder / "sub" / "promo.jpg")
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["per-image", "server-batch"])
+def test_prompts_per_image_and_every_output_format_in_both_modes(mode, web, base_env, tmp_path):
+    folder = folder_of_test_images(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"file": "sub/promo.jpg", "text": ["促销"]}\n{"file": "en.jpg", "prompts": {"text": ["dataset"]}}\n')
+    key = run_cli(base_env, "keys", "create", "--tenant", f"cli-{mode}").stdout.strip()
+    env = {**base_env, "MASKQ_API_URL": web, "MASKQ_API_KEY": key}
+    extra = ["--server-batch"] if mode == "server-batch" else []
+
+    lines = run_cli(env, "segment", str(folder), "--format", "jsonl", "--out", str(tmp_path / "out.jsonl"),
+                    "--prompts-file", str(prompts), "--model", "text-regions", *extra)
+    assert lines.returncode == 0, lines.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in rows] == ["en.jpg", "sub/promo.jpg"]
+    labels = {r["file_name"]: " ".join(i["label"] for i in r["job"]["result"]["instances"]) for r in rows}
+    assert "Dataset" in labels["en.jpg"] and "促销" in labels["sub/promo.jpg"]  # each image its own prompt
+    # Piped: one plain progress line per image (done/total, rate, ETA, failures), no bar.
+    progress = [line for line in lines.stderr.splitlines() if line.startswith("[")]
+    assert len(progress) == 2 and progress[-1].startswith("[2/2]") and "img/s" in progress[-1], lines.stderr
+    assert "\r" not in lines.stderr
+
+    masks = run_cli(env, "segment", str(folder), "--format", "png", "--out", str(tmp_path / "masks"),
+                    "--prompts-file", str(prompts), "--model", "text-regions", *extra)
+    assert masks.returncode == 0, masks.stderr
+    described = json.loads((tmp_path / "masks" / "sub" / "promo" / "instances.json").read_text())
+    assert described["instances"] and described["job_id"] == rows[1]["job"]["id"]
+    from PIL import Image
+
+    first = described["instances"][0]
+    mask = Image.open(tmp_path / "masks" / "sub" / "promo" / first["png"])
+    assert mask.size == (rows[1]["job"]["result"]["width"], rows[1]["job"]["result"]["height"])
+    assert sum(1 for v in mask.getdata() if v == 255) == first["area"]
+
+
+def test_on_a_terminal_the_progress_is_a_bar(web, base_env, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    folder = folder_of_test_images(tmp_path)
+    key = run_cli(base_env, "keys", "create", "--tenant", "cli-tty").stdout.strip()
+    env = {**os.environ, **base_env, "MASKQ_API_URL": web, "MASKQ_API_KEY": key}
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a terminal 120 wide
+    process = subprocess.Popen([str(VENV_BIN / "maskq"), "segment", str(folder), "--out", str(tmp_path / "c.json"),
+                                "--text", "dataset", "--model", "text-regions"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed: the command ended
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert process.wait(120) == 0
+    text = seen.decode(errors="replace")
+    assert "2/2" in text and "100%" in text and "failed=0" in text, text  # tqdm's bar, with the failures
+    assert "[1/2]" not in text  # not the piped lines

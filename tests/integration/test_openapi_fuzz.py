@@ -38,9 +38,11 @@ def live_server(base_env, redis_client):
     """The app in a real threaded HTTP server on a free port, against the real Redis."""
     from webapp.app import create_app
 
-    # Short long-polls (a fuzzed ?wait must not hold the run); limits far above what the fuzzer sends.
+    # Short long-polls (a fuzzed ?wait must not hold the run); limits far above what the fuzzer sends
+    # (its missing-key probes too: one per operation and phase).
     app = create_app(settings_from(base_env, max_wait_s=1, default_rate="100000/minute",
-                                   global_rate="100000/minute"))
+                                   global_rate="100000/minute",
+                                   failed_auth_rate="100000/minute"))
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="fuzzed-server", daemon=True)
     thread.start()
