@@ -38,13 +38,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     # Every move a request makes (a cancel, an expiry noticed on read) becomes the job's webhook event.
     jobs.on_moved = JobEvents(client, app.extensions["maskq"].celery)
-    from webapp import deliveries, health, jobs, metrics, models, page
+    from webapp import batches, deliveries, health, jobs, metrics, models, page
 
     # Timed from the first hook to the last, so every answer (an auth failure, a 429) is counted.
     app.before_request(metrics.start_timer)
     app.after_request(metrics.count_request)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(batches.bp)
     app.register_blueprint(models.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(deliveries.bp)

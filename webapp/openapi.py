@@ -16,7 +16,7 @@ from flask import Blueprint, Flask, current_app, jsonify
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from domain.schemas import JobRequest, Lane, MaskRLE, Strict
+from domain.schemas import BatchRequest, JobRequest, Lane, MaskRLE, PromptSet, Strict
 from webapp.idempotency import HEADER as IDEMPOTENCY_HEADER
 from webapp.idempotency import MAX_KEY_LENGTH
 from webapp.services import services
@@ -165,6 +165,58 @@ class AdminStatus(Document):
     gates: dict[str, dict] = Field(description="each worker's resource gate")
 
 
+class BatchJob(Document):
+    id: str
+    file_name: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled", "expired"]
+
+
+class Rejected(Document):
+    file_name: str
+    status: int = Field(description="the HTTP status ``POST /v1/jobs`` would have answered for this image")
+    detail: str
+
+
+class Batch(Document):
+    """A batch as ``GET /v1/batches/{id}`` shows it, and as its ``batch.completed`` webhook carries it."""
+
+    id: str
+    status: Literal["receiving", "running", "canceling", "completed", "canceled"]
+    lane: Lane
+    model: str | None
+    total: int = Field(description="images that became jobs")
+    counts: dict[str, int] = Field(description="jobs by status")
+    done: int = Field(description="jobs that have ended")
+    progress: float = Field(description="done / total")
+    eta_s: float | None = Field(None, description="seconds until the last job ends, at the rate so far")
+    estimated_completion_at: str | None = None
+    rejected: list[Rejected] = Field(description="images refused at upload, each with its problem")
+    created_at: str
+    completed_at: str | None
+    canceled_at: str | None
+    coco_url: str
+    jobs: list[BatchJob]
+
+
+class Coco(Document):
+    """COCO results: ``images``, ``annotations`` (RLE ``segmentation``), ``categories``, and ``failures``."""
+
+    images: list[dict]
+    annotations: list[dict]
+    categories: list[dict]
+    failures: list[dict]
+
+
+class MultipartBatch(BaseModel):
+    """``POST /v1/batches``: image files (``images``, repeatable) and/or one zip or tar ``archive``."""
+
+    images: list[bytes] = Field(default_factory=list, description="image files; their names label the results")
+    archive: bytes | None = Field(None, description="a zip or tar (.gz/.bz2/.xz) of images")
+    request: BatchRequest = Field(default_factory=BatchRequest, description="JSON text: one request for every image")
+    prompts: dict[str, PromptSet] = Field(default_factory=dict,
+                                          description="JSON text: file name -> that image's prompts")
+
+
 class InlineImage(Strict):
     base64: str = Field(description="the image file's bytes, base64-encoded")
 
@@ -182,13 +234,13 @@ class MultipartSubmission(BaseModel):
     request: JobRequest = Field(default_factory=JobRequest, description="JSON text; may be left out")
 
 
-REQUEST_MODELS = (JsonSubmission, MultipartSubmission)
-RESPONSE_MODELS = (Job, Problem, ModelList, Health, Readiness, AdminStatus, DeliveryList, Redelivered)
+REQUEST_MODELS = (JsonSubmission, MultipartSubmission, MultipartBatch)
+RESPONSE_MODELS = (Job, Batch, Coco, Problem, ModelList, Health, Readiness, AdminStatus, DeliveryList, Redelivered)
 
 ERRORS = {
     400: "Bad request: unreadable input", 401: "No API key, or an unknown one",
     403: "The key is revoked, or may not use the lane asked for", 404: "No such job (or another tenant's)",
-    409: "The job's state does not allow this", 413: "The image is too large",
+    409: "The job's (or batch's) state does not allow this", 413: "The image (or batch) is too large",
     415: "Not an image type the service reads", 422: "The request names something invalid",
     429: "Over the rate limit; retry after Retry-After seconds", 503: "Busy or a dependency is down; retry later",
 }
@@ -218,6 +270,7 @@ def _job_answers(*statuses: int, created: bool = False) -> dict:
 
 def _operations(max_wait_s: int) -> dict[tuple[str, str], dict]:
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    batch_id = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
     return {
         ("/v1/jobs", "post"): {
             "summary": "Submit a job", "operationId": "submitJob",
@@ -265,6 +318,34 @@ def _operations(max_wait_s: int) -> dict[tuple[str, str], dict]:
                 "type": "object", "properties": {"delivery_id": {"type": "string"}}}}}},
             "responses": {"202": json_answer("Redelivered", "Queued again", RATE_HEADERS),
                           **error_answers(400, 404, 409, *V1_ERRORS)},
+        },
+        ("/v1/batches", "post"): {
+            "summary": "Submit many images as one batch (one job each, on the batch lane)", "operationId": "submitBatch",
+            "parameters": [{"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
+                            "description": "the same key and upload within 24 h return the same batch",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH}}],
+            "requestBody": {"required": True, "content": {
+                "multipart/form-data": {"schema": {"$ref": REF.format(model="MultipartBatch")},
+                                        "encoding": {"request": {"contentType": "application/json"},
+                                                     "prompts": {"contentType": "application/json"}}}}},
+            "responses": {"202": json_answer("Batch", "Accepted: its jobs are queued", RATE_HEADERS),
+                          "200": json_answer("Batch", "The batch an earlier identical request made", RATE_HEADERS),
+                          **error_answers(400, 409, 413, 415, 422, *V1_ERRORS)},
+        },
+        ("/v1/batches/{batch_id}", "get"): {
+            "summary": "A batch's progress: counts by status, ETA, its jobs", "operationId": "getBatch",
+            "parameters": [batch_id],
+            "responses": {"200": json_answer("Batch", "The batch", RATE_HEADERS), **error_answers(404, *V1_ERRORS)},
+        },
+        ("/v1/batches/{batch_id}", "delete"): {
+            "summary": "Cancel a batch's queued jobs", "operationId": "cancelBatch", "parameters": [batch_id],
+            "responses": {"200": json_answer("Batch", "The batch", RATE_HEADERS),
+                          **error_answers(404, 409, *V1_ERRORS)},
+        },
+        ("/v1/batches/{batch_id}/coco", "get"): {
+            "summary": "A batch's finished results as COCO JSON", "operationId": "getBatchCoco",
+            "parameters": [batch_id],
+            "responses": {"200": json_answer("Coco", "COCO results", RATE_HEADERS), **error_answers(404, *V1_ERRORS)},
         },
         ("/v1/models", "get"): {
             "summary": "The models this deployment serves", "operationId": "listModels",
