@@ -84,6 +84,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -575,6 +576,7 @@ class PeerStack(Stack):
         self.kill_leftovers()
         self._kill_by_folder()
         self.process = None
+        shutil.rmtree(self.folder, ignore_errors=True)  # its log and Ray's session folder
 
     def _kill_by_folder(self) -> None:
         """Ray's own daemons name their temp folder (this stack's alone) on their command line."""
@@ -867,7 +869,7 @@ WORK = {"steady": steady, "burst": burst, "priority": priority, "repeats": repea
 # --- the run ----------------------------------------------------------------------------------------
 
 
-def measure(plan: Plan, inputs_for_round, log=print) -> tuple[dict, dict, dict]:
+def measure(plan: Plan, inputs_for_round, log=functools.partial(print, flush=True)) -> tuple[dict, dict, dict]:
     """Every round of :func:`schedule`; ``(samples[workload][stack], memory[stack], missing[stack])``."""
     samples: dict[str, dict[str, list[dict]]] = {w: {} for w in WORKLOADS}
     memory: dict[str, dict] = {}
