@@ -13,8 +13,11 @@ from domain.batches import BatchStore
 from domain.delivery_log import DeliveryLog
 from domain.records import JobStore
 from tests.conftest import IMAGES, authorized_client, image_bytes
+from tests.integration.helpers import small_png, status, wait_for
+from tests.support.slow_models import slow_manifest
 
 TEXT = {"model": "text-regions", "prompts": {"text": ["dataset"]}}
+NOWHERE = "http://127.0.0.1:9/"  # loopback's discard port: a delivery there is refused, and reaches no one
 
 
 def post_batch(client, images=(), request=None, archive=None, prompts=None, headers=None):
@@ -119,9 +122,9 @@ def test_archives_fan_out_one_job_per_image_and_cancel_cancels_the_queued_ones(s
     assert DeliveryLog(stack.redis).for_job(batch["id"]) == []
 
 
-def test_the_last_job_to_end_completes_the_batch_once_and_its_event_is_queued_once(stack, receivers_url="http://127.0.0.1:9/"):
+def test_the_last_job_to_end_completes_the_batch_once_and_its_event_is_queued_once(stack):
     client = stack.client()
-    hook = {"url": receivers_url, "events": ["batch.completed"]}
+    hook = {"url": NOWHERE, "events": ["batch.completed"]}
     answer = post_batch(client, [("en.jpg", image_bytes("en.jpg")), ("latin.jpg", image_bytes("latin.jpg"))],
                         request={**TEXT, "webhook": hook})
     batch = answer.get_json()
@@ -142,7 +145,7 @@ def test_the_last_job_to_end_completes_the_batch_once_and_its_event_is_queued_on
     read = client.get(f"/v1/batches/{batch['id']}")  # any reader queues what is due
     assert read.get_json()["counts"] == {**read.get_json()["counts"], "succeeded": 1, "failed": 1}
     messages = DeliveryLog(stack.redis).for_job(batch["id"])
-    assert [(m.event, m.url) for m in messages] == [("batch.completed", receivers_url)]
+    assert [(m.event, m.url) for m in messages] == [("batch.completed", NOWHERE)]
     assert json.loads(messages[0].body)["status"] == "completed"
     assert stack.redis.zcard("maskq:batches:unnotified") == 0
 
@@ -161,6 +164,33 @@ def test_a_batch_outlives_the_web_process_and_its_jobs_run_on_a_worker_started_l
     assert doc["counts"]["succeeded"] == 2 and doc["eta_s"] is None
     coco = later_web.get(f"/v1/batches/{batch_id}/coco").get_json()
     assert sorted(i["file_name"] for i in coco["images"]) == ["black.jpg", "en.jpg"]
+
+
+def test_a_batch_outlives_a_killed_worker_and_a_redis_restart_and_completes_once(isolated, tmp_path):
+    """A machine dies mid-batch, then Redis restarts (from its AOF): every job ends once, the batch once."""
+    env = {"MASKQ_VISIBILITY_TIMEOUT_S": 12, "MASKQ_JOB_SOFT_TIME_LIMIT_S": 8, "MASKQ_JOB_HARD_TIME_LIMIT_S": 10,
+           "MASKQ_STORAGE_RETRY_BOUND_S": 2, "MASKQ_UNACKED_RESTORE_INTERVAL_S": 1}
+    client = isolated.client(**{k[6:].lower(): v for k, v in env.items()})
+    first = isolated.worker("first", MASKQ_MODELS_MANIFEST=slow_manifest(tmp_path, delay_s=1), **env)
+    hook = {"url": NOWHERE, "events": ["batch.completed"]}
+    images = [(f"{n}.png", small_png(n)) for n in range(5)]
+    batch = post_batch(client, images, request={"model": "text-regions", "webhook": hook}).get_json()
+    jobs = isolated.jobs()
+    ids = [j["id"] for j in batch["jobs"]]
+    wait_for(lambda: any(status(jobs, job_id) == "running" for job_id in ids), 30)
+    first.kill()  # main process and children at once, as a machine dying would
+    time.sleep(1.2)  # AOF is written every second
+    isolated.server.stop()
+    isolated.server.start()
+    isolated.worker("second", **env)
+    deadline = time.monotonic() + 120
+    while (doc := client.get(f"/v1/batches/{batch['id']}").get_json())["status"] != "completed":
+        assert time.monotonic() < deadline, doc
+        time.sleep(0.3)
+    assert doc["counts"]["succeeded"] == 5 and doc["done"] == 5
+    time.sleep(1)  # any second completion would have been queued by now
+    messages = DeliveryLog(isolated.redis).for_job(batch["id"])
+    assert [m.event for m in messages] == ["batch.completed"]
 
 
 def test_an_upload_cut_off_midway_is_sealed_with_the_jobs_it_has(stack):
