@@ -63,7 +63,7 @@ def submit_batch():
     batch_request = parse_model(BatchRequest, body, "request")
     if batch_request.webhook is not None:
         check_webhook_url(batch_request.webhook.url, settings.webhook_allowed_networks)  # 422 for private targets
-    per_image = _per_image_prompts(_json_part("prompts") or {})
+    per_image = _per_image_prompts(_json_part("prompts") or {}, settings.max_batch_images)
     choose_lane(batch_request.lane)  # 403 above the key's ceiling, before anything is read
     images = _images(settings, per_image)
     if not images:
@@ -158,10 +158,13 @@ def _json_part(name: str) -> object:
     return None if raw is None or not raw.strip() else parse_json(raw, name)
 
 
-def _per_image_prompts(raw: object) -> dict[str, PromptSet]:
+def _per_image_prompts(raw: object, most: int) -> dict[str, PromptSet]:
     if not isinstance(raw, dict):
         raise ValidationFailed("the prompts part must be a JSON object: file name -> prompts",
                                errors=[{"field": "prompts", "message": "must be an object"}])
+    if len(raw) > most:  # before validating any: each name costs a model validation
+        raise ValidationFailed(f"the prompts part names {len(raw)} images; a batch holds at most {most}",
+                               errors=[{"field": "prompts", "message": f"more than {most} entries"}])
     return {name: parse_model(PromptSet, prompts, f"prompts[{name}]") for name, prompts in raw.items()}
 
 
@@ -205,11 +208,14 @@ def cancel_batch(batch_id: str):
     store = batches()
     store.mark_canceled(batch.id)
     cache = ResultCache(s.jobs, s.settings, s.catalog, s.celery)
+    canceled = []
     for job_id, _ in store.job_entries(batch.id):
         moved, _before = s.jobs.move(job_id, JobState.CANCELED, {JobState.QUEUED}, finished_at=time.time())
         if moved:
-            s.celery.control.revoke(job_id)  # a hint to workers; the record is what stops it
+            canceled.append(job_id)
             cache.settle(job_id)
+    if canceled:
+        s.celery.control.revoke(canceled)  # one broadcast, a hint to workers; the records are what stop them
     notify_batches(store, _base_url(), s.celery)  # the last cancel may have completed it
     return _answer(load_batch(batch.id), 200)
 

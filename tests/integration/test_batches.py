@@ -68,6 +68,11 @@ def test_bad_uploads_get_clear_4xx_and_leave_no_batch(client, redis_client):
     assert answer.status_code == 422 and "b.jpg" in answer.get_json()["detail"]
     answer = post_batch(client, [("a.jpg", en)], prompts={"a.jpg": {"points": "here"}})
     assert answer.status_code == 422
+    many = {f"{n}.jpg": {"text": ["x"]} for n in range(100_000)}  # 2 MB of names: refused before validating
+    started = time.monotonic()
+    answer = post_batch(client, [("a.jpg", en)], prompts=many)
+    assert answer.status_code == 422 and "at most" in answer.get_json()["detail"]
+    assert time.monotonic() - started < 5
     answer = post_batch(client, [("a.jpg", en), ("a.jpg", en)])
     assert answer.status_code == 422 and "unique" in answer.get_json()["detail"]
     answer = post_batch(client, [("x.jpg", b"\xff\xd8\xff broken"), ("y.png", b"nothing")])
@@ -95,6 +100,9 @@ def test_a_batch_is_bounded_in_images_and_bytes(stack):
     whole = client.post("/v1/batches", data={"images": [(io.BytesIO(b"\0" * 1_500_000), "big.jpg")]},
                         content_type="multipart/form-data")
     assert whole.status_code == 413  # the upload itself is over MASKQ_MAX_BATCH_BYTES
+    parts = client.post("/v1/batches", data={"images": [(io.BytesIO(b"x"), f"{n}.jpg") for n in range(1500)]},
+                        content_type="multipart/form-data")
+    assert parts.status_code == 413  # more parts than the form parser takes (Flask's MAX_FORM_PARTS)
     assert not list(stack.redis.scan_iter(match="maskq:batch:*"))
 
 
