@@ -230,3 +230,17 @@ def test_another_tenants_batch_is_a_404(app, client):
     assert stranger.get(f"/v1/batches/{batch['id']}/coco").status_code == 404
     assert client.get("/v1/batches/../../etc").status_code == 404
     assert client.get(f"/v1/batches/{'z' * 32}").status_code == 404
+
+
+def test_a_batch_webhook_listing_job_events_gives_each_job_that_webhook_and_only_those_events(stack):
+    client = stack.client()
+    hook = {"url": NOWHERE, "events": ["batch.completed", "job.failed"]}
+    batch = post_batch(client, [("en.jpg", image_bytes("en.jpg"))], request={**TEXT, "webhook": hook}).get_json()
+    record = stack.jobs().get(batch["jobs"][0]["id"])
+    assert record.request["webhook"] == {"url": NOWHERE, "events": ["job.failed"]}
+    quiet = post_batch(client, [("en.jpg", image_bytes("en.jpg"))],
+                       request={**TEXT, "webhook": {"url": NOWHERE}}).get_json()
+    assert stack.jobs().get(quiet["jobs"][0]["id"]).request.get("webhook") is None  # batch.completed alone
+    private = post_batch(client, [("en.jpg", image_bytes("en.jpg"))],
+                         request={**TEXT, "webhook": {"url": "http://10.0.0.1/hook"}})
+    assert private.status_code == 422  # the SSRF guard, at submit: nothing is ever sent there
