@@ -98,7 +98,8 @@ from pathlib import Path
 import psutil
 import requests
 
-from bench.common import ENDED, ROOT, Options, ServiceStack, format_table, free_port, load_images, percentile
+from bench.common import (ENDED, ROOT, Options, ServiceStack, format_table, free_port, load_images, percentile,
+                          run_threads)
 
 STACKS = ("maskq", "ray", "litserve", "flask")
 WORKLOADS = ("steady", "burst", "priority", "repeats", "second_click")
@@ -691,17 +692,7 @@ def run_parallel(jobs: list, clients: int, work) -> tuple[float, list[Outcome]]:
                     return
                 outcomes[i] = work(session, jobs[i])
 
-    return _threads(client, clients), outcomes
-
-
-def _threads(target, count: int) -> float:
-    threads = [threading.Thread(target=target, daemon=True) for _ in range(count)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - started
+    return run_threads(client, clients, "peer-client"), outcomes
 
 
 def warm(stack: Stack, inputs: Inputs, plan: Plan) -> None:
@@ -740,7 +731,7 @@ def steady(stack: Stack, inputs: Inputs, plan: Plan) -> dict:
                 with lock:
                     outcomes.append(outcome)
 
-    wall = _threads(client, plan.clients)
+    wall = run_threads(client, plan.clients, "peer-client")
     return {"wall_s": wall, "latencies": [o.latency_s for o in outcomes if o.status == "ok"], **count(outcomes)}
 
 
@@ -843,7 +834,7 @@ def repeats(stack: Stack, inputs: Inputs, plan: Plan) -> dict:
                 with lock:
                     outcomes.append(outcome)
 
-    wall = _threads(client, plan.clients)
+    wall = run_threads(client, plan.clients, "peer-client")
     return {"wall_s": wall, "latencies": [o.latency_s for o in outcomes if o.status == "ok"],
             "cached": sum(o.cached for o in outcomes), **count(outcomes)}
 

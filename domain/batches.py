@@ -36,6 +36,10 @@ _SEAL = keys.lua("""
 -- KEYS[1]: the batch. ARGV: now. Seal it; complete it at once when no job is pending.
 if redis.call('HEXISTS', KEYS[1], 'sealed_at') == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'sealed_at', ARGV[1])
+-- A job counted pending whose record was never written (its uploader died in between) never ends.
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1] .. ':pending')) do
+  if redis.call('EXISTS', '${job}' .. id) == 0 then redis.call('SREM', KEYS[1] .. ':pending', id) end
+end
 if redis.call('SCARD', KEYS[1] .. ':pending') == 0 and redis.call('HSETNX', KEYS[1], 'completed_at', ARGV[1]) == 1 then
   redis.call('ZADD', '${batches_unnotified}', ARGV[1], redis.call('HGET', KEYS[1], 'id'))
   return 2

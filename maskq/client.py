@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Mapping, Sequence, Union
+from typing import Any, BinaryIO, ClassVar, Iterable, Mapping, Sequence, Union
 
 import requests
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -48,20 +48,28 @@ class ApiError(Exception):
 
 
 @dataclass(frozen=True)
-class Job:
-    """A job as ``GET /v1/jobs/{id}`` shows it; ``document`` is the whole JSON."""
+class Resource:
+    """Something the API answers with an ``id`` and a ``status``; ``document`` is the whole JSON."""
 
     id: str
     status: str
     document: dict = field(repr=False)
+    ENDED: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
-    def from_document(cls, document: dict) -> "Job":
+    def from_document(cls, document: dict):
         return cls(id=document["id"], status=document["status"], document=document)
 
     @property
     def ended(self) -> bool:
-        return self.status in ENDED
+        return self.status in self.ENDED
+
+
+@dataclass(frozen=True)
+class Job(Resource):
+    """A job as ``GET /v1/jobs/{id}`` shows it."""
+
+    ENDED: ClassVar[frozenset[str]] = ENDED
 
     @property
     def succeeded(self) -> bool:
@@ -86,20 +94,10 @@ class Job:
 
 
 @dataclass(frozen=True)
-class Batch:
-    """A batch as ``GET /v1/batches/{id}`` shows it; ``document`` is the whole JSON."""
+class Batch(Resource):
+    """A batch as ``GET /v1/batches/{id}`` shows it."""
 
-    id: str
-    status: str
-    document: dict = field(repr=False)
-
-    @classmethod
-    def from_document(cls, document: dict) -> "Batch":
-        return cls(id=document["id"], status=document["status"], document=document)
-
-    @property
-    def ended(self) -> bool:
-        return self.status in ("completed", "canceled")
+    ENDED: ClassVar[frozenset[str]] = frozenset({"completed", "canceled"})
 
     @property
     def total(self) -> int:

@@ -34,7 +34,7 @@ from webapp.auth import choose_lane, current_tenant
 from webapp.idempotency import claim_submission
 from webapp.jobs import accept, new_job
 from webapp.services import services
-from webapp.submission import MAX_REQUEST_PART_BYTES, parse_json
+from webapp.submission import json_part
 
 bp = Blueprint("batches", __name__)
 
@@ -59,11 +59,13 @@ def submit_batch():
     if request.mimetype != "multipart/form-data":
         raise UnsupportedMediaType("send multipart/form-data: parts 'images' (repeatable) or 'archive', "
                                    "'request', and optionally 'prompts'")
-    body = _json_part("request") or {}
+    body = json_part(request, "request")
+    body = {} if body is None else body
     batch_request = parse_model(BatchRequest, body, "request")
     if batch_request.webhook is not None:
         check_webhook_url(batch_request.webhook.url, settings.webhook_allowed_networks)  # 422 for private targets
-    per_image = _per_image_prompts(_json_part("prompts") or {}, settings.max_batch_images)
+    prompts = json_part(request, "prompts")
+    per_image = _per_image_prompts({} if prompts is None else prompts, settings.max_batch_images)
     choose_lane(batch_request.lane)  # 403 above the key's ceiling, before anything is read
     images = _images(settings, per_image)
     if not images:
@@ -149,15 +151,6 @@ def _images(settings, per_image: dict) -> list[Member]:
     return images
 
 
-def _json_part(name: str) -> object:
-    raw = request.form.get(name)
-    if raw is None and name in request.files:  # `curl -F request=@req.json` sends it as a file
-        raw = request.files[name].stream.read(MAX_REQUEST_PART_BYTES + 1)
-        if len(raw) > MAX_REQUEST_PART_BYTES:
-            raise PayloadTooLarge(f"the {name} part is larger than {MAX_REQUEST_PART_BYTES} bytes")
-    return None if raw is None or not raw.strip() else parse_json(raw, name)
-
-
 def _per_image_prompts(raw: object, most: int) -> dict[str, PromptSet]:
     if not isinstance(raw, dict):
         raise ValidationFailed("the prompts part must be a JSON object: file name -> prompts",
@@ -222,14 +215,14 @@ def cancel_batch(batch_id: str):
 
 def load_batch(batch_id: str) -> BatchRecord:
     """The tenant's batch ``batch_id``, or a 404; a batch whose upload was cut off long ago is sealed on read."""
-    s = services()
+    s, store = services(), batches()
     ok = len(batch_id) == BATCH_ID_LENGTH and all(c in "0123456789abcdef" for c in batch_id)
-    batch = batches().get(batch_id) if ok else None
+    batch = store.get(batch_id) if ok else None
     if batch is None or batch.tenant != current_tenant():
         raise NotFound(f"no batch {batch_id}")
-    batch = batches().seal_if_abandoned(batch, s.settings.batch_receive_timeout_s)
-    if batch.completed_at is not None:
-        notify_batches(batches(), _base_url(), s.celery)
+    batch = store.seal_if_abandoned(batch, s.settings.batch_receive_timeout_s)
+    if batch.completed_at is not None:  # its event is due, unless queued already: queue it if no one has
+        notify_batches(store, _base_url(), s.celery)
     return batch
 
 

@@ -32,7 +32,7 @@ from pycocotools import mask as mask_utils
 
 from domain.archives import IMAGE_SUFFIXES
 from domain.coco import Item, coco_document
-from maskq.client import ApiError, Client
+from maskq.client import ENDED, ApiError, Client
 
 BATCH_CHUNK = 200  # images per POST /v1/batches (the server's MASKQ_MAX_BATCH_IMAGES is 500 by default)
 FORMATS = ("coco", "jsonl", "png")
@@ -110,10 +110,11 @@ def segment_on_server(client: Client, folder: Path, paths: list[Path], request: 
         names = [str(p.relative_to(folder)) for p in chunk]
         files = [(name, p.read_bytes()) for name, p in zip(names, chunk)]
         chunk_prompts = {name: prompts[name] for name in names if name in prompts}
-        key = hashlib.sha256(b"".join(run_key(data, {"name": name}).encode() for name, data in files)
-                             + json.dumps([request, chunk_prompts], sort_keys=True).encode()).hexdigest()
+        # The same images under the same names, request and prompts: the same batch (a rerun resumes it).
+        key = run_key(b"".join(hashlib.sha256(data).digest() for _, data in files),
+                      {"names": names, "request": request, "prompts": chunk_prompts})
         try:
-            batch = client.submit_batch([io.BytesIO(data) for _, data in files], request, prompts=chunk_prompts,
+            batch = client.submit_batch([data for _, data in files], request, prompts=chunk_prompts,
                                         idempotency_key=key, names=names)
         except ApiError as exc:  # the whole chunk refused (every image bad, too large a request)
             for name in names:
@@ -128,7 +129,7 @@ def segment_on_server(client: Client, folder: Path, paths: list[Path], request: 
 
         def follow(now) -> None:
             for job in now.document["jobs"]:
-                if job["status"] in ("succeeded", "failed", "canceled", "expired") and job["id"] not in seen:
+                if job["status"] in ENDED and job["id"] not in seen:
                     seen.add(job["id"])
                     progress.advance(Item(job["file_name"], error=None if job["status"] == "succeeded"
                                           else job["status"]))

@@ -24,12 +24,8 @@ def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes, obje
         if upload is None:
             raise InputError("the multipart body has no part named 'image'", errors=[{"field": "image", "message": "missing"}])
         data = upload.stream.read(max_image_bytes + 1)
-        raw = request.form.get("request")
-        if raw is None and "request" in request.files:  # `curl -F request=@req.json` sends it as a file
-            raw = request.files["request"].stream.read(MAX_REQUEST_PART_BYTES + 1)
-            if len(raw) > MAX_REQUEST_PART_BYTES:
-                raise PayloadTooLarge(f"the request part is larger than {MAX_REQUEST_PART_BYTES} bytes")
-        body = {} if raw is None or not raw.strip() else parse_json(raw, "request")
+        body = json_part(request, "request")
+        body = {} if body is None else body
     elif request.mimetype == "application/json":
         body = parse_json(request.get_data(cache=False, as_text=False), "body")
         if not isinstance(body, dict):
@@ -48,6 +44,16 @@ def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes, obje
     if len(data) > max_image_bytes:
         raise PayloadTooLarge(f"the image is larger than {max_image_bytes} bytes")
     return data, body
+
+
+def json_part(request: Request, name: str) -> object:
+    """The JSON of multipart part ``name``, a form field or a file part; None when absent or blank."""
+    raw = request.form.get(name)
+    if raw is None and name in request.files:  # `curl -F request=@req.json` sends it as a file
+        raw = request.files[name].stream.read(MAX_REQUEST_PART_BYTES + 1)
+        if len(raw) > MAX_REQUEST_PART_BYTES:
+            raise PayloadTooLarge(f"the {name} part is larger than {MAX_REQUEST_PART_BYTES} bytes")
+    return None if raw is None or not raw.strip() else parse_json(raw, name)
 
 
 def parse_json(raw: str | bytes, what: str) -> object:

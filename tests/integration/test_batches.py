@@ -81,8 +81,29 @@ def test_bad_uploads_get_clear_4xx_and_leave_no_batch(client, redis_client):
     assert answer.status_code == 400
     answer = post_batch(client, archive=("photos.tar", b"neither zip nor tar" * 50))
     assert answer.status_code == 400 and "neither a zip nor a tar" in answer.get_json()["detail"]
+    answer = post_batch(client, [("a.jpg", en)], request=[])
+    assert answer.status_code == 422  # a JSON array is no request, not an empty one
+    answer = post_batch(client, [("a.jpg", en)], prompts=[])
+    assert answer.status_code == 422
+    huge = client.post("/v1/batches", data={"request": "{" + " " * 10_000_000 + "}",
+                                            "images": [(io.BytesIO(en), "a.jpg")]}, content_type="multipart/form-data")
+    assert huge.status_code == 413  # a 10 MB text field: refused while the form is read
+    huge = client.post("/v1/batches", data={"prompts": (io.BytesIO(b" " * 9_000_000), "prompts.json"),
+                                            "images": [(io.BytesIO(en), "a.jpg")]}, content_type="multipart/form-data")
+    assert huge.status_code == 413 and "prompts part" in huge.get_json()["detail"]
     assert not list(redis_client.scan_iter(match="maskq:batch:*"))  # none of these made a batch
     assert not list(redis_client.scan_iter(match="maskq:job:*"))
+
+
+def test_the_request_and_prompts_may_come_as_file_parts(stack):
+    client = stack.client()
+    answer = client.post("/v1/batches", content_type="multipart/form-data", data={
+        "request": (io.BytesIO(json.dumps(TEXT).encode()), "request.json"),
+        "prompts": (io.BytesIO(json.dumps({"en.jpg": {"text": ["shot"]}}).encode()), "prompts.json"),
+        "images": [(io.BytesIO(image_bytes("en.jpg")), "en.jpg")]})
+    assert answer.status_code == 202, answer.get_json()
+    record = stack.jobs().get(answer.get_json()["jobs"][0]["id"])
+    assert record.request["prompts"]["text"] == ["shot"] and record.model == "text-regions"
 
 
 def test_a_batch_is_bounded_in_images_and_bytes(stack):
@@ -204,12 +225,16 @@ def test_a_batch_outlives_a_killed_worker_and_a_redis_restart_and_completes_once
 def test_an_upload_cut_off_midway_is_sealed_with_the_jobs_it_has(stack):
     client = stack.client(batch_receive_timeout_s=0.5)
     batch = post_batch(client, [("en.jpg", image_bytes("en.jpg"))]).get_json()
-    # As if the web process had died before sealing: the batch is still receiving.
+    # As if the web process had died before sealing, between counting a job pending and writing its record.
     stack.redis.hdel(f"maskq:batch:{batch['id']}", "sealed_at")
+    stack.redis.sadd(f"maskq:batch:{batch['id']}:pending", "f" * 32)
     assert client.get(f"/v1/batches/{batch['id']}").get_json()["status"] in ("receiving", "running")
     time.sleep(0.6)
     doc = client.get(f"/v1/batches/{batch['id']}").get_json()
     assert doc["status"] == "running" and doc["total"] == 1
+    assert stack.redis.smembers(f"maskq:batch:{batch['id']}:pending") == {batch["jobs"][0]["id"].encode()}
+    ended = client.delete(f"/v1/batches/{batch['id']}").get_json()  # its one real job ends: the batch completes
+    assert ended["status"] == "canceled" and ended["completed_at"] is not None
 
 
 def test_the_same_idempotency_key_and_upload_return_the_same_batch(client):
