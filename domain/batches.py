@@ -7,14 +7,19 @@ A batch is a hash in Redis beside two collections (domain/keys.py):
 
 The web process writes the batch first (``receiving``), adds each job to
 ``pending`` *before* the job exists (so the job cannot end unseen), and
-seals the batch when every image is a job. The job's own state move takes
+seals the batch when every image is a job; while it fans out it touches the
+batch with each image (``touched_at``, and its score in the index of batches
+still receiving). The job's own state move takes
 it out of ``pending`` (the transition script in domain/records.py); the move
 that empties the pending set of a sealed batch completes the batch in the
 same step and marks its ``batch.completed`` event due. Whoever notices a due
 event (the web after sealing, every worker's upkeep) takes it under a lease
 and queues its webhook; a process that dies in between leaves the lease to
-run out, and the next one queues it. Everything is in Redis, so a batch
-outlives any web or worker restart.
+run out, and the next one queues it. A batch that goes quiet while receiving
+(its uploader died mid fan-out) is sealed with the jobs it has once
+``batch_receive_timeout_s`` has passed since its last touch, by every worker's
+upkeep (so a webhook-only client still gets ``batch.completed``) or by a read.
+Everything is in Redis, so a batch outlives any web or worker restart.
 """
 from __future__ import annotations
 
@@ -33,15 +38,24 @@ STATES = tuple(str(s) for s in JobState)
 NOTIFY_LEASE_S = 60
 
 _SEAL = keys.lua("""
--- KEYS[1]: the batch. ARGV: now. Seal it; complete it at once when no job is pending.
-if redis.call('HEXISTS', KEYS[1], 'sealed_at') == 1 then return 0 end
+-- KEYS[1]: the batch. ARGV: now, its id[, cutoff]. Seal it (given a cutoff: only if it was last touched no
+-- later, so a fan-out still at work is never sealed under it); complete it at once when no job is pending.
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'sealed_at') == 1 then
+  redis.call('ZREM', '${batches_receiving}', ARGV[2])
+  return 0
+end
+if ARGV[3] then
+  local last = redis.call('HGET', KEYS[1], 'touched_at') or redis.call('HGET', KEYS[1], 'created_at')
+  if tonumber(last) > tonumber(ARGV[3]) then return 0 end
+end
 redis.call('HSET', KEYS[1], 'sealed_at', ARGV[1])
+redis.call('ZREM', '${batches_receiving}', ARGV[2])
 -- A job counted pending whose record was never written (its uploader died in between) never ends.
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1] .. ':pending')) do
   if redis.call('EXISTS', '${job}' .. id) == 0 then redis.call('SREM', KEYS[1] .. ':pending', id) end
 end
 if redis.call('SCARD', KEYS[1] .. ':pending') == 0 and redis.call('HSETNX', KEYS[1], 'completed_at', ARGV[1]) == 1 then
-  redis.call('ZADD', '${batches_unnotified}', ARGV[1], redis.call('HGET', KEYS[1], 'id'))
+  redis.call('ZADD', '${batches_unnotified}', ARGV[1], ARGV[2])
   return 2
 end
 return 1
@@ -69,12 +83,13 @@ class BatchRecord:
     model: str | None = None
     webhook: dict | None = None
     rejected: list[dict] = field(default_factory=list)
+    touched_at: float | None = None  # its fan-out's last sign of life (None: none since created_at)
     sealed_at: float | None = None
     completed_at: float | None = None
     canceled_at: float | None = None
 
     _JSON = ("webhook", "rejected")
-    _FLOATS = ("created_at", "sealed_at", "completed_at", "canceled_at")
+    _FLOATS = ("created_at", "touched_at", "sealed_at", "completed_at", "canceled_at")
 
     def to_hash(self) -> dict[str, str]:
         return {k: json.dumps(v) if k in self._JSON else str(v) for k, v in self.__dict__.items() if v is not None}
@@ -117,6 +132,15 @@ class BatchStore:
         with self.redis.pipeline() as pipe:
             pipe.hset(keys.batch(batch.id), mapping=batch.to_hash())
             pipe.expire(keys.batch(batch.id), self.jobs.ttl_s)
+            pipe.zadd(keys.BATCHES_RECEIVING, {batch.id: batch.created_at})
+            pipe.execute()
+
+    def touch(self, batch_id: str) -> None:
+        """The fan-out is still at work on the batch: it is not abandoned (see :meth:`seal_abandoned`)."""
+        now = time.time()
+        with self.redis.pipeline() as pipe:
+            pipe.hset(keys.batch(batch_id), "touched_at", now)
+            pipe.zadd(keys.BATCHES_RECEIVING, {batch_id: now}, xx=True)  # a sealed batch is not put back
             pipe.execute()
 
     def get(self, batch_id: str) -> BatchRecord | None:
@@ -146,21 +170,40 @@ class BatchStore:
 
     def discard(self, batch_id: str) -> None:
         """Forget a batch none of whose images became a job."""
-        self.redis.delete(keys.batch(batch_id), keys.batch_jobs(batch_id), keys.batch_pending(batch_id))
+        with self.redis.pipeline() as pipe:
+            pipe.delete(keys.batch(batch_id), keys.batch_jobs(batch_id), keys.batch_pending(batch_id))
+            pipe.zrem(keys.BATCHES_RECEIVING, batch_id)
+            pipe.execute()
 
     def reject(self, batch_id: str, rejected: list[dict]) -> None:
         self.redis.hset(keys.batch(batch_id), "rejected", json.dumps(rejected))
 
     def seal(self, batch_id: str) -> bool:
         """Every image is a job now; True when that completes the batch (none was pending)."""
-        return self._seal(keys=[keys.batch(batch_id)], args=[time.time()]) == 2
+        return self._seal(keys=[keys.batch(batch_id)], args=[time.time(), batch_id]) == 2
 
     def seal_if_abandoned(self, batch: BatchRecord, timeout_s: float) -> BatchRecord:
-        """A batch still receiving long after it began lost its uploader: seal it with the jobs it has."""
-        if batch.sealed_at is None and time.time() - batch.created_at > timeout_s:
-            self.seal(batch.id)
+        """A batch still receiving, untouched for ``timeout_s``, lost its uploader: seal it with the jobs it has."""
+        now = time.time()
+        if batch.sealed_at is None and now - (batch.touched_at or batch.created_at) > timeout_s:
+            self._seal(keys=[keys.batch(batch.id)], args=[now, batch.id, now - timeout_s])
             return self.get(batch.id) or batch
         return batch
+
+    def seal_abandoned(self, timeout_s: float, most: int = 100) -> list[str]:
+        """Seal every batch still receiving and untouched for ``timeout_s``; the ids of those sealed.
+
+        Run by every worker's upkeep, so that a batch whose uploader died completes (and sends its
+        ``batch.completed``) though no one reads it.
+        """
+        now = time.time()
+        stale = self.redis.zrangebyscore(keys.BATCHES_RECEIVING, "-inf", now - timeout_s, start=0, num=most)
+        sealed = []
+        for raw in stale:
+            batch_id = raw.decode()
+            if self._seal(keys=[keys.batch(batch_id)], args=[now, batch_id, now - timeout_s]):
+                sealed.append(batch_id)
+        return sealed
 
     def job_entries(self, batch_id: str) -> list[tuple[str, str]]:
         """``(job id, file name)`` of every job of the batch, in upload order."""

@@ -8,7 +8,9 @@ retry that arrives while the first request is still being handled is a 409.
 
 A claim is written before the job is queued and kept for the TTL only when
 the answer is a 2xx; a request that fails lets its claim go, and one whose
-process dies mid-way leaves a pending claim that lapses after ``PENDING_TTL_S``.
+process dies mid-way leaves a pending claim that lapses after
+``MASKQ_IDEMPOTENCY_PENDING_TTL_S`` (a batch's fan-out, which may take longer,
+renews it as it goes: :meth:`Claim.keep_alive`).
 """
 from __future__ import annotations
 
@@ -31,6 +33,11 @@ PENDING_TTL_S = 60
 # Delete the claim only if it is still the one this request wrote.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# Push a pending claim's lapse back, only if it is still the one this request wrote.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 
@@ -63,6 +70,16 @@ class Claim:
     key: str | None = None
     value: str = ""
     ttl_s: int = 0
+    pending_ttl_s: int = PENDING_TTL_S
+
+    def keep_alive(self) -> None:
+        """The request is still at work: hold the pending claim another ``pending_ttl_s``."""
+        if self.key is None or self.replayed:
+            return
+        try:
+            self.redis.eval(_RENEW, 1, self.key, self.value, self.pending_ttl_s)
+        except redis.RedisError:
+            pass  # the next call tries again; at worst the claim lapses, as it would if we had died
 
     def settle(self, response):
         """Keep the claim for ``ttl_s`` when the job was queued (a 2xx answer), else let it go."""
@@ -77,12 +94,12 @@ class Claim:
             else:
                 self.redis.eval(_RELEASE, 1, self.key, self.value)
         except redis.RedisError:
-            pass  # a pending claim lapses after PENDING_TTL_S on its own
+            pass  # a pending claim lapses after pending_ttl_s on its own
         return response
 
 
 def claim(client: redis.Redis, tenant: str, header: str | None, job_id: str, image: bytes, body: object,
-          ttl_s: int) -> Claim:
+          ttl_s: int, pending_ttl_s: int = PENDING_TTL_S) -> Claim:
     """Claim ``header`` for a new job ``job_id``, or find the job an earlier identical request made.
 
     Raises ``ValidationFailed`` (422) when the key was used with another body,
@@ -94,8 +111,8 @@ def claim(client: redis.Redis, tenant: str, header: str | None, job_id: str, ima
     digest = fingerprint(image, body)
     value = json.dumps({"job_id": job_id, "fingerprint": digest, "done": False})
     for _ in range(3):  # the holder may let go between our SET and our GET
-        if client.set(key, value, nx=True, ex=PENDING_TTL_S):
-            return Claim(job_id, redis=client, key=key, value=value, ttl_s=ttl_s)
+        if client.set(key, value, nx=True, ex=pending_ttl_s):
+            return Claim(job_id, redis=client, key=key, value=value, ttl_s=ttl_s, pending_ttl_s=pending_ttl_s)
         held = client.get(key)
         if held is not None:
             earlier = json.loads(held)
@@ -114,7 +131,8 @@ def claim_submission(job_id: str, image: bytes, body: object) -> Claim:
     settings = services().settings
     # A claim must not outlive the job it points to.
     ttl_s = min(settings.idempotency_ttl_s, settings.job_ttl_s)
-    held = claim(services().redis, current_tenant(), request.headers.get(HEADER), job_id, image, body, ttl_s)
+    held = claim(services().redis, current_tenant(), request.headers.get(HEADER), job_id, image, body, ttl_s,
+                 settings.idempotency_pending_ttl_s)
     if held.key is not None and not held.replayed:
         after_this_request(held.settle)
     return held
