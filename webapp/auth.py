@@ -44,18 +44,16 @@ def authenticate() -> None:
     if s.settings.auth == "off":
         g.api_key = ApiKey(key_hash="", tenant=LOCAL_TENANT)
         return
-    failures = current_app.extensions["maskq.failed_auth"]
-    address = request.remote_addr or "unknown"
-    failures.check(address)  # an address that keeps failing is refused before any key is looked at
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        failures.count(address)
-        raise Unauthorized("send the API key as `Authorization: Bearer <key>` (`maskq keys create` makes one)")
-    record = KeyStore(s.redis).lookup(token)
+    bearer = scheme.lower() == "bearer" and bool(token)
+    record = KeyStore(s.redis).lookup(token) if bearer else None
     if record is None:
-        failures.count(address)
-        raise Unauthorized("the API key is not valid")
+        # Only a failed attempt is counted, and only it is refused past the rate: behind an ingress every
+        # client has one address, and a valid key must not wait on what someone else sent from it.
+        current_app.extensions["maskq.failed_auth"].count(request.remote_addr or "unknown")
+        raise Unauthorized("the API key is not valid" if bearer else
+                           "send the API key as `Authorization: Bearer <key>` (`maskq keys create` makes one)")
     if record.revoked:
         raise Forbidden(f"the API key {record.key_id} was revoked")
     g.api_key = record
@@ -64,8 +62,10 @@ def authenticate() -> None:
 class FailedAuthentications:
     """Counts failed authentications per client address (``MASKQ_FAILED_AUTH_RATE``), shared by every web process.
 
-    Past the rate, the address gets a 429 with ``Retry-After`` on every ``/v1``
-    request until the window passes: guessing keys costs time, not only requests.
+    Past the rate, a failing attempt from the address is a 429 with ``Retry-After`` instead of a 401
+    until the window passes: guessing keys costs time, not only requests. A valid key is looked up
+    first and never counted or refused here (its own rate limit is ``webapp/limits.py``'s); a key is
+    40+ random characters, so letting a right guess through does not make guessing worth it.
     """
 
     def __init__(self, settings):
@@ -73,15 +73,13 @@ class FailedAuthentications:
         uri, options = limiter_storage(settings.broker_url, settings.redis_sentinel_master)
         self.limiter = FixedWindowRateLimiter(storage_from_string(uri, socket_timeout=5, **options))
 
-    def check(self, address: str) -> None:
-        if not self.limiter.test(self.rate, "maskq-auth-failures", address):
+    def count(self, address: str) -> None:
+        """Count one failed attempt from ``address``; past the rate, refuse it (429) rather than answer 401."""
+        if not self.limiter.hit(self.rate, "maskq-auth-failures", address):
             reset, _ = self.limiter.get_window_stats(self.rate, "maskq-auth-failures", address)
             raise TooManyRequests(f"too many failed authentications from this address (over {self.rate}); "
                                   "retry after the time in Retry-After",
                                   retry_after=max(1, math.ceil(reset - time.time())))
-
-    def count(self, address: str) -> None:
-        self.limiter.hit(self.rate, "maskq-auth-failures", address)
 
 
 def current_key() -> ApiKey:

@@ -1,10 +1,15 @@
 """Rate limits: flask-limiter counting in the service's Redis, so every web process shares the counts.
 
-Two application-wide limits, each across all routes together:
+Three application-wide limits, each across all routes together:
 
 - per API key: the key's own rate (``maskq keys create --rate``) or ``MASKQ_DEFAULT_RATE``;
-  requests without a key (the OpenAPI document, the docs page) count per client address;
-- for everyone together: ``MASKQ_GLOBAL_RATE``.
+- for every key together: ``MASKQ_GLOBAL_RATE``;
+- requests that no key vouches for (the page, the docs, the OpenAPI document, 404s) count per client
+  address in a bucket of their own, ``MASKQ_ANONYMOUS_RATE``, and spend neither of the two above: a
+  client that fetches ``/openapi.json`` in a loop cannot use up the service's rate for the keys.
+
+The client address is the peer's, or with ``MASKQ_TRUSTED_PROXY_HOPS`` the one that many proxies
+back in ``X-Forwarded-For`` (``webapp/app.py``).
 
 Every limited response carries ``X-RateLimit-Limit``, ``-Remaining`` and ``-Reset``; a refusal
 is a 429 problem with ``Retry-After``. Health probes and metrics are never limited: an
@@ -29,12 +34,22 @@ UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 LIMITER_RETRY_AFTER = "X-Maskq-Limiter-Retry-After"
 
 
+# An unmatched path (a 404) has no endpoint, and flask-limiter leaves such a request unlimited: it is
+# identified by this name instead, so it counts in the anonymous bucket like the other anonymous routes.
+UNMATCHED = "maskq-unmatched"
+
+
 def client_id() -> str:
     """Whom a request counts against: its API key's hash, or its address when it has no key."""
     key = g.get("api_key")
     if key is not None and key.key_hash:
         return "key:" + key.key_hash
     return "addr:" + (request.remote_addr or "unknown")
+
+
+def anonymous() -> bool:
+    """True for a request no key vouches for: outside ``/v1``, or a preflight (``MASKQ_AUTH=off`` vouches for /v1)."""
+    return g.get("api_key") is None
 
 
 def key_rate() -> str:
@@ -51,9 +66,12 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
     limiter = Limiter(
         client_id,
         application_limits=[
-            ApplicationLimit(key_rate, scope="key"),
-            ApplicationLimit(settings.global_rate, key_function=lambda: "everyone", scope="global"),
+            ApplicationLimit(key_rate, scope="key", exempt_when=anonymous),
+            ApplicationLimit(settings.global_rate, key_function=lambda: "everyone", scope="global",
+                             exempt_when=anonymous),
+            ApplicationLimit(settings.anonymous_rate, scope="anonymous", exempt_when=lambda: not anonymous()),
         ],
+        request_identifier=lambda: request.endpoint or UNMATCHED,
         storage_uri=storage_uri,
         storage_options={"socket_timeout": 5, "socket_connect_timeout": 5, **storage_options},
         strategy=settings.rate_limit_strategy,
@@ -75,6 +93,9 @@ def _too_many_requests(exc: RateLimitExceeded) -> Response:
     rate = exc.limit.limit
     if exc.limit.scope == "global":
         detail = f"the service is over its overall rate limit of {rate}; retry after the time in Retry-After"
+    elif exc.limit.scope == "anonymous":
+        detail = (f"requests without an API key from this address are over their rate limit of {rate}; "
+                  "retry after the time in Retry-After")
     else:
         detail = f"this client is over its rate limit of {rate}; retry after the time in Retry-After"
     return problem(429, "Too many requests", detail)

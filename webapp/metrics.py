@@ -33,6 +33,8 @@ HTTP_REQUESTS = Counter("maskq_http_requests", "HTTP requests answered, by metho
                         ["method", "route", "status"])
 HTTP_SECONDS = Histogram("maskq_http_request_duration_seconds", "Time to answer an HTTP request, by route",
                          ["route"], buckets=LATENCY_BUCKETS)
+# Any token is a method on the wire: a client inventing them would invent series. Others count as "other".
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class FleetCollector:
@@ -101,9 +103,14 @@ def start_timer() -> None:
 
 
 def count_request(response: Response) -> Response:
-    """After every request: its count and duration, under its route's pattern (bounded), never its path."""
+    """After every request: its count and duration, under its route's pattern (bounded), never its path.
+
+    Every label is one of a few values the service chose: a known method or ``other``, a route pattern
+    or ``unmatched`` (every 404 path, every 405), and a status code the service answered.
+    """
     route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    HTTP_REQUESTS.labels(request.method, route, str(response.status_code)).inc()
+    method = request.method if request.method in KNOWN_METHODS else "other"
+    HTTP_REQUESTS.labels(method, route, str(response.status_code)).inc()
     started = g.get("maskq_started")
     if started is not None:
         HTTP_SECONDS.labels(route).observe(time.perf_counter() - started)

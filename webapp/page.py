@@ -2,18 +2,20 @@
 
 No build step and nothing from a CDN: the page works on a machine with no way
 out. It is a client of the public API like any other, with the key in its key
-field. ``GET /ui/config`` tells it the settings it needs, and on a development
-setup the development key, so there is nothing to paste (see :func:`dev_key_for`).
+field. ``GET /ui/config`` tells it the settings it needs, and never a key: who
+asks cannot be told apart from here (a proxy, ``ssh -R`` or ``kubectl
+port-forward`` on this machine makes a remote caller look like loopback). On a
+development setup ``make run`` prints a link that carries the development key
+in its fragment (``http://127.0.0.1:8000/#key=…``, ``webapp/cli.py``), which
+the browser never sends: the page reads it, keeps it for the tab's session and
+takes it out of the address bar.
 
 None of these routes is under ``/v1``, so none needs a key (``webapp/auth.py``).
 """
 from __future__ import annotations
 
-import ipaddress
+from flask import Blueprint, Response, jsonify
 
-from flask import Blueprint, Request, Response, jsonify, request
-
-from webapp.cli import dev_key_path, dev_key_wanted
 from webapp.services import services
 
 bp = Blueprint("page", __name__, static_folder="static", static_url_path="/ui/static")
@@ -22,7 +24,6 @@ bp = Blueprint("page", __name__, static_folder="static", static_url_path="/ui/st
 CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
                            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
                            "frame-ancestors 'none'")
-LOOPBACK_NAMES = {"localhost"}
 
 
 @bp.get("/")
@@ -41,55 +42,10 @@ def favicon() -> Response:
 
 @bp.get("/ui/config")
 def config() -> Response:
-    """What the page needs to know: the longest ``Prefer: wait``, and the development key where it may have it."""
-    settings = services().settings
-    key = dev_key_for(request)
-    response = jsonify({"api_key": key, "key_source": "development" if key else None,
-                        "max_wait_s": settings.max_wait_s})
+    """What the page needs to know: the longest ``Prefer: wait``. The same for every caller, and no key."""
+    response = jsonify({"max_wait_s": services().settings.max_wait_s})
     response.headers["Cache-Control"] = "no-store"
     return response
-
-
-def dev_key_for(req: Request) -> str | None:
-    """The development key, only to a browser on this machine talking to a development setup; else None.
-
-    All of these must hold:
-
-    - this setup makes a development key at all (:func:`webapp.cli.dev_key_wanted`: keys on, the
-      embedded Redis, the web front end bound to a loopback address) and it is on file;
-    - the request comes from a loopback address, straight (no ``Forwarded``/``X-Forwarded-For``: a
-      proxy on this machine would make every outside caller look local);
-    - its ``Host`` is a loopback name or address: a page of another site that got its name to resolve
-      to 127.0.0.1 (DNS rebinding) asks with its own name in ``Host``;
-    - the browser does not say it comes from another site (``Sec-Fetch-Site``).
-    """
-    settings = services().settings
-    if dev_key_wanted(settings) is not None:
-        return None
-    if not _is_loopback(req.remote_addr or "") or "Forwarded" in req.headers or "X-Forwarded-For" in req.headers:
-        return None
-    if not _is_loopback(_host_name(req.host)):
-        return None
-    if req.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-        return None
-    path = dev_key_path(settings)
-    key = path.read_text().strip() if path.is_file() else ""
-    return key or None
-
-
-def _host_name(host: str) -> str:
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
-
-
-def _is_loopback(name: str) -> bool:
-    if name.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 @bp.after_request

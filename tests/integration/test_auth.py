@@ -170,6 +170,9 @@ def test_the_web_server_prints_a_development_key_that_works_with_the_readmes_cur
             key = found.group(1) if found else None
         assert key, "".join(lines)
         assert (tmp_path / "dev-api-key").read_text().strip() == key
+        # The banner is one write: its curl line, then the page's link (the page reads the key from the fragment).
+        lines += [web.stdout.readline(), web.stdout.readline()]
+        assert lines[-1].split()[-1] == f"http://127.0.0.1:{port}/#key={key}", "".join(lines)
         assert (tmp_path / "dev-api-key").stat().st_mode & 0o777 == 0o600
         url = f"http://127.0.0.1:{port}"
         while True:  # the banner comes from the master; its worker may still be starting
@@ -186,7 +189,7 @@ def test_the_web_server_prints_a_development_key_that_works_with_the_readmes_cur
         web.wait(20)
 
 
-def test_an_address_that_keeps_failing_to_authenticate_is_refused_for_a_while(app):
+def test_an_address_that_keeps_failing_to_authenticate_is_refused_but_a_valid_key_from_it_is_not(app):
     guesser = app.test_client()
     guesser.environ_base["REMOTE_ADDR"] = "192.0.2.7"
     answers = [guesser.get("/v1/models", headers={"Authorization": f"Bearer mq_guess{i}"}) for i in range(21)]
@@ -195,10 +198,38 @@ def test_an_address_that_keeps_failing_to_authenticate_is_refused_for_a_while(ap
     assert refused.status_code == 429 and refused.mimetype == "application/problem+json"
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
     assert "failed authentications" in refused.get_json()["detail"]
-    # A real key from that address waits too; another address is untouched.
+    # Behind an ingress every client has that one address: a real key from it is still served, at once.
     with_key = authorized_client(app)
     with_key.environ_base["REMOTE_ADDR"] = "192.0.2.7"
-    assert with_key.get("/v1/models").status_code == 429
-    elsewhere = authorized_client(app)
+    assert with_key.get("/v1/models").status_code == 200
+    assert submit(with_key, image_bytes("en.jpg")).status_code == 202
+    # ... while the failures from it go on being refused, with or without a key-shaped header.
+    for headers in ({"Authorization": "Bearer mq_guess-again"}, {}):
+        assert_problem(guesser.get("/v1/models", headers=headers), 429)
+    elsewhere = app.test_client()
     elsewhere.environ_base["REMOTE_ADDR"] = "192.0.2.8"
-    assert elsewhere.get("/v1/models").status_code == 200
+    assert_problem(elsewhere.get("/v1/models", headers={"Authorization": "Bearer mq_guess"}), 401)
+
+
+def fail_until_refused(client, forwarded_for: str, n: int = 21) -> list[int]:
+    """``n`` failed authentications, each with this ``X-Forwarded-For``; their statuses."""
+    return [client.get("/v1/models", headers={"Authorization": f"Bearer mq_guess{i}",
+                                              "X-Forwarded-For": forwarded_for}).status_code for i in range(n)]
+
+
+def test_x_forwarded_for_is_ignored_without_trusted_proxies_and_read_one_hop_back_with_one(settings, redis_client):
+    from webapp.app import create_app
+
+    # No trusted proxy (the default): the header is the client's to write, so changing it changes nothing.
+    direct = create_app(settings).test_client()
+    statuses = [direct.get("/v1/models", headers={"Authorization": "Bearer mq_guess",
+                                                  "X-Forwarded-For": f"198.51.100.{i}"}).status_code
+                for i in range(21)]
+    assert statuses == [401] * 20 + [429]
+
+    # One proxy in front (an ingress): its entry, the last, is the client; what the client put before it is not.
+    proxied = create_app(settings.model_copy(update={"trusted_proxy_hops": 1})).test_client()
+    proxied.environ_base["REMOTE_ADDR"] = "10.0.0.1"  # the ingress, the same for everyone
+    assert fail_until_refused(proxied, "198.51.100.1") == [401] * 20 + [429]
+    assert fail_until_refused(proxied, "203.0.113.9, 198.51.100.1", 1) == [429]
+    assert fail_until_refused(proxied, "198.51.100.2", 1) == [401]  # another client behind the same ingress

@@ -7,7 +7,7 @@ import time
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
+from tests.conftest import free_port, settings_from
 from tests.integration.helpers import small_png, submit, wait_for
 from webapp.services import services
 
@@ -136,3 +136,32 @@ def test_result_cache_lookups_are_counted_as_misses_and_hits(isolated):
     assert value(web, "maskq_result_cache_lookups_total", result="miss") == 1
     assert value(web, "maskq_result_cache_lookups_total", result="hit") == 1
     assert value(web, "maskq_jobs_ended_total", model=MODEL, lane=LANE, outcome="succeeded", code="") == 2
+
+
+def test_invented_methods_and_paths_add_no_http_series(base_env, redis_client):
+    """Unauthenticated clients choose the method and the path: neither may become a label value."""
+    from webapp.app import create_app
+    from webapp.metrics import KNOWN_METHODS
+
+    app = create_app(settings_from(base_env, anonymous_rate="100000/minute", failed_auth_rate="100000/minute"))
+    client = app.test_client()
+
+    def series() -> set[frozenset]:
+        return {labels for (name, labels) in scrape(client.get("/metrics").get_data(as_text=True))
+                if name == "maskq_http_requests_total"}
+
+    for method in ("GET", "BREW", "PROPFIND"):  # every label value these can make, made once
+        for path in ("/nowhere", "/v1/nowhere", "/openapi.json"):
+            client.open(path, method=method)
+    series()  # the scrape's own series
+    before = series()
+    for i in range(300):
+        client.open(f"/no/such/path/{i}", method=f"INVENTED{i}")
+        client.open(f"/v1/jobs/{i}/nothing", method=f"M{i}")
+        client.open("/openapi.json", method=f"X-{i}")
+        client.get(f"/made-up-{i}")
+    after = series()
+    assert after == before, sorted(map(sorted, after - before))[:5]
+    labels = [dict(s) for s in after]
+    assert {s["method"] for s in labels} <= KNOWN_METHODS | {"other"}
+    assert all(s["route"] == "unmatched" or s["route"] in {r.rule for r in app.url_map.iter_rules()} for s in labels)

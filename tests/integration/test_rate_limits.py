@@ -51,6 +51,30 @@ def test_the_global_rate_caps_all_keys_together(base_env, redis_client):
     assert "overall" in body["detail"]
 
 
+def test_requests_without_a_key_have_their_own_bucket_and_never_spend_the_keys_limits(base_env, redis_client):
+    from webapp.app import create_app
+
+    app = create_app(settings_from(base_env, global_rate="5/minute", default_rate="5/minute",
+                                   anonymous_rate="8/minute"))
+    keyed = authorized_client(app)
+    anonymous = app.test_client()
+    # The OpenAPI document, the icon, the page's settings, the docs, a path that is nowhere: 8 between them.
+    paths = ["/openapi.json", "/favicon.ico", "/ui/config", "/docs/", "/no-such-page", "/openapi.json",
+             "/no/such/page/either", "/favicon.ico"]
+    assert [anonymous.get(p).status_code for p in paths] == [200, 204, 200, 200, 404, 200, 404, 204]
+    for path in ("/openapi.json", "/nowhere"):  # a 404 counts as well: it is not a way around the bucket
+        refused = anonymous.get(path)
+        assert refused.status_code == 429 and refused.mimetype == "application/problem+json", path
+        assert "without an API key" in refused.get_json()["detail"] and 1 <= int(refused.headers["Retry-After"]) <= 61
+    # None of that spent the service-wide rate (5) or a key's: a key still has all five.
+    remaining = [int(keyed.get("/v1/models").headers["X-RateLimit-Remaining"]) for _ in range(5)]
+    assert remaining == [4, 3, 2, 1, 0]
+    # Another address has a bucket of its own.
+    elsewhere = app.test_client()
+    elsewhere.environ_base["REMOTE_ADDR"] = "192.0.2.9"
+    assert elsewhere.get("/openapi.json").status_code == 200
+
+
 def test_every_v1_answer_carries_the_rate_headers_and_probes_are_never_limited(base_env, redis_client, client):
     answers = [
         client.get("/v1/models"),

@@ -10,6 +10,7 @@ const RECENT_JOBS = 20;
 const COLOURS = [[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240],
                  [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40], [128, 0, 0]];
 const MASK_ALPHA = 140;
+const QUICK_ANSWER_S = 2;  // Prefer: wait on submit; past it, the job's event stream shows its progress
 
 const $ = (id) => document.getElementById(id);
 
@@ -235,6 +236,87 @@ function describeWaiting(job) {
   return `Running on ${job.model.name}…`;
 }
 
+// ---------- following a job live ----------
+//
+// GET /v1/jobs/{id}/events is a Server-Sent Events stream, read here with fetch(): an EventSource cannot
+// send the Authorization header. The server closes a stream after a while; it is resumed with
+// Last-Event-ID. Where the stream is refused (the key's waits in use: 429, a busy server: 503) or keeps
+// failing, short long-polls take over.
+
+async function followJob(job, signal, onChange) {
+  onChange(job);
+  try {
+    const ended = await streamJob(job, signal, onChange);
+    if (ended) return ended;
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+  }
+  return pollJob(job, signal, onChange);
+}
+
+// The ended job, or null when the stream kept closing without news (the caller polls then).
+async function streamJob(job, signal, onChange) {
+  let lastId = null;
+  let current = job;
+  for (let quiet = 0; quiet < 3;) {
+    const headers = authHeaders(lastId === null ? {Accept: "text/event-stream"}
+                                                : {Accept: "text/event-stream", "Last-Event-ID": lastId});
+    const response = await fetch(`/v1/jobs/${job.id}/events`, {headers, signal});
+    if (response.status === 204) return api(`/v1/jobs/${job.id}`, {signal});  // its end was seen already
+    if (!response.ok) await readAnswer(response);  // throws the problem
+    quiet += 1;
+    for await (const event of readEvents(response.body)) {
+      quiet = 0;
+      if (event.id !== null) lastId = event.id;
+      if (event.type === "end") return event.data;
+      current = event.type === "position" ? {...current, ...event.data} : event.data;
+      onChange(current);
+    }
+  }
+  return null;
+}
+
+async function pollJob(job, signal, onChange) {
+  while (job.status === "queued" || job.status === "running") {
+    // Short long-polls, so that the queue position stays current while the job waits.
+    job = await api(`/v1/jobs/${job.id}?wait=${Math.min(2, state.maxWait)}`, {signal});
+    if (job.status === "queued" || job.status === "running") onChange(job);
+  }
+  return job;
+}
+
+// The events of a text/event-stream body: {type, id, data (parsed JSON)}; comments (heartbeats) are skipped.
+async function* readEvents(body) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "", type = "", id = null, data = [];
+  try {
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) return;
+      buffer += value;
+      const lines = buffer.split(/\r\n|\r|\n/);
+      buffer = lines.pop();  // the line not finished yet
+      for (const line of lines) {
+        if (line === "") {  // a blank line ends an event
+          if (data.length) yield {type: type || "message", id, data: JSON.parse(data.join("\n"))};
+          type = "";
+          data = [];
+        } else if (!line.startsWith(":")) {
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          let text = colon < 0 ? "" : line.slice(colon + 1);
+          if (text.startsWith(" ")) text = text.slice(1);
+          if (field === "event") type = text;
+          else if (field === "data") data.push(text);
+          else if (field === "id" && !text.includes("\0")) id = text;
+        }
+      }
+    }
+  } finally {
+    reader.cancel().catch(() => {});  // the end came, or the change was overtaken: close the stream
+  }
+}
+
 // ---------- jobs ----------
 
 function currentModel() {
@@ -287,15 +369,18 @@ async function submit({force = false} = {}) {
   form.append("request", JSON.stringify(request));
   showStatus("Sending…", "sending");
   try {
+    // A quick job is answered in this one round trip; a slower one is followed live (its queue position).
     let job = await api("/v1/jobs", {method: "POST", body: form, signal: controller.signal,
-                                     headers: {Prefer: `wait=${state.maxWait}`}});
+                                     headers: {Prefer: `wait=${Math.min(QUICK_ANSWER_S, state.maxWait)}`}});
     if (stale()) return;
     remember(job);
     state.pendingJob = job.id;
-    while (job.status === "queued" || job.status === "running") {
-      showStatus(describeWaiting(job), job.status);
-      // Short long-polls, so that the queue position stays current while the job waits.
-      job = await api(`/v1/jobs/${job.id}?wait=${Math.min(2, state.maxWait)}`, {signal: controller.signal});
+    if (job.status === "queued" || job.status === "running") {
+      job = await followJob(job, controller.signal, (now) => {
+        if (stale()) return;
+        showStatus(describeWaiting(now), now.status);
+        remember(now);
+      });
       if (stale()) return;
       remember(job);
     }
@@ -536,8 +621,8 @@ async function loadModels() {
     }));
     select.value = body.models.some((m) => m.name === previous) ? previous : (body.default || body.models[0].name);
     select.disabled = false;
-    $("key-note").textContent = $("key-note").dataset.source === "development"
-      ? "The development key of this machine (make run) is filled in." : "Key accepted.";
+    $("key-note").textContent = $("key-note").dataset.source === "link"
+      ? "The key from the link is filled in (make run prints the development key's link)." : "Key accepted.";
     onModelChosen({resubmit: false});
   } catch (error) {
     select.disabled = true;
@@ -554,15 +639,37 @@ function onModelChosen({resubmit = true} = {}) {
   if (resubmit) submit(); else if (state.file && !state.job) showStatus(promptHint(), "idle");
 }
 
+// The tab's key, kept for its session: from the link `make run` prints (http://127.0.0.1:8000/#key=…), or
+// pasted. The server hands out no key: a fragment never leaves the browser, and once read it is taken out
+// of the address bar and its history entry.
+const KEY_ITEM = "maskq-api-key";
+
+function rememberKey(key) {
+  try { sessionStorage.setItem(KEY_ITEM, key); } catch { /* storage off: the key lasts until a reload */ }
+}
+
+function useLinkedKey() {
+  const linked = new URLSearchParams(location.hash.slice(1)).get("key");
+  if (linked) {
+    rememberKey(linked);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  let key = linked;
+  try { key = key || sessionStorage.getItem(KEY_ITEM); } catch { /* storage off */ }
+  if (key) {
+    $("api-key").value = key;
+    state.key = key;
+  }
+  if (linked) $("key-note").dataset.source = "link";
+  return Boolean(linked);
+}
+
 async function loadConfig() {
+  useLinkedKey();
+  window.addEventListener("hashchange", () => useLinkedKey() && loadModels());  // a link opened in this tab
   try {
     const config = await (await fetch("/ui/config")).json();
     state.maxWait = config.max_wait_s || state.maxWait;
-    if (config.api_key) {
-      $("api-key").value = config.api_key;
-      state.key = config.api_key;
-      $("key-note").dataset.source = "development";
-    }
   } catch {
     // No settings: the page still works with a pasted key.
   }
@@ -623,6 +730,7 @@ function wire() {
     clearTimeout(keyTimer);
     keyTimer = setTimeout(() => {
       state.key = $("api-key").value.trim();
+      rememberKey(state.key);
       delete $("key-note").dataset.source;
       showError(null);
       loadModels();
