@@ -14,9 +14,10 @@ RUN pip install --no-cache-dir -r requirements.txt \
 COPY . .
 RUN pip install --no-cache-dir --no-deps -e .
 
-# Not root: Celery warns against it, and nothing here needs it.
-RUN useradd --create-home maskq && mkdir -p /data && chown maskq /data
-USER maskq
+# Not root: Celery warns against it, and nothing here needs it. A fixed number (the one useradd gave
+# before, so volumes made by earlier images stay writable), for Kubernetes' runAsNonRoot and runAsUser.
+RUN useradd --uid 1000 --user-group --create-home maskq && mkdir -p /data && chown maskq:maskq /data
+USER 1000:1000
 ENV MASKQ_DATA_DIR=/data
 EXPOSE 8000
 CMD ["gunicorn", "-c", "webapp/gunicorn_conf.py", "webapp.app:create_app()"]

@@ -188,6 +188,9 @@ def test_a_failed_job_and_a_canceled_job_send_their_events(client, image, receiv
 @pytest.mark.parametrize("url", [
     "http://127.0.0.1:9/hook", "http://localhost:9/hook", "http://10.0.0.1/hook",
     "http://169.254.169.254/latest/meta-data/", "http://[::1]/hook",
+    # Numeric forms that inet_aton (and so getaddrinfo) reads as 127.0.0.1, and IPv4-translated ones.
+    "http://0x7f000001:9/hook", "http://2130706433:9/hook", "http://127.1:9/hook", "http://0177.0.0.1:9/hook",
+    "http://[::ffff:0:7f00:1]/hook", "http://[::ffff:0:a9fe:a9fe]/latest/meta-data/", "http://[fec0::1]/hook",
 ])
 def test_a_webhook_url_pointing_at_a_private_address_is_a_422_without_the_allow_list(
         base_env, redis_client, image, url):
@@ -200,6 +203,19 @@ def test_a_webhook_url_pointing_at_a_private_address_is_a_422_without_the_allow_
     assert not list(redis_client.scan_iter(match="maskq:job:*"))  # nothing was accepted
 
 
+@pytest.mark.parametrize("url", [
+    "http://0x0a000001/hook", "http://167772161/hook", "http://10.1/hook",  # 10.0.0.1
+    "http://0251.0376.0251.0376/latest/meta-data/",  # 169.254.169.254
+    "http://[::ffff:0:7f00:1]:9/hook",  # IPv4-translated 127.0.0.1: a translator elsewhere picks the peer
+    "http://08/hook",  # ends in a number yet is no address
+])
+def test_with_loopback_allowed_numeric_and_translated_forms_of_other_addresses_are_a_422(client, redis_client, image, url):
+    answer = submit(client, image, {"webhook": {"url": url}})
+    assert answer.status_code == 422 and answer.mimetype == "application/problem+json"
+    assert [e["field"] for e in answer.get_json()["errors"]] == ["webhook.url"]
+    assert not list(redis_client.scan_iter(match="maskq:job:*"))  # refused before any job existed
+
+
 def test_the_address_is_checked_again_at_delivery(base_env, image, redis_client):
     from webapp.app import create_app
 
@@ -209,7 +225,7 @@ def test_the_address_is_checked_again_at_delivery(base_env, image, redis_client)
     job_id = submit_with_hook(client, image, "http://10.255.255.1:9/hook")
     delivery = wait_for_delivery(client, job_id, "failed")
     assert len(delivery["attempts"]) == 1  # refused for good, not retried
-    assert "non-public" in delivery["attempts"][0]["error"]
+    assert "not allowed" in delivery["attempts"][0]["error"]
 
 
 def test_the_guarded_connection_refuses_a_name_that_resolves_to_loopback(receivers):
