@@ -9,6 +9,10 @@ Keys (all expire with the job's record):
 - ``maskq:webhook:msg:{id}:attempts`` — a list of JSON attempts: time, status
   code, error, duration;
 - ``maskq:job:{job_id}:deliveries`` — the job's (or a batch's, by its id) message ids, oldest first.
+
+Every message is written with its entry in the outbox (``domain/outbox.py``), which sees that its first
+attempt gets queued even when the process that wrote it dies; a job's event messages are written by the
+job's state move itself (``outbox.QUEUE_JOB_EVENT_LUA``), in the same shape as :meth:`DeliveryLog.create_for`.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 import redis
 
 from domain import keys
+from domain.outbox import Outbox
 from domain.records import JobRecord, rfc3339
 
 
@@ -43,6 +48,8 @@ class Message:
     created_at: float
     expires_at: float
     next_attempt_at: float | None = None
+    # A job.started's record as the move left it (JSON [field, value, …]): its body is built from it.
+    snapshot: str | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> "Message":
@@ -52,6 +59,7 @@ class Message:
             body=data.get("body", ""), status=data["status"], generation=int(data.get("generation", 0)),
             created_at=float(data["created_at"]), expires_at=float(data["expires_at"]),
             next_attempt_at=float(data["next_attempt_at"]) if data.get("next_attempt_at") else None,
+            snapshot=data.get("snapshot"),
         )
 
 
@@ -64,20 +72,20 @@ class DeliveryLog:
     def create(self, record: JobRecord, event: str, url: str, body: str, ttl_s: int) -> Message:
         return self.create_for(record.id, record.tenant, event, url, body, ttl_s)
 
-    def create_for(self, subject_id: str, tenant: str, event: str, url: str, body: str, ttl_s: int) -> Message:
-        """A message about job (or batch: ``batch.completed``) ``subject_id``, kept ``ttl_s``."""
+    def create_for(self, subject_id: str, tenant: str, event: str, url: str, body: str, ttl_s: int,
+                   message_id: str | None = None) -> Message | None:
+        """A message about job (or batch: ``batch.completed``) ``subject_id``, kept ``ttl_s``, with its outbox entry.
+
+        ``message_id``: a fixed id (one event, one id), else a new one. None when a message of that id exists:
+        its event has its message already, and its outbox entry sees it queued.
+        """
         now = time.time()
-        message = Message(id=f"msg_{uuid.uuid4().hex}", job_id=subject_id, tenant=tenant, event=event,
-                          url=url, body=body, status="pending", generation=0, created_at=now,
+        message = Message(id=message_id or f"msg_{uuid.uuid4().hex}", job_id=subject_id, tenant=tenant,
+                          event=event, url=url, body=body, status="pending", generation=0, created_at=now,
                           expires_at=now + ttl_s)
         fields = {k: str(v) for k, v in message.__dict__.items() if v is not None}
-        with self.redis.pipeline() as pipe:
-            pipe.hset(message_key(message.id), mapping=fields)
-            pipe.expire(message_key(message.id), ttl_s)
-            pipe.rpush(job_deliveries_key(subject_id), message.id)
-            pipe.expire(job_deliveries_key(subject_id), ttl_s)
-            pipe.execute()
-        return message
+        created = Outbox(self.redis).add(message.id, fields, job_deliveries_key(subject_id), ttl_s)
+        return message if created else None
 
     def get(self, message_id: str) -> Message | None:
         raw = self.redis.hgetall(message_key(message_id))

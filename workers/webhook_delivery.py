@@ -29,7 +29,7 @@ from domain.documents import job_document
 from domain.job_metrics import WEBHOOK_ATTEMPTS, WEBHOOK_LAG, JobMetrics
 from domain.webhook_urls import Deadline, ForbiddenAddress, guard_for
 from domain.webhooks import (DELIVER_WEBHOOK, DISABLED_URLS, USER_AGENT, dumps, next_pause, retry_after_seconds,
-                             sign, tenant_secret)
+                             sign, started_body, tenant_secret)
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,14 @@ def _deliver(worker, message_id: str, attempt: int, generation: int, not_before:
         return
     status, error, retry_after, permanent, started = None, None, None, False, time.monotonic()
     try:
-        body = message.body or deliveries.freeze_body(message, _ending_body(message, worker))
+        body = message.body or deliveries.freeze_body(message, _first_body(message, worker))
         _bind_job_of(body)
         status, retry_after = _post(message, body, settings, worker.redis)
         if not 200 <= status < 300:
             error = f"HTTP {status}"
     except ForbiddenAddress as exc:
-        error, permanent = str(exc), True
+        error, permanent = str(exc), True  # the log the client reads says "not allowed", never the address
+        log.info("job %s: %s led to %s, which webhooks may not call", message.job_id, message.url, exc.address)
     except _JobGone as exc:
         error, permanent = str(exc), True
     except requests.RequestException as exc:
@@ -120,6 +121,12 @@ def _traceparent(body: str) -> str | None:
         return json.loads(body).get("traceparent")
     except (ValueError, AttributeError):
         return None
+
+
+def _first_body(message: Message, worker) -> str:
+    if message.snapshot:  # a job.started: the job as its start left it
+        return started_body(message.snapshot)
+    return _ending_body(message, worker)
 
 
 def _ending_body(message: Message, worker) -> str:
