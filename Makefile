@@ -52,8 +52,10 @@ browser:
 		{ apt-get update && apt-get install -y --no-install-recommends chromium; }; \
 	fi
 
+# The Procfile under honcho, with time to stop in order on Ctrl-C (workers record their running job,
+# then Redis stops): webapp/procfile.py.
 run: install
-	$(BIN)/honcho start -f Procfile
+	$(BIN)/python -m webapp.procfile
 
 # lint-imports first: an import that runs up a layer (.importlinter) fails the run before any test.
 test: install-dev

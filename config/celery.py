@@ -9,6 +9,10 @@ from config.settings import LANES, Settings
 # Webhook deliveries and housekeeping: their own queue, consumed after every lane,
 # so a slow receiver never holds a lane's place in line.
 WEBHOOK_QUEUE = "webhooks"
+# The name the broker connections of `-A workers.celery_app` processes (workers, beat, Flower) give
+# themselves (Redis CLIENT SETNAME): the embedded Redis of `make run` stops only once none is left
+# (webapp/cli.py), i.e. after each worker acknowledged its last job.
+WORKER_CLIENT_NAME = "maskq-worker"
 
 
 def celery_config(settings: Settings) -> dict:

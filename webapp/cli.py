@@ -4,8 +4,9 @@
 so ``export MASKQ_API_KEY=$(maskq keys create --tenant acme)`` works.
 
 The development key: with the embedded Redis and the web front end on a
-loopback address, ``make run`` prints a key of tenant ``dev`` (see
-:func:`announce_dev_key`, called by gunicorn once it is ready). It is made
+loopback address, ``make run`` prints a key of tenant ``dev``, and a link to
+the page that carries it in its fragment (see :func:`announce_dev_key`, called
+by gunicorn once it is ready). It is made
 once and kept in ``data_dir/dev-api-key`` (mode 0600), so the same key works
 across restarts; ``MASKQ_DEV_KEY=false`` turns it off.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 import redis
 
 from config.redis_connection import connect
+from config.celery import WORKER_CLIENT_NAME
 from config.embedded_redis import RedisServer
 from config.settings import LANES, Settings, load_settings
 from domain import keys
@@ -88,10 +90,14 @@ def announce_dev_key(settings: Settings, wait_s: float = 10, out=sys.stdout) -> 
                       "run `maskq keys dev` once it is up", file=sys.stderr, flush=True)
                 return None
             time.sleep(0.2)
-    url = f"http://{settings.host}:{settings.port}"
+    host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
+    url = f"http://{host}:{settings.port}"
+    # The page gets the key from the link's fragment, which a browser never sends: the service itself
+    # hands no key to anyone (webapp/page.py).
     print(f"\nmaskq development API key (tenant {DEV_TENANT!r}, kept in {dev_key_path(settings)}):\n"
           f"    export MASKQ_API_KEY={key}\n"
-          f"    curl -H \"Authorization: Bearer $MASKQ_API_KEY\" {url}/v1/models\n", file=out, flush=True)
+          f"    curl -H \"Authorization: Bearer $MASKQ_API_KEY\" {url}/v1/models\n"
+          f"the page, with the key filled in: {url}/#key={key}\n", file=out, flush=True)
     return key
 
 
@@ -185,9 +191,10 @@ def _segment(args, settings: Settings, store: KeyStore) -> int:
 def _redis(args, settings: Settings, store: KeyStore) -> int:
     """The embedded Redis as one of `make run`'s processes: started first, stopped last.
 
-    On SIGINT or SIGTERM it waits until no job is running, at most
-    ``MASKQ_EMBEDDED_REDIS_STOP_WAIT_S``: a worker's warm shutdown finishes its job and records it
-    before Redis goes. With ``MASKQ_REDIS_URL`` set it starts nothing.
+    On SIGINT or SIGTERM it waits until no worker is connected any more, at most
+    ``MASKQ_EMBEDDED_REDIS_STOP_WAIT_S``: a worker's warm shutdown finishes its job, records it and
+    acknowledges its message before Redis goes (``webapp/procfile.py`` keeps honcho from cutting
+    this short). With ``MASKQ_REDIS_URL`` set it starts nothing.
     """
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s redis: %(message)s")
     stop = threading.Event()
@@ -203,22 +210,37 @@ def _redis(args, settings: Settings, store: KeyStore) -> int:
         while not stop.wait(0.2) and server.process.poll() is None:
             pass
         if stop.is_set():
-            _wait_for_running_jobs(redis.Redis.from_url(server.url, socket_timeout=2),
-                                   settings.embedded_redis_stop_wait_s)
+            _wait_for_workers(redis.Redis.from_url(server.url, socket_timeout=2),
+                              settings.embedded_redis_stop_wait_s)
     finally:
         server.stop()
     return 0 if stop.is_set() else 1
 
 
-def _wait_for_running_jobs(client: redis.Redis, most_s: float) -> None:
-    """Until no job is running (each worker's warm shutdown ends its own), ``most_s`` at most."""
+def _wait_for_workers(client: redis.Redis, most_s: float) -> None:
+    """Until no worker (nor beat, nor Flower) is connected, ``most_s`` at most.
+
+    A worker's main process is the last of it to let go: its warm shutdown waits for the running job
+    (recorded by the pool process), acknowledges its message, and only then closes its broker
+    connections, which carry a name of their own (``WORKER_CLIENT_NAME``). A job still ``running``
+    whose worker is gone has no one to wait for: recovery puts it back at the next start.
+    """
     deadline = time.monotonic() + most_s
+    said = None
     try:
-        while (running := client.zcard(keys.RUNNING)) and time.monotonic() < deadline:
-            log.info("waiting for %d running job(s) to end before stopping", running)
-            time.sleep(0.25)
+        while (workers := _worker_connections(client)) and time.monotonic() < deadline:
+            running = client.zcard(keys.RUNNING)
+            if (workers, running) != said:  # once per change, not ten lines a second
+                log.info("waiting for %d running job(s) to end before stopping (%d Celery connection(s) open)",
+                         running, workers)
+                said = (workers, running)
+            time.sleep(0.1)
     except redis.RedisError:
         pass
+
+
+def _worker_connections(client: redis.Redis) -> int:
+    return sum(1 for c in client.client_list() if c.get("name") == WORKER_CLIENT_NAME)
 
 
 def parser() -> argparse.ArgumentParser:

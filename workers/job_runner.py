@@ -78,6 +78,10 @@ def _start(worker: process.WorkerProcess, job_id: str) -> tuple[JobRecord, Model
         if jobs.expire(job_id):
             log.info("job %s: deadline passed before it started; expired", job_id)
         return None
+    if record.cancel_at is not None and time.time() >= record.cancel_at:  # upkeep has not got to it yet
+        if jobs.cancel_overdue(job_id):
+            log.info("job %s: its Cancel-After passed before it started; canceled", job_id)
+        return None
     try:
         choice = _choose(worker, record)
     except Exception as exc:  # no model for it (or a stored request that no longer reads): it fails, it is not lost

@@ -34,7 +34,11 @@ def test_every_route_of_api_md_is_described_with_its_answers(document):
     submit = paths["/v1/jobs"]["post"]
     assert {"200", "202", "400", "401", "403", "409", "413", "415", "422", "429", "503"} <= set(submit["responses"])
     assert set(submit["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
-    assert [p["name"] for p in submit["parameters"]] == ["Idempotency-Key", "Prefer"]
+    assert [p["name"] for p in submit["parameters"]] == ["Idempotency-Key", "Prefer", "Cancel-After"]
+    cancel_after = submit["parameters"][2]["schema"]  # the header's form, as the service reads it
+    assert cancel_after["pattern"].startswith("^") and cancel_after["maxLength"] == 32
+    assert "Cancel-After" in [p["name"] for p in paths["/v1/batches"]["post"]["parameters"]]
+    assert "cancel_at" in document["components"]["schemas"]["Job"]["properties"]
     read = paths["/v1/jobs/{job_id}"]["get"]
     assert {"200", "400", "401", "404", "429"} <= set(read["responses"])
     wait = next(p for p in read["parameters"] if p["name"] == "wait")
