@@ -26,9 +26,10 @@ class Settings(BaseSettings):
     # With a sentinel:// redis_url: the name the Sentinels know the primary by (config/redis_connection.py).
     redis_sentinel_master: str = "mymaster"
     embedded_redis_port: int = 6390
-    # On Ctrl-C the embedded Redis stops last: it waits (at most this long) until no job is running, so a
-    # worker's warm shutdown can record its job. honcho kills what is left after 5 s.
-    embedded_redis_stop_wait_s: float = Field(default=4.0, ge=0)
+    # On Ctrl-C the embedded Redis stops last: it waits (at most this long) until every worker process has
+    # stopped, so a worker's warm shutdown can record its running job. `make run` (webapp/procfile.py) lets
+    # honcho wait this long and 10 s more before it kills what is left (honcho's own is 5 s).
+    embedded_redis_stop_wait_s: float = Field(default=30.0, ge=0)
     data_dir: Path = PROJECT_ROOT / "var"
     storage_dir: Path | None = None
 
@@ -49,8 +50,17 @@ class Settings(BaseSettings):
     default_rate: str = "600/minute"   # per API key, unless the key has its own
     global_rate: str = "6000/minute"   # every client together
     failed_auth_rate: str = "20/minute"  # failed authentications per client address; past it, 429 (key guessing)
+    # Requests that carry no API key (the page, the docs, the OpenAPI document, 404s), per client address:
+    # their own bucket, so they never spend a key's rate or the global one.
+    anonymous_rate: str = "300/minute"
+    # How many proxies in front (an ingress, a load balancer) set X-Forwarded-For: the client address is
+    # taken that many hops back in it (werkzeug's ProxyFix). 0: the header is ignored, the peer is the client.
+    trusted_proxy_hops: int = Field(default=0, ge=0)
     rate_limit_strategy: str = "fixed-window"
     idempotency_ttl_s: int = 24 * 3600
+    # An Idempotency-Key held by a request still being handled lapses after this long without a sign of
+    # life (a batch's fan-out renews it with each image), so a dead web process does not hold it for good.
+    idempotency_pending_ttl_s: int = Field(default=60, ge=1)
 
     # What an upload may be.
     max_image_bytes: int = 20 * 1024 * 1024
@@ -60,6 +70,11 @@ class Settings(BaseSettings):
     max_wait_s: int = 30
     # Long polls (?wait=N, Prefer: wait) one API key may hold at once: the web's threads are shared by all.
     max_waits_per_key: int = Field(default=8, ge=1)
+    # Live event streams (GET /v1/jobs/{id}/events, /v1/batches/{id}/events) count as waits above; each is
+    # closed after max_stream_s (the client reconnects with Last-Event-ID), and sends a comment every
+    # stream_heartbeat_s so proxies do not cut it. A web process holds at most half its threads in streams.
+    max_stream_s: int = Field(default=300, ge=1)
+    stream_heartbeat_s: float = Field(default=15, gt=0)
     # Image embeddings shared by every worker process in Redis (workers/shared_embeddings.py), so a
     # second prompt on an image skips the encoder on any worker: bound in MB (0: off), TTL, fp16.
     shared_embeddings_mb: float = Field(default=512, ge=0)
@@ -68,8 +83,11 @@ class Settings(BaseSettings):
     # POST /v1/batches (domain/batches.py): images one batch may hold, and the bytes of its upload.
     max_batch_images: int = Field(default=500, ge=1)
     max_batch_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    # Batch uploads one web process handles at once (each holds about one image in memory, and its
+    # upload on disk); past it, 503 with Retry-After before the body is read.
+    max_concurrent_batch_uploads: int = Field(default=2, ge=1)
     # A batch whose upload was cut off (the web process died while it fanned out) is closed, with
-    # the jobs it has, once this old.
+    # the jobs it has, once it has gone this long without a new job (worker upkeep, or a read).
     batch_receive_timeout_s: float = Field(default=600, gt=0)
     # Segment-everything (SAM-family models, no prompt): the largest grid a request may ask for.
     max_points_per_side: int = Field(default=32, ge=1, le=64)
@@ -239,7 +257,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(strategies)}")
         return value
 
-    @field_validator("default_rate", "global_rate", "failed_auth_rate")
+    @field_validator("default_rate", "global_rate", "failed_auth_rate", "anonymous_rate")
     @classmethod
     def _readable_rate(cls, value: str) -> str:
         from limits import parse_many

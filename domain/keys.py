@@ -18,6 +18,9 @@ from string import Template
 JOB_PREFIX = "maskq:job:"                # + id: the job's record (a hash, with a TTL)
 LANE_PREFIX = "maskq:lane:"              # + lane: ids of the jobs queued in it, by entry time (a sorted set)
 DEADLINES = "maskq:deadlines"            # ids of queued jobs with a deadline, by deadline
+# Ids of jobs submitted with a Cancel-After, by when they are canceled unless ended (queued or running:
+# domain/cancel_after.py); an entry whose job ended in time goes when its time comes.
+CANCEL_AT = "maskq:cancel_at"
 PROMOTED = "maskq:promoted"              # aged jobs promoted to the interactive lane and still queued
 RUNNING = "maskq:running"                # ids of running jobs, by the time they started (recovery reads it)
 # Ids of queued jobs whose message may not have been sent yet, by creation time: written with the record,
@@ -50,6 +53,8 @@ BATCH_PREFIX = "maskq:batch:"            # + id: the batch (a hash); + id:jobs, 
 # Batches whose last job ended and whose batch.completed event is not queued yet, by when it is due
 # (a notifier takes an entry by pushing its time a lease ahead, and removes it once queued).
 BATCHES_UNNOTIFIED = "maskq:batches:unnotified"
+# Batches still receiving (not sealed), by their last sign of life: upkeep seals the ones gone quiet.
+BATCHES_RECEIVING = "maskq:batches:receiving"
 
 
 def batch(batch_id: str) -> str:
@@ -113,6 +118,12 @@ def idempotency(tenant: str, digest: str) -> str:
 
 # -- webhooks -------------------------------------------------------------------------------------
 WEBHOOK_DISABLED_URLS = "maskq:webhook:disabled"  # URLs a 410 answer disabled (a hash)
+WEBHOOK_MESSAGE_PREFIX = "maskq:webhook:msg:"     # + message id: one message (a hash); + id:attempts
+# Messages whose first delivery attempt may not be queued yet, by when their holder's lease runs out: written
+# with the message (by the job's state move itself), removed once queued; upkeep queues what is left
+# (domain/outbox.py).
+WEBHOOK_OUTBOX = "maskq:webhook:outbox"
+WEBHOOK_SEQUENCE = "maskq:webhook:sequence"       # a counter that makes the ids of job event messages unique
 
 
 def webhook_secret(tenant: str) -> str:
@@ -120,11 +131,11 @@ def webhook_secret(tenant: str) -> str:
 
 
 def webhook_message(message_id: str) -> str:
-    return f"maskq:webhook:msg:{message_id}"
+    return f"{WEBHOOK_MESSAGE_PREFIX}{message_id}"
 
 
 def webhook_attempts(message_id: str) -> str:
-    return f"maskq:webhook:msg:{message_id}:attempts"
+    return f"{WEBHOOK_MESSAGE_PREFIX}{message_id}:attempts"
 
 
 def job_deliveries(job_id: str) -> str:
@@ -172,11 +183,15 @@ _PREFIXES = {
     "running": RUNNING,
     "batch": BATCH_PREFIX,
     "batches_unnotified": BATCHES_UNNOTIFIED,
+    "batches_receiving": BATCHES_RECEIVING,
     "claims": CLAIMS_PREFIX,
     "cache_entry": CACHE_ENTRY_PREFIX,
     "cache_followers": CACHE_FOLLOWERS_PREFIX,
     "metric_counters": METRIC_COUNTERS,
     "metric_histograms": METRIC_HISTOGRAMS,
+    "webhook_message": WEBHOOK_MESSAGE_PREFIX,
+    "webhook_outbox": WEBHOOK_OUTBOX,
+    "webhook_sequence": WEBHOOK_SEQUENCE,
 }
 
 

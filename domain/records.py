@@ -16,7 +16,8 @@ from enum import StrEnum
 
 import redis
 
-from domain import job_metrics, keys
+from domain import job_metrics, keys, outbox
+from domain import cancel_after
 from domain.job_metrics import JobMetrics
 
 
@@ -48,6 +49,8 @@ if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5] then
   return {0, current}
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 6))
+-- The job's own count of moves: the ids of its live event stream (webapp/events.py).
+redis.call('HINCRBY', KEYS[1], 'moves', 1)
 -- Keep the lane index (queue positions, lane depths) and the deadline index in step with the record.
 local id = redis.call('HGET', KEYS[1], 'id')
 local lane = redis.call('HGET', KEYS[1], 'lane')
@@ -75,8 +78,10 @@ if batch and (ARGV[2] == 'succeeded' or ARGV[2] == 'failed' or ARGV[2] == 'cance
     and redis.call('HSETNX', '${batch}' .. batch, 'completed_at', ARGV[4]) == 1 then
   redis.call('ZADD', '${batches_unnotified}', ARGV[4], batch)
 end
-""" + job_metrics.COUNT_MOVE_LUA + """
-return {1, current}
+-- The move's webhook event, if the job's webhook wants it: its message and outbox entry, in this same step,
+-- so a process that dies right after the move cannot lose it (domain/outbox.py).
+""" + outbox.QUEUE_JOB_EVENT_LUA + job_metrics.COUNT_MOVE_LUA + """
+return {1, current, webhook_message}
 """)
 
 
@@ -122,6 +127,10 @@ class JobRecord:
     traceparent: str | None = None
     # The batch the job is one image of (POST /v1/batches), if any.
     batch: str | None = None
+    # When the job is canceled unless it has ended (its Cancel-After: domain/cancel_after.py).
+    cancel_at: float | None = None
+    # How many state moves the job has made (the transition script counts them): its event ids.
+    moves: int = 0
 
     _JSON_FIELDS = ("request", "error", "last_error", "model_used", "timings")
 
@@ -171,6 +180,8 @@ class JobRecord:
             doc["degraded_reason"] = self.model_used.get("reason")
         if self.coalesced_with:
             doc["coalesced_with"] = self.coalesced_with
+        if self.cancel_at is not None:
+            doc["cancel_at"] = rfc3339(self.cancel_at)
         if result is not None:
             doc["result"] = result
         if self.error:
@@ -200,8 +211,9 @@ def rfc3339(epoch: float | None) -> str | None:
 class JobStore:
     """Reads and moves job records in Redis.
 
-    ``on_moved(job_id, state_before, state_after)``, if given, is called after
-    every move that happened (webhooks hang on it: ``domain.webhooks.JobEvents``).
+    ``on_moved(job_id, state_before, state_after, message_id)``, if given, is called after every move that
+    happened; ``message_id`` is the webhook message the move wrote to the outbox, or None (the fast path
+    that queues it hangs on this: ``domain.webhooks.JobEvents``).
     """
 
     def __init__(self, client: redis.Redis, ttl_s: int, on_moved=None):
@@ -229,6 +241,8 @@ class JobStore:
             pipe.zadd(keys.CREATED, {f"{record.tenant}/{record.id}": record.created_at})
             if record.deadline_at is not None:
                 pipe.zadd(keys.DEADLINES, {record.id: record.deadline_at})
+            if record.cancel_at is not None and not record.status.ended:
+                pipe.zadd(keys.CANCEL_AT, {record.id: record.cancel_at})
             # Counted in the same transaction as the record (domain/job_metrics.py).
             job_metrics.add_count(pipe, job_metrics.SUBMITTED, (record.model, record.lane))
             if record.status.ended:  # a result-cache hit: submitted and ended at once
@@ -266,7 +280,8 @@ class JobStore:
             return False, None
         moved, before = bool(answer[0]), JobState(answer[1].decode())
         if moved and self.on_moved is not None:
-            self.on_moved(job_id, before, to)
+            message_id = answer[2].decode() if len(answer) > 2 and answer[2] else None
+            self.on_moved(job_id, before, to, message_id)
         return moved, before
 
     def start(self, job_id: str, model_version: str | None, model_used: dict | None = None,
@@ -313,6 +328,34 @@ class JobStore:
             error={"code": "deadline", "message": "the job's deadline passed before it started"},
         )
         return moved
+
+    def cancel_overdue(self, job_id: str, now: float | None = None) -> bool:
+        """Queued or running → canceled with code ``cancel_after``, if its Cancel-After has passed.
+
+        A running job's worker finds it canceled when it ends and discards its result (no fence here:
+        whichever run holds it, the job is over).
+        """
+        record = self.get(job_id)
+        if record is None or record.cancel_at is None or record.status.ended or (now or time.time()) < record.cancel_at:
+            return False
+        was_running = record.status == JobState.RUNNING
+        moved, _ = self.move(
+            job_id, JobState.CANCELED, {JobState.QUEUED, JobState.RUNNING}, finished_at=time.time(),
+            error={"code": cancel_after.CODE,
+                   "message": cancel_after.message(record.cancel_at - record.created_at, was_running)},
+        )
+        return moved
+
+    def cancel_due(self, now: float | None = None, limit: int = 100) -> list[str]:
+        """Cancel every job whose Cancel-After has passed unended (queued or running); return their ids."""
+        now = now or time.time()
+        canceled = []
+        for raw in self.redis.zrangebyscore(keys.CANCEL_AT, "-inf", now, start=0, num=limit):
+            job_id = raw.decode()
+            if self.cancel_overdue(job_id, now):
+                canceled.append(job_id)
+            self.redis.zrem(keys.CANCEL_AT, job_id)  # canceled now, or it ended in time (or is gone)
+        return canceled
 
     def requeue(self, job_id: str, reason: dict, fence: str | None = None) -> bool:
         """Running → queued again (out of memory, a lost worker); ``reason`` is kept as ``last_error``."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import telemetry
 from config.redis_connection import connect
@@ -38,7 +39,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     # Every move a request makes (a cancel, an expiry noticed on read) becomes the job's webhook event.
     jobs.on_moved = JobEvents(client, app.extensions["maskq"].celery)
-    from webapp import batches, deliveries, health, jobs, metrics, models, page
+    from webapp import batches, deliveries, events, health, jobs, metrics, models, page
 
     # Timed from the first hook to the last, so every answer (an auth failure, a 429) is counted.
     app.before_request(metrics.start_timer)
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(metrics.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(batches.bp)
+    app.register_blueprint(events.bp)  # live progress: Server-Sent Events
     app.register_blueprint(models.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(deliveries.bp)
@@ -59,4 +61,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(openapi.bp)
     docs.init_app(app)
     telemetry.instrument_web(app)  # OpenTelemetry, when installed and OTEL_EXPORTER_OTLP_ENDPOINT is set
+    if settings.trusted_proxy_hops:
+        # The client address (failed-auth and anonymous rate limits) from X-Forwarded-For, but only as many
+        # hops back as there are proxies we run: anything further left was written by the client.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops)
     return app

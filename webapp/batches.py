@@ -8,18 +8,30 @@ says otherwise; its ``webhook`` gets ``batch.completed``) and an optional
 image is checked as ``POST /v1/jobs`` checks it; one that fails is listed
 under ``rejected`` with its problem, and the rest go on. The batch itself
 lives in Redis (domain/batches.py), so it outlives any process.
+
+The upload is read twice, never held whole: a first reading checks every
+bound and keeps each image's name and digest (for the Idempotency-Key's
+fingerprint and the prompts' names); the second makes one job per image, with
+one image in memory at a time. A web process takes at most
+``MASKQ_MAX_CONCURRENT_BATCH_UPLOADS`` uploads at once.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
+import tempfile
+import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
 
-from flask import Blueprint, Response, request, url_for
+from flask import Blueprint, Response, current_app, request, url_for
 
 from domain import trace
-from domain.archives import Member, read_archive
+from domain.archives import Member, iter_archive
 from domain.batches import BatchRecord, BatchStore, document
 from domain.coco import Item, coco_document
 from domain.documents import job_document
@@ -32,7 +44,7 @@ from domain.webhook_urls import check_webhook_url
 from domain.webhooks import notify_batches
 from webapp.auth import choose_lane, current_tenant
 from webapp.idempotency import claim_submission
-from webapp.jobs import accept, new_job
+from webapp.jobs import accept, cancel_after_header, new_job
 from webapp.services import services
 from webapp.submission import json_part
 
@@ -51,14 +63,23 @@ def batches() -> BatchStore:
 
 @bp.post("/v1/batches")
 def submit_batch():
+    with _upload_slot(services().settings):  # before the body is read
+        return _submit_batch()
+
+
+def _submit_batch():
     s = services()
     settings = s.settings
     # This route alone takes a whole folder; the app's limit is one image's. (A megabyte more for the
     # request and prompts parts and the multipart framing.)
     request.max_content_length = settings.max_batch_bytes + FORM_SLACK_BYTES
+    # Every file part to disk as it arrives: werkzeug keeps up to 500 kB of each in memory, and a batch may
+    # have hundreds of parts. The images are then read one at a time (below).
+    request._get_file_stream = _file_part_stream
     if request.mimetype != "multipart/form-data":
         raise UnsupportedMediaType("send multipart/form-data: parts 'images' (repeatable) or 'archive', "
                                    "'request', and optionally 'prompts'")
+    cancel_after_header()  # a bad Cancel-After is a 4xx before the upload is read; each job reads it (new_job)
     body = json_part(request, "request")
     body = {} if body is None else body
     batch_request = parse_model(BatchRequest, body, "request")
@@ -67,7 +88,7 @@ def submit_batch():
     prompts = json_part(request, "prompts")
     per_image = _per_image_prompts({} if prompts is None else prompts, settings.max_batch_images)
     choose_lane(batch_request.lane)  # 403 above the key's ceiling, before anything is read
-    images = _images(settings, per_image)
+    images = _survey(settings, per_image)
     if not images:
         raise ValidationFailed("the batch has no images: send parts named 'images', or an 'archive'",
                                errors=[{"field": "images", "message": "missing"}])
@@ -79,14 +100,21 @@ def submit_batch():
     batch = BatchRecord(id=store.new_id(), tenant=current_tenant(), created_at=time.time(), lane=batch_request.lane,
                         model=batch_request.model,
                         webhook=batch_request.webhook.model_dump(mode="json") if batch_request.webhook else None)
-    fingerprint = hashlib.sha256(b"".join(hashlib.sha256(m.data).digest() for m in images)).digest()
+    fingerprint = hashlib.sha256(b"".join(image.sha256 for image in images)).digest()
     claim = claim_submission(batch.id, fingerprint, {"request": body, "prompts": per_image_raw(per_image),
-                                                     "names": [m.name for m in images]})
+                                                     "names": [image.name for image in images]})
     if claim.replayed:
         return _answer(load_batch(claim.job_id), 200, replayed=True)
     store.create(batch)
     traceparent = trace.parse(request.headers.get("traceparent")) or trace.new()
-    rejected = _fan_out(s, store, batch, images, batch_request, per_image, traceparent)
+    rejected = []
+    for member in _members(settings):  # the upload read again, one image in memory at a time
+        # Signs of life: the batch is not abandoned, and a retry with the same key is not a second batch.
+        store.touch(batch.id)
+        claim.keep_alive()
+        rejection = _add(s, store, batch, member, batch_request, per_image, traceparent)
+        if rejection is not None:
+            rejected.append(rejection)
     if rejected:
         store.reject(batch.id, rejected)
     if len(rejected) == len(images):
@@ -100,46 +128,78 @@ def submit_batch():
     return _answer(load_batch(batch.id), 202)
 
 
-def _fan_out(s, store: BatchStore, batch: BatchRecord, images: list[Member], batch_request: BatchRequest,
-             per_image: dict[str, PromptSet], traceparent: str) -> list[dict]:
-    """One job per image, in upload order; returns the images refused, each with its problem."""
-    rejected = []
-    for member in images:
-        if member.too_large:
-            rejected.append({"file_name": member.name, "status": 413,
-                             "detail": f"the image is larger than {s.settings.max_image_bytes} bytes"})
-            continue
-        job = None
-        try:
-            job = new_job(s, member.data, batch_request.job_request(per_image.get(member.name)), batch=batch.id)
-            job.record.traceparent = traceparent
-            store.will_add(batch.id, job.record.id)
-            record = accept(s, job, check_room=False)  # the room for every job was checked up front
-        except MaskqError as exc:
-            if job is not None:
-                store.not_added(batch.id, job.record.id)
-            rejected.append({"file_name": member.name, "status": exc.status, "detail": exc.detail,
-                             **({"errors": exc.errors} if exc.errors else {})})
-            continue
-        store.added(batch.id, record.id, member.name, record.status.ended)
-    return rejected
+@contextmanager
+def _upload_slot(settings):
+    """One of the process's ``max_concurrent_batch_uploads`` slots for this request, or a 503."""
+    most = settings.max_concurrent_batch_uploads
+    slots = current_app.extensions.setdefault("maskq.batch_upload_slots", threading.BoundedSemaphore(most))
+    if not slots.acquire(blocking=False):
+        raise ServiceUnavailable(f"this server is taking {most} batch uploads already; try again shortly",
+                                 retry_after=5)
+    try:
+        yield
+    finally:
+        slots.release()
 
 
-def _images(settings, per_image: dict) -> list[Member]:
-    """The uploaded images (parts ``images``, then the ``archive``'s members), bounded in number and size."""
+def _file_part_stream(total_content_length, content_type, filename=None, content_length=None):
+    return tempfile.TemporaryFile("rb+")
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One image of the upload as the first reading saw it: its name and its bytes' digest."""
+
+    name: str
+    sha256: bytes
+
+
+def _add(s, store: BatchStore, batch: BatchRecord, member: Member, batch_request: BatchRequest,
+         per_image: dict[str, PromptSet], traceparent: str) -> dict | None:
+    """The image's job, added to the batch; or the image's problem, when it is refused."""
+    if member.too_large:
+        return {"file_name": member.name, "status": 413,
+                "detail": f"the image is larger than {s.settings.max_image_bytes} bytes"}
+    job = None
+    try:
+        job = new_job(s, member.data, batch_request.job_request(per_image.get(member.name)), batch=batch.id)
+        job.record.traceparent = traceparent
+        store.will_add(batch.id, job.record.id)
+        record = accept(s, job, check_room=False)  # the room for every job was checked up front
+    except MaskqError as exc:
+        if job is not None:
+            store.not_added(batch.id, job.record.id)
+        return {"file_name": member.name, "status": exc.status, "detail": exc.detail,
+                **({"errors": exc.errors} if exc.errors else {})}
+    store.added(batch.id, record.id, member.name, record.status.ended)
+    return None
+
+
+def _members(settings) -> Iterator[Member]:
+    """The uploaded images (parts ``images``, then the ``archive``'s members), one at a time, bounded.
+
+    Each call reads the upload again from its start (its parts are files on disk).
+    """
     parts = request.files.getlist("images")
-    images: list[Member] = []
-    for part in parts:
-        if len(images) >= settings.max_batch_images:
-            raise PayloadTooLarge(f"a batch holds at most {settings.max_batch_images} images (MASKQ_MAX_BATCH_IMAGES)")
-        data = part.stream.read(settings.max_image_bytes + 1)
-        name = part.filename or f"image-{len(images) + 1}"
-        images.append(Member(name, too_large=True) if len(data) > settings.max_image_bytes else Member(name, data))
+    if len(parts) > settings.max_batch_images:
+        raise PayloadTooLarge(f"a batch holds at most {settings.max_batch_images} images (MASKQ_MAX_BATCH_IMAGES)")
+    for number, part in enumerate(parts, 1):
+        size = part.stream.seek(0, os.SEEK_END)  # (a read of the limit would allocate the limit)
+        part.stream.seek(0)
+        name = part.filename or f"image-{number}"
+        yield Member(name, too_large=True) if size > settings.max_image_bytes else Member(name, part.stream.read(size))
     archive = request.files.get("archive")
     if archive is not None:
-        images += read_archive(archive.stream, max_images=settings.max_batch_images - len(images),
-                               max_image_bytes=settings.max_image_bytes, max_total_bytes=settings.max_batch_bytes)
-    names = [m.name for m in images]
+        yield from iter_archive(archive.stream, max_images=settings.max_batch_images - len(parts),
+                                max_image_bytes=settings.max_image_bytes, max_total_bytes=settings.max_batch_bytes)
+
+
+def _survey(settings, per_image: dict) -> list[Seen]:
+    """A first reading of the upload: every bound checked, each image's name and digest kept, no bytes."""
+    empty = hashlib.sha256(b"").digest()  # an image too large to read counts as no bytes
+    images = [Seen(m.name, hashlib.sha256(m.data).digest() if not m.too_large else empty)
+              for m in _members(settings)]
+    names = [image.name for image in images]
     unknown = sorted(set(per_image) - set(names))
     if unknown:
         raise ValidationFailed(f"prompts name files that are not in the batch: {', '.join(unknown[:5])}",

@@ -16,6 +16,7 @@ from domain import job_metrics, trace
 from domain.documents import job_result
 from domain.keys import job_prefix
 from domain.errors import Conflict, InputError, NotFound, TooManyRequests
+from domain.cancel_after import parse_cancel_after
 from domain.fleet import live_workers
 from domain.images import decode_image
 from domain.lanes import send_job
@@ -42,6 +43,7 @@ EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF":
 @bp.post("/v1/jobs")
 def submit_job():
     s = services()
+    cancel_after_header()  # a bad Cancel-After is a 4xx before the upload is read
     data, body = read_submission(request, s.settings.max_image_bytes)
     job = new_job(s, data, body)
     claim = claim_submission(job.record.id, data, body)  # Idempotency-Key: 422 on another body
@@ -101,6 +103,7 @@ def new_job(s, data: bytes, body: object, batch: str | None = None) -> NewJob:
         id=job_id, tenant=current_tenant(), lane=lane, model=spec.name, model_version=spec.version,
         input_key=input_key, image_sha256=image_sha256, width=width, height=height, created_at=now,
         deadline_at=now + job_request.deadline_s if job_request.deadline_s else None,
+        cancel_at=now + cancel_after if (cancel_after := cancel_after_header()) else None,
         request=job_request.model_copy(update={"model": spec.name, "lane": lane}).model_dump(mode="json"),
         cache_key=cache_key, batch=batch,
     )
@@ -219,7 +222,21 @@ def load_job(job_id: str) -> JobRecord:
     if record.status == JobState.QUEUED and record.deadline_at and time.time() > record.deadline_at:
         s.jobs.expire(job_id)
         record = s.jobs.get(job_id) or record
+    # And so can a Cancel-After (queued or running), between two ticks of the workers' upkeep.
+    if not record.status.ended and record.cancel_at is not None and time.time() >= record.cancel_at:
+        if s.jobs.cancel_overdue(job_id):
+            ResultCache(s.jobs, s.settings, s.catalog, s.celery).settle(job_id)  # as DELETE does
+        record = s.jobs.get(job_id) or record
     return record
+
+
+def cancel_after_header() -> float | None:
+    """Seconds from the request's ``Cancel-After`` header (domain/cancel_after.py); None without one.
+
+    For ``POST /v1/jobs`` and ``POST /v1/batches`` (each job of a batch gets it): a bad value is a 4xx
+    naming the header.
+    """
+    return parse_cancel_after(request.headers.get("Cancel-After"))
 
 
 def _replayed(job_id: str) -> Response:
@@ -243,6 +260,11 @@ def _document(record: JobRecord) -> dict:
             workers = max(len(live_workers(s.redis)), 1)
             doc["estimated_start_at"] = rfc3339(s.lanes.estimated_start(position, workers))
     return doc
+
+
+def job_view(record: JobRecord) -> dict:
+    """The job as this API shows it: ``GET /v1/jobs/{id}``'s body (the event streams send it too)."""
+    return _document(record)
 
 
 def _result(record: JobRecord) -> dict | None:

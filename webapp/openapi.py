@@ -16,6 +16,7 @@ from flask import Blueprint, Flask, current_app, jsonify
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from domain import cancel_after
 from domain.schemas import BatchRequest, JobRequest, Lane, MaskRLE, PromptSet, Strict
 from webapp.idempotency import HEADER as IDEMPOTENCY_HEADER
 from webapp.idempotency import MAX_KEY_LENGTH
@@ -81,6 +82,9 @@ class Job(Document):
         "seconds: queue (once started), total (once ended); for a job that succeeded also load, encode "
         "(SAM-family models, 0 when the embedding was cached), predict, store"))
     traceparent: str | None = Field(None, description="the W3C trace context the job carries (sent or made at submit)")
+    cancel_at: str | None = Field(None, description=(
+        f"when the job is canceled (error code {cancel_after.CODE}) if it has not ended by then, queued or "
+        f"running: its submit's {cancel_after.HEADER} header"))
 
 
 class DeliveryAttempt(Document):
@@ -268,9 +272,32 @@ def _job_answers(*statuses: int, created: bool = False) -> dict:
     return {**answers, **error_answers(*sorted({*statuses, *V1_ERRORS}))}
 
 
+def _events_operation(operation_id: str, path_id: dict, summary: str, events: tuple[str, ...]) -> dict:
+    """A live event stream's operation (webapp/events.py); its schema is one event's."""
+    last_event_id = {"name": "Last-Event-ID", "in": "header", "required": False,
+                     "description": "resume: the id of the last event seen; only newer events follow",
+                     "schema": {"type": "string", "maxLength": 40}}
+    event = {"type": "object", "required": ["event", "id", "data"], "description": (
+        "one event; comment lines are heartbeats. The server closes the stream after its end event, or "
+        "after MASKQ_MAX_STREAM_S: reconnect with Last-Event-ID"), "properties": {
+        "event": {"enum": list(events)}, "id": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json"}}}
+    stream = {"text/event-stream": {"schema": event}}
+    return {"summary": summary, "operationId": operation_id, "parameters": [path_id, last_event_id],
+            "responses": {"200": {"description": "The event stream", "headers": RATE_HEADERS, "content": stream},
+                          "204": {"description": "Last-Event-ID is the end event's: nothing more will come"},
+                          **error_answers(400, 404, *V1_ERRORS)}}
+
+
 def _operations(max_wait_s: int) -> dict[tuple[str, str], dict]:
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
     batch_id = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    cancel_after_header = {
+        "name": cancel_after.HEADER, "in": "header", "required": False,
+        "description": (f"cancel the job (each job of a batch) if it has not ended this long after its submit, "
+                        f"queued or running: 30s, 5m, 1h30m or plain seconds, {cancel_after.MIN_S:g} s to "
+                        f"{cancel_after.MAX_S / 3600:g} h; error code {cancel_after.CODE}"),
+        "schema": {"type": "string", "pattern": cancel_after.PATTERN, "maxLength": cancel_after.MAX_LENGTH}}
     return {
         ("/v1/jobs", "post"): {
             "summary": "Submit a job", "operationId": "submitJob",
@@ -280,7 +307,8 @@ def _operations(max_wait_s: int) -> dict[tuple[str, str], dict]:
                            {"name": "Prefer", "in": "header", "required": False,
                             "description": f"wait=N (RFC 7240; N ≤ {max_wait_s}): answer 200 with the ended job if "
                                            "it ends within N seconds, else 202 as usual",
-                            "schema": {"type": "string"}}],
+                            "schema": {"type": "string"}},
+                           cancel_after_header],
             "requestBody": {"required": True, "content": {
                 "multipart/form-data": {"schema": {"$ref": REF.format(model="MultipartSubmission")},
                                         "encoding": {"request": {"contentType": "application/json"}}},
@@ -323,7 +351,8 @@ def _operations(max_wait_s: int) -> dict[tuple[str, str], dict]:
             "summary": "Submit many images as one batch (one job each, on the batch lane)", "operationId": "submitBatch",
             "parameters": [{"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
                             "description": "the same key and upload within 24 h return the same batch",
-                            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH}}],
+                            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH}},
+                           cancel_after_header],
             "requestBody": {"required": True, "content": {
                 "multipart/form-data": {"schema": {"$ref": REF.format(model="MultipartBatch")},
                                         "encoding": {"request": {"contentType": "application/json"},
@@ -347,6 +376,14 @@ def _operations(max_wait_s: int) -> dict[tuple[str, str], dict]:
             "parameters": [batch_id],
             "responses": {"200": json_answer("Coco", "COCO results", RATE_HEADERS), **error_answers(404, *V1_ERRORS)},
         },
+        ("/v1/jobs/{job_id}/events", "get"): _events_operation(
+            "getJobEvents", job_id, "A job's live progress as Server-Sent Events: `state` (id m: the job document "
+            "after its m-th move), `position` (id m.k: a queued job's new place), then `end` (the final document)",
+            ("state", "position", "end")),
+        ("/v1/batches/{batch_id}/events", "get"): _events_operation(
+            "getBatchEvents", batch_id, "A batch's live progress as Server-Sent Events: `progress` (id "
+            "{done}-{status}: the batch without its job list) as its jobs end, then `end` (the batch document)",
+            ("progress", "end")),
         ("/v1/models", "get"): {
             "summary": "The models this deployment serves", "operationId": "listModels",
             "responses": {"200": json_answer("ModelList", "The models", RATE_HEADERS), **error_answers(*V1_ERRORS)},

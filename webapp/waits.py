@@ -1,7 +1,8 @@
 """Long polls one API key may hold at once: a request that waits holds a web thread, and they are few.
 
 ``GET /v1/jobs/{id}?wait=N`` and ``POST /v1/jobs`` with ``Prefer: wait=N`` each
-hold a thread for up to N seconds. Without a bound, one client could hold every
+hold a thread for up to N seconds; an event stream (webapp/events.py) for up to
+``MASKQ_MAX_STREAM_S``, and takes a slot too. Without a bound, one client could hold every
 thread of every web process, and ``/healthz`` would stop answering. A key may
 hold ``MASKQ_MAX_WAITS_PER_KEY`` waits at once, counted in Redis (every web
 process together); each slot carries its own end time, so a process that dies

@@ -2,8 +2,9 @@
 
 Two timers run on the consumer's own event loop (so cancelling and adding
 queue consumers is safe): the resource gate, and lane upkeep (aging,
-expiring jobs whose deadline passed while queued, putting back the jobs of
-dead batch claims, and recovery of running jobs no process runs). Upkeep is
+expiring jobs whose deadline passed while queued, canceling jobs whose
+Cancel-After passed, putting back the jobs of dead batch claims, and recovery
+of running jobs no process runs). Upkeep is
 idempotent and atomic in Redis, so every worker may run it.
 """
 from __future__ import annotations
@@ -20,8 +21,8 @@ from config.settings import LANES, load_settings
 from domain.lanes import Lanes
 from domain.records import JobStore
 from domain.batches import BatchStore
-from domain.webhooks import JobEvents, notify_batches
-from workers import metrics
+from domain.webhooks import JobEvents, drain_outbox, notify_batches
+from workers import job_end, metrics
 from workers.batching import ClaimRecovery
 from workers.recovery import Recovery
 from workers.gate import ResourceGate, detect_device
@@ -98,11 +99,18 @@ class SchedulingStep(bootsteps.StartStopStep):
         try:
             for job_id in self.jobs.expire_due():
                 log.info("job %s: deadline passed while queued; expired", job_id)
+            for job_id in self.jobs.cancel_due():  # queued or running: a running one's result is discarded
+                log.info("job %s: its Cancel-After passed; canceled", job_id)
+                job_end.settle(self.jobs, self.settings, self.catalog, job_id)  # identical jobs waiting on it
             promoted = self.lanes.promote_aged()
             if promoted:
                 log.info("aging: %d job(s) moved to the interactive lane: %s", len(promoted), promoted[:5])
+            for batch_id in self.batches.seal_abandoned(self.settings.batch_receive_timeout_s):
+                log.info("batch %s: its upload went quiet (its uploader died?); sealed with the jobs it has", batch_id)
             # Batches whose last job just ended (or whose notifier died): their batch.completed webhook.
             notify_batches(self.batches, self.base_url)
+            # Webhook messages whose writer died (or failed) before queuing them: queued now, same ids.
+            drain_outbox(self.jobs.redis)
             recovered = self.claims.recover()  # jobs a dead pool process had taken along in a batch
             if recovered:
                 log.info("batching: %d job(s) of a dead worker back on their lanes: %s", len(recovered), recovered[:5])

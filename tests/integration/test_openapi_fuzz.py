@@ -38,11 +38,11 @@ def live_server(base_env, redis_client):
     """The app in a real threaded HTTP server on a free port, against the real Redis."""
     from webapp.app import create_app
 
-    # Short long-polls (a fuzzed ?wait must not hold the run); limits far above what the fuzzer sends
-    # (its missing-key probes too: one per operation and phase).
-    app = create_app(settings_from(base_env, max_wait_s=1, default_rate="100000/minute",
+    # Short long-polls and event streams (a fuzzed ?wait or stream must not hold the run); limits far above
+    # what the fuzzer sends (its missing-key probes too: one per operation and phase).
+    app = create_app(settings_from(base_env, max_wait_s=1, max_stream_s=1, default_rate="100000/minute",
                                    global_rate="100000/minute",
-                                   failed_auth_rate="100000/minute"))
+                                   failed_auth_rate="100000/minute", anonymous_rate="100000/minute"))
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="fuzzed-server", daemon=True)
     thread.start()
@@ -82,6 +82,6 @@ def test_the_docs_page_is_served_from_packaged_files_and_loads_nothing_from_outs
     html = page.get_data(as_text=True)
     sources = re.findall(r'(?:src|href)="([^"]+)"', html)
     assert sources and all(s.startswith("/docs/") for s in sources), sources
-    assert "/openapi.json" in html
+    assert "/openapi.json" in client.get("/docs/maskq-docs.js").get_data(as_text=True)  # its start-up script
     for source in sources:
         assert client.get(source).status_code == 200, source
