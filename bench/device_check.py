@@ -40,7 +40,7 @@ from bench.common import ROOT, format_table
 from config.device import installed_builds
 from config.settings import load_settings
 from domain.images import decode_image
-from models.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest
+from models.adapters.base import AdapterContext, ModelSpec, Prompts, RuntimeOptions, SegmentRequest
 from models.catalog import ModelCatalog
 from models.fetch import verify_files
 from models.manifest import import_adapter
@@ -151,7 +151,7 @@ def measure(spec: ModelSpec, variant: Variant, runtime: RuntimeOptions, requests
     before = watch.free_mb()
     started = time.perf_counter()
     adapter = import_adapter(spec.adapter)(spec)
-    adapter.setup(runtime)
+    adapter.setup(AdapterContext(runtime))
     setup_s = time.perf_counter() - started
     after_setup = watch.free_mb()
     masks = [union_mask(adapter.segment([r])[0], r.image.shape) for r in requests]  # warm-up, and the masks
@@ -182,7 +182,7 @@ def forced_out_of_memory(spec: ModelSpec, runtime: RuntimeOptions, requests, set
     runtime = dataclasses.replace(runtime, providers=(CUDA,), providers_required=True, gpu_mem_limit_mb=limit)
     try:
         adapter = import_adapter(spec.adapter)(spec)
-        adapter.setup(runtime)
+        adapter.setup(AdapterContext(runtime))
         for r in requests * 3:
             adapter.segment([r])
     except Exception as exc:  # what a worker would catch around a job

@@ -270,7 +270,7 @@ class PeerModels:
                 continue
             for (i, segment, request), instances in zip(items, results):
                 memory = _MemoryStorage()
-                key = store_result(types.SimpleNamespace(tenant="peer", id=f"r{i}"), request, segment.image,
+                key = store_result(types.SimpleNamespace(tenant="peer", id=f"r{i}", media="image"), request, segment.image,
                                    instances, memory, segment.report)
                 out[i] = memory.files[key]
         return out

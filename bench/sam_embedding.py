@@ -26,7 +26,7 @@ from pathlib import Path
 from bench.common import ROOT, Options, load_images, percentile
 from config.settings import load_settings
 from domain.images import decode_image
-from models.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest
+from models.adapters.base import AdapterContext, ModelSpec, Prompts, RuntimeOptions, SegmentRequest
 from models.adapters.onnx import create_session
 from models.adapters.sam import SamAdapter
 
@@ -58,7 +58,7 @@ def run(options: Options) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="maskq-bench-sam-") as folder:
         spec = ModelSpec("sam-tiny", "tiny-random-0", "models.adapters.sam:SamAdapter", files=export_tiny_sam(Path(folder)))
         adapter = SamAdapter(spec)
-        adapter.setup(runtime)
+        adapter.setup(AdapterContext(runtime))
         rounds = max(1, min(options.jobs, MAX_ROUNDS))
         first, second = [], []
         for i in range(min(options.warmup, 3) + rounds):

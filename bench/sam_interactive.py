@@ -47,7 +47,7 @@ from config.settings import load_settings
 from domain import keys
 from domain.fleet import live_workers
 from domain.images import decode_image
-from models.adapters.base import Prompts, RuntimeOptions, SegmentRequest
+from models.adapters.base import AdapterContext, Prompts, RuntimeOptions, SegmentRequest
 from models.adapters.sam import SamAdapter
 from models.catalog import ModelCatalog
 from models.fetch import verify_files
@@ -190,12 +190,12 @@ def precision_rows(spec, runtime: RuntimeOptions) -> list[dict]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     fp32 = SamAdapter(spec)
-    fp32.setup(runtime)
+    fp32.setup(AdapterContext(runtime))
     with tempfile.TemporaryDirectory(prefix="maskq-bench-int8-") as folder:
         int8_path = Path(folder) / "encoder.int8.onnx"
         quantize_dynamic(spec.files["encoder"], str(int8_path), weight_type=QuantType.QUInt8)
         int8 = SamAdapter(dataclasses.replace(spec, files={**spec.files, "encoder": str(int8_path)}, sha256={}))
-        int8.setup(runtime)
+        int8.setup(AdapterContext(runtime))
         times = {"fp32": [], "int8": []}
         ious_int8, ious_fp16 = [], []
         for name, point, _ in CLICKS:
@@ -210,9 +210,10 @@ def precision_rows(spec, runtime: RuntimeOptions) -> list[dict]:
                 masks[label] = instance.mask
             ious_int8.append(iou(masks["int8"], masks["fp32"]))
             # The shared store keeps float16: a decoder run on the rounded embedding.
-            [embedding] = [v for k, v in fp32.embedding_cache._entries.items() if k[1] == f"fp32-{name}-2"]
-            half = embedding.astype(np.float16).astype(np.float32)
-            fp32.embedding_cache.store((None, f"half-{name}", fp32.name, fp32.version), half, encoded=False)
+            cache = fp32.embedding_cache
+            found, _ = cache.lookup(cache.key(None, f"fp32-{name}-2"), share=False)
+            half = found["image_embeddings"].astype(np.float16).astype(np.float32)
+            cache.store(cache.key(None, f"half-{name}"), {"image_embeddings": half}, share=False)
             [[rounded]] = fp32.segment([SegmentRequest(image, prompts, image_id=f"half-{name}")])
             ious_fp16.append(iou(rounded.mask, masks["fp32"]))
     speedup = statistics.median(times["fp32"]) / statistics.median(times["int8"])
@@ -232,7 +233,7 @@ def run(options: Options) -> list[dict]:
     verify_files(spec)  # the model `make install` fetched
     runtime = RuntimeOptions.from_settings(settings)
     adapter = SamAdapter(spec)
-    adapter.setup(runtime)
+    adapter.setup(AdapterContext(runtime))
     rounds = max(3, min(options.jobs, MAX_ROUNDS))
     raw_first, raw_second = raw_rounds(adapter, rounds)
     service = service_rounds(rounds, warmup=min(options.warmup, 2))

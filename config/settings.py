@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     # stream_heartbeat_s so proxies do not cut it. A web process holds at most half its threads in streams.
     max_stream_s: int = Field(default=300, ge=1)
     stream_heartbeat_s: float = Field(default=15, gt=0)
-    # Image embeddings shared by every worker process in Redis (workers/shared_embeddings.py), so a
+    # Encoder outputs (SAM's image embeddings) shared by every worker process in Redis (models/encoder_cache.py), so a
     # second prompt on an image skips the encoder on any worker: bound in MB (0: off), TTL, fp16.
     shared_embeddings_mb: float = Field(default=512, ge=0)
     shared_embeddings_ttl_s: int = Field(default=3600, gt=0)

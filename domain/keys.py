@@ -90,13 +90,14 @@ def cache_followers(job_id: str) -> str:
     return f"{CACHE_FOLLOWERS_PREFIX}{job_id}"
 
 
-# -- image embeddings shared by every worker process (workers/shared_embeddings.py) -----------------
-EMBEDDING_PREFIX = "maskq:embedding:"    # + model:version:tenant:image sha256 -> a hash: data, dtype, shape
-EMBEDDINGS = "maskq:embeddings"          # the entries by last use (a sorted set), for the size bound
+# -- encoder outputs shared by every worker process (models/encoder_cache.py) ----------------------
+ENCODING_PREFIX = "maskq:encoding:"      # + part:tenant:input hash -> a hash: names, <name>:data/dtype/shape
+ENCODINGS = "maskq:encodings"            # the entries by last use (a sorted set), for the size bound
 
 
-def embedding(model: str, version: str, tenant: str, image_sha256: str) -> str:
-    return f"{EMBEDDING_PREFIX}{model}:{version}:{tenant}:{image_sha256}"
+def encoding(part: str, tenant: str, input_hash: str) -> str:
+    """An encoder part's output (``part``: its file's sha256) for one tenant's input (an image's sha256, a phrase's hash)."""
+    return f"{ENCODING_PREFIX}{part}:{tenant}:{input_hash}"
 
 
 # -- tenants and submissions ----------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from config.settings import Settings
 from domain.errors import ValidationFailed
-from models.adapters.base import ModelAdapter, ModelSpec
+from models.adapters.base import Capabilities, ModelAdapter, ModelSpec
 from models.manifest import ROUTE_KINDS, ManifestFile, import_adapter, read_manifest
 
 log = logging.getLogger(__name__)
@@ -22,8 +22,9 @@ DEFAULT_MODELS_DIR = Settings.model_fields["models_dir"].default
 class ModelCatalog:
     """The models a deployment serves, by name, as one reading of the manifest lists them.
 
-    Reading it imports each adapter's module for its ``prompt_kinds`` but
-    loads no model: the web front end uses the catalog too. A catalog never
+    Reading it imports each adapter's module for its capabilities (a
+    pipeline's are worked out from its steps') but loads no model: the web
+    front end uses the catalog too. A catalog never
     changes; :class:`LiveCatalog` swaps in a new one when the file changes.
     """
 
@@ -92,8 +93,30 @@ class ModelCatalog:
         """What the hungriest model needs for one job: a worker may serve any of them next."""
         return max(spec.memory_mb for spec in self.specs.values())
 
+    def capabilities(self, name: str | None) -> Capabilities:
+        """What model ``name`` can take (prompt kinds, whether it needs a prompt, whether it stacks batches)."""
+        spec = self.spec(name)
+        return spec.capabilities or self.adapter_class(name).declared_capabilities()
+
     def prompt_kinds(self, name: str | None) -> frozenset[str]:
-        return self.adapter_class(name).prompt_kinds
+        return self.capabilities(name).prompt_kinds
+
+    def requires_prompt(self, name: str | None) -> bool:
+        return self.capabilities(name).requires_prompt
+
+    def setup_order(self) -> list[str]:
+        """The models in an order that sets each pipeline's steps up before it (the manifest has no cycles)."""
+        order: list[str] = []
+
+        def visit(name: str) -> None:
+            if name not in order:
+                for step in self.specs[name].steps:
+                    visit(step)
+                order.append(name)
+
+        for name in self.specs:
+            visit(name)
+        return order
 
     def fallbacks(self, name: str) -> list[str]:
         """The models that stand in for ``name``, in order (the manifest has no cycles)."""

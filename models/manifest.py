@@ -22,7 +22,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.adapters.base import ModelAdapter, ModelSpec
+from domain.schemas import PROMPT_KINDS
+from models.adapters.base import Capabilities, ModelAdapter, ModelSpec
+from models.adapters.pipeline import PipelineAdapter, chain_capabilities, check_chain
 
 # Short names for the providers an operator is most likely to list; any other onnxruntime provider
 # is accepted by its full name ("...ExecutionProvider").
@@ -41,9 +43,11 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 FP16_SUFFIX = "_fp16"
 # A file path may start with this: the folder of fetched models (MASKQ_MODELS_DIR, models/fetch.py).
 MODELS_DIR = "{models_dir}"
-# The prompt kinds a route is chosen by, in order: the first kind a job has that has a route decides.
-ROUTE_KINDS = ("text", "mask", "boxes", "points", "none")
+# What a route is chosen by, in order: the first prompt kind a job has that has a route decides ("none": no prompt).
+ROUTE_KINDS = (*PROMPT_KINDS, "none")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# The adapter of a manifest entry that gives `steps` (a pipeline) instead of `adapter`.
+PIPELINE = f"{PipelineAdapter.__module__}:{PipelineAdapter.__name__}"
 
 
 class ManifestError(ValueError):
@@ -91,7 +95,9 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: str = Field(min_length=1)
-    adapter: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    # One of: the adapter class ("module:Class"), or the models of this manifest a pipeline runs in order.
+    adapter: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    steps: tuple[str, ...] | None = Field(None, min_length=1)
     files: dict[str, str] = {}
     # The sha256 of each file (by role): checked when a worker loads the model, and by models/fetch.py.
     sha256: dict[str, str] = {}
@@ -114,9 +120,46 @@ class ModelEntry(BaseModel):
 
     @field_validator("adapter")
     @classmethod
-    def _importable(cls, value: str) -> str:
-        import_adapter(value)  # the web front end needs its prompt kinds; a worker needs the class
+    def _importable(cls, value: str | None) -> str | None:
+        if value is not None:
+            import_adapter(value)  # the web front end needs its capabilities; a worker needs the class
         return value
+
+    @model_validator(mode="after")
+    def _adapter_or_steps(self):
+        if (self.adapter is None) == (self.steps is None):
+            raise ValueError("give either 'adapter' (one model's adapter class) or 'steps' (a pipeline of "
+                             "models of this manifest), not " + ("both" if self.adapter else "neither"))
+        if self.steps is not None:
+            own = [name for name in ("files", "sha256", "source") if getattr(self, name)]
+            if own:
+                raise ValueError(f"a pipeline ('steps') runs its steps' models and has no {own[0]!r} of its own")
+        return self
+
+    @model_validator(mode="after")
+    def _options_fit_the_adapter(self):
+        """The adapter's ``Options`` model checks ``options``: a typo is an error naming the field."""
+        if self.adapter is None and self.steps is None:
+            return self
+        options_model = import_adapter(self.adapter or PIPELINE).Options
+        try:
+            options_model.model_validate(self.options)
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors():
+                field = ".".join(str(p) for p in ("options", *error["loc"]))
+                if error["type"] == "extra_forbidden":
+                    known = ", ".join(options_model.model_fields) or "none"
+                    problems.append(f"field {field!r}: unknown option (known: {known})")
+                else:
+                    problems.append(f"field {field!r}: {error['msg']}")
+            raise ValueError("; ".join(problems)) from None
+        return self
+
+    @property
+    def adapter_path(self) -> str:
+        """The adapter class that runs this entry (a pipeline's own for ``steps``)."""
+        return self.adapter or PIPELINE
 
     @field_validator("providers")
     @classmethod
@@ -154,7 +197,7 @@ class ModelEntry(BaseModel):
             raise ValueError(f"soft_time_limit_s ({soft}) must be below hard_time_limit_s ({hard})")
         return self
 
-    def spec(self, name: str, base_dir: Path, models_dir: Path) -> ModelSpec:
+    def spec(self, name: str, base_dir: Path, models_dir: Path, capabilities: Capabilities | None = None) -> ModelSpec:
         """This entry as the :class:`ModelSpec` adapters get: paths resolved, fp16 files chosen."""
         files = {key: str(resolve_path(value, base_dir, models_dir)) for key, value in self.files.items()}
         plain = {key: path for key, path in files.items() if not key.endswith(FP16_SUFFIX)}
@@ -164,11 +207,12 @@ class ModelEntry(BaseModel):
             sha256 = {key: d for key, d in sha256.items() if f"{key}{FP16_SUFFIX}" not in self.files}
             sha256 |= {key[: -len(FP16_SUFFIX)]: d for key, d in self.sha256.items() if key.endswith(FP16_SUFFIX)}
         return ModelSpec(
-            name=name, version=self.version, adapter=self.adapter, files=plain, options=dict(self.options),
+            name=name, version=self.version, adapter=self.adapter_path, files=plain, options=dict(self.options),
             sha256=sha256, source=self.source.model_dump() if self.source else None,
             memory_mb=self.memory_mb, soft_time_limit_s=self.soft_time_limit_s,
             hard_time_limit_s=self.hard_time_limit_s, providers=self.providers, fp16=self.fp16,
-            max_batch_size=self.max_batch_size, fallback=self.fallback,
+            max_batch_size=self.max_batch_size, fallback=self.fallback, steps=tuple(self.steps or ()),
+            capabilities=capabilities,
         )
 
 
@@ -187,7 +231,7 @@ class Manifest(BaseModel):
     default: str | None = None
     # A job that names no model goes by its prompts: {"points": "sam", "text": "text-regions", ...};
     # kinds without a route (and a manifest without routes) get the default model.
-    routes: dict[Literal["text", "mask", "boxes", "points", "none"], str] = {}
+    routes: dict[Literal[ROUTE_KINDS], str] = {}
     models: dict[str, ModelEntry] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -214,14 +258,61 @@ class Manifest(BaseModel):
                     raise ValueError(f"model {nxt!r}: field 'fallback': the fallbacks form a cycle: "
                                      f"{' -> '.join(cycle)}")
                 chain.append(nxt)
+        self.capabilities()  # the steps name models of this manifest, in no cycle, and fit together
         return self
+
+    def setup_order(self) -> list[str]:
+        """The models in an order that sets every pipeline's steps up before it (manifest order otherwise).
+
+        Raises ``ValueError`` for a step that is not a model of this manifest, or steps in a cycle.
+        """
+        order: list[str] = []
+        visiting: list[str] = []
+
+        def visit(name: str) -> None:
+            if name in order:
+                return
+            if name in visiting:
+                cycle = visiting[visiting.index(name):] + [name]
+                raise ValueError(f"model {name!r}: field 'steps': the steps form a cycle: {' -> '.join(cycle)}")
+            visiting.append(name)
+            for step in self.models[name].steps or ():
+                if step not in self.models:
+                    raise ValueError(f"model {name!r}: field 'steps': {step!r} is not a model of this manifest "
+                                     f"({', '.join(self.models)})")
+                visit(step)
+            visiting.pop()
+            order.append(name)
+
+        for name in self.models:
+            visit(name)
+        return order
+
+    def capabilities(self) -> dict[str, Capabilities]:
+        """What each model can take: its adapter class's, or a pipeline's worked out from its steps'."""
+        found: dict[str, Capabilities] = {}
+        for name in self.setup_order():
+            entry = self.models[name]
+            if entry.steps is None:
+                found[name] = import_adapter(entry.adapter).declared_capabilities()
+                continue
+            steps = [found[step] for step in entry.steps]
+            try:
+                check_chain(entry.steps, steps)
+            except ValueError as exc:
+                raise ValueError(f"model {name!r}: field 'steps': {exc}") from None
+            found[name] = chain_capabilities(steps)
+        return found
 
     @property
     def default_model(self) -> str:
         return self.default or next(iter(self.models))
 
     def specs(self, base_dir: Path, models_dir: Path) -> dict[str, ModelSpec]:
-        return {name: entry.spec(name, base_dir, models_dir) for name, entry in self.models.items()}
+        """Every model's spec, its capabilities worked out (a pipeline's from its steps')."""
+        capabilities = self.capabilities()
+        return {name: entry.spec(name, base_dir, models_dir, capabilities[name])
+                for name, entry in self.models.items()}
 
 
 def _where(error: dict) -> str:

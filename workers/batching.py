@@ -1,7 +1,8 @@
 """Dynamic batching: a worker running one job takes more queued jobs of the same model along.
 
-Only for a model that gains from it: its adapter declares that it stacks a
-batch into one inference call (``ModelAdapter.stacks_batches``) *and* its
+Only for a model that gains from it: it stacks a batch into one inference
+call (its capabilities' ``stacks_batches``: the adapter class declares it, a
+pipeline has it when all its steps do) *and* its
 manifest sets ``max_batch_size`` above 1 (and ``MASKQ_BATCHING`` is on).
 Neither bundled adapter stacks a batch, so by default every job runs alone
 through ``workers/pipeline.py`` and pays nothing for this module.
@@ -108,7 +109,7 @@ def wanted(choice, settings) -> bool:
     A stand-in model (degraded) may not take every prompt its jobs have, so it runs them one by one.
     """
     adapter = choice.adapter
-    return (settings.batching and not choice.degraded and adapter.stacks_batches
+    return (settings.batching and not choice.degraded and adapter.capabilities.stacks_batches
             and adapter.spec.max_batch_size > 1)
 
 
@@ -189,7 +190,7 @@ class ClaimRecovery:
 def gather(claims: Claims, jobs: JobStore, first: JobRecord, choice, wanted: int, wait_s: float) -> list[JobRecord]:
     """Claim and start up to ``wanted`` more jobs like ``first``, waiting at most ``wait_s`` for them.
 
-    They start as ``first`` did: on ``choice`` (a ``models.catalog.ModelChoice``), the model's
+    They start as ``first`` did: on ``choice`` (a ``workers.loaded_models.ModelChoice``), the model's
     own adapter or the fallback standing in for it.
     """
     deadline = time.monotonic() + wait_s

@@ -1,4 +1,9 @@
-"""The adapters one worker process holds, set up from the model catalog and kept in step with it."""
+"""The adapters one worker process holds, set up from the model catalog and kept in step with it.
+
+Each adapter is set up with an :class:`models.adapters.base.AdapterContext`: the runtime options
+narrowed to its model, the process's one encoder cache, and the adapters already set up, so that a
+pipeline runs on its steps' adapters (a pipeline's steps are set up before it).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from domain.errors import MaskqError, ModelError
-from models.adapters.base import ModelAdapter, ModelSpec, RuntimeOptions
+from models.adapters.base import AdapterContext, ModelAdapter, ModelSpec, RuntimeOptions
 from models.catalog import LiveCatalog, ModelCatalog
+from models.encoder_cache import EncoderCache
 from models.fetch import verify_files
 from models.manifest import import_adapter
 from workers import metrics
@@ -63,12 +69,18 @@ class LoadedModels:
     its version. A model that fails to set up is kept in :attr:`failures`
     (with the old version serving, if there was one); :meth:`choose` then
     gives its jobs to its fallback.
+
+    A pipeline is set up again whenever one of its steps is (a new version,
+    say): it always runs on the adapters its steps' models serve with. A step
+    that is not loaded leaves the pipeline unloaded too (its fallback serves).
     """
 
-    def __init__(self, catalog: ModelCatalog | LiveCatalog, runtime: RuntimeOptions, shared_embeddings=None):
+    def __init__(self, catalog: ModelCatalog | LiveCatalog, runtime: RuntimeOptions,
+                 encoder_cache: EncoderCache | None = None):
         self.catalog = catalog
         self.runtime = runtime
-        self.shared_embeddings = shared_embeddings  # given to every adapter set up (workers/shared_embeddings.py)
+        # Every adapter set up here shares it (models/encoder_cache.py): local, or in front of Redis.
+        self.encoder_cache = encoder_cache if encoder_cache is not None else EncoderCache()
         # Replaced, never mutated, so the heartbeat thread can read them while a reload runs.
         self.adapters: dict[str, ModelAdapter] = {}
         self.failures: dict[str, ModelFailure] = {}
@@ -91,12 +103,13 @@ class LoadedModels:
     def _sync(self, catalog: ModelCatalog) -> None:
         adapters = {name: a for name, a in self.adapters.items() if name in catalog.specs}
         failures = {}
-        for name, spec in catalog.specs.items():
+        for name in catalog.setup_order():  # a pipeline's steps first
+            spec = catalog.specs[name]
             old = adapters.get(name)
-            if old is not None and old.spec == spec:
+            if old is not None and old.spec == spec and not self._steps_changed(old, adapters):
                 continue
             try:
-                adapters[name] = self._set_up(spec)
+                adapters[name] = self._set_up(spec, adapters)
                 log.info("model %s version %s loaded%s", name, spec.version,
                          f" (replacing version {old.version})" if old is not None else "")
             except Exception as exc:  # whatever a model does at set-up, the worker stays up
@@ -116,12 +129,23 @@ class LoadedModels:
             loaded.labels(name, adapter.version).set(1)
         self.adapters, self.failures, self._synced = adapters, failures, catalog
 
-    def _set_up(self, spec: ModelSpec) -> ModelAdapter:
+    @staticmethod
+    def _steps_changed(adapter: ModelAdapter, adapters: dict[str, ModelAdapter]) -> bool:
+        """Whether a pipeline runs on step adapters other than those its steps' models serve with now."""
+        steps = getattr(adapter, "steps", None)
+        if not adapter.spec.steps or steps is None:
+            return False
+        return any(adapters.get(name) is not step for name, step in zip(adapter.spec.steps, steps))
+
+    def _set_up(self, spec: ModelSpec, adapters: dict[str, ModelAdapter]) -> ModelAdapter:
         verify_files(spec)
         adapter = import_adapter(spec.adapter)(spec)
-        adapter.setup(self.runtime_for(spec))
-        adapter.shared_embeddings = self.shared_embeddings
+        adapter.setup(self.context_for(spec, adapters))
         return adapter
+
+    def context_for(self, spec: ModelSpec, adapters: dict[str, ModelAdapter]) -> AdapterContext:
+        """What ``spec``'s adapter gets at set-up: its runtime, the encoder cache, the adapters set up so far."""
+        return AdapterContext(runtime=self.runtime_for(spec), encoder_cache=self.encoder_cache, adapters=adapters.get)
 
     def runtime_for(self, spec: ModelSpec) -> RuntimeOptions:
         """The deployment's runtime options with this model's providers, fp16, memory cap and engine cache on top."""
@@ -164,7 +188,8 @@ class LoadedModels:
             stand_in = self.adapters.get(fallback)
             if stand_in is None:
                 refused.append(f"{fallback!r} is not loaded either")
-            elif not kinds <= stand_in.prompt_kinds or (stand_in.requires_prompt and not kinds):
+            elif not kinds <= stand_in.capabilities.prompt_kinds or (stand_in.capabilities.requires_prompt
+                                                                      and not kinds):
                 refused.append(f"{fallback!r} cannot take this job's prompts ({', '.join(sorted(kinds)) or 'none'})")
             else:
                 return ModelChoice(stand_in, name, reason)

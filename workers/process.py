@@ -29,7 +29,7 @@ from workers.heartbeat import Heartbeat
 from models.catalog import LiveCatalog
 from workers.loaded_models import LoadedModels
 from workers.redis_outage import ride_out
-from workers.shared_embeddings import SharedEmbeddings
+from models.encoder_cache import EncoderCache
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,8 @@ class WorkerProcess:
         runtime = runtime_options(settings, placement) if placement else RuntimeOptions.from_settings(settings)
         # The manifest is followed while the process runs: before each job, and by a watcher thread when idle.
         catalog = LiveCatalog(settings.models_manifest, settings.manifest_check_s, settings)
-        shared = (SharedEmbeddings(client, settings.shared_embeddings_mb, settings.shared_embeddings_ttl_s,
-                                   half=settings.shared_embeddings_fp16)
-                  if settings.shared_embeddings_mb > 0 else None)
-        models = LoadedModels(catalog, runtime, shared_embeddings=shared)
+        # One encoder cache for every model of the process, in front of the tier every worker shares in Redis.
+        models = LoadedModels(catalog, runtime, encoder_cache=EncoderCache.from_settings(settings, client))
         if settings.worker_loads_models:  # not in a webhooks-only worker: it runs no model
             models.load_all()  # a model that fails to load is reported, not fatal: its fallback serves
             models.watch(settings.manifest_check_s)
@@ -79,9 +77,8 @@ class WorkerProcess:
 
     def describe(self) -> dict:
         adapters = self.models.adapters.items()
-        # Embedding-cache counters (SAM-family adapters) ride on the heartbeat for operators and tests.
-        caches = {name: a.embedding_cache.stats() for name, a in adapters
-                  if getattr(a, "embedding_cache", None) is not None}
+        # Encoder-cache counters (SAM-family adapters) ride on the heartbeat for operators and tests.
+        caches = {name: stats for name, a in adapters if (stats := a.cache_stats()) is not None}
         return {**self.models.describe(), "embedding_caches": caches, "running": sorted(self.running),
                 "device": self.placement.describe()["device"] if self.placement else None,
                 "storage": self.storage_identity}

@@ -1,32 +1,52 @@
 """The model adapter contract: how a model plugs into maskq.
 
-A worker process holds one adapter per model. The lifecycle is fixed:
+A worker process holds one adapter per model of the manifest. The lifecycle is fixed:
 
 1. ``__init__(spec)`` is cheap: it only remembers where the model files are.
-   It runs in the web process too (to read ``prompt_kinds``), so it must never
-   import onnxruntime or read a model file.
-2. ``setup(runtime)`` runs once per worker process (from
-   ``worker_process_init``), never at import and never per job. Create the
-   ONNX Runtime sessions here with :func:`models.adapters.onnx.create_session`
-   so every session honours the deployment's providers and thread settings.
-3. ``preprocess(requests) -> (tensors, metas)`` turns a batch of decoded
+   It runs in the web process too, so it must never import onnxruntime or
+   read a model file. What the model can take (prompt kinds, whether it needs
+   a prompt, whether it stacks batches) is its :class:`Capabilities`: the
+   class declares them (``prompt_kinds``, ``requires_prompt``,
+   ``stacks_batches``); the manifest reader works out a pipeline's from its
+   steps and puts them in the spec (``spec.capabilities``); read them on an
+   instance as ``adapter.capabilities``, or without an adapter through
+   ``models.catalog.ModelCatalog.capabilities``.
+2. ``options``: the class's ``Options`` (a pydantic model, unknown fields
+   forbidden) checks the manifest entry's ``options`` when the manifest is
+   read, so a typo is an error naming the model and the field.
+3. ``setup(context)`` runs once per worker process and model version, never
+   at import and never per job. The :class:`AdapterContext` holds the
+   runtime options (create ONNX Runtime sessions with
+   :func:`models.adapters.onnx.create_session` and ``context.runtime`` so
+   every session honours the deployment's providers and threads), the
+   process's encoder cache (``context.encoder_cache``,
+   :mod:`models.encoder_cache`) and the other models' adapters, already set
+   up (``context.adapter(name)``): a pipeline runs its steps on them rather
+   than opening sessions of its own.
+4. ``preprocess(requests) -> (tensors, metas)`` turns a batch of decoded
    images and their prompts into model inputs; ``metas`` carries whatever
    ``postprocess`` needs to map results back to each original image (scale
    factors, padding, the prompts).
-4. ``predict(tensors) -> outputs`` is the only method that calls ONNX Runtime.
+5. ``predict(tensors) -> outputs`` is the only method that calls ONNX Runtime.
    It receives the whole batch.
-5. ``postprocess(outputs, metas) -> instances`` returns, for each request of
+6. ``postprocess(outputs, metas) -> instances`` returns, for each request of
    the batch, the list of :class:`Instance` found, already filtered by that
    request's prompts and expressed in the original (upright) image's pixels.
+
+``segment(requests)`` runs 4-6; an adapter that is not one model (a
+pipeline, :mod:`models.adapters.pipeline`) overrides ``segment`` instead.
 
 A minimal adapter::
 
     class ThresholdAdapter(ModelAdapter):
-        name, version = "threshold", "1"
         prompt_kinds = frozenset({"boxes"})
 
-        def setup(self, runtime):
-            self.session = create_session(self.spec.files["model"], runtime)
+        class Options(AdapterOptions):
+            threshold: float = 0.5
+
+        def setup(self, context):
+            self.threshold = self.read_options().threshold
+            self.session = create_session(self.spec.files["model"], context.runtime)
 
         def preprocess(self, requests):
             return [r.image for r in requests], [r.prompts for r in requests]
@@ -35,19 +55,32 @@ A minimal adapter::
             return [self.session.run(None, {"image": t})[0] for t in tensors]
 
         def postprocess(self, outputs, metas):
-            return [[Instance(mask=o[0] > 0.5, score=1.0)] for o in outputs]
+            return [[Instance(mask=o[0] > self.threshold, score=1.0)] for o in outputs]
+
+and its manifest entry (``files`` relative to the manifest)::
+
+    [models.threshold]
+    version = "1"
+    adapter = "mypackage.threshold:ThresholdAdapter"
+    files = { model = "threshold.onnx" }
+    options = { threshold = 0.6 }
 
 Adapters raise :class:`domain.errors.ModelError` for a model that misbehaves;
 anything they raise is reported on the job, never crashes the worker.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-PROMPT_KINDS = frozenset({"text", "points", "boxes", "mask"})
+from domain.errors import ModelError
+from models.encoder_cache import EncoderCache, file_sha256
+
+from domain.schemas import PROMPT_KINDS, JobRequest  # the one list of prompt kinds
 
 
 @dataclass(frozen=True)
@@ -67,18 +100,17 @@ class Prompts:
     @property
     def kinds(self) -> frozenset[str]:
         """The prompt kinds this request uses."""
-        present = {
-            "text": bool(self.text),
-            "points": bool(self.points),
-            "boxes": bool(self.boxes),
-            "mask": self.mask is not None,
-        }
-        return frozenset(kind for kind, used in present.items() if used)
+        return frozenset(kind for kind in PROMPT_KINDS if _given(getattr(self, kind)))
 
     @property
     def empty(self) -> bool:
         """No prompt at all: the request asks for every instance."""
         return not self.kinds
+
+
+def _given(prompt) -> bool:
+    """Whether a prompt field holds anything (a mask is an array, whose truth is no answer)."""
+    return prompt is not None and (isinstance(prompt, np.ndarray) or len(prompt) > 0)
 
 
 @dataclass(frozen=True)
@@ -88,8 +120,12 @@ class SegmentRequest:
     ``image_id`` names the image's content (the SHA256 of the uploaded bytes),
     so an adapter can reuse work done on the same image by an earlier job; it
     is None when the caller has no such name. ``scope`` (the tenant) bounds
-    who may share that work. ``options`` are the request's model options
-    (``points_per_side``). An adapter may note how it ran the request in
+    who may share that work. ``request`` is the job's typed request itself,
+    the object the web parsed and the record keeps (``JobRecord.request``,
+    never parsed again on the way); None when an adapter is driven directly.
+    ``prompts`` are its prompts in pixels (the mask decoded), ``options`` its
+    options for the model (``JobRequest.adapter_options``: ``points_per_side``),
+    both built from it once by the worker. An adapter may note how it ran the request in
     ``report`` (``{"embedding": {"cached": True, ...}}``); the worker stores
     those notes with the job's result. ``timings`` takes the seconds of named
     phases an adapter can tell apart (``encode``): the job's ``metrics``.
@@ -102,15 +138,22 @@ class SegmentRequest:
     options: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    request: JobRequest | None = None
 
 
 @dataclass
 class Instance:
-    """One segmented object: a boolean mask of the image's size, a score and a label."""
+    """One segmented object: a boolean mask of the image's size, a score and a label.
+
+    ``object_id`` follows one object across the frames of a video (or the steps of a
+    pipeline), ``frame`` says which frame of a video it is in; both None for an image.
+    """
 
     mask: np.ndarray
     score: float
     label: str | None = None
+    object_id: int | None = None
+    frame: int | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +186,17 @@ class RuntimeOptions:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a model can take: its prompt kinds, whether it needs a prompt, whether it stacks batches."""
+
+    prompt_kinds: frozenset[str] = frozenset()
+    # False: no prompt is a request too ("segment everything", "every region").
+    requires_prompt: bool = False
+    # True: predict() runs a whole batch as one stacked inference call (workers/batching.py).
+    stacks_batches: bool = False
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Where one model's files are and what it is called; from the model catalog."""
 
@@ -168,21 +222,54 @@ class ModelSpec:
     # [models.NAME.source]: package, tarball checksum, licence), shown by GET /v1/models.
     sha256: dict[str, str] = field(default_factory=dict)
     source: dict[str, Any] | None = None
+    # A pipeline's steps (names of other models of the manifest, run in order); () for one model.
+    steps: tuple[str, ...] = ()
+    # What the manifest reader worked out the model can take (a pipeline's, from its steps);
+    # None: what the adapter class declares.
+    capabilities: Capabilities | None = None
+
+
+class AdapterOptions(BaseModel):
+    """An adapter's ``options`` (the manifest entry's): subclass it as ``Options`` on the adapter.
+
+    Unknown fields are refused, so a typo in the manifest is an error when it is read.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class AdapterContext:
+    """What an adapter gets at set-up: the runtime, the process's encoder cache, the other models.
+
+    ``adapters`` looks up another model's adapter by name, set up before this
+    one (a pipeline's steps are); :meth:`adapter` says clearly when there is none.
+    """
+
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    encoder_cache: EncoderCache = field(default_factory=EncoderCache)
+    adapters: Callable[[str], "ModelAdapter | None"] = lambda name: None
+
+    def adapter(self, name: str) -> "ModelAdapter":
+        found = self.adapters(name)
+        if found is None:
+            raise ModelError(f"model {name!r} is not loaded in this worker")
+        return found
 
 
 class ModelAdapter:
     """Base class of every model adapter; see the module docstring for the lifecycle."""
 
+    # What the class can take (its Capabilities; a pipeline's come from its steps, in its spec).
     prompt_kinds: ClassVar[frozenset[str]] = frozenset()
     # True for models that cannot "segment everything" and need at least one prompt.
     requires_prompt: ClassVar[bool] = False
-    # An embedding store shared by every worker process (workers/shared_embeddings.py), given by the
-    # worker after set-up to adapters that can use one; None: this process's own memory only.
-    shared_embeddings: Any = None
     # True for an adapter whose predict() runs a whole batch as one stacked inference call. Only then
     # does a worker take more queued jobs along (workers/batching.py, with the manifest's
     # max_batch_size > 1): for an adapter that loops image by image, a batch would only add waiting.
     stacks_batches: ClassVar[bool] = False
+    # The manifest entry's options, checked when the manifest is read.
+    Options: ClassVar[type[AdapterOptions]] = AdapterOptions
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -195,8 +282,41 @@ class ModelAdapter:
     def version(self) -> str:
         return self.spec.version
 
-    def setup(self, runtime: RuntimeOptions) -> None:
+    @classmethod
+    def declared_capabilities(cls) -> Capabilities:
+        """What the class declares it can take."""
+        return Capabilities(frozenset(cls.prompt_kinds), cls.requires_prompt, cls.stacks_batches)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this model can take: its spec's (worked out by the manifest reader), else its class's."""
+        return self.spec.capabilities or self.declared_capabilities()
+
+    def read_options(self) -> AdapterOptions:
+        """``spec.options`` as the class's ``Options`` (the manifest reader checked them; a spec made in code
+        is checked here: :class:`ModelError` naming the field)."""
+        try:
+            return self.Options.model_validate(self.spec.options)
+        except ValidationError as exc:
+            raise ModelError(f"model {self.spec.name}: options: " + "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+
+    def setup(self, context: AdapterContext) -> None:
         raise NotImplementedError
+
+    def part_digest(self, role: str) -> str:
+        """The sha256 of the file of ``role``: the manifest's (checked before set-up), else read from the file.
+
+        Names a model part in :mod:`models.encoder_cache`, so two models on one file share its entries.
+        """
+        digest = self.spec.sha256.get(role)
+        if digest:
+            return digest
+        return file_sha256(self.spec.files[role])
+
+    def cache_stats(self) -> dict[str, int] | None:
+        """This model's encoder-cache counters for the heartbeat (``embedding_caches``); None without a cache."""
+        return None
 
     def execution_providers(self) -> list[str]:
         """The ONNX Runtime providers this adapter's sessions run on (those made by ``create_session``

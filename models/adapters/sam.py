@@ -34,38 +34,49 @@ overlapping ones removed by non-maximum suppression on their boxes.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import cv2
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
 from domain.errors import ModelError, ValidationFailed
-from models.adapters.base import Instance, ModelAdapter, ModelSpec, RuntimeOptions, SegmentRequest
+from models.adapters.base import AdapterContext, AdapterOptions, Instance, ModelAdapter, ModelSpec, SegmentRequest
 from models.adapters.onnx import create_session
-from models.embedding_cache import EmbeddingCache
+from models.encoder_cache import EncoderPart, EncodingKey, pixels_hash
 
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "multimask": False,  # False: SAM's single mask per prompt; True: its three candidates, best first
-    "mask_threshold": 0.0,  # on the decoder's logits, as SamPredictor does
-    "image_size": 1024,  # the encoder frame's side
-    "encoder_input": "auto",  # "normalized", "resized" or "auto" (see the module docstring)
-    "pixel_mean": (123.675, 116.28, 103.53),
-    "pixel_std": (58.395, 57.12, 57.375),
-    "embedding_cache_mb": 256,  # per model and worker process; 0 turns the cache off
+
+class SamOptions(AdapterOptions):
+    """A SAM-family model's ``options`` in the manifest."""
+
+    multimask: bool = False  # False: SAM's single mask per prompt; True: its three candidates, best first
+    mask_threshold: float = 0.0  # on the decoder's logits, as SamPredictor does
+    image_size: int = Field(1024, gt=0)  # the encoder frame's side
+    encoder_input: Literal["auto", "normalized", "resized"] = "auto"  # see the module docstring
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    # This process's encoder cache keeps up to this much of the encoder part's outputs; 0: none here.
+    embedding_cache_mb: float = Field(256, ge=0)
     # Segment everything (no prompt): segment-anything's SamAutomaticMaskGenerator defaults, but a 16-point
     # side (it uses 32) for CPU; a request may ask for its own points_per_side up to the deployment's ceiling.
-    "points_per_side": 16,
-    "pred_iou_thresh": 0.88,
-    "stability_score_thresh": 0.95,
-    "stability_score_offset": 1.0,
-    "box_nms_thresh": 0.7,
-    "min_mask_region_area": 0,
-}
-ENCODER_INPUTS = ("auto", "normalized", "resized")
+    points_per_side: int = Field(16, ge=1)
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    min_mask_region_area: int = 0
+
+
+DEFAULT_OPTIONS: dict[str, Any] = SamOptions().model_dump()
+ENCODER_INPUTS = ("auto", "normalized", "resized")  # SamOptions.encoder_input
+# The encoder's output, as the encoder cache names it.
+EMBEDDING = "image_embeddings"
+# Options that change the encoder's input besides the image (with the frame's side and convention): a model
+# that differs from the defaults keeps its encodings apart from another model's on the same file.
+PREPROCESSING = ("pixel_mean", "pixel_std")
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
 # A binary mask prompt becomes these logits: SAM's own low-res logits for confident pixels
 # are of this order, and the sign is all that its mask_input conveys about a hard mask.
@@ -117,7 +128,7 @@ class DecoderCall:
 class EncodedImage:
     """One request on its way to the model: its embedding if cached, else the encoder's input."""
 
-    key: tuple
+    key: EncodingKey
     calls: list[DecoderCall]
     request: SegmentRequest
     embedding: np.ndarray | None = None
@@ -135,32 +146,44 @@ class SamAdapter(ModelAdapter):
     ``points`` or ``mask``, scored by SAM's predicted IoU. A request with no
     point, box or mask segments everything (labels ``object``).
 
-    The encoder's output is kept in an :class:`EmbeddingCache` keyed by the
-    request's ``image_id`` (else a hash of the pixels), and in the store
-    shared by every worker (``shared_embeddings``, when the worker gives one)
-    under the request's ``scope`` (tenant): another prompt on the same image,
-    on any worker, runs only the decoder. The request's ``report`` says which.
+    The encoder's output is kept in the worker's encoder cache
+    (:mod:`models.encoder_cache`, ``context.encoder_cache``) under the
+    encoder file's sha256, the request's ``scope`` (tenant) and its
+    ``image_id`` (else a hash of the pixels): in this process, and in the tier
+    every worker shares when the worker has one and the request has an
+    ``image_id`` and a ``scope``. Another prompt on the same image, on any
+    worker and with any model on the same encoder file, runs only the
+    decoder. The request's ``report`` says which (``embedding``).
     """
 
     prompt_kinds = frozenset({"points", "boxes", "mask"})
+    Options = SamOptions
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
-        self.options = {**DEFAULT_OPTIONS, **spec.options}
-        if self.options["encoder_input"] not in ENCODER_INPUTS:
-            raise ModelError(f"model {spec.name}: option encoder_input must be one of {', '.join(ENCODER_INPUTS)}")
+        self.options = self.read_options().model_dump()
         self.size = int(self.options["image_size"])
-        self.embedding_cache: EmbeddingCache | None = None
+        self.embedding_cache: EncoderPart | None = None
 
-    def setup(self, runtime: RuntimeOptions) -> None:
+    def setup(self, context: AdapterContext) -> None:
         for name in ("encoder", "decoder"):
             if name not in self.spec.files:
                 raise ModelError(f"model {self.name}: the manifest gives no {name!r} file")
-        self._encoder = create_session(self.spec.files["encoder"], runtime)
-        self._decoder = create_session(self.spec.files["decoder"], runtime)
+        self._encoder = create_session(self.spec.files["encoder"], context.runtime)
+        self._decoder = create_session(self.spec.files["decoder"], context.runtime)
         self._read_encoder_layout()
         self._read_decoder_layout()
-        self.embedding_cache = EmbeddingCache(int(float(self.options["embedding_cache_mb"]) * 2**20))
+        self.embedding_cache = context.encoder_cache.part(
+            self._part(), int(float(self.options["embedding_cache_mb"]) * 2**20))
+
+    def _part(self) -> str:
+        """The encoder part's name in the cache: its file's sha256, plus how this model prepares its input."""
+        variant = [] if (self._convention, self.size) == ("normalized", 1024) else [f"{self._convention}-{self.size}"]
+        variant += [f"{k}={self.options[k]}" for k in PREPROCESSING if self.options[k] != DEFAULT_OPTIONS[k]]
+        return "+".join([self.part_digest("encoder"), *variant]).replace(" ", "")
+
+    def cache_stats(self) -> dict[str, int] | None:
+        return self.embedding_cache.stats() if self.embedding_cache is not None else None
 
     def _read_encoder_layout(self) -> None:
         encoder_input = self._encoder.get_inputs()[0]
@@ -199,11 +222,12 @@ class SamAdapter(ModelAdapter):
             original = request.image.shape[:2]
             resized = preprocess_shape(*original, self.size)
             # The tenant is part of the key: a hit must never tell one tenant what another sent.
-            key = (request.scope, request.image_id or self._pixel_hash(request.image), self.name, self.version)
+            key = self.embedding_cache.key(request.scope, request.image_id or pixels_hash(request.image))
             everything = request.prompts.empty
             calls = (self._grid_calls(request, original, resized) if everything
                      else self._decoder_calls(request, original, resized))
-            embedding, source = self._known_embedding(key, request)
+            found, source = self.embedding_cache.lookup(key, share=self._shares(request))
+            embedding = found[EMBEDDING] if found is not None else None
             item = EncodedImage(key=key, calls=calls, request=request, embedding=embedding,
                                 meta={"original": original, "resized": resized, "everything": everything})
             request.report["embedding"] = {"cached": embedding is not None, "source": source}
@@ -212,23 +236,11 @@ class SamAdapter(ModelAdapter):
             items.append(item)
         return items, [dict(item.meta, labels=[c.label for c in item.calls]) for item in items]
 
-    def _known_embedding(self, key: tuple, request: SegmentRequest) -> tuple[np.ndarray | None, str | None]:
-        """The image's embedding if this process or the shared store has it, and where it came from."""
-        embedding = self.embedding_cache.lookup(key)
-        if embedding is not None:
-            return embedding, "this worker"
-        if self.shared_embeddings is not None and request.image_id and request.scope:
-            embedding = self.shared_embeddings.get(self.name, self.version, request.scope, request.image_id)
-            if embedding is not None:
-                self.embedding_cache.store(key, embedding, encoded=False)
-                return embedding, "shared"
-        return None, None
-
     @staticmethod
-    def _pixel_hash(image: np.ndarray) -> str:
-        digest = hashlib.sha256(np.ascontiguousarray(image).data)
-        digest.update(repr(image.shape).encode())
-        return "pixels:" + digest.hexdigest()
+    def _shares(request: SegmentRequest) -> bool:
+        """Whether the image's embedding goes to (and comes from) the tier every worker shares: only
+        an image named by its content (``image_id``) and a tenant's (``scope``)."""
+        return bool(request.image_id and request.scope)
 
     def _encoder_tensor(self, image: np.ndarray, resized: tuple[int, int]) -> np.ndarray:
         # PIL's bilinear resize is what segment-anything's ResizeLongestSide uses; OpenCV's
@@ -301,7 +313,7 @@ class SamAdapter(ModelAdapter):
 
     def predict(self, tensors: list[EncodedImage]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """Encode the images not in the cache (once per distinct image), then decode every prompt set."""
-        fresh: dict[tuple, np.ndarray] = {}
+        fresh: dict[EncodingKey, np.ndarray] = {}
         results = []
         for item in tensors:
             embedding = item.embedding if item.embedding is not None else fresh.get(item.key)
@@ -311,10 +323,7 @@ class SamAdapter(ModelAdapter):
                 item.request.timings["encode"] = time.perf_counter() - started
                 if embedding.ndim == 3:
                     embedding = embedding[np.newaxis]
-                self.embedding_cache.store(item.key, embedding)
-                if self.shared_embeddings is not None and item.request.image_id and item.request.scope:
-                    self.shared_embeddings.put(self.name, self.version, item.request.scope, item.request.image_id,
-                                               embedding)
+                self.embedding_cache.store(item.key, {EMBEDDING: embedding}, share=self._shares(item.request))
                 fresh[item.key] = embedding
             results.append([
                 tuple(self._run(self._decoder, self._outputs, dict(call.feeds, image_embeddings=embedding), "decoder"))

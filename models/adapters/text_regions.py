@@ -11,34 +11,40 @@ import math
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import cv2
 import numpy as np
 
+from pydantic import Field
+
 from domain.errors import ModelError
-from models.adapters.base import Instance, ModelAdapter, ModelSpec, Prompts, RuntimeOptions, SegmentRequest
+from models.adapters.base import AdapterContext, AdapterOptions, Instance, ModelAdapter, ModelSpec, Prompts, SegmentRequest
 from models.adapters.onnx import create_session
 
-# rapidocr 1.4.4's config.yaml (Global, Det and Rec sections).
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "limit_side_len": 736,
-    "max_side_len": 2000,
+
+class TextRegionsOptions(AdapterOptions):
+    """The text-regions model's ``options`` in the manifest: rapidocr 1.4.4's config.yaml (Global, Det, Rec)."""
+
+    limit_side_len: int = Field(736, gt=0)
+    max_side_len: int = Field(2000, gt=0)
     # The enlargement to limit_side_len stops here: without it a 1x1 or 2x300 upload becomes a
     # 736 x 43000 detector input (6 GB, a minute). 6016 keeps every real page and strip as rapidocr has it.
-    "max_input_side": 6016,
-    "thresh": 0.3,
-    "box_thresh": 0.5,
-    "max_candidates": 1000,
-    "unclip_ratio": 1.6,
-    "use_dilation": True,
-    "score_mode": "fast",
-    "rec_img_shape": (3, 48, 320),
-    "rec_batch_num": 6,
-    "text_score": 0.5,
-    "min_height": 30,
-    "width_height_ratio": 8,
-}
+    max_input_side: int = Field(6016, gt=0)
+    thresh: float = 0.3
+    box_thresh: float = 0.5
+    max_candidates: int = Field(1000, gt=0)
+    unclip_ratio: float = 1.6
+    use_dilation: bool = True
+    score_mode: Literal["fast", "slow"] = "fast"
+    rec_img_shape: tuple[int, int, int] = (3, 48, 320)
+    rec_batch_num: int = Field(6, gt=0)
+    text_score: float = 0.5
+    min_height: int = 30
+    width_height_ratio: float = 8
+
+
+DEFAULT_OPTIONS: dict[str, Any] = TextRegionsOptions().model_dump()
 BOX_MIN_FRACTION = 0.5  # share of a region's mask that must lie inside a box prompt
 LINE_TOLERANCE = 10  # px: boxes whose tops differ by less are on one line (as rapidocr sorts)
 
@@ -199,15 +205,16 @@ class TextRegionsAdapter(ModelAdapter):
     """
 
     prompt_kinds = frozenset({"text", "points", "boxes"})
+    Options = TextRegionsOptions
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
-        self.options = {**DEFAULT_OPTIONS, **spec.options}
+        self.options = self.read_options().model_dump()
 
-    def setup(self, runtime: RuntimeOptions) -> None:
+    def setup(self, context: AdapterContext) -> None:
         files = {**bundled_model_files(), **self.spec.files}
-        self._det = create_session(files["detector"], runtime)
-        self._rec = create_session(files["recognizer"], runtime)
+        self._det = create_session(files["detector"], context.runtime)
+        self._rec = create_session(files["recognizer"], context.runtime)
         # rapidocr 1.4.4 stores the recogniser's alphabet in the model's metadata.
         characters = self._rec.get_modelmeta().custom_metadata_map.get("character")
         if characters is None and "keys" not in files:

@@ -183,11 +183,11 @@ def test_a_batch_over_its_soft_time_limit_fails_the_first_job_and_puts_the_rest_
 
 def test_a_jobs_result_does_not_depend_on_the_jobs_batched_with_it():
     from domain.images import decode_image
-    from models.adapters.base import ModelSpec, RuntimeOptions, SegmentRequest
+    from models.adapters.base import AdapterContext, ModelSpec, RuntimeOptions, SegmentRequest
     from models.adapters.text_regions import TextRegionsAdapter
 
     adapter = TextRegionsAdapter(ModelSpec(name="text-regions", version="1", adapter=ADAPTER))
-    adapter.setup(RuntimeOptions(intra_op_threads=2))
+    adapter.setup(AdapterContext(RuntimeOptions(intra_op_threads=2)))
     requests = [SegmentRequest(image=decode_image(image_bytes(name), max_bytes=10**8, max_pixels=10**8).pixels)
                 for name in ("ch_en_num.jpg", "en.jpg", "latin.jpg")]
     together = adapter.segment(requests)

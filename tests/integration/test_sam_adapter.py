@@ -17,8 +17,9 @@ import pytest
 
 from domain.errors import ModelError
 from tests.conftest import ROOT
-from models.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest
+from models.adapters.base import AdapterContext, ModelSpec, Prompts, RuntimeOptions, SegmentRequest
 from models.adapters.sam import SamAdapter, preprocess_shape, upscale_logits
+from models.encoder_cache import EncoderCache
 
 ATOL = 1e-5  # observed differences are ~3e-7; the tiny model's logits span about +-0.014
 
@@ -29,11 +30,17 @@ def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return ((blurred - blurred.min()) * 255 / np.ptp(blurred)).astype(np.uint8)
 
 
-def make_adapter(tiny_sam, version: str = "1", **options) -> SamAdapter:
+THREADS = AdapterContext(RuntimeOptions(intra_op_threads=2))
+
+
+def make_adapter(tiny_sam, version: str = "1", cache: EncoderCache | None = None, encoder=None,
+                 **options) -> SamAdapter:
+    """The tiny SAM set up alone; ``cache``: the worker's encoder cache it shares (else one of its own)."""
     spec = ModelSpec(name="sam-tiny", version=version, adapter="models.adapters.sam:SamAdapter",
-                     files={"encoder": str(tiny_sam.encoder), "decoder": str(tiny_sam.decoder)}, options=options)
+                     files={"encoder": str(encoder or tiny_sam.encoder), "decoder": str(tiny_sam.decoder)},
+                     options=options)
     adapter = SamAdapter(spec)
-    adapter.setup(RuntimeOptions(intra_op_threads=2))
+    adapter.setup(AdapterContext(THREADS.runtime, cache or EncoderCache()))
     return adapter
 
 
@@ -162,7 +169,7 @@ def test_an_encoder_that_normalises_and_pads_inside_its_graph_gives_the_same_log
     spec = ModelSpec(name="sam-tiny", version="1", adapter="models.adapters.sam:SamAdapter",
                      files={"encoder": str(encoder), "decoder": str(tiny_sam.decoder)})
     resized = SamAdapter(spec)
-    resized.setup(RuntimeOptions(intra_op_threads=2))  # encoder_input "auto" reads the input's rank
+    resized.setup(THREADS)  # encoder_input "auto" reads the input's rank
     image = smooth_image(300, 517, seed=9)
     items, _ = resized.preprocess([SegmentRequest(image, Prompts(points=((9, 290, 1),)))])
     assert items[0].encoder_input.shape == (594, 1024, 3)
@@ -175,9 +182,9 @@ def test_files_that_are_not_a_sam_encoder_and_decoder_pair_fail_at_setup_with_a_
     swapped = ModelSpec(name="sam-bad", version="1", adapter="models.adapters.sam:SamAdapter",
                         files={"encoder": str(tiny_sam.encoder), "decoder": str(tiny_sam.encoder)})
     with pytest.raises(ModelError, match="the decoder lacks inputs"):
-        SamAdapter(swapped).setup(RuntimeOptions())
+        SamAdapter(swapped).setup(AdapterContext())
     with pytest.raises(ModelError, match="gives no 'decoder' file"):
-        SamAdapter(ModelSpec("sam-bad", "1", "x", files={"encoder": str(tiny_sam.encoder)})).setup(RuntimeOptions())
+        SamAdapter(ModelSpec("sam-bad", "1", "x", files={"encoder": str(tiny_sam.encoder)})).setup(AdapterContext())
 
 
 def test_a_request_with_no_prompt_segments_everything_with_one_decoder_run_per_grid_point(tiny_sam):
@@ -205,12 +212,35 @@ def test_a_second_prompt_on_the_same_image_runs_only_the_decoder(tiny_sam):
     assert fresh.embedding_cache.stats()["encoder_runs"] == 1
     np.testing.assert_array_equal(second[0].mask, again[0].mask)
     assert first[0].mask.shape == second[0].mask.shape == (200, 260)
-    # Another image, or another version of the model, is encoded again.
+    # Another image is encoded again.
     adapter.segment([SegmentRequest(image, Prompts(points=((20, 30, 1),)), image_id="sha-b")])
     assert adapter.embedding_cache.stats()["encoder_runs"] == 2
-    fresh.embedding_cache = adapter.embedding_cache  # one cache, two model versions
-    fresh.segment([SegmentRequest(image, Prompts(points=((20, 30, 1),)), image_id="sha-a")])
-    assert adapter.embedding_cache.stats()["encoder_runs"] == 3
+
+
+def test_models_on_the_same_encoder_file_share_its_entries_and_another_encoder_file_does_not(tiny_sam, tmp_path):
+    from tools.export_sam import export_encoder, load_model
+
+    cache = EncoderCache()  # the worker process's one cache
+    image = smooth_image(200, 260, seed=5)
+    first = make_adapter(tiny_sam, version="1", cache=cache)
+    [want] = first.segment([SegmentRequest(image, Prompts(points=((20, 30, 1),)), image_id="sha-a", scope="t")])[0]
+    # Another version (or another model) on the same encoder file: the encoder does not run again.
+    second = make_adapter(tiny_sam, version="2", cache=cache)
+    request = SegmentRequest(image, Prompts(points=((20, 30, 1),)), image_id="sha-a", scope="t")
+    [got] = second.segment([request])[0]
+    assert request.report["embedding"] == {"cached": True, "source": "this worker"}
+    assert (second.embedding_cache.stats()["encoder_runs"], second.embedding_cache.stats()["hits"]) == (0, 1)
+    np.testing.assert_array_equal(got.mask, want.mask)
+    # Another tenant's request for the same image does not find it.
+    other = SegmentRequest(image, Prompts(points=((20, 30, 1),)), image_id="sha-a", scope="u")
+    second.segment([other])
+    assert other.report["embedding"] == {"cached": False, "source": None}
+    # Another encoder file (the same weights exported otherwise) is another part: encoded again.
+    encoder = export_encoder(load_model(tiny_sam.checkpoint), tmp_path / "encoder.onnx", encoder_input="resized")
+    third = make_adapter(tiny_sam, version="3", cache=cache, encoder=encoder)
+    third.segment([SegmentRequest(image, Prompts(points=((20, 30, 1),)), image_id="sha-a", scope="t")])
+    assert third.embedding_cache.stats()["encoder_runs"] == 1
+    assert third.embedding_cache.part != first.embedding_cache.part == second.embedding_cache.part
 
 
 def test_a_batch_encodes_each_distinct_image_once(tiny_sam):
@@ -240,11 +270,11 @@ def test_the_service_side_needs_neither_torch_nor_onnxruntime_at_import(tiny_sam
     code = (
         "import sys, numpy as np\n"
         "from models.adapters.sam import SamAdapter\n"
-        "from models.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest\n"
+        "from models.adapters.base import AdapterContext, ModelSpec, Prompts, SegmentRequest\n"
         f"spec = ModelSpec('s', '1', 'x', files={{'encoder': {str(tiny_sam.encoder)!r}, 'decoder': {str(tiny_sam.decoder)!r}}})\n"
         "adapter = SamAdapter(spec)\n"
         "assert 'onnxruntime' not in sys.modules\n"
-        "adapter.setup(RuntimeOptions())\n"
+        "adapter.setup(AdapterContext())\n"
         "adapter.segment([SegmentRequest(np.zeros((32, 48, 3), np.uint8), Prompts(points=((1, 1, 1),)))])\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
     )

@@ -14,7 +14,7 @@ from domain.images import decode_image
 from tests.conftest import image_bytes
 from tests.integration.helpers import decode, run_to_end, submit
 from tests.integration.sam_fixtures import SAM_MODEL
-from models.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest
+from models.adapters.base import AdapterContext, ModelSpec, Prompts, RuntimeOptions, SegmentRequest
 from models.adapters.sam import SamAdapter
 from domain.fleet import live_workers
 
@@ -48,7 +48,7 @@ def local_mask(tiny_sam, data: bytes, prompts: Prompts) -> np.ndarray:
     spec = ModelSpec(SAM_MODEL, tiny_sam.version, "models.adapters.sam:SamAdapter",
                      files={"encoder": str(tiny_sam.encoder), "decoder": str(tiny_sam.decoder)})
     adapter = SamAdapter(spec)
-    adapter.setup(RuntimeOptions(intra_op_threads=2))
+    adapter.setup(AdapterContext(RuntimeOptions(intra_op_threads=2)))
     pixels = decode_image(data, max_bytes=len(data), max_pixels=10**8).pixels
     return adapter.segment([SegmentRequest(pixels, prompts)])[0][0].mask
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from models.adapters.base import ModelSpec, Prompts, RuntimeOptions, SegmentRequest
+from models.adapters.base import AdapterContext, ModelSpec, Prompts, RuntimeOptions, SegmentRequest
 from models.adapters.text_regions import TextRegionsAdapter, bundled_model_files, box_coverage, match_text
 
 IMAGES = Path(__file__).resolve().parents[1] / "data" / "images"
@@ -26,7 +26,7 @@ def load(name: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def adapter() -> TextRegionsAdapter:
     adapter = TextRegionsAdapter(SPEC)
-    adapter.setup(RuntimeOptions(intra_op_threads=2))
+    adapter.setup(AdapterContext(RuntimeOptions(intra_op_threads=2)))
     return adapter
 
 

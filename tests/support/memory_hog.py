@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.adapters.base import ModelAdapter
+from models.adapters.base import AdapterOptions, ModelAdapter
 
 
 class MemoryHogAdapter(ModelAdapter):
@@ -11,8 +11,11 @@ class MemoryHogAdapter(ModelAdapter):
 
     prompt_kinds = frozenset({"points", "boxes", "text"})
 
-    def setup(self, runtime):
-        self.allocate = int(self.spec.options.get("allocate_bytes", 10**14))
+    class Options(AdapterOptions):
+        allocate_bytes: int = 10**14
+
+    def setup(self, context):
+        self.allocate = self.read_options().allocate_bytes
 
     def preprocess(self, requests):
         return [r.image for r in requests], [None for _ in requests]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from models.adapters.text_regions import TextRegionsAdapter
+from models.adapters.text_regions import TextRegionsAdapter, TextRegionsOptions
 
 SLOW = "tests.support.slow_models:SlowTextRegionsAdapter"
 BATCHING = "tests.support.slow_models:BatchingTextRegionsAdapter"
@@ -22,7 +22,14 @@ BATCHING = "tests.support.slow_models:BatchingTextRegionsAdapter"
 NAME, VERSION = "text-regions", "pp-ocrv4-det+rec"
 
 
+class SlowOptions(TextRegionsOptions):
+    delay_s: float = 0
+    batch_delay_s: float = 0
+
+
 class SlowTextRegionsAdapter(TextRegionsAdapter):
+    Options = SlowOptions
+
     def preprocess(self, requests):
         delay = float(self.spec.options.get("delay_s", 0))
         if len(requests) > 1:

@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.adapters.base import Instance, ModelAdapter
+from models.adapters.base import AdapterOptions, Instance, ModelAdapter
+
+
+class ToyOptions(AdapterOptions):
+    fail_setup: str | None = None
 
 
 class ToyAdapter(ModelAdapter):
     """One full-image instance labelled with the model's name and version."""
 
     prompt_kinds = frozenset({"text", "points", "boxes"})
+    Options = ToyOptions
 
-    def setup(self, runtime):
+    def setup(self, context):
         if self.spec.options.get("fail_setup"):
             raise RuntimeError(self.spec.options["fail_setup"])
-        self.runtime = runtime
+        self.runtime = context.runtime
 
     def preprocess(self, requests):
         return [r.image for r in requests], [None for _ in requests]

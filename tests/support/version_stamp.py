@@ -15,11 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from models.adapters.base import Instance
-from models.adapters.text_regions import TextRegionsAdapter
+from models.adapters.text_regions import TextRegionsAdapter, TextRegionsOptions
 
 
 class VersionStampAdapter(TextRegionsAdapter):
     """Text regions plus a ``served-by <version>`` instance; optionally held in ``predict``."""
+
+    class Options(TextRegionsOptions):
+        hold_until: str | None = None
 
     def predict(self, tensors):
         hold = self.spec.options.get("hold_until")
