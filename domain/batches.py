@@ -33,7 +33,6 @@ import redis
 from domain import keys
 from domain.records import ENDED, JobState, JobStore, rfc3339
 
-BATCH_EVENTS = ("batch.completed",)
 STATES = tuple(str(s) for s in JobState)
 NOTIFY_LEASE_S = 60
 

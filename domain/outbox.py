@@ -21,13 +21,15 @@ import time
 import redis
 
 from domain import keys
+from domain.schemas import DEFAULT_JOB_EVENTS, JOB_EVENTS
 
 LEASE_S = 30  # how long an entry's writer (or taker) has to queue it before upkeep queues it again
 DEFAULT_TTL_S = 7 * 24 * 3600  # a message's lifetime when its subject has no TTL to follow
-# The event each state a job moves into announces, and the events a webhook that names none gets.
+# The event each state a job moves into announces; the events a webhook that names none gets are the
+# request's default (domain/schemas.py), written into the script below.
 EVENT_OF_STATUS = {"running": "job.started", "succeeded": "job.succeeded", "failed": "job.failed",
                    "canceled": "job.canceled", "expired": "job.expired"}
-DEFAULT_EVENTS = ("job.succeeded", "job.failed")
+assert tuple(EVENT_OF_STATUS.values()) == JOB_EVENTS  # every event a request may name is announced
 
 
 def _lua_literal(value) -> str:
@@ -74,7 +76,7 @@ do
 end
 """
 for _name, _value in (("EVENT_OF_STATUS", _lua_literal(EVENT_OF_STATUS)),
-                      ("DEFAULT_EVENTS", _lua_literal(DEFAULT_EVENTS)),
+                      ("DEFAULT_EVENTS", _lua_literal(DEFAULT_JOB_EVENTS)),
                       ("DEFAULT_TTL_S", str(DEFAULT_TTL_S)), ("LEASE_S", str(LEASE_S))):
     QUEUE_JOB_EVENT_LUA = QUEUE_JOB_EVENT_LUA.replace(_name, _value)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
 
@@ -19,6 +19,7 @@ import redis
 from domain import job_metrics, keys, outbox
 from domain import cancel_after
 from domain.job_metrics import JobMetrics
+from domain.schemas import JobRequest
 
 
 class JobState(StrEnum):
@@ -85,9 +86,50 @@ return {1, current, webhook_message}
 """)
 
 
+class StoredRequest:
+    """``JobRecord.request``: the job's typed :class:`JobRequest`, parsed from the record at most once.
+
+    The web parses a submission once and gives the record the :class:`JobRequest` itself. A record read from
+    Redis holds the request's JSON as stored, and turns it into the typed request the first time it is
+    asked for (a record read only to show its status never parses it); that object is kept, so every later
+    reader (job runner, pipeline, adapter) gets the same one. A dict (a record built by hand, the form of
+    the request the previous version kept) is taken too. Written back, a request never parsed is its own
+    text, byte for byte, and a typed one is ``json.dumps(model_dump(mode="json"))``: the stored form the
+    previous version wrote and read, and that the transition script's webhook step reads (domain/outbox.py).
+    """
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, record, owner=None) -> JobRequest:
+        if record is None:
+            return EMPTY_REQUEST  # the dataclass field's default
+        value = record.__dict__[self.slot]
+        if not isinstance(value, JobRequest):
+            value = (JobRequest.model_validate_json(value) if isinstance(value, (str, bytes))
+                     else JobRequest.model_validate(value))
+            record.__dict__[self.slot] = value
+        return value
+
+    def __set__(self, record, value: JobRequest | dict | str) -> None:
+        record.__dict__[self.slot] = value
+
+    def stored(self, record) -> str:
+        """The request as the record's hash keeps it."""
+        value = record.__dict__[self.slot]
+        if isinstance(value, str):
+            return value
+        if isinstance(value, JobRequest):
+            value = value.model_dump(mode="json")
+        return json.dumps(value)
+
+
+EMPTY_REQUEST = JobRequest()
+
+
 @dataclass
 class JobRecord:
-    """What the service knows about one job; ``request`` is the validated request as JSON-able data."""
+    """What the service knows about one job; ``request`` is its typed request (:class:`StoredRequest`)."""
 
     id: str
     tenant: str
@@ -97,7 +139,7 @@ class JobRecord:
     image_sha256: str
     width: int
     height: int
-    request: dict = field(default_factory=dict)
+    request: JobRequest = StoredRequest()
     status: JobState = JobState.QUEUED
     model_version: str = ""
     created_at: float = field(default_factory=time.time)
@@ -131,12 +173,19 @@ class JobRecord:
     cancel_at: float | None = None
     # How many state moves the job has made (the transition script counts them): its event ids.
     moves: int = 0
+    # What the job's input is: "image" (the only media today; a record written before this field is one).
+    # Its result is written by that media's writer (workers/results.py).
+    media: str = "image"
 
     _JSON_FIELDS = ("request", "error", "last_error", "model_used", "timings")
 
     def to_hash(self) -> dict[str, str]:
         out = {}
-        for key, value in asdict(self).items():
+        for key in self.__dataclass_fields__:
+            if key == "request":
+                out[key] = type(self).__dict__["request"].stored(self)
+                continue
+            value = getattr(self, key)
             if value is None:
                 continue
             out[key] = json.dumps(value) if key in self._JSON_FIELDS or isinstance(value, bool) else str(value)
@@ -150,7 +199,9 @@ class JobRecord:
             if name not in data:
                 continue
             value = data[name]
-            if name in cls._JSON_FIELDS or f.type == "bool":
+            if name == "request":
+                kwargs[name] = value  # parsed when first asked for (StoredRequest)
+            elif name in cls._JSON_FIELDS or f.type == "bool":
                 kwargs[name] = json.loads(value)
             elif f.type in ("int", "int | None"):
                 kwargs[name] = int(value)

@@ -1,8 +1,15 @@
 """The job request: its schema (pydantic) and the checks that need the image and the model.
 
 The same models validate ``POST /v1/jobs`` and describe it in the OpenAPI
-document; the worker turns the stored, validated request into
-:class:`models.adapters.base.Prompts`.
+document. A request is parsed once, on the web (:func:`parse_request`); the
+job's record keeps it typed (``JobRecord.request``, stored as JSON), and the
+worker hands that very object to the adapter (``SegmentRequest.request``),
+beside :class:`models.adapters.base.Prompts`, its prompts in pixels.
+
+The names every layer shares are here, once: :data:`PROMPT_KINDS` (the
+adapters, the manifest's routes and the catalog take theirs from it) and the
+webhook events with their defaults (:data:`JOB_EVENTS`,
+:data:`DEFAULT_JOB_EVENTS`; ``domain/outbox.py`` writes them into its Lua).
 """
 from __future__ import annotations
 
@@ -17,7 +24,19 @@ from domain.errors import ValidationFailed
 
 Lane = Literal["interactive", "default", "batch"]
 Output = Literal["rle", "png", "polygon"]
-WebhookEvent = Literal["job.started", "job.succeeded", "job.failed", "job.canceled", "job.expired"]
+
+# The kinds of prompt, in the order a job that names no model is routed by (the first kind it has that
+# has a route decides: models/manifest.py). The one list: PromptSet, Prompts, the routes, the catalog.
+PROMPT_KINDS = ("text", "mask", "boxes", "points")
+PromptKind = Literal[PROMPT_KINDS]
+
+# A job's webhook events (a state move announces each: domain/outbox.py), those a webhook that names none
+# gets, and a batch's.
+JOB_EVENTS = ("job.started", "job.succeeded", "job.failed", "job.canceled", "job.expired")
+DEFAULT_JOB_EVENTS = ("job.succeeded", "job.failed")
+BATCH_EVENTS = ("batch.completed", *JOB_EVENTS)
+DEFAULT_BATCH_EVENTS = ("batch.completed",)
+WebhookEvent = Literal[JOB_EVENTS]
 
 
 class Strict(BaseModel):
@@ -42,7 +61,7 @@ class PromptSet(Strict):
 
     @property
     def kinds(self) -> set[str]:
-        return {k for k in ("text", "points", "boxes", "mask") if getattr(self, k)}
+        return {k for k in PROMPT_KINDS if getattr(self, k)}
 
     @property
     def count(self) -> int:
@@ -51,7 +70,7 @@ class PromptSet(Strict):
 
 class Webhook(Strict):
     url: str = Field(min_length=1, max_length=2048)
-    events: list[WebhookEvent] = Field(default_factory=lambda: ["job.succeeded", "job.failed"])
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(DEFAULT_JOB_EVENTS))
 
 
 class JobRequest(Strict):
@@ -68,15 +87,20 @@ class JobRequest(Strict):
         description="segment everything (a SAM-family model, no prompt): a grid of this many points a side "
                     "(the deployment's ceiling applies; default 16)")
 
+    @property
+    def adapter_options(self) -> dict:
+        """The options given for the model that runs the job (``SegmentRequest.options``), by name."""
+        return {"points_per_side": self.points_per_side} if self.points_per_side is not None else {}
 
-BatchEvent = Literal["batch.completed", "job.started", "job.succeeded", "job.failed", "job.canceled", "job.expired"]
+
+BatchEvent = Literal[BATCH_EVENTS]
 
 
 class BatchWebhook(Strict):
     """A batch's webhook: ``batch.completed`` once every job has ended; job events, if listed, for each job."""
 
     url: str = Field(min_length=1, max_length=2048)
-    events: list[BatchEvent] = Field(default_factory=lambda: ["batch.completed"])
+    events: list[BatchEvent] = Field(default_factory=lambda: list(DEFAULT_BATCH_EVENTS))
 
 
 class BatchRequest(JobRequest):
@@ -85,15 +109,12 @@ class BatchRequest(JobRequest):
     webhook: BatchWebhook | None = None
     lane: Lane = "batch"
 
-    def job_request(self, prompts: "PromptSet | None" = None) -> dict:
-        """The request of one image's job (``prompts``: that image's own), as ``POST /v1/jobs`` takes it."""
-        body = self.model_dump(mode="json", exclude_none=True, exclude={"webhook"})
-        if prompts is not None:
-            body["prompts"] = prompts.model_dump(mode="json", exclude_none=True)
+    def job_request(self, prompts: PromptSet | None = None) -> JobRequest:
+        """The request of one image's job (``prompts``: that image's own), typed: nothing is parsed again."""
         job_events = [e for e in (self.webhook.events if self.webhook else []) if e.startswith("job.")]
-        if job_events:
-            body["webhook"] = {"url": self.webhook.url, "events": job_events}
-        return body
+        fields = {name: getattr(self, name) for name in JobRequest.model_fields}
+        return JobRequest(**{**fields, "prompts": self.prompts if prompts is None else prompts,
+                             "webhook": Webhook(url=self.webhook.url, events=job_events) if job_events else None})
 
 
 def parse_request(data: object) -> JobRequest:

@@ -11,6 +11,9 @@ changes in between (DNS rebinding) cannot redirect it. The submit-time check
 never resolves a name (a client's name server must not hold a web thread):
 it judges addresses and ``localhost`` names, and leaves other names to the
 delivery, which refuses them for good if they lead somewhere forbidden.
+The delivery's HTTP side (a session that connects only to the address the
+guard checked, within one deadline) is the worker's:
+``workers/webhook_transport.py``.
 
 An address is read as the system's resolver reads it: ``getaddrinfo`` takes
 whatever ``inet_aton`` takes, so ``0x7f000001``, ``2130706433``, ``127.1`` and
@@ -28,14 +31,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-import threading
 from functools import lru_cache
 from urllib.parse import urlsplit
-
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from domain.errors import ValidationFailed
 
@@ -185,15 +182,6 @@ class WebhookGuard:
                    "non-public address; webhooks may only call public addresses (an operator can allow a "
                    "network with MASKQ_WEBHOOK_ALLOWED_NETWORKS)")
 
-    def session(self, deadline: Deadline | None = None) -> requests.Session:
-        """A ``requests`` session that only connects to addresses this guard permits (within ``deadline``)."""
-        session = requests.Session()
-        session.trust_env = False  # no proxy from the environment: the guard must see the real peer
-        adapter = _GuardedAdapter(self, deadline)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        return session
-
 
 def host_address(host: str) -> IPAddress | None:
     """The address ``host`` (a URL's host, without brackets) names literally; ``None`` for a name.
@@ -233,80 +221,3 @@ def guard_for(allowed: tuple[str, ...]) -> WebhookGuard:
 def check_webhook_url(url: str, allowed: tuple[str, ...] = ()) -> None:
     """The submit-time check: a 422 naming ``webhook.url`` for a URL the service must not call."""
     guard_for(tuple(allowed)).check_url(url)
-
-
-class Deadline:
-    """A whole request's time limit: once it is up, the request's sockets are shut down.
-
-    Socket timeouts bound each read, not the request: a receiver that
-    trickles its answer a byte at a time would hold a worker for ever. Use
-    as a context manager around the request, with :meth:`WebhookGuard.session`.
-    """
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.expired = False
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-
-    def watch(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.append(sock)
-            if self.expired:
-                _shut(sock)
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            for sock in self._sockets:
-                _shut(sock)
-
-    def __enter__(self) -> "Deadline":
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._timer.cancel()
-
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv, unlike close()
-    except OSError:
-        pass
-
-
-def _guarded_connection(base: type, guard: WebhookGuard, deadline: Deadline | None) -> type:
-    class GuardedConnection(base):
-        def _new_conn(self):
-            # Resolve once, check every answer, and connect to the checked address; the Host
-            # header and the TLS server name keep the original host name.
-            host = self._dns_host
-            address = guard.resolve(host.rstrip("."), self.port)[0]
-            self._dns_host = address
-            try:
-                sock = super()._new_conn()
-            finally:
-                self._dns_host = host
-            if deadline is not None:
-                deadline.watch(sock)
-            return sock
-
-    return GuardedConnection
-
-
-class _GuardedAdapter(HTTPAdapter):
-    def __init__(self, guard: WebhookGuard, deadline: Deadline | None = None):
-        self.guard = guard
-        self.deadline = deadline
-        super().__init__(max_retries=0)
-
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        http = type("GuardedHTTPPool", (HTTPConnectionPool,),
-                    {"ConnectionCls": _guarded_connection(HTTPConnection, self.guard, self.deadline)})
-        https = type("GuardedHTTPSPool", (HTTPSConnectionPool,),
-                     {"ConnectionCls": _guarded_connection(HTTPSConnection, self.guard, self.deadline)})
-        self.poolmanager.pool_classes_by_scheme = {"http": http, "https": https}

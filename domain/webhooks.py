@@ -30,18 +30,18 @@ from standardwebhooks.webhooks import Webhook
 
 from config.celery import WEBHOOK_QUEUE
 from domain import keys
-from domain.batches import BATCH_EVENTS, BatchStore, document as batch_document
+from domain.batches import BatchStore, document as batch_document
 from domain import outbox
 from domain.delivery_log import DeliveryLog
 from domain.outbox import Outbox
 from domain.records import JobRecord, JobState, JobStore
+from domain.schemas import DEFAULT_BATCH_EVENTS, DEFAULT_JOB_EVENTS
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("job.started", "job.succeeded", "job.failed", "job.canceled", "job.expired")
 # Which event each move announces is decided inside the move (domain/outbox.py); these name it for Python.
+# The events themselves, and those a webhook that names none gets, are the request's (domain/schemas.py).
 EVENT_OF_STATE = {JobState(status): event for status, event in outbox.EVENT_OF_STATUS.items()}
-DEFAULT_EVENTS = outbox.DEFAULT_EVENTS
 DEFAULT_TTL_S = outbox.DEFAULT_TTL_S
 # batch.completed's message id is a name-based UUID of the batch's id: whoever queues it, it is one message.
 BATCH_MESSAGE_NAMESPACE = uuid.UUID("5c0b7a52-8d1e-4f57-9a3e-6f2d0c1b9e47")
@@ -77,10 +77,10 @@ def sign(secret: str, message_id: str, timestamp: int, body: str) -> dict[str, s
 
 def wanted_events(record: JobRecord) -> tuple[str, str] | None:
     """``(url, events)`` of the job's webhook, or None when it has none."""
-    hook = (record.request or {}).get("webhook")
-    if not hook or not hook.get("url"):
+    hook = record.request.webhook
+    if hook is None:
         return None
-    return hook["url"], tuple(hook.get("events") or DEFAULT_EVENTS)
+    return hook.url, tuple(hook.events) or DEFAULT_JOB_EVENTS
 
 
 def dumps(document: dict) -> str:
@@ -130,7 +130,7 @@ def notify_batches(batches: BatchStore, base_url: str, celery_app=None) -> list[
     for batch_id in batches.take_due_events():
         batch = batches.get(batch_id)
         hook = (batch.webhook or {}) if batch is not None else {}
-        if hook.get("url") and "batch.completed" in (hook.get("events") or BATCH_EVENTS):
+        if hook.get("url") and "batch.completed" in (hook.get("events") or DEFAULT_BATCH_EVENTS):
             entries = batches.job_entries(batch_id)
             statuses = batches.statuses([job_id for job_id, _ in entries])
             body = dumps(batch_document(batch, entries, statuses, base_url))

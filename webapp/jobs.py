@@ -22,7 +22,7 @@ from domain.images import decode_image
 from domain.lanes import send_job
 from domain.records import JobRecord, JobState, rfc3339
 from domain.result_cache import ResultCache, file_key
-from domain.schemas import check_request, parse_request
+from domain.schemas import JobRequest, check_request, parse_request
 from domain.webhook_urls import check_webhook_url
 from webapp.auth import choose_lane, current_tenant
 from webapp.idempotency import claim_submission
@@ -70,9 +70,13 @@ class NewJob:
 
 
 def new_job(s, data: bytes, body: object, batch: str | None = None) -> NewJob:
-    """Check one image and its request JSON (every 4xx a submission can earn) and make the job's record."""
+    """Check one image and its request (every 4xx a submission can earn) and make the job's record.
+
+    ``body`` is the request JSON, parsed here once, or a request parsed already (a batch's image's); the
+    record keeps it typed, and so does every reader after it (``JobRecord.request``).
+    """
     settings = s.settings
-    job_request = parse_request(body)
+    job_request = body if isinstance(body, JobRequest) else parse_request(body)
     if job_request.webhook is not None:
         check_webhook_url(job_request.webhook.url, settings.webhook_allowed_networks)  # 422 for private targets
     catalog = s.catalog.current()  # one reading of the manifest for the whole submission, even if it changes now
@@ -91,7 +95,7 @@ def new_job(s, data: bytes, body: object, batch: str | None = None) -> NewJob:
     check_request(
         job_request.model_copy(update={"model": spec.name}), width=width, height=height,
         prompt_kinds=catalog.prompt_kinds(spec.name), max_prompts=settings.max_prompts,
-        max_text_chars=settings.max_text_prompt_chars, requires_prompt=catalog.adapter_class(spec.name).requires_prompt,
+        max_text_chars=settings.max_text_prompt_chars, requires_prompt=catalog.requires_prompt(spec.name),
         max_points_per_side=settings.max_points_per_side,
     )
     lane = choose_lane(job_request.lane)  # 403 above the key's ceiling
@@ -104,7 +108,7 @@ def new_job(s, data: bytes, body: object, batch: str | None = None) -> NewJob:
         input_key=input_key, image_sha256=image_sha256, width=width, height=height, created_at=now,
         deadline_at=now + job_request.deadline_s if job_request.deadline_s else None,
         cancel_at=now + cancel_after if (cancel_after := cancel_after_header()) else None,
-        request=job_request.model_copy(update={"model": spec.name, "lane": lane}).model_dump(mode="json"),
+        request=job_request.model_copy(update={"model": spec.name, "lane": lane}),
         cache_key=cache_key, batch=batch,
     )
     return NewJob(record, data, image, cached, cache, catalog)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from domain import cancel_after
-from domain.schemas import BatchRequest, JobRequest, Lane, MaskRLE, PromptSet, Strict
+from domain.schemas import BatchRequest, JobRequest, Lane, MaskRLE, PromptKind, PromptSet, Strict
 from webapp.idempotency import HEADER as IDEMPOTENCY_HEADER
 from webapp.idempotency import MAX_KEY_LENGTH
 from webapp.services import services
@@ -132,7 +132,7 @@ class ModelInfo(Document):
     name: str
     version: str
     default: bool
-    prompt_kinds: list[str]
+    prompt_kinds: list[PromptKind]
     loaded: bool
     loaded_versions: list[str] = []
     fallback: str | None = None

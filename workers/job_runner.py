@@ -20,7 +20,6 @@ import time
 
 from config import logs
 from domain.records import JobRecord, JobState
-from domain.schemas import JobRequest
 from storage.retrying import RetryingStorage
 from workers import batching, job_end, pipeline, process
 from workers.loaded_models import ModelChoice
@@ -106,7 +105,7 @@ def _start(worker: process.WorkerProcess, job_id: str) -> tuple[JobRecord, Model
 def _choose(worker: process.WorkerProcess, record: JobRecord) -> ModelChoice:
     """The adapter the job runs on: its model's, else a fallback ("degraded"); a changed manifest applies now."""
     worker.models.refresh()
-    choice = worker.models.choose(record.model, JobRequest.model_validate(record.request).prompts.kinds)
+    choice = worker.models.choose(record.model, record.request.prompts.kinds)
     if choice.degraded:
         log.warning("job %s: running on fallback model %s: %s", record.id, choice.adapter.name, choice.reason)
     return choice

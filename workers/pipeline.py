@@ -1,24 +1,30 @@
-"""One job through a model: stored input in, stored result out."""
+"""One job through a model: stored input in, stored result out.
+
+The job's request is the typed one its record holds (``JobRecord.request``, parsed once on the web and
+read from the record once): it goes to the adapter as it is (``SegmentRequest.request``), beside its
+prompts in pixels and its model options, and on to the result's writer, chosen by the job's media
+(``workers/results.py``).
+"""
 from __future__ import annotations
 
-import json
 import time
 
-import cv2
 import numpy as np
 
 from domain.errors import InputLost
 from domain.keys import job_prefix
 from storage import Storage
-from workers import metrics
+from workers import metrics, results
 from domain import masks
 from domain.images import decode_image
 from domain.records import JobRecord
 from domain.schemas import JobRequest
 from models.adapters.base import Instance, ModelAdapter, Prompts, SegmentRequest
+from models.encoder_cache import EncodingSource
 
 
 def to_prompts(request: JobRequest) -> Prompts:
+    """The request's prompts in pixels, as an adapter takes them (the mask decoded)."""
     p = request.prompts
     return Prompts(
         text=tuple(p.text),
@@ -29,47 +35,26 @@ def to_prompts(request: JobRequest) -> Prompts:
 
 
 def load_request(record: JobRecord, storage: Storage, max_bytes: int, max_pixels: int) -> tuple[SegmentRequest, JobRequest]:
-    request = JobRequest.model_validate(record.request)
+    """The job's input, decoded, as the adapter's request; and the job's typed request (the record's own)."""
+    request = record.request
     try:
         data = storage.get(record.input_key)
     except KeyError:
         raise InputLost(f"the job's input {record.input_key} is no longer in storage") from None
     image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
-    options = {"points_per_side": request.points_per_side} if request.points_per_side is not None else {}
     return SegmentRequest(image=image.pixels, prompts=to_prompts(request), image_id=record.image_sha256,
-                          scope=record.tenant, options=options), request
+                          scope=record.tenant, options=request.adapter_options, request=request), request
 
 
 def store_result(
     record: JobRecord, request: JobRequest, image: np.ndarray, instances: list[Instance], storage: Storage,
     report: dict | None = None,
 ) -> str:
-    """Write ``result.json`` (and a PNG per mask if asked); return the result's key.
+    """Write the job's result with the writer of its media (``workers/results.py``); return the result's key.
 
     ``report`` is what the adapter noted about the run (``SegmentRequest.report``): kept in the result.
-
-    Keys depend only on the job id, so a job run twice overwrites its own
-    files and never leaves a second result behind.
     """
-    prefix = job_prefix(record.tenant, record.id)
-    height, width = image.shape[:2]
-    out = []
-    for i, instance in enumerate(instances):
-        rle = masks.encode(instance.mask)
-        bbox, area = masks.describe(rle)
-        item = {"bbox": bbox, "area": area, "score": round(float(instance.score), 4), "label": instance.label}
-        if "rle" in request.outputs:
-            item["mask"] = rle
-        if "polygon" in request.outputs:
-            item["polygon"] = polygons(instance.mask)
-        if "png" in request.outputs:
-            item["png_key"] = f"{prefix}masks/{i}.png"
-            storage.put(item["png_key"], masks.to_png(instance.mask), "image/png")
-        out.append(item)
-    result = {"width": width, "height": height, "instances": out, **(report or {})}
-    key = f"{prefix}result.json"
-    storage.put(key, json.dumps(result).encode(), "application/json")
-    return key
+    return results.writer_for(record.media).write(record, request, image, instances, storage, report)
 
 
 def count_model_work(model: str, seconds: float, report: dict) -> None:
@@ -78,8 +63,8 @@ def count_model_work(model: str, seconds: float, report: dict) -> None:
     series.inference.labels(model).observe(seconds)
     embedding = report.get("embedding")
     if embedding is not None:
-        result = {"this worker": "local", "shared": "shared"}.get(embedding.get("source"), "miss")
-        series.embeddings.labels(model, result).inc()
+        source = embedding.get("source")  # an EncodingSource, None when the encoder ran
+        series.embeddings.labels(model, source.metric if isinstance(source, EncodingSource) else "miss").inc()
 
 
 def discard_result(record: JobRecord, storage: Storage) -> None:
@@ -88,12 +73,6 @@ def discard_result(record: JobRecord, storage: Storage) -> None:
     for key in storage.list(prefix):
         if key != record.input_key:
             storage.delete(key)
-
-
-def polygons(mask: np.ndarray) -> list[list[float]]:
-    """The outer contours of a mask as flat ``[x0, y0, x1, y1, ...]`` lists (COCO's polygon form)."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
 
 
 def run(record: JobRecord, adapter: ModelAdapter, storage: Storage, max_bytes: int,

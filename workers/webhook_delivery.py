@@ -1,7 +1,8 @@
 """One webhook delivery attempt, made by a worker: sign, POST, log, and schedule the next attempt.
 
 The messages and their log are the domain's (``domain/webhooks.py``,
-``domain/delivery_log.py``); this is the part that talks to the receiver.
+``domain/delivery_log.py``); this is the part that talks to the receiver,
+through the guarded HTTP transport beside it (``workers/webhook_transport.py``).
 Each attempt is signed afresh (``webhook-timestamp`` is the attempt's time),
 logged, and on failure scheduled again after the next pause of
 ``webhook_retry_schedule_s`` (jittered; longer if the receiver's
@@ -27,9 +28,10 @@ from config.celery import WEBHOOK_QUEUE
 from domain.delivery_log import DeliveryLog, Message
 from domain.documents import job_document
 from domain.job_metrics import WEBHOOK_ATTEMPTS, WEBHOOK_LAG, JobMetrics
-from domain.webhook_urls import Deadline, ForbiddenAddress, guard_for
+from domain.webhook_urls import ForbiddenAddress, guard_for
 from domain.webhooks import (DELIVER_WEBHOOK, DISABLED_URLS, USER_AGENT, dumps, next_pause, retry_after_seconds,
                              sign, started_body, tenant_secret)
+from workers.webhook_transport import Deadline, guarded_session
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +149,8 @@ def _post(message: Message, body: str, settings, client: redis.Redis) -> tuple[i
     if traceparent:  # the job's trace goes on to the receiver (W3C Trace Context)
         headers["traceparent"] = traceparent
     limit = settings.webhook_timeout_s  # for the whole attempt: connecting, sending, the answer's headers
-    with Deadline(limit) as deadline, guard_for(settings.webhook_allowed_networks).session(deadline) as session:
+    guard = guard_for(settings.webhook_allowed_networks)
+    with Deadline(limit) as deadline, guarded_session(guard, deadline) as session:
         try:
             # No redirects: a webhook that moved must be registered again, and a redirect could lead inside.
             response = session.post(message.url, data=body.encode(), headers=headers,

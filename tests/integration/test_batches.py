@@ -103,7 +103,7 @@ def test_the_request_and_prompts_may_come_as_file_parts(stack):
         "images": [(io.BytesIO(image_bytes("en.jpg")), "en.jpg")]})
     assert answer.status_code == 202, answer.get_json()
     record = stack.jobs().get(answer.get_json()["jobs"][0]["id"])
-    assert record.request["prompts"]["text"] == ["shot"] and record.model == "text-regions"
+    assert record.request.prompts.text == ["shot"] and record.model == "text-regions"
 
 
 def test_a_batch_is_bounded_in_images_and_bytes(stack):
@@ -262,10 +262,10 @@ def test_a_batch_webhook_listing_job_events_gives_each_job_that_webhook_and_only
     hook = {"url": NOWHERE, "events": ["batch.completed", "job.failed"]}
     batch = post_batch(client, [("en.jpg", image_bytes("en.jpg"))], request={**TEXT, "webhook": hook}).get_json()
     record = stack.jobs().get(batch["jobs"][0]["id"])
-    assert record.request["webhook"] == {"url": NOWHERE, "events": ["job.failed"]}
+    assert record.request.webhook.model_dump() == {"url": NOWHERE, "events": ["job.failed"]}
     quiet = post_batch(client, [("en.jpg", image_bytes("en.jpg"))],
                        request={**TEXT, "webhook": {"url": NOWHERE}}).get_json()
-    assert stack.jobs().get(quiet["jobs"][0]["id"]).request.get("webhook") is None  # batch.completed alone
+    assert stack.jobs().get(quiet["jobs"][0]["id"]).request.webhook is None  # batch.completed alone
     private = post_batch(client, [("en.jpg", image_bytes("en.jpg"))],
                          request={**TEXT, "webhook": {"url": "http://10.0.0.1/hook"}})
     assert private.status_code == 422  # the SSRF guard, at submit: nothing is ever sent there

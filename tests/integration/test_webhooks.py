@@ -14,6 +14,7 @@ from standardwebhooks.webhooks import Webhook
 
 from domain.records import JobRecord, JobStore
 from domain.webhook_urls import ForbiddenAddress, WebhookGuard
+from workers.webhook_transport import guarded_session
 from domain.webhooks import tenant_secret
 from tests.conftest import authorized_client, free_port, image_bytes, settings_from
 from tests.integration.helpers import submit
@@ -230,9 +231,9 @@ def test_the_address_is_checked_again_at_delivery(base_env, image, redis_client)
 
 def test_the_guarded_connection_refuses_a_name_that_resolves_to_loopback(receivers):
     receiver = receivers()
-    with WebhookGuard().session() as session, pytest.raises(ForbiddenAddress):
+    with guarded_session(WebhookGuard()) as session, pytest.raises(ForbiddenAddress):
         session.post(f"http://localhost:{receiver.port}/hooks/maskq", data=b"{}", timeout=2)
-    with WebhookGuard(("127.0.0.0/8",)).session() as session:
+    with guarded_session(WebhookGuard(("127.0.0.0/8",))) as session:
         assert session.post(f"http://localhost:{receiver.port}/hooks/maskq", data=b"{}", timeout=2).status_code == 200
     assert len(receiver.received()) == 1  # only the allowed one connected
 
