@@ -7,10 +7,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 # the CUDA libraries come from its nvidia-* dependencies, the driver from the host (NVIDIA Container Toolkit).
 ARG MASKQ_DEVICE=cpu
 COPY requirements.txt ./
-COPY config/device.py ./config/device.py
+COPY tools/onnxruntime_build.py ./tools/onnxruntime_build.py
 RUN pip install --no-cache-dir -r requirements.txt \
  && pip install --no-cache-dir --no-deps rapidocr-onnxruntime==1.4.4 \
- && MASKQ_DEVICE=$MASKQ_DEVICE python -m config.device install 1.31.1
+ && MASKQ_DEVICE=$MASKQ_DEVICE python -m tools.onnxruntime_build install 1.31.1
 COPY . .
 RUN pip install --no-cache-dir --no-deps -e .
 

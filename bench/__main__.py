@@ -1,4 +1,5 @@
-"""``python -m bench [--only NAME] [--jobs N] [--clients N] [--warmup N] [--device]``: run the benchmarks, print the tables.
+"""``python -m bench [--only NAME] [--jobs N] [--clients N] [--warmup N] [--device]``: run the benchmarks,
+print the tables.
 
 Every module ``bench/<name>.py`` but ``common`` is a benchmark (it has ``run``); they
 run one after another (never side by side: they would share the cores), in
@@ -6,6 +7,7 @@ name order except that ``service_efficiency`` runs last so that the output
 ends with its ``service_efficiency=`` line. The rows also go to
 ``bench/results/<time>.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +18,9 @@ import pkgutil
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import bench
 from bench.common import IMAGES, Options, format_table, machine
@@ -36,17 +39,32 @@ def discover() -> list[str]:
 def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
     defaults = Options()
     parser = argparse.ArgumentParser(prog="python -m bench", description="Run maskq's benchmarks; print a table each.")
-    parser.add_argument("--only", action="append", metavar="NAME",
-                        help=f"run only this benchmark (repeatable, or comma-separated); one of: {', '.join(names)}")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help=f"run only this benchmark (repeatable, or comma-separated); one of: {', '.join(names)}",
+    )
     parser.add_argument("--jobs", type=int, default=defaults.jobs, help="measured jobs per case (default %(default)s)")
-    parser.add_argument("--clients", type=int, default=defaults.clients, help="concurrent HTTP clients (default %(default)s)")
-    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="discarded warm-up jobs (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=defaults.rounds,
-                        help="alternating measurement rounds per comparison (default %(default)s)")
+    parser.add_argument(
+        "--clients", type=int, default=defaults.clients, help="concurrent HTTP clients (default %(default)s)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=defaults.warmup, help="discarded warm-up jobs (default %(default)s)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=defaults.rounds,
+        help="alternating measurement rounds per comparison (default %(default)s)",
+    )
     parser.add_argument("--images", type=Path, default=IMAGES, help="folder of images to cycle (default %(default)s)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    parser.add_argument("--device", action="store_true",
-                        help="run the GPU device check instead (bench/device_check.py; exits 0 without a GPU)")
+    parser.add_argument(
+        "--device",
+        action="store_true",
+        help="run the GPU device check instead (bench/device_check.py; exits 0 without a GPU)",
+    )
     args = parser.parse_args(argv)
     if args.only:
         args.only = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
@@ -70,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     selected = [n for n in names if (n in args.only if args.only else n not in ONLY_WHEN_NAMED)]
     host = machine()
     print(f"machine: {host['cpus']} CPUs, {host['cpu_model'] or 'unknown CPU'}; load average {host['load_avg']}")
-    results = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": host,
-               "options": {k: str(v) for k, v in vars(options).items()}, "benchmarks": {}}
+    results: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": host,
+        "options": {k: str(v) for k, v in vars(options).items()},
+        "benchmarks": {},
+    }
     summaries: list[str] = []
     failed: list[str] = []
     for name in selected:

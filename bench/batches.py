@@ -16,11 +16,13 @@ the client made. The worker is the bottleneck, so ``total_s`` should be near
 equal, but for dynamic batching: a server batch puts every job on the lane at once, so a
 worker whose model batches takes several at a time.
 """
+
 from __future__ import annotations
 
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from bench.common import Options, ServiceStack, load_images
 from maskq.client import Client
@@ -82,17 +84,25 @@ def run(options: Options) -> list[dict]:
         for number in range(rounds):
             images = [(f"r{number}-{i}-{base[i % len(base)][0]}", base[i % len(base)][1]) for i in range(count)]
             order = (("per image", per_image), ("server batch", server_batch))
-            for case, way in (order if number % 2 == 0 else order[::-1]):
+            for case, way in order if number % 2 == 0 else order[::-1]:
                 client = CountingClient(stack.base_url, key)
                 accept_s, total_s = way(client, images)
                 results[case].append((accept_s, total_s, client.requests))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for case, runs in results.items():
         accept = sum(r[0] for r in runs) / len(runs)
         total = sum(r[1] for r in runs) / len(runs)
-        rows.append({"case": case, "images": count, "rounds": len(runs), "accept_s": round(accept, 3),
-                     "total_s": round(total, 2), "images_per_s": round(count / total, 2),
-                     "requests": round(sum(r[2] for r in runs) / len(runs))})
+        rows.append(
+            {
+                "case": case,
+                "images": count,
+                "rounds": len(runs),
+                "accept_s": round(accept, 3),
+                "total_s": round(total, 2),
+                "images_per_s": round(count / total, 2),
+                "requests": round(sum(r[2] for r in runs) / len(runs)),
+            }
+        )
     per, batch = rows
     batch["accept_vs_per_image"] = round(batch["accept_s"] / per["accept_s"], 3)
     batch["total_vs_per_image"] = round(batch["total_s"] / per["total_s"], 3)

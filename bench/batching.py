@@ -18,6 +18,7 @@ cache is off: the images repeat, and a cache hit is not the model path.
 
 ``batched_over_unbatched`` = batched jobs/s ÷ unbatched jobs/s.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 import requests
@@ -32,10 +34,10 @@ import requests
 from bench.common import ENDED, CpuMeter, Options, ServiceStack, load_images, throughput_row
 from bench.service_efficiency import split
 from config.settings import load_settings
-from domain.fleet import gate_states
 from domain.keys import GATE_RESERVE_MB as RESERVE_OVERRIDE_KEY
 from models.adapters.text_regions import TextRegionsAdapter
 from models.catalog import ModelCatalog
+from stores.fleet import gate_states
 
 BATCH_SIZE = 8
 BATCHED = f"batched (max_batch_size={BATCH_SIZE})"
@@ -53,21 +55,31 @@ STACKING = f"{__name__}:{StackingTextRegionsAdapter.__name__}"
 
 
 def batching_manifest(folder: Path) -> Path:
-    """The deployment's text-regions model alone, on :class:`StackingTextRegionsAdapter`, up to :data:`BATCH_SIZE` jobs a batch."""
+    """The deployment's text-regions model alone, on :class:`StackingTextRegionsAdapter`, up to :data:`BATCH_SIZE`
+    jobs a batch."""
     catalog = ModelCatalog.from_settings(load_settings())
     spec = catalog.spec("text-regions")
     # Strings and numbers as JSON writes them are TOML too; the files are absolute paths already.
-    lines = [f"default = {json.dumps(spec.name)}", f"[models.{json.dumps(spec.name)}]",
-             f"version = {json.dumps(spec.version)}", f"adapter = {json.dumps(STACKING)}",
-             f"memory_mb = {spec.memory_mb}", f"max_batch_size = {BATCH_SIZE}"]
+    lines = [
+        f"default = {json.dumps(spec.name)}",
+        f"[models.{json.dumps(spec.name)}]",
+        f"version = {json.dumps(spec.version)}",
+        f"adapter = {json.dumps(STACKING)}",
+        f"memory_mb = {spec.memory_mb}",
+        f"max_batch_size = {BATCH_SIZE}",
+    ]
     if spec.files:
-        lines.append("files = { " + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in spec.files.items()) + " }")
+        lines.append(
+            "files = { " + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in spec.files.items()) + " }"
+        )
     if spec.providers:
         lines.append(f"providers = {json.dumps(list(spec.providers))}")
     if spec.fp16:
         lines.append("fp16 = true")
     if spec.options:
-        lines.append("options = { " + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in spec.options.items()) + " }")
+        lines.append(
+            "options = { " + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in spec.options.items()) + " }"
+        )
     path = folder / "models.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -79,7 +91,7 @@ class Side:
     def __init__(self, case: str, stack: ServiceStack):
         self.case = case
         self.stack = stack
-        self.redis = redis.Redis.from_url(stack.redis.url)
+        self.redis = redis.Redis.from_url(stack.redis_url)
         self.session = requests.Session()
         self.session.headers.update(stack.headers)
         self.span_s = 0.0
@@ -110,7 +122,7 @@ class Side:
             ids.append(answer.json()["id"])
         return ids
 
-    def drain(self, ids: list[str], timeout: float) -> list[list[bytes | None]]:
+    def drain(self, ids: list[str], timeout: float) -> list[list[Any]]:  # [opened at, status, started, finished, batch]
         """Open the gate; wait until every job has ended; their records' timing and batch fields."""
         opened = time.time()
         self.redis.delete(RESERVE_OVERRIDE_KEY)
@@ -153,11 +165,17 @@ class Side:
 
     def row(self) -> dict:
         runs = len(self.batches) + self.alone  # inference calls: batches, and jobs that ran alone
-        return throughput_row(self.case, self.latencies, self.span_s, failed=self.failed,
-                              mean_batch=round(len(self.latencies) / runs, 2) if runs else 0,
-                              worker_cpu_s_per_job=round(self.worker_cpu_s / max(len(self.latencies), 1), 3),
-                              _rounds_jobs_per_s=self.rates, _rounds_other_cpu_s=self.other_cpu_s,
-                              _busy_s=round(self.busy_s, 2))
+        return throughput_row(
+            self.case,
+            self.latencies,
+            self.span_s,
+            failed=self.failed,
+            mean_batch=round(len(self.latencies) / runs, 2) if runs else 0,
+            worker_cpu_s_per_job=round(self.worker_cpu_s / max(len(self.latencies), 1), 3),
+            _rounds_jobs_per_s=self.rates,
+            _rounds_other_cpu_s=self.other_cpu_s,
+            _busy_s=round(self.busy_s, 2),
+        )
 
 
 def run(options: Options) -> list[dict]:
@@ -165,14 +183,16 @@ def run(options: Options) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="maskq-bench-batching-") as folder:
         manifest = batching_manifest(Path(folder))
         common = {"models_manifest": manifest, "result_cache_enabled": False, "gate_check_s": 0.05}
-        with ServiceStack(overrides={**common, "batching": True}) as batched_stack, \
-                ServiceStack(overrides={**common, "batching": False}) as unbatched_stack:
+        with (
+            ServiceStack(overrides={**common, "batching": True}) as batched_stack,
+            ServiceStack(overrides={**common, "batching": False}) as unbatched_stack,
+        ):
             batched, unbatched = Side(BATCHED, batched_stack), Side(UNBATCHED, unbatched_stack)
             for side in (batched, unbatched):
                 side.close_gate()
                 side.round(images, 0, max(options.warmup, BATCH_SIZE), measure=False)
             for r, (first, count) in enumerate(split(options.jobs, options.rounds)):
-                for side in ((batched, unbatched) if r % 2 == 0 else (unbatched, batched)):
+                for side in (batched, unbatched) if r % 2 == 0 else (unbatched, batched):
                     side.round(images, first, count)
             return [unbatched.row(), batched.row()]
 
@@ -181,23 +201,32 @@ def summary(rows: list[dict]) -> list[str]:
     unbatched, batched = rows
     ratios = [b / u for b, u in zip(batched["_rounds_jobs_per_s"], unbatched["_rounds_jobs_per_s"])]
     lines = [
-        "jobs/s per round, unbatched: " + ", ".join(map(str, unbatched["_rounds_jobs_per_s"]))
-        + "; batched: " + ", ".join(map(str, batched["_rounds_jobs_per_s"]))
-        + "; ratio per round: " + ", ".join(f"{x:.2f}" for x in ratios),
+        "jobs/s per round, unbatched: "
+        + ", ".join(map(str, unbatched["_rounds_jobs_per_s"]))
+        + "; batched: "
+        + ", ".join(map(str, batched["_rounds_jobs_per_s"]))
+        + "; ratio per round: "
+        + ", ".join(f"{x:.2f}" for x in ratios),
         # Other processes' CPU seconds in each round: a round where they ran is not a clean measurement.
-        "CPU s of other processes per round, unbatched: " + ", ".join(map(str, unbatched["_rounds_other_cpu_s"]))
-        + "; batched: " + ", ".join(map(str, batched["_rounds_other_cpu_s"])),
+        "CPU s of other processes per round, unbatched: "
+        + ", ".join(map(str, unbatched["_rounds_other_cpu_s"]))
+        + "; batched: "
+        + ", ".join(map(str, batched["_rounds_other_cpu_s"])),
     ]
     # Where a difference comes from: slower inference calls, or a worker idle between them.
-    for row in (unbatched, batched):
-        lines.append(f"{row['case']}: {row['_busy_s'] / row['jobs']:.3f} s per job in inference calls; "
-                     f"worker busy {row['_busy_s'] / row['wall_s']:.1%} of the span")
+    lines.extend(
+        f"{row['case']}: {row['_busy_s'] / row['jobs']:.3f} s per job in inference calls; "
+        f"worker busy {row['_busy_s'] / row['wall_s']:.1%} of the span"
+        for row in (unbatched, batched)
+    )
     if unbatched["failed"] or batched["failed"]:
         lines.append(f"WARNING: {unbatched['failed'] + batched['failed']} jobs failed; the ratio is not valid")
     # On a shared machine the wall-clock ratio swings with the neighbours' load; the worker's own CPU
     # seconds per job do much less, and on a dedicated CPU-bound worker they set its throughput.
-    lines.append("batched_over_unbatched, by the worker's CPU s per job: "
-                 f"{unbatched['worker_cpu_s_per_job'] / batched['worker_cpu_s_per_job']:.3f}; "
-                 f"median of the rounds' ratios: {statistics.median(ratios):.3f}")
+    lines.append(
+        "batched_over_unbatched, by the worker's CPU s per job: "
+        f"{unbatched['worker_cpu_s_per_job'] / batched['worker_cpu_s_per_job']:.3f}; "
+        f"median of the rounds' ratios: {statistics.median(ratios):.3f}"
+    )
     lines.append(f"batched_over_unbatched={batched['jobs_per_s'] / unbatched['jobs_per_s']:.3f}")
     return lines

@@ -20,6 +20,7 @@ clients are lean (one keep-alive ``http.client`` connection each), because
 they share the machine's cores with the service they measure. The
 ``worker_cpu_s`` column shows that the worker took no part.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -55,8 +56,14 @@ class Client:
     def hit(self, name: str, data: bytes) -> float:
         """One identical submission; its round-trip seconds. Raises unless the cache answered it."""
         boundary = uuid.uuid4().hex
-        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-                f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                f"Content-Type: image/jpeg\r\n\r\n"
+            ).encode()
+            + data
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
         headers = {**self.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"}
         started = time.perf_counter()
         self.connection.request("POST", "/v1/jobs", body=body, headers=headers)
@@ -89,7 +96,7 @@ def drive(stack: ServiceStack, images: list[tuple[str, bytes]], count: int, clie
                     return
                 try:
                     elapsed = own.hit(*images[i % len(images)])
-                except BaseException as exc:  # noqa: BLE001  (reported after the threads end)
+                except BaseException as exc:
                     errors.append(exc)
                     return
                 with lock:
@@ -137,8 +144,10 @@ def run(options: Options) -> list[dict]:
                     raise
                 time.sleep(0.1)
         drive(stack, images, options.warmup * 5, options.clients)
-        for case, count, clients in ((ONE, options.jobs * 5, 1),
-                                     (MANY.format(clients=options.clients), options.jobs * 10, options.clients)):
+        for case, count, clients in (
+            (ONE, options.jobs * 5, 1),
+            (MANY.format(clients=options.clients), options.jobs * 10, options.clients),
+        ):
             meter = CpuMeter(groups).start()
             wall, latencies = drive(stack, images, count, clients)
             rows.append(row(case, wall, latencies, meter.stop()))

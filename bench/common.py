@@ -5,6 +5,7 @@ A benchmark is a module ``bench/<name>.py`` with ``run(options) -> rows``
 in the JSON results but not printed) and, optionally,
 ``summary(rows) -> lines``. ``python -m bench`` finds them by name.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,9 +31,9 @@ import psutil
 import redis
 import requests
 
-from config.embedded_redis import RedisServer
 from config.settings import Settings, load_settings
-from domain.tenants import KeyStore
+from runtime.embedded_redis import RedisServer
+from stores.tenants import KeyStore
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "tests" / "data" / "images"
@@ -89,7 +90,8 @@ def machine() -> dict:
     """What the figures were measured on."""
     model = ""
     try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return {"cpus": os.cpu_count(), "cpu_model": model, "load_avg": [round(v, 2) for v in os.getloadavg()]}
@@ -121,12 +123,18 @@ class CpuMeter:
                 except psutil.NoSuchProcess:
                     pass
             out[name] = total
-        t = psutil.cpu_times()
+        machine = psutil.cpu_times()
         # Linux already counts guest time inside user, and steal is not time this machine got.
-        out["_machine"] = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        out["_machine"] = (
+            machine.user
+            + machine.nice
+            + machine.system
+            + getattr(machine, "irq", 0.0)
+            + getattr(machine, "softirq", 0.0)
+        )
         return out
 
-    def start(self) -> "CpuMeter":
+    def start(self) -> CpuMeter:
         self._start = self._read()
         return self
 
@@ -141,8 +149,10 @@ class CpuMeter:
 def procfile() -> dict[str, str]:
     """The Procfile's commands by process name."""
     lines = (ROOT / "Procfile").read_text().splitlines()
-    return dict((name.strip(), command.strip()) for name, _, command in
-                (line.partition(":") for line in lines if line.strip() and not line.startswith("#")))
+    return {
+        name.strip(): command.strip()
+        for name, _, command in (line.partition(":") for line in lines if line.strip() and not line.startswith("#"))
+    }
 
 
 def _env_value(value) -> str:
@@ -175,7 +185,13 @@ class ServiceStack:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
 
-    def start(self, timeout: float = 120) -> "ServiceStack":
+    @property
+    def redis_url(self) -> str:
+        """The stack's Redis (started by :meth:`start`)."""
+        assert self.redis is not None, "the stack has not started"
+        return self.redis.url
+
+    def start(self, timeout: float = 120) -> ServiceStack:
         try:
             self._start(timeout)
         except BaseException:
@@ -189,8 +205,14 @@ class ServiceStack:
             self.redis.start()
         # The clients share one API key: its cap on long polls held at once (8) is raised out of the way,
         # as its rate limit is (_authorization); the web's threads still bound them.
-        values = {"redis_url": self.redis.url, "data_dir": self.data_dir, "host": "127.0.0.1",
-                  "port": free_port(), "max_waits_per_key": 1000, **self.overrides}
+        values = {
+            "redis_url": self.redis.url,
+            "data_dir": self.data_dir,
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "max_waits_per_key": 1000,
+            **self.overrides,
+        }
         self.settings: Settings = load_settings(**values)
         self.env = {**os.environ, **{f"MASKQ_{k.upper()}": _env_value(v) for k, v in values.items()}}
         self.base_url = f"http://{self.settings.host}:{self.settings.port}"
@@ -210,14 +232,20 @@ class ServiceStack:
         """
         if self.settings.auth == "off":
             return {}
-        key, _ = KeyStore(redis.Redis.from_url(self.redis.url)).create("bench", rate="1000000/minute", label="bench")
+        key, _ = KeyStore(redis.Redis.from_url(self.redis_url)).create("bench", rate="1000000/minute", label="bench")
         return {"Authorization": f"Bearer {key}"}
 
     def _spawn(self, name: str, command: str) -> None:
         """A Procfile command line, run by the shell as honcho runs it (its ``exec`` and ``VAR=value``)."""
         with (self.data_dir / f"{name}.log").open("ab") as log:
-            self.processes[name] = subprocess.Popen(["/bin/sh", "-c", command], cwd=ROOT, env=self.env, stdout=log,
-                                                    stderr=subprocess.STDOUT, start_new_session=True)
+            self.processes[name] = subprocess.Popen(
+                ["/bin/sh", "-c", command],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -264,7 +292,7 @@ class ServiceStack:
             self.redis.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def __enter__(self) -> "ServiceStack":
+    def __enter__(self) -> ServiceStack:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -273,7 +301,8 @@ class ServiceStack:
 
 @contextlib.contextmanager
 def _output_to(path: Path):
-    """Point this process's stdout and stderr at ``path`` while the block runs, so children started in it inherit the file."""
+    """Point this process's stdout and stderr at ``path`` while the block runs, so children started in it inherit
+    the file."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -299,10 +328,11 @@ class JobOutcome:
     run_s: float | None = None
 
 
-def run_http_job(session: requests.Session, base_url: str, name: str, data: bytes,
-                 request_json: str | None = None, wait_s: int = 30) -> JobOutcome:
+def run_http_job(
+    session: requests.Session, base_url: str, name: str, data: bytes, request_json: str | None = None, wait_s: int = 30
+) -> JobOutcome:
     """Submit one image (multipart) and long-poll it to its end, as a client of the API does."""
-    files = {"image": (name, data, "image/jpeg")}
+    files: dict[str, tuple[str | None, bytes | str, str]] = {"image": (name, data, "image/jpeg")}
     if request_json is not None:
         files["request"] = (None, request_json, "application/json")
     started = time.perf_counter()
@@ -320,8 +350,14 @@ def run_http_job(session: requests.Session, base_url: str, name: str, data: byte
     return JobOutcome(time.perf_counter() - started, job["status"], bool(job.get("cached")), run_s)
 
 
-def drive_clients(stack: ServiceStack, images: list[tuple[str, bytes]], jobs: int, clients: int,
-                  first: int = 0, request_json: str | None = None) -> tuple[float, list[JobOutcome]]:
+def drive_clients(
+    stack: ServiceStack,
+    images: list[tuple[str, bytes]],
+    jobs: int,
+    clients: int,
+    first: int = 0,
+    request_json: str | None = None,
+) -> tuple[float, list[JobOutcome]]:
     """``jobs`` jobs on ``stack`` over ``clients`` threads, each with its own session; ``(wall seconds, outcomes)``.
 
     Job ``i`` uses image ``(first + i) % len(images)``, so any run of a
@@ -346,7 +382,7 @@ def drive_clients(stack: ServiceStack, images: list[tuple[str, bytes]], jobs: in
                 name, data = images[(first + i) % len(images)]
                 try:
                     outcome = run_http_job(session, stack.base_url, name, data, request_json)
-                except BaseException as exc:  # noqa: BLE001  (reported after the threads end)
+                except BaseException as exc:
                     errors.append(exc)
                     return
                 with lock:

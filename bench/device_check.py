@@ -1,4 +1,5 @@
-"""One script for the first minutes on a GPU machine: ``python -m bench.device_check`` (or ``python -m bench --device``).
+"""One script for the first minutes on a GPU machine: ``python -m bench.device_check``
+(or ``python -m bench --device``).
 
 It prints one table:
 
@@ -22,6 +23,7 @@ On a machine without an NVIDIA GPU (or without onnxruntime-gpu) it says what it
 would need and exits 0; ``--cpu-only`` runs the CPU rows anyway (what the tests
 do, so this script cannot rot unseen between GPU sessions).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,17 +35,18 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bench.common import ROOT, format_table
-from config.device import installed_builds
 from config.settings import load_settings
 from domain.images import decode_image
 from models.adapters.base import AdapterContext, ModelSpec, Prompts, RuntimeOptions, SegmentRequest
 from models.catalog import ModelCatalog
 from models.fetch import verify_files
 from models.manifest import import_adapter
+from tools.onnxruntime_build import installed_builds
 from workers.devices import CPU, CUDA, TENSORRT, nvml_devices, placement_here
 from workers.job_end import out_of_memory
 
@@ -51,22 +54,26 @@ PHOTOS = ROOT / "tests" / "data" / "photos"
 IMAGES = ROOT / "tests" / "data" / "images"
 # Requests per model: (image file, prompts). Points on the photos' objects (tests/data/README.md).
 WORKLOADS = {
-    "sam": [(PHOTOS / "coffee.png", Prompts(points=((365, 285, 1),))),
-            (PHOTOS / "coins.png", Prompts(points=((50, 50, 1),))),
-            (PHOTOS / "rocket.jpg", Prompts(boxes=((295, 115, 350, 415),)))],
+    "sam": [
+        (PHOTOS / "coffee.png", Prompts(points=((365, 285, 1),))),
+        (PHOTOS / "coins.png", Prompts(points=((50, 50, 1),))),
+        (PHOTOS / "rocket.jpg", Prompts(boxes=((295, 115, 350, 415),))),
+    ],
     "text-regions": [(p, Prompts()) for p in sorted(IMAGES.iterdir())[:3]] if IMAGES.is_dir() else [],
 }
-NEEDS = ("an NVIDIA GPU with its driver (NVML), and onnxruntime-gpu: `MASKQ_DEVICE=cuda make install` "
-         "(installs onnxruntime-gpu[cuda,cudnn], CUDA 13 and cuDNN 9 from PyPI); for the TensorRT rows, "
-         "the TensorRT libraries too (`pip install tensorrt-cu13`)")
+NEEDS = (
+    "an NVIDIA GPU with its driver (NVML), and onnxruntime-gpu: `MASKQ_DEVICE=cuda make install` "
+    "(installs onnxruntime-gpu[cuda,cudnn], CUDA 13 and cuDNN 9 from PyPI); for the TensorRT rows, "
+    "the TensorRT libraries too (`pip install tensorrt-cu13`)"
+)
 
 
 @dataclasses.dataclass
 class Variant:
     name: str
     provider: str
-    fp16_files: bool = False   # the manifest's _fp16 files (CUDA runs half precision from these)
-    trt_fp16: bool = False     # TensorRT builds fp16 engines from the fp32 files
+    fp16_files: bool = False  # the manifest's _fp16 files (CUDA runs half precision from these)
+    trt_fp16: bool = False  # TensorRT builds fp16 engines from the fp32 files
 
 
 def requests_for(model: str) -> list[SegmentRequest]:
@@ -107,12 +114,12 @@ class GpuWatch:
     def least_free_during(self, work):
         if self.handle is None:
             return work(), None
-        least = [self.free_mb()]
+        least = [self.free_mb() or 0.0]  # a GPU is watched (handle): a figure, never None
         done = threading.Event()
 
         def poll():
             while not done.is_set():
-                least[0] = min(least[0], self.free_mb())
+                least[0] = min(least[0], self.free_mb() or 0.0)
                 time.sleep(0.005)
 
         thread = threading.Thread(target=poll, daemon=True)
@@ -128,7 +135,7 @@ class GpuWatch:
 def fp16_spec(spec: ModelSpec, manifest: Path, models_dir: Path) -> ModelSpec | None:
     """``spec`` on its fp16 files, made with tools/make_fp16.py when missing (None: the model has none)."""
     sys.path.insert(0, str(ROOT / "tools"))
-    from make_fp16 import convert, fp16_files  # tools/ is not a package: the script's own functions
+    from make_fp16 import convert, fp16_files  # type: ignore[import-not-found]  # tools/make_fp16.py, on sys.path
 
     files = dict(spec.files)
     for role, source, target, _ in fp16_files(manifest, spec.name, models_dir):
@@ -143,11 +150,19 @@ def fp16_spec(spec: ModelSpec, manifest: Path, models_dir: Path) -> ModelSpec | 
     return dataclasses.replace(spec, files=files, sha256={}, fp16=True)
 
 
-def measure(spec: ModelSpec, variant: Variant, runtime: RuntimeOptions, requests, repeats: int, watch: GpuWatch,
-            reference: list[np.ndarray] | None):
+def measure(
+    spec: ModelSpec,
+    variant: Variant,
+    runtime: RuntimeOptions,
+    requests,
+    repeats: int,
+    watch: GpuWatch,
+    reference: list[np.ndarray] | None,
+):
     """Set up ``spec`` on ``variant`` and run ``requests`` ``repeats`` times: one row, and the masks."""
-    runtime = dataclasses.replace(runtime, providers=(variant.provider,), providers_required=True,
-                                  fp16=variant.trt_fp16)
+    runtime = dataclasses.replace(
+        runtime, providers=(variant.provider,), providers_required=True, fp16=variant.trt_fp16
+    )
     before = watch.free_mb()
     started = time.perf_counter()
     adapter = import_adapter(spec.adapter)(spec)
@@ -165,8 +180,13 @@ def measure(spec: ModelSpec, variant: Variant, runtime: RuntimeOptions, requests
                 times.append(time.perf_counter() - t)
 
     _, least_free = watch.least_free_during(work)
-    row = {"model": spec.name, "variant": variant.name, "runs_on": ",".join(adapter.execution_providers()),
-           "setup_s": round(setup_s, 2), "median_s": round(statistics.median(times), 4)}
+    row = {
+        "model": spec.name,
+        "variant": variant.name,
+        "runs_on": ",".join(adapter.execution_providers()),
+        "setup_s": round(setup_s, 2),
+        "median_s": round(statistics.median(times), 4),
+    }
     if reference is not None:
         row["mask_iou_min"] = round(min(iou(a, b) for a, b in zip(masks, reference)), 4)
     if before is not None and after_setup is not None:
@@ -186,16 +206,32 @@ def forced_out_of_memory(spec: ModelSpec, runtime: RuntimeOptions, requests, set
         for r in requests * 3:
             adapter.segment([r])
     except Exception as exc:  # what a worker would catch around a job
-        return {"model": spec.name, "gpu_mem_limit_mb": round(limit), "failed_with": f"{type(exc).__name__}: {exc}"[:90],
-                "classified_out_of_memory": out_of_memory(exc), "job_would_be": "requeued" if out_of_memory(exc) else "failed"}
-    return {"model": spec.name, "gpu_mem_limit_mb": round(limit), "failed_with": "nothing: it fit",
-            "classified_out_of_memory": "", "job_would_be": "run"}
+        return {
+            "model": spec.name,
+            "gpu_mem_limit_mb": round(limit),
+            "failed_with": f"{type(exc).__name__}: {exc}"[:90],
+            "classified_out_of_memory": out_of_memory(exc),
+            "job_would_be": "requeued" if out_of_memory(exc) else "failed",
+        }
+    return {
+        "model": spec.name,
+        "gpu_mem_limit_mb": round(limit),
+        "failed_with": "nothing: it fit",
+        "classified_out_of_memory": "",
+        "job_would_be": "run",
+    }
 
 
 def service_efficiency_on_gpu() -> str:
     env = {**os.environ, "MASKQ_DEVICE": "cuda"}
-    done = subprocess.run([sys.executable, "-m", "bench", "--only", "service_efficiency", "--jobs", "200", "--rounds", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "service_efficiency", "--jobs", "200", "--rounds", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("service_efficiency=")]
     return lines[-1] if lines else f"no figure (exit {done.returncode}): {done.stderr.strip()[-200:]}"
 
@@ -216,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     env_rows = [
         {"what": "onnxruntime", "value": f"{'+'.join(installed_builds())} {onnxruntime.__version__}"},
         {"what": "providers", "value": ", ".join(available)},
-        {"what": "NVML GPUs", "value": "; ".join(f"{g.index}: {g.name} {g.uuid} {g.memory_mb:.0f} MB" for g in gpus) or "none"},
+        {
+            "what": "NVML GPUs",
+            "value": "; ".join(f"{g.index}: {g.name} {g.uuid} {g.memory_mb:.0f} MB" for g in gpus) or "none",
+        },
         {"what": "CUDA_VISIBLE_DEVICES", "value": os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")},
         {"what": "a worker here runs on", "value": f"{placement.describe()['device']} ({placement.reason})"},
     ]
@@ -239,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     base = runtime_options(settings, placement)
     watch = GpuWatch(placement.gpu.uuid if on_gpu and placement.gpu else None)
     catalog = ModelCatalog.from_settings(settings)
-    rows, oom_rows = [], []
+    rows: list[dict[str, Any]] = []
+    oom_rows: list[dict[str, Any]] = []
     for name, spec in catalog.specs.items():
         requests = requests_for(name)
         try:
@@ -255,13 +295,26 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             run_spec = spec
             if variant.fp16_files:
-                run_spec = fp16_spec(spec, settings.models_manifest, settings.models_dir)
-                if run_spec is None:
-                    rows.append({"model": name, "variant": variant.name, "runs_on": "no fp16 variant (no files of its own, or no onnx to make them)"})
+                fp16 = fp16_spec(spec, settings.models_manifest, settings.models_dir)
+                if fp16 is None:
+                    rows.append(
+                        {
+                            "model": name,
+                            "variant": variant.name,
+                            "runs_on": "no fp16 variant (no files of its own, or no onnx to make them)",
+                        }
+                    )
                     continue
-            runtime = dataclasses.replace(base, gpu_mem_limit_mb=None, trt_cache_dir=(
-                str(Path(base.trt_cache_dir) / f"{name}-{spec.version}{'-fp16' if variant.trt_fp16 else ''}")
-                if base.trt_cache_dir else None))
+                run_spec = fp16
+            runtime = dataclasses.replace(
+                base,
+                gpu_mem_limit_mb=None,
+                trt_cache_dir=(
+                    str(Path(base.trt_cache_dir) / f"{name}-{spec.version}{'-fp16' if variant.trt_fp16 else ''}")
+                    if base.trt_cache_dir
+                    else None
+                ),
+            )
             try:
                 row, masks = measure(run_spec, variant, runtime, requests, args.repeats, watch, reference)
             except Exception as exc:  # one provider that cannot run a model must not cost the other rows
@@ -271,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                 reference, cpu_median = masks, row["median_s"]
             row["speed_vs_cpu"] = round(cpu_median / row["median_s"], 2) if row["median_s"] else ""
             rows.append(row)
-        cuda_row = next((r for r in rows if r["model"] == name and r["variant"] == "CUDA fp32" and "setup_mb" in r), None)
+        cuda_row = next(
+            (r for r in rows if r["model"] == name and r["variant"] == "CUDA fp32" and "setup_mb" in r), None
+        )
         if cuda_row:
             oom_rows.append(forced_out_of_memory(spec, base, requests, cuda_row["setup_mb"]))
     print()

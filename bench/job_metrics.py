@@ -1,13 +1,14 @@
 """What counting the service-wide job series costs: a job's record life with and without it, in one run.
 
 Every job's submit, start and end count their series in the same Redis
-transaction or Lua call as the record's write or move (``domain/job_metrics.py``).
+transaction or Lua call as the record's write or move (``stores/job_metrics.py``).
 This times a job's whole record life as a worker and the web drive it
 (create, sent, start, succeed with its phases) against a real Redis server
 (the embedded Valkey), with the transition script as shipped and with the
 same script less its counting part, in alternating rounds on the same server.
 ``with ÷ without`` is the price; the absolute µs depend on the machine.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -15,13 +16,16 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from bench.common import Options, free_port
-from config.embedded_redis import RedisServer
-from domain import job_metrics, keys
-from domain.records import _TRANSITION, JobRecord, JobStore
+from domain import keys
+from domain.records import JobRecord
+from runtime.embedded_redis import RedisServer
+from stores import job_metrics
+from stores.jobs import _TRANSITION, JobStore
 
 ROUNDS = 6
 WITHOUT = _TRANSITION.replace(keys.lua(job_metrics.COUNT_MOVE_LUA), "")
@@ -46,15 +50,30 @@ class Uncounted(JobStore):
 
 def life(store: JobStore) -> float:
     """One job's record life; its seconds."""
-    record = JobRecord(id=uuid.uuid4().hex, tenant="bench", lane="default", model="sam", model_version="1",
-                       input_key="tenants/bench/jobs/x/input.jpg", image_sha256="a" * 64, width=640, height=480,
-                       request={"prompts": {"points": [[1, 2, 1]]}}, traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01")
+    record = JobRecord(
+        id=uuid.uuid4().hex,
+        tenant="bench",
+        lane="default",
+        model="sam",
+        model_version="1",
+        input_key="tenants/bench/jobs/x/input.jpg",
+        image_sha256="a" * 64,
+        width=640,
+        height=480,
+        request={"prompts": {"points": [[1, 2, 1]]}},  # type: ignore[arg-type]  # its stored form
+        traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+    )
     started = time.perf_counter()
     store.create(record)
     store.sent(record.id)
     store.start(record.id, "1", worker="bench:1")
-    store.succeed(record.id, "tenants/bench/jobs/x/result.json", 1, fence="bench:1",
-                  timings={"load": 0.01, "encode": 0.5, "predict": 0.05, "store": 0.01})
+    store.succeed(
+        record.id,
+        "tenants/bench/jobs/x/result.json",
+        1,
+        fence="bench:1",
+        timings={"load": 0.01, "encode": 0.5, "predict": 0.05, "store": 0.01},
+    )
     return time.perf_counter() - started
 
 
@@ -68,14 +87,21 @@ def run(options: Options) -> list[dict]:
             stores = {"with counting": JobStore(client, 3600), "without counting": Uncounted(client, 3600)}
             for store in stores.values():
                 [life(store) for _ in range(50)]  # warm-up: scripts loaded, connections open
-            times = {name: [] for name in stores}
+            times: dict[str, list[float]] = {name: [] for name in stores}
             for _ in range(ROUNDS):
                 for name, store in stores.items():
                     times[name] += [life(store) for _ in range(jobs // ROUNDS)]
         finally:
             server.kill()
-    rows = [{"case": name, "jobs": len(t), "p50_us": round(statistics.median(t) * 1e6),
-             "mean_us": round(statistics.fmean(t) * 1e6)} for name, t in times.items()]
+    rows: list[dict[str, Any]] = [
+        {
+            "case": name,
+            "jobs": len(t),
+            "p50_us": round(statistics.median(t) * 1e6),
+            "mean_us": round(statistics.fmean(t) * 1e6),
+        }
+        for name, t in times.items()
+    ]
     ratio = rows[0]["p50_us"] / rows[1]["p50_us"]
     rows.append({"case": "with ÷ without (p50)", "jobs": "", "p50_us": round(ratio, 3), "mean_us": ""})
     return rows

@@ -17,6 +17,7 @@ mean), so besides the issue's measure on a backlog of one image, two exact
 ones: ``overtaken`` (lower-lane jobs that started while an interactive job
 waited: 0) and each wait in units of the job running when it arrived.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,8 +31,8 @@ import redis
 import requests
 
 from bench.common import Options, ServiceStack, load_images, percentile
-from domain.records import JobStore
 from models.catalog import ModelCatalog
+from stores.jobs import JobStore
 
 BACKLOG = 1000
 PROBES = 50
@@ -55,7 +56,10 @@ def _submit(session: requests.Session, stack: ServiceStack, name: str, data: byt
     # The manifest's default model, named: a job without prompts or model would be routed to SAM's
     # segment-everything (seconds a job), which is not what this measures.
     request = {"lane": lane, "model": _default_model(stack)}
-    files = {"image": (name, data), "request": (None, json.dumps(request), "application/json")}
+    files: dict[str, tuple[str | None, bytes | str] | tuple[str | None, bytes | str, str]] = {
+        "image": (name, data),
+        "request": (None, json.dumps(request), "application/json"),
+    }
     answer = session.post(f"{stack.base_url}/v1/jobs", files=files, timeout=60)
     answer.raise_for_status()
     return answer.json()
@@ -78,7 +82,7 @@ def _measure(images, case: str, **overrides) -> dict:
     # The result cache would answer repeated images without running them: measure real jobs.
     # The gate's reserve starts out of reach, so the worker takes nothing while the lane fills.
     with ServiceStack(overrides={"result_cache_enabled": False, "gate_reserve_mb": 10**9, **overrides}) as stack:
-        client = redis.Redis.from_url(stack.redis.url)
+        client = redis.Redis.from_url(stack.redis_url)
         counter = iter(range(BACKLOG))
         lock = threading.Lock()
         batch_ids: list[str] = []
@@ -145,6 +149,7 @@ def _against_running(jobs: JobStore, probes: list[tuple[str, float]], others: li
     overtaken, ratios = 0, []
     for job_id, posted_at in probes:
         record = jobs.get(job_id)
+        assert record is not None and record.started_at is not None  # every probe has started by now
         overtaken += sum(posted_at < start < record.started_at for start, _ in spans)
         running = [(start, end) for start, end in spans if start <= record.created_at < end]
         if running:
@@ -161,7 +166,9 @@ def _lane_depth(metrics: str, lane: str) -> int:
 
 
 def summary(rows: list[dict]) -> list[str]:
-    return [f"lane_wait_p99_in_jobs={rows[0]['wait_p99_jobs']} (one image; aim <= 1.2)",
-            f"lane_wait_p99_in_running_job={rows[1]['wait_p99_in_running_job']} (five images)",
-            f"lane_overtaken={rows[0]['overtaken'] + rows[1]['overtaken']} (strict lanes; aim 0)",
-            f"lane_wait_p99_in_jobs_with_aging={rows[2]['wait_p99_jobs']}"]
+    return [
+        f"lane_wait_p99_in_jobs={rows[0]['wait_p99_jobs']} (one image; aim <= 1.2)",
+        f"lane_wait_p99_in_running_job={rows[1]['wait_p99_in_running_job']} (five images)",
+        f"lane_overtaken={rows[0]['overtaken'] + rows[1]['overtaken']} (strict lanes; aim 0)",
+        f"lane_wait_p99_in_jobs_with_aging={rows[2]['wait_p99_jobs']}",
+    ]

@@ -14,6 +14,7 @@ latency. The tiny model's encoder is a 2-layer ViT while its decoder has SAM's
 real size, so the ratio here is far higher than with real weights, whose
 encoder is most of the work.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -36,27 +37,39 @@ MAX_ROUNDS = 20  # each round costs an encoder run; 20 keep the benchmark under 
 
 
 def export_tiny_sam(folder: Path) -> dict[str, str]:
-    subprocess.run([sys.executable, "tools/export_sam.py", "--tiny-random", "--no-check", str(folder)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "tools/export_sam.py", "--tiny-random", "--no-check", str(folder)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     return {"encoder": str(folder / "encoder.onnx"), "decoder": str(folder / "decoder.onnx")}
 
 
 def timing_row(case: str, seconds: list[float], **extra) -> dict:
-    return {"case": case, "runs": len(seconds),
-            **{f"p{q}_ms": round(percentile(seconds, q) * 1000, 1) for q in (50, 95)}, **extra}
+    return {
+        "case": case,
+        "runs": len(seconds),
+        **{f"p{q}_ms": round(percentile(seconds, q) * 1000, 1) for q in (50, 95)},
+        **extra,
+    }
 
 
 def run(options: Options) -> list[dict]:
     settings = load_settings()
     runtime = RuntimeOptions.from_settings(settings)
-    name, data = next(((n, d) for n, d in load_images(options.images) if n == "ch_en_num.jpg"),
-                      load_images(options.images)[0])
+    name, data = next(
+        ((n, d) for n, d in load_images(options.images) if n == "ch_en_num.jpg"), load_images(options.images)[0]
+    )
     image = decode_image(data, max_bytes=len(data), max_pixels=settings.max_image_pixels).pixels
     h, w = image.shape[:2]
     point = Prompts(points=((w * 0.7, h * 0.6, 1),))
     box = Prompts(boxes=((w * 0.1, h * 0.1, w * 0.5, h * 0.5),))
     with tempfile.TemporaryDirectory(prefix="maskq-bench-sam-") as folder:
-        spec = ModelSpec("sam-tiny", "tiny-random-0", "models.adapters.sam:SamAdapter", files=export_tiny_sam(Path(folder)))
+        spec = ModelSpec(
+            "sam-tiny", "tiny-random-0", "models.adapters.sam:SamAdapter", files=export_tiny_sam(Path(folder))
+        )
         adapter = SamAdapter(spec)
         adapter.setup(AdapterContext(runtime))
         rounds = max(1, min(options.jobs, MAX_ROUNDS))
@@ -72,6 +85,7 @@ def run(options: Options) -> list[dict]:
                 first.append(timings[0])
                 second.append(timings[1])
         encoder, decoder = bare_timings(spec, runtime, adapter, image, rounds)
+    assert adapter.embedding_cache is not None  # set up above
     stats = adapter.embedding_cache.stats()
     ratio = percentile(second, 50) / percentile(first, 50)
     return [
@@ -87,6 +101,7 @@ def bare_timings(spec: ModelSpec, runtime: RuntimeOptions, adapter: SamAdapter, 
     encoder_session = create_session(spec.files["encoder"], runtime)
     decoder_session = create_session(spec.files["decoder"], runtime)
     items, _ = adapter.preprocess([SegmentRequest(image, Prompts(points=((1, 1, 1),)), image_id=uuid.uuid4().hex)])
+    assert items[0].encoder_input is not None  # a new image: the encoder's input is made
     encoder_input = {encoder_session.get_inputs()[0].name: items[0].encoder_input}
     encoder, decoder = [], []
     for _ in range(rounds + 1):  # the first run of a session allocates; it is not counted

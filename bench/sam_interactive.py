@@ -27,6 +27,7 @@ the encoder (ONNX Runtime's dynamic quantisation, made here into a temporary
 file; needs ``onnx`` from requirements-sam.txt): its speed and its masks'
 IoU against float32 decide whether it would be worth a manifest variant.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,6 +37,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -45,17 +47,20 @@ from PIL import Image
 from bench.common import ROOT, Options, ServiceStack, percentile
 from config.settings import load_settings
 from domain import keys
-from domain.fleet import live_workers
 from domain.images import decode_image
 from models.adapters.base import AdapterContext, Prompts, RuntimeOptions, SegmentRequest
 from models.adapters.sam import SamAdapter
 from models.catalog import ModelCatalog
 from models.fetch import verify_files
+from stores.fleet import live_workers
 
 PHOTOS = ROOT / "tests" / "data" / "photos"
 # (photo, first click, second click), in pixels of the photo.
-CLICKS = (("coffee.png", (365, 285), (290, 150)), ("rocket.jpg", (320, 260), (320, 180)),
-          ("coins.png", (50, 50), (200, 150)))
+CLICKS = (
+    ("coffee.png", (365, 285), (290, 150)),
+    ("rocket.jpg", (320, 260), (320, 180)),
+    ("coins.png", (50, 50), (200, 150)),
+)
 MAX_ROUNDS = 30
 
 FIRST = "first click (service: HTTP, Prefer: wait, 1 round trip)"
@@ -68,8 +73,12 @@ RAW_SECOND = "raw: decoder only, embedding at hand (adapter)"
 def timing_row(case: str, seconds: list[float], **extra) -> dict:
     if not seconds:
         return {"case": case, "runs": 0, **extra}
-    return {"case": case, "runs": len(seconds),
-            **{f"p{q}_ms": round(percentile(seconds, q) * 1000, 1) for q in (50, 95)}, **extra}
+    return {
+        "case": case,
+        "runs": len(seconds),
+        **{f"p{q}_ms": round(percentile(seconds, q) * 1000, 1) for q in (50, 95)},
+        **extra,
+    }
 
 
 def variant(data: bytes, seed: int, image_format: str = "JPEG") -> bytes:
@@ -90,9 +99,11 @@ def variant(data: bytes, seed: int, image_format: str = "JPEG") -> bytes:
 def click(session: requests.Session, base_url: str, data: bytes, point, lane: str) -> tuple[float, dict]:
     request = json.dumps({"prompts": {"points": [[point[0], point[1], 1]]}, "lane": lane})
     started = time.perf_counter()
-    answer = session.post(f"{base_url}/v1/jobs", files={"image": ("photo.jpg", data, "image/jpeg"),
-                                                       "request": (None, request, "application/json")},
-                          headers={"Prefer": "wait=30"}, timeout=60)
+    files: dict[str, tuple[str | None, bytes | str, str]] = {
+        "image": ("photo.jpg", data, "image/jpeg"),
+        "request": (None, request, "application/json"),
+    }
+    answer = session.post(f"{base_url}/v1/jobs", files=files, headers={"Prefer": "wait=30"}, timeout=60)
     latency = time.perf_counter() - started
     job = answer.json()
     if answer.status_code != 200 or job.get("status") != "succeeded":
@@ -100,16 +111,24 @@ def click(session: requests.Session, base_url: str, data: bytes, point, lane: st
     return latency, job
 
 
-def service_rounds(rounds: int, warmup: int) -> dict[str, list[float]]:
-    out = {"first": [], "other": [], "same": [], "other_cached": [], "same_cached": [],
-           "first_split": [], "other_split": [], "same_split": []}
+def service_rounds(rounds: int, warmup: int) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {
+        "first": [],
+        "other": [],
+        "same": [],
+        "other_cached": [],
+        "same_cached": [],
+        "first_split": [],
+        "other_split": [],
+        "same_split": [],
+    }
     # Worker A consumes the default lane, worker B the interactive lane: where a click runs is its lane's choice.
     workers = [["-Q", "default,webhooks", "-n", "a@%h"], ["-Q", "interactive", "-n", "b@%h"]]
     with ServiceStack(overrides={"result_cache_enabled": False}, workers=workers) as stack:
         wait_for_workers(stack, 2)
         session = requests.Session()
         session.headers.update(stack.headers)
-        client = redis.Redis.from_url(stack.redis.url)
+        client = redis.Redis.from_url(stack.redis_url)
         for i in range(warmup + rounds):
             name, first_point, second_point = CLICKS[i % len(CLICKS)]
             data = variant((PHOTOS / name).read_bytes(), i)
@@ -133,22 +152,26 @@ def service_rounds(rounds: int, warmup: int) -> dict[str, list[float]]:
 
 def split(client: redis.Redis, job_id: str) -> tuple[float, float]:
     """``(queued, ran)`` seconds of a job, from its record: submit to start, start to end."""
-    created, started, finished = (float(v) for v in client.hmget(keys.job(job_id), "created_at", "started_at",
-                                                                   "finished_at"))
+    fields = cast("list[bytes]", client.hmget(keys.job(job_id), "created_at", "started_at", "finished_at"))
+    created, started, finished = (float(v) for v in fields)
     return started - created, finished - started
 
 
 def split_columns(splits: list[tuple[float, float]]) -> dict:
-    return {"queued_p50_ms": round(percentile([q for q, _ in splits], 50) * 1000, 1),
-            "worker_p50_ms": round(percentile([r for _, r in splits], 50) * 1000, 1)}
+    return {
+        "queued_p50_ms": round(percentile([q for q, _ in splits], 50) * 1000, 1),
+        "worker_p50_ms": round(percentile([r for _, r in splits], 50) * 1000, 1),
+    }
 
 
 def wait_for_workers(stack: ServiceStack, count: int, timeout: float = 120) -> None:
-    client = redis.Redis.from_url(stack.redis.url)
+    client = redis.Redis.from_url(stack.redis_url)
     deadline = time.monotonic() + timeout
     while len(live_workers(client)) < count:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"fewer than {count} worker processes after {timeout} s:\n{stack.log('worker-2')[-3000:]}")
+            raise RuntimeError(
+                f"fewer than {count} worker processes after {timeout} s:\n{stack.log('worker-2')[-3000:]}"
+            )
         time.sleep(0.2)
 
 
@@ -175,8 +198,11 @@ def everything_rows(adapter: SamAdapter) -> list[dict]:
         image = decode_image((PHOTOS / name).read_bytes(), max_bytes=10**8, max_pixels=10**8).pixels
         started = time.perf_counter()
         [instances] = adapter.segment([SegmentRequest(image, Prompts(), options={"points_per_side": 16})])
-        rows.append(timing_row(f"segment everything, 16x16 points: {name}", [time.perf_counter() - started],
-                               objects=len(instances)))
+        rows.append(
+            timing_row(
+                f"segment everything, 16x16 points: {name}", [time.perf_counter() - started], objects=len(instances)
+            )
+        )
     return rows
 
 
@@ -196,7 +222,7 @@ def precision_rows(spec, runtime: RuntimeOptions) -> list[dict]:
         quantize_dynamic(spec.files["encoder"], str(int8_path), weight_type=QuantType.QUInt8)
         int8 = SamAdapter(dataclasses.replace(spec, files={**spec.files, "encoder": str(int8_path)}, sha256={}))
         int8.setup(AdapterContext(runtime))
-        times = {"fp32": [], "int8": []}
+        times: dict[str, list[float]] = {"fp32": [], "int8": []}
         ious_int8, ious_fp16 = [], []
         for name, point, _ in CLICKS:
             image = decode_image((PHOTOS / name).read_bytes(), max_bytes=10**8, max_pixels=10**8).pixels
@@ -205,13 +231,17 @@ def precision_rows(spec, runtime: RuntimeOptions) -> list[dict]:
             for label, adapter in (("fp32", fp32), ("int8", int8)):
                 for repeat in range(3):
                     started = time.perf_counter()
-                    [[instance]] = adapter.segment([SegmentRequest(image, prompts, image_id=f"{label}-{name}-{repeat}")])
+                    [[instance]] = adapter.segment(
+                        [SegmentRequest(image, prompts, image_id=f"{label}-{name}-{repeat}")]
+                    )
                     times[label].append(time.perf_counter() - started)
                 masks[label] = instance.mask
             ious_int8.append(iou(masks["int8"], masks["fp32"]))
             # The shared store keeps float16: a decoder run on the rounded embedding.
             cache = fp32.embedding_cache
+            assert cache is not None  # set up above
             found, _ = cache.lookup(cache.key(None, f"fp32-{name}-2"), share=False)
+            assert found is not None  # stored by the third run
             half = found["image_embeddings"].astype(np.float16).astype(np.float32)
             cache.store(cache.key(None, f"half-{name}"), {"image_embeddings": half}, share=False)
             [[rounded]] = fp32.segment([SegmentRequest(image, prompts, image_id=f"half-{name}")])
@@ -220,10 +250,18 @@ def precision_rows(spec, runtime: RuntimeOptions) -> list[dict]:
     decision = "yes" if speedup >= 1.3 and min(ious_int8) >= 0.95 else "no"
     return [
         timing_row("first click, encoder fp32 (adapter)", times["fp32"]),
-        timing_row("first click, encoder int8 (adapter)", times["int8"], int8_speedup=round(speedup, 3),
-                   int8_mask_iou_min=round(min(ious_int8), 4), int8_worth_a_cpu_default=decision),
-        {"case": "masks from float16 embeddings vs float32", "runs": len(ious_fp16),
-         "fp16_mask_iou_min": round(min(ious_fp16), 4)},
+        timing_row(
+            "first click, encoder int8 (adapter)",
+            times["int8"],
+            int8_speedup=round(speedup, 3),
+            int8_mask_iou_min=round(min(ious_int8), 4),
+            int8_worth_a_cpu_default=decision,
+        ),
+        {
+            "case": "masks from float16 embeddings vs float32",
+            "runs": len(ious_fp16),
+            "fp16_mask_iou_min": round(min(ious_fp16), 4),
+        },
     ]
 
 
@@ -241,14 +279,26 @@ def run(options: Options) -> list[dict]:
     added_ms = (percentile(service["other"], 50) - percentile(raw_second, 50)) * 1000
     rows = [
         timing_row(FIRST, service["first"], **split_columns(service["first_split"])),
-        timing_row(SECOND_OTHER, service["other"], **split_columns(service["other_split"]),
-                   second_over_first=round(ratio, 3),
-                   service_added_ms=round(added_ms, 1),
-                   encoder_skipped=f"{sum(service['other_cached'])}/{len(service['other'])}"),
-        timing_row(SECOND_SAME, service["same"], **split_columns(service["same_split"]), encoder_skipped=f"{sum(service['same_cached'])}/{len(service['same'])}"),
+        timing_row(
+            SECOND_OTHER,
+            service["other"],
+            **split_columns(service["other_split"]),
+            second_over_first=round(ratio, 3),
+            service_added_ms=round(added_ms, 1),
+            encoder_skipped=f"{sum(service['other_cached'])}/{len(service['other'])}",
+        ),
+        timing_row(
+            SECOND_SAME,
+            service["same"],
+            **split_columns(service["same_split"]),
+            encoder_skipped=f"{sum(service['same_cached'])}/{len(service['same'])}",
+        ),
         timing_row(RAW_FIRST, raw_first),
-        timing_row(RAW_SECOND, raw_second,
-                   raw_second_over_first=round(percentile(raw_second, 50) / percentile(raw_first, 50), 3)),
+        timing_row(
+            RAW_SECOND,
+            raw_second,
+            raw_second_over_first=round(percentile(raw_second, 50) / percentile(raw_first, 50), 3),
+        ),
     ]
     return rows + everything_rows(adapter) + precision_rows(spec, runtime)
 
@@ -257,8 +307,10 @@ def summary(rows: list[dict]) -> list[str]:
     other = next(r for r in rows if r["case"] == SECOND_OTHER)
     int8 = next(r for r in rows if "int8_speedup" in r)
     fp16 = next(r for r in rows if "fp16_mask_iou_min" in r)
-    return [f"sam_second_over_first={other.get('second_over_first')}",
-            f"sam_service_added_ms_p50={other.get('service_added_ms')}",
-            f"sam_int8_speedup={int8['int8_speedup']} (mask IoU min {int8['int8_mask_iou_min']}; "
-            f"CPU default: {int8['int8_worth_a_cpu_default']})",
-            f"sam_fp16_embedding_mask_iou_min={fp16['fp16_mask_iou_min']}"]
+    return [
+        f"sam_second_over_first={other.get('second_over_first')}",
+        f"sam_service_added_ms_p50={other.get('service_added_ms')}",
+        f"sam_int8_speedup={int8['int8_speedup']} (mask IoU min {int8['int8_mask_iou_min']}; "
+        f"CPU default: {int8['int8_worth_a_cpu_default']})",
+        f"sam_fp16_embedding_mask_iou_min={fp16['fp16_mask_iou_min']}",
+    ]

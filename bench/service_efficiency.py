@@ -33,6 +33,7 @@ round in which other processes ran is not a clean measurement.
 
 ``service_efficiency`` = service jobs/s ÷ raw jobs/s.
 """
+
 from __future__ import annotations
 
 import gc
@@ -46,13 +47,13 @@ from dataclasses import dataclass, field
 
 from bench.common import CpuMeter, Options, ServiceStack, drive_clients, load_images, throughput_row
 from config.settings import load_settings
-from storage.local import LocalStorage
 from domain.images import decode_image
 from domain.records import JobRecord
 from domain.schemas import JobRequest
-from workers import pipeline
 from models.adapters.base import ModelAdapter, SegmentRequest
 from models.catalog import ModelCatalog
+from storage.local import LocalStorage
+from workers import pipeline
 from workers.devices import placement_here, runtime_options
 from workers.loaded_models import LoadedModels
 
@@ -76,10 +77,13 @@ class RawLoop:
         self.adapter = load_default_model(settings)
         self.storage = LocalStorage(storage_dir)
         # What a client that sends no "request" part gets: the default model, lane and outputs.
-        self.request = JobRequest(model=self.adapter.name, lane=settings.default_lane)
+        self.lane = settings.default_lane
+        self.request = JobRequest(model=self.adapter.name, lane=self.lane)
         self.prompts = pipeline.to_prompts(self.request)
-        self.pixels = [decode_image(data, max_bytes=settings.max_image_bytes,
-                                    max_pixels=settings.max_image_pixels).pixels for _, data in images]
+        self.pixels = [
+            decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels).pixels
+            for _, data in images
+        ]
         # The worker names each image by the SHA-256 of its bytes; an adapter that reuses work per
         # image must get the same chance here.
         self.image_ids = [hashlib.sha256(data).hexdigest() for _, data in images]
@@ -87,9 +91,17 @@ class RawLoop:
     def job(self, i: int) -> float:
         """Run job ``i`` (image ``i`` mod the image count); its seconds."""
         pixels, image_id = self.pixels[i % len(self.pixels)], self.image_ids[i % len(self.pixels)]
-        record = JobRecord(id=uuid.uuid4().hex, tenant="bench", lane=self.request.lane, model=self.adapter.name,
-                           input_key="", image_sha256=image_id, width=pixels.shape[1], height=pixels.shape[0],
-                           request=self.request.model_dump(mode="json"))
+        record = JobRecord(
+            id=uuid.uuid4().hex,
+            tenant="bench",
+            lane=self.lane,
+            model=self.adapter.name,
+            input_key="",
+            image_sha256=image_id,
+            width=pixels.shape[1],
+            height=pixels.shape[0],
+            request=self.request.model_dump(mode="json"),  # type: ignore[arg-type]  # its stored form
+        )
         started = time.perf_counter()
         request = SegmentRequest(image=pixels, prompts=self.prompts, image_id=image_id)
         instances = self.adapter.segment([request])[0]
@@ -124,8 +136,15 @@ class Tally:
         self.other_cpu_s.append(cpu_s["other"])
 
     def row(self, case: str, **extra) -> dict:
-        return throughput_row(case, self.latencies, self.wall_s, **extra, _rounds_jobs_per_s=self.rates,
-                              _cpu_s=self.cpu_s, _rounds_other_cpu_s=self.other_cpu_s)
+        return throughput_row(
+            case,
+            self.latencies,
+            self.wall_s,
+            **extra,
+            _rounds_jobs_per_s=self.rates,
+            _cpu_s=self.cpu_s,
+            _rounds_other_cpu_s=self.other_cpu_s,
+        )
 
 
 def run(options: Options) -> list[dict]:
@@ -149,22 +168,26 @@ def run(options: Options) -> list[dict]:
             groups = {"bench": [os.getpid()], **stack.pids()}
             for r, (first, count) in enumerate(split(options.jobs, options.rounds)):
                 # ABBA order: a steady drift in the machine's load costs both sides alike.
-                for side in (("raw", "service") if r % 2 == 0 else ("service", "raw")):
+                for side in ("raw", "service") if r % 2 == 0 else ("service", "raw"):
                     meter = CpuMeter(groups).start()
                     if side == "raw":  # only ever while the worker is idle: every service job has ended
                         started = time.perf_counter()
                         latencies = [loop.job(i) for i in range(first, first + count)]
                         raw.add(time.perf_counter() - started, latencies, meter.stop())
                     else:
-                        wall, done = drive_clients(stack, images, count, options.clients, first=first,
-                                                   request_json=request_json)
+                        wall, done = drive_clients(
+                            stack, images, count, options.clients, first=first, request_json=request_json
+                        )
                         service.add(wall, [o.latency_s for o in done], meter.stop())
                         outcomes += done
     return [
         raw.row(RAW, _ort_threads=[settings.ort_intra_op_threads, settings.ort_inter_op_threads]),
-        service.row(SERVICE.format(clients=options.clients),
-                    failed=sum(o.status != "succeeded" for o in outcomes), cached=sum(o.cached for o in outcomes),
-                    _worker_busy_s=round(sum(o.run_s or 0.0 for o in outcomes), 2)),
+        service.row(
+            SERVICE.format(clients=options.clients),
+            failed=sum(o.status != "succeeded" for o in outcomes),
+            cached=sum(o.cached for o in outcomes),
+            _worker_busy_s=round(sum(o.run_s or 0.0 for o in outcomes), 2),
+        ),
     ]
 
 
@@ -173,16 +196,23 @@ def summary(rows: list[dict]) -> list[str]:
     ratios = [s / r for s, r in zip(service["_rounds_jobs_per_s"], raw["_rounds_jobs_per_s"])]
     lines = [
         f"ORT intra/inter-op threads {raw['_ort_threads'][0]}/{raw['_ort_threads'][1]} (0 = ORT's default)",
-        "jobs/s per round, raw: " + ", ".join(map(str, raw["_rounds_jobs_per_s"]))
-        + "; service: " + ", ".join(map(str, service["_rounds_jobs_per_s"]))
-        + "; ratio per round: " + ", ".join(f"{x:.2f}" for x in ratios),
+        "jobs/s per round, raw: "
+        + ", ".join(map(str, raw["_rounds_jobs_per_s"]))
+        + "; service: "
+        + ", ".join(map(str, service["_rounds_jobs_per_s"]))
+        + "; ratio per round: "
+        + ", ".join(f"{x:.2f}" for x in ratios),
         # Other processes' CPU seconds in each round: a round where they ran is not a clean measurement.
-        "CPU s of other processes per round, raw: " + ", ".join(map(str, raw["_rounds_other_cpu_s"]))
-        + "; service: " + ", ".join(map(str, service["_rounds_other_cpu_s"])),
-        "CPU s per job, raw: " + _per_job(raw), "CPU s per job, service: " + _per_job(service),
+        "CPU s of other processes per round, raw: "
+        + ", ".join(map(str, raw["_rounds_other_cpu_s"]))
+        + "; service: "
+        + ", ".join(map(str, service["_rounds_other_cpu_s"])),
+        "CPU s per job, raw: " + _per_job(raw),
+        "CPU s per job, service: " + _per_job(service),
         # Where a shortfall comes from: jobs that run slower in the worker, or a worker left idle between jobs.
         f"seconds per job, raw: {raw['wall_s'] / raw['jobs']:.3f}; in the worker (started_at to finished_at): "
-        f"{service['_worker_busy_s'] / service['jobs']:.3f}; worker busy {service['_worker_busy_s'] / service['wall_s']:.1%}"
+        f"{service['_worker_busy_s'] / service['jobs']:.3f}; "
+        f"worker busy {service['_worker_busy_s'] / service['wall_s']:.1%}"
         " of the service's wall time",
     ]
     if service["failed"] or service["cached"]:

@@ -23,6 +23,7 @@ at least once, each under one ``webhook-id``, and no request got a 5xx other
 than a 503 with ``Retry-After`` (what a submit gets while Redis or the store is
 away, as documented). It prints the figures and exits non-zero on any loss.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,14 +48,21 @@ import requests
 from PIL import Image
 
 from bench.common import ROOT, Options, format_table, free_port, procfile
-from config.embedded_redis import RedisServer
 from domain import keys
-from domain.tenants import KeyStore
+from runtime.embedded_redis import RedisServer
+from stores.tenants import KeyStore
 
 ENDED = {"succeeded", "failed", "canceled", "expired"}
 EVENTS = ["job.succeeded", "job.failed", "job.canceled", "job.expired"]
-KINDS = (("default", 30), ("interactive", 15), ("batch", 15), ("webhook", 15), ("repeat", 10),
-         ("cancel", 8), ("deadline", 7))
+KINDS = (
+    ("default", 30),
+    ("interactive", 15),
+    ("batch", 15),
+    ("webhook", 15),
+    ("repeat", 10),
+    ("cancel", 8),
+    ("deadline", 7),
+)
 TEXT_MODELS = ROOT / "tests" / "support" / "text_models.toml"
 BUCKET = "maskq-soak"
 
@@ -106,15 +114,28 @@ class Soak:
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("MASKQ_")}, **self.s3.env_for(BUCKET),
-            "MASKQ_REDIS_URL": self.redis.url, "MASKQ_DATA_DIR": str(self.folder / "data"), "MASKQ_PORT": str(port),
-            "MASKQ_MODELS_MANIFEST": str(TEXT_MODELS), "MASKQ_ORT_INTRA_OP_THREADS": "1",
-            "MASKQ_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8", "MASKQ_WEBHOOK_RETRY_SCHEDULE_S": "1,2,4,8,15,30,30,30,30",
-            "MASKQ_WEBHOOK_TIMEOUT_S": "3", "MASKQ_WORKER_HEARTBEAT_S": "1", "MASKQ_RECOVERY_CHECK_S": "1",
-            "MASKQ_RECOVERY_GRACE_S": "5", "MASKQ_UNACKED_RESTORE_INTERVAL_S": "5", "MASKQ_VISIBILITY_TIMEOUT_S": "120",
-            "MASKQ_JOB_SOFT_TIME_LIMIT_S": "40", "MASKQ_JOB_HARD_TIME_LIMIT_S": "60",
-            "MASKQ_STORAGE_RETRY_BOUND_S": "35", "MASKQ_DEFAULT_RATE": "1000000/minute",
-            "MASKQ_GLOBAL_RATE": "1000000/minute", "MASKQ_DEV_KEY": "false", "PYTHONPATH": str(ROOT),
+            **{k: v for k, v in os.environ.items() if not k.startswith("MASKQ_")},
+            **self.s3.env_for(BUCKET),
+            "MASKQ_REDIS_URL": self.redis.url,
+            "MASKQ_DATA_DIR": str(self.folder / "data"),
+            "MASKQ_PORT": str(port),
+            "MASKQ_MODELS_MANIFEST": str(TEXT_MODELS),
+            "MASKQ_ORT_INTRA_OP_THREADS": "1",
+            "MASKQ_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+            "MASKQ_WEBHOOK_RETRY_SCHEDULE_S": "1,2,4,8,15,30,30,30,30",
+            "MASKQ_WEBHOOK_TIMEOUT_S": "3",
+            "MASKQ_WORKER_HEARTBEAT_S": "1",
+            "MASKQ_RECOVERY_CHECK_S": "1",
+            "MASKQ_RECOVERY_GRACE_S": "5",
+            "MASKQ_UNACKED_RESTORE_INTERVAL_S": "5",
+            "MASKQ_VISIBILITY_TIMEOUT_S": "120",
+            "MASKQ_JOB_SOFT_TIME_LIMIT_S": "40",
+            "MASKQ_JOB_HARD_TIME_LIMIT_S": "60",
+            "MASKQ_STORAGE_RETRY_BOUND_S": "35",
+            "MASKQ_DEFAULT_RATE": "1000000/minute",
+            "MASKQ_GLOBAL_RATE": "1000000/minute",
+            "MASKQ_DEV_KEY": "false",
+            "PYTHONPATH": str(ROOT),
         }
         (self.folder / "data").mkdir(parents=True, exist_ok=True)
         commands = procfile()
@@ -129,8 +150,14 @@ class Soak:
     def _spawn(self, name: str, command: str) -> None:
         self.commands[name] = command
         with (self.folder / f"{name}.log").open("ab") as log:
-            self.processes[name] = subprocess.Popen(["/bin/sh", "-c", command], cwd=ROOT, env=self.env, stdout=log,
-                                                    stderr=subprocess.STDOUT, start_new_session=True)
+            self.processes[name] = subprocess.Popen(
+                ["/bin/sh", "-c", command],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def _wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -150,8 +177,10 @@ class Soak:
                 if process.poll() is not None and name not in self.down and not self.stopping.is_set():
                     with self.tally.lock:
                         self.tally.crashes[name] += 1
-                    print(f"soak: {time.strftime('%H:%M:%S')} {name} exited (code {process.returncode}); "
-                          "started again", flush=True)
+                    print(
+                        f"soak: {time.strftime('%H:%M:%S')} {name} exited (code {process.returncode}); started again",
+                        flush=True,
+                    )
                     self._spawn(name, self.commands[name])
 
     def stop(self) -> None:
@@ -185,8 +214,11 @@ class Soak:
             if kind == "deadline":
                 request.update(lane="batch", deadline_s=1)
             try:
-                answer = session.post(f"{self.base_url}/v1/jobs", timeout=30, files={
-                    "image": ("noise.png", image, "image/png"), "request": (None, json.dumps(request), "application/json")})
+                files: dict[str, tuple[str | None, bytes | str, str]] = {
+                    "image": ("noise.png", image, "image/png"),
+                    "request": (None, json.dumps(request), "application/json"),
+                }
+                answer = session.post(f"{self.base_url}/v1/jobs", timeout=30, files=files)
             except requests.RequestException as exc:
                 self._count("connection error", f"submit: {exc}")
                 time.sleep(0.5)
@@ -221,8 +253,16 @@ class Soak:
     # -- the faults ---------------------------------------------------------------------------
 
     def faults(self) -> None:
-        plan = sorted([(0.25, self.kill_worker), (0.40, self.restart_redis_cleanly), (0.55, self.stop_s3),
-                       (0.65, self.stop_receiver), (0.80, self.crash_redis)], key=lambda p: p[0])
+        plan = sorted(
+            [
+                (0.25, self.kill_worker),
+                (0.40, self.restart_redis_cleanly),
+                (0.55, self.stop_s3),
+                (0.65, self.stop_receiver),
+                (0.80, self.crash_redis),
+            ],
+            key=lambda p: p[0],
+        )
         # From 10 s on, so that no pool kill falls on the whole worker's kill (at a quarter: 15 s in a 1-minute soak).
         plan += [(t / self.seconds, self.kill_pool_process) for t in np.arange(10, self.seconds - 5, 45)]
         plan.sort(key=lambda p: p[0])
@@ -337,7 +377,7 @@ class Soak:
             if not missing or time.monotonic() > deadline:
                 break
             time.sleep(1)
-        runs = Counter()
+        runs: Counter[str] = Counter()
         for log in self.folder.glob("worker-*.log"):
             for line in log.read_text(errors="replace").splitlines():
                 if ": succeeded with " in line and "job " in line:
@@ -359,9 +399,17 @@ class Soak:
             "processes restarted after exiting on their own": dict(self.tally.crashes),
             "logs": str(self.folder),
         }
-        report["clean"] = not any(report[k] for k in ("lost (no record)", "stuck (not ended)", "ran to a result twice",
-                                                       "webhook events missing", "webhook events under two ids",
-                                                       "5xx (other than 503 + Retry-After)"))
+        report["clean"] = not any(
+            report[k]
+            for k in (
+                "lost (no record)",
+                "stuck (not ended)",
+                "ran to a result twice",
+                "webhook events missing",
+                "webhook events under two ids",
+                "5xx (other than 503 + Retry-After)",
+            )
+        )
         return report
 
     @staticmethod
@@ -375,11 +423,16 @@ class Soak:
 
 
 def table(report: dict) -> list[dict]:
-    rows = [{"figure": k, "value": len(v) if isinstance(v, list) else v} for k, v in report.items()
-            if k not in ("answers", "faults", "by status", "logs", "processes restarted after exiting on their own")]
+    rows = [
+        {"figure": k, "value": len(v) if isinstance(v, list) else v}
+        for k, v in report.items()
+        if k not in ("answers", "faults", "by status", "logs", "processes restarted after exiting on their own")
+    ]
     rows += [{"figure": f"fault: {k}", "value": v} for k, v in report["faults"].items()]
-    rows += [{"figure": f"restarted after exiting on its own: {k}", "value": v}
-             for k, v in report["processes restarted after exiting on their own"].items()]
+    rows += [
+        {"figure": f"restarted after exiting on its own: {k}", "value": v}
+        for k, v in report["processes restarted after exiting on their own"].items()
+    ]
     rows += [{"figure": f"jobs {k}", "value": v} for k, v in report["by status"].items()]
     rows += [{"figure": f"answers: {k}", "value": v} for k, v in sorted(report["answers"].items())]
     return rows
@@ -400,8 +453,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = Soak(args.minutes, args.clients).run()
     print(format_table(f"soak ({args.minutes:g} min)", table(report)))
-    for key in ("lost (no record)", "stuck (not ended)", "ran to a result twice", "webhook events missing",
-                "webhook events under two ids", "5xx (other than 503 + Retry-After)"):
+    for key in (
+        "lost (no record)",
+        "stuck (not ended)",
+        "ran to a result twice",
+        "webhook events missing",
+        "webhook events under two ids",
+        "5xx (other than 503 + Retry-After)",
+    ):
         if report[key]:
             print(f"{key}: {report[key][:20]}", file=sys.stderr)
     print(f"logs: {report['logs']}")

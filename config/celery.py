@@ -1,17 +1,15 @@
 """The Celery configuration, derived from the settings and nowhere else."""
+
 from __future__ import annotations
 
 from kombu import Queue
 
-from config.redis_connection import is_sentinel
-from config.settings import LANES, Settings
+from config.settings import Settings, is_sentinel
+from config.task_names import APPLY_RETENTION, DELIVER_WEBHOOK, LANES, WEBHOOK_QUEUE
 
-# Webhook deliveries and housekeeping: their own queue, consumed after every lane,
-# so a slow receiver never holds a lane's place in line.
-WEBHOOK_QUEUE = "webhooks"
 # The name the broker connections of `-A workers.celery_app` processes (workers, beat, Flower) give
 # themselves (Redis CLIENT SETNAME): the embedded Redis of `make run` stops only once none is left
-# (webapp/cli.py), i.e. after each worker acknowledged its last job.
+# (cli/main.py), i.e. after each worker acknowledged its last job.
 WORKER_CLIENT_NAME = "maskq-worker"
 
 
@@ -36,14 +34,18 @@ def celery_config(settings: Settings) -> dict:
             # every tenth sweep: ~100 s.
             "unacked_restore_interval": settings.unacked_restore_interval_s,
             "unacked_restore_throttle": 1,
-            # A sentinel:// broker URL: the primary the Sentinels name (config/redis_connection.py).
+            # A sentinel:// broker URL: the primary the Sentinels name (runtime/redis_connection.py).
             **({"master_name": settings.redis_sentinel_master} if is_sentinel(settings.broker_url) else {}),
         },
-        "task_queues": [Queue(lane, routing_key=lane) for lane in LANES] + [Queue(WEBHOOK_QUEUE, routing_key=WEBHOOK_QUEUE)],
-        "task_routes": {"maskq.deliver_webhook": {"queue": WEBHOOK_QUEUE}, "maskq.apply_retention": {"queue": WEBHOOK_QUEUE}},
+        "task_queues": [Queue(lane, routing_key=lane) for lane in LANES]
+        + [Queue(WEBHOOK_QUEUE, routing_key=WEBHOOK_QUEUE)],
+        "task_routes": {DELIVER_WEBHOOK: {"queue": WEBHOOK_QUEUE}, APPLY_RETENTION: {"queue": WEBHOOK_QUEUE}},
         "beat_schedule": {
-            "retention": {"task": "maskq.apply_retention", "schedule": settings.retention_interval_s,
-                          "options": {"queue": WEBHOOK_QUEUE, "expires": settings.retention_interval_s}},
+            "retention": {
+                "task": APPLY_RETENTION,
+                "schedule": settings.retention_interval_s,
+                "options": {"queue": WEBHOOK_QUEUE, "expires": settings.retention_interval_s},
+            },
         },
         "beat_schedule_filename": str(settings.data_dir / "celerybeat-schedule"),
         "task_default_queue": settings.default_lane,

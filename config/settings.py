@@ -4,6 +4,7 @@ Nothing else in the code base reads the environment: entry points call
 :func:`load_settings` once and pass the object (or the parts of it that are
 needed) into constructors. Tests build ``Settings(...)`` directly.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,15 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from config.task_names import LANES  # the lanes are queues: their names live with the other queue names
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-LANES = ("interactive", "default", "batch")
+# A MASKQ_REDIS_URL of this scheme names Sentinels, not a server (runtime/redis_connection.py connects through them).
+SENTINEL = "sentinel://"
+
+
+def is_sentinel(url: str) -> bool:
+    return url.startswith(SENTINEL)
 
 
 class Settings(BaseSettings):
@@ -23,11 +31,11 @@ class Settings(BaseSettings):
 
     # Where things live. No redis_url means: start the embedded Redis.
     redis_url: str | None = None
-    # With a sentinel:// redis_url: the name the Sentinels know the primary by (config/redis_connection.py).
+    # With a sentinel:// redis_url: the name the Sentinels know the primary by (runtime/redis_connection.py).
     redis_sentinel_master: str = "mymaster"
     embedded_redis_port: int = 6390
     # On Ctrl-C the embedded Redis stops last: it waits (at most this long) until every worker process has
-    # stopped, so a worker's warm shutdown can record its running job. `make run` (webapp/procfile.py) lets
+    # stopped, so a worker's warm shutdown can record its running job. `make run` (cli/procfile.py) lets
     # honcho wait this long and 10 s more before it kills what is left (honcho's own is 5 s).
     embedded_redis_stop_wait_s: float = Field(default=30.0, ge=0)
     data_dir: Path = PROJECT_ROOT / "var"
@@ -47,8 +55,8 @@ class Settings(BaseSettings):
     # On a loopback host with the embedded Redis, `make run` keeps a development key (tenant "dev")
     # in data_dir/dev-api-key and prints it.
     dev_key: bool = True
-    default_rate: str = "600/minute"   # per API key, unless the key has its own
-    global_rate: str = "6000/minute"   # every client together
+    default_rate: str = "600/minute"  # per API key, unless the key has its own
+    global_rate: str = "6000/minute"  # every client together
     failed_auth_rate: str = "20/minute"  # failed authentications per client address; past it, 429 (key guessing)
     # Requests that carry no API key (the page, the docs, the OpenAPI document, 404s), per client address:
     # their own bucket, so they never spend a key's rate or the global one.
@@ -98,7 +106,7 @@ class Settings(BaseSettings):
     models_dir: Path = PROJECT_ROOT / "var" / "models"
     # Where models run (workers/devices.py): "auto" (CUDA when onnxruntime-gpu and a GPU are there, else
     # CPU), "cuda" (a model that cannot get CUDA does not load), "cpu". `make install` installs the
-    # matching onnxruntime build (config/device.py).
+    # matching onnxruntime build (tools/onnxruntime_build.py).
     device: str = "auto"
     # One worker process per GPU (workers/launch.py): "" (one worker, no pinning), "all", or NVML
     # indices / UUIDs ("0,1"). Each gets CUDA_VISIBLE_DEVICES=<its UUID>.
@@ -191,7 +199,7 @@ class Settings(BaseSettings):
     retention_interval_s: float = 3600
     retention_partial_age_s: float = 3600
 
-    # Result cache and coalescing (domain/result_cache.py): an identical job (same image bytes, prompts,
+    # Result cache and coalescing (stores/result_cache.py): an identical job (same image bytes, prompts,
     # outputs, model version and tenant) is answered from the cache, or waits for the one in flight.
     result_cache_enabled: bool = True
     result_cache_ttl_s: int = Field(default=2 * 3600, gt=0)
@@ -202,7 +210,7 @@ class Settings(BaseSettings):
     api_key: str | None = None
 
     log_level: str = "INFO"
-    # "text" (the default, for a terminal) or "json": one object per line, with the job's fields (config/logs.py).
+    # "text" (the default, for a terminal) or "json": one object per line, with the job's fields (runtime/logs.py).
     log_format: str = "text"
 
     @field_validator("ort_providers", mode="before")
@@ -240,7 +248,7 @@ class Settings(BaseSettings):
         unknown = set(value) - set(LANES)
         if unknown:
             raise ValueError(f"unknown lanes {sorted(unknown)}")
-        return {**{"interactive": 1000, "default": 10000, "batch": 100000}, **value}
+        return {"interactive": 1000, "default": 10000, "batch": 100000, **value}
 
     @field_validator("auth")
     @classmethod
@@ -326,8 +334,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _attempts_outlast_oom_retries(self):
         if self.job_max_attempts <= self.oom_retries:
-            raise ValueError(f"MASKQ_JOB_MAX_ATTEMPTS ({self.job_max_attempts}) must be above MASKQ_OOM_RETRIES "
-                             f"({self.oom_retries}), or out-of-memory retries would end as 'attempts'")
+            raise ValueError(
+                f"MASKQ_JOB_MAX_ATTEMPTS ({self.job_max_attempts}) must be above MASKQ_OOM_RETRIES "
+                f"({self.oom_retries}), or out-of-memory retries would end as 'attempts'"
+            )
         return self
 
     @model_validator(mode="after")

@@ -16,9 +16,11 @@ bounded before it is paid:
   :data:`MAX_TAR_HEADER_BYTES` (``tarfile`` reads those whole into memory);
   ``tarfile`` is read as a stream and its list of members is not kept.
 """
+
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
 import lzma
 import os
@@ -26,8 +28,9 @@ import struct
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from typing import IO, Any, Protocol
 
 from domain.errors import InputError, PayloadTooLarge
 
@@ -39,9 +42,19 @@ ZIP_ENTRY_NAME_BYTES = 1024
 TAR_OVERHEAD_BYTES = 32 * 1024 * 1024
 MAX_TAR_HEADER_BYTES = 1024 * 1024  # one member's headers (pax, GNU long names, sparse maps)
 
-_CD_ENTRY = struct.Struct(zipfile.structCentralDir)
-_READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, NotImplementedError, RuntimeError,
-                zlib.error, lzma.LZMAError)  # a bad CRC, an encrypted or unknown member, a cut-off stream
+# zipfile's names for the parts of its records: stable since Python 2, private, and left out of typeshed.
+_zip: Any = zipfile
+_CD_ENTRY = struct.Struct(_zip.structCentralDir)
+_READ_ERRORS = (
+    zipfile.BadZipFile,
+    tarfile.TarError,
+    OSError,
+    EOFError,
+    NotImplementedError,
+    RuntimeError,
+    zlib.error,
+    lzma.LZMAError,
+)  # a bad CRC, an encrypted or unknown member, a cut-off stream
 
 
 @dataclass(frozen=True)
@@ -60,8 +73,7 @@ def is_image_name(name: str) -> bool:
     return bool(parts) and not hidden and os.path.splitext(parts[-1])[1].lower() in IMAGE_SUFFIXES
 
 
-def iter_archive(stream: BinaryIO, *, max_images: int, max_image_bytes: int,
-                 max_total_bytes: int) -> Iterator[Member]:
+def iter_archive(stream: IO[bytes], *, max_images: int, max_image_bytes: int, max_total_bytes: int) -> Iterator[Member]:
     """The image members of a zip or a (compressed) tar, one at a time, in archive order.
 
     Raises ``PayloadTooLarge`` (413) past :data:`MAX_ARCHIVE_MEMBERS` members, ``max_images`` images or
@@ -80,8 +92,9 @@ def iter_archive(stream: BinaryIO, *, max_images: int, max_image_bytes: int,
                 raise PayloadTooLarge(f"the archive has more than {MAX_ARCHIVE_MEMBERS} members (of any type)")
             declared += size  # every member, image or not: a tar member skipped is still decompressed
             if declared > max_total_bytes:
-                raise PayloadTooLarge(f"the archive's members come to more than {max_total_bytes} bytes "
-                                      "(MASKQ_MAX_BATCH_BYTES)")
+                raise PayloadTooLarge(
+                    f"the archive's members come to more than {max_total_bytes} bytes (MASKQ_MAX_BATCH_BYTES)"
+                )
             if not is_file or not is_image_name(name):
                 continue
             images += 1
@@ -98,48 +111,47 @@ def iter_archive(stream: BinaryIO, *, max_images: int, max_image_bytes: int,
         raise InputError(f"the archive cannot be read: {exc}") from None
 
 
-def _zip_entries(stream: BinaryIO) -> Iterator[tuple[str, int, bool, Callable]]:
+def _zip_entries(stream: IO[bytes]) -> Iterator[tuple[str, int, bool, Callable[[], IO[bytes]]]]:
     _check_central_directory(stream)
     try:
         archive = zipfile.ZipFile(stream)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise InputError(f"the archive is not a readable zip: {exc}") from None
     for info in archive.infolist():
-        yield info.filename, info.file_size, not info.is_dir(), lambda info=info: archive.open(info)
+        yield info.filename, info.file_size, not info.is_dir(), functools.partial(archive.open, info)
 
 
-def _check_central_directory(stream: BinaryIO) -> None:
+def _check_central_directory(stream: IO[bytes]) -> None:
     """Bound a zip's central directory before ``zipfile`` reads it whole and parses every entry in it.
 
     ``zipfile`` parses entries until the directory's *size* is used up, whatever the *count* in the end
     record says; so the size is bounded by the count, and the entries are walked (their fixed part
     alone) to check that there are exactly as many as counted.
     """
-    end = zipfile._EndRecData(stream)  # (stable since Python 2; the only way to read these unparsed)
+    end = _zip._EndRecData(stream)  # (stable since Python 2; the only way to read these unparsed)
     if not end:
         raise InputError("the archive is not a readable zip: it has no end of central directory record")
-    count, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+    count, size = end[_zip._ECD_ENTRIES_TOTAL], end[_zip._ECD_SIZE]
     if count > MAX_ARCHIVE_MEMBERS:
         raise PayloadTooLarge(f"the zip has more than {MAX_ARCHIVE_MEMBERS} members (of any type)")
     if size > count * (_CD_ENTRY.size + ZIP_ENTRY_NAME_BYTES) + 65536:  # room for a few long names
-        raise PayloadTooLarge(f"the zip's central directory ({size} bytes) is too large for the {count} "
-                              "entries its end record counts")
-    start = end[zipfile._ECD_LOCATION] - size  # where zipfile looks for it, prepended data included
-    if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
-        start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+        raise PayloadTooLarge(
+            f"the zip's central directory ({size} bytes) is too large for the {count} entries its end record counts"
+        )
+    start = end[_zip._ECD_LOCATION] - size  # where zipfile looks for it, prepended data included
+    if end[_zip._ECD_SIGNATURE] == _zip.stringEndArchive64:
+        start -= _zip.sizeEndCentDir64 + _zip.sizeEndCentDir64Locator
     stream.seek(max(start, 0))
     seen = walked = 0
     while walked < size:
         fixed = stream.read(_CD_ENTRY.size)
-        if len(fixed) < _CD_ENTRY.size or fixed[:4] != zipfile.stringCentralDir:
+        if len(fixed) < _CD_ENTRY.size or fixed[:4] != _zip.stringCentralDir:
             raise InputError("the archive is not a readable zip: its central directory is damaged")
         seen += 1
         if seen > count:
-            raise InputError(f"the zip's central directory holds more entries than the {count} its end record "
-                             "counts")
+            raise InputError(f"the zip's central directory holds more entries than the {count} its end record counts")
         entry = _CD_ENTRY.unpack(fixed)
-        rest = (entry[zipfile._CD_FILENAME_LENGTH] + entry[zipfile._CD_EXTRA_FIELD_LENGTH]
-                + entry[zipfile._CD_COMMENT_LENGTH])
+        rest = entry[_zip._CD_FILENAME_LENGTH] + entry[_zip._CD_EXTRA_FIELD_LENGTH] + entry[_zip._CD_COMMENT_LENGTH]
         stream.seek(rest, 1)
         walked += _CD_ENTRY.size + rest
     if seen != count:
@@ -147,23 +159,37 @@ def _check_central_directory(stream: BinaryIO) -> None:
     stream.seek(0)
 
 
-def _tar_entries(stream: BinaryIO, head: bytes, max_total_bytes: int) -> Iterator[tuple[str, int, bool, Callable]]:
+def _tar_entries(
+    stream: IO[bytes], head: bytes, max_total_bytes: int
+) -> Iterator[tuple[str, int, bool, Callable[[], IO[bytes]]]]:
     raw = _decompressed(stream, head)
     counted = _CountedStream(raw, ceiling=max_total_bytes + TAR_OVERHEAD_BYTES)
     counted.allow(MAX_TAR_HEADER_BYTES)
     try:
-        # A stream ("r|"): read forwards once, every byte through ``counted``.
-        archive = tarfile.open(fileobj=counted, mode="r|")
+        # A stream ("r|"): read forwards once, every byte through ``counted`` (typeshed asks for a seekable
+        # file). Not a `with`: it is read across the yields below, and the caller owns the stream.
+        archive = tarfile.open(fileobj=counted, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115
     except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError):
         raise InputError("the archive is neither a zip nor a tar (plain, .gz, .bz2 or .xz)") from None
     while (info := archive.next()) is not None:
         archive.members.clear()  # tarfile keeps every member it reads; none is looked up again here
         # This member's data, then the next member's headers, and no more.
         counted.allow(archive.offset + MAX_TAR_HEADER_BYTES)
-        yield info.name, info.size, info.isfile(), lambda info=info: archive.extractfile(info)
+        yield info.name, info.size, info.isfile(), functools.partial(_tar_member, archive, info)
 
 
-def _decompressed(stream: BinaryIO, head: bytes) -> BinaryIO:
+def _tar_member(archive: tarfile.TarFile, info: tarfile.TarInfo) -> IO[bytes]:
+    member = archive.extractfile(info)
+    if member is None:  # only a regular file's is asked for
+        raise InputError(f"the archive member {info.name} cannot be read")
+    return member
+
+
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def _decompressed(stream: IO[bytes], head: bytes) -> _Readable:
     """The tar inside ``stream``: decompressed here (as it is read), so that every byte can be counted."""
     if head.startswith(b"\x1f\x8b"):
         return gzip.GzipFile(fileobj=stream, mode="rb")
@@ -181,7 +207,7 @@ class _CountedStream:
     decompress to.
     """
 
-    def __init__(self, raw: BinaryIO, ceiling: int):
+    def __init__(self, raw: _Readable, ceiling: int) -> None:
         self.raw = raw
         self.ceiling = ceiling
         self.limit = 0
@@ -197,7 +223,9 @@ class _CountedStream:
         self.count += len(data)
         if self.count > self.limit:
             if self.limit == self.ceiling:
-                raise PayloadTooLarge(f"the tar decompresses to more than {self.ceiling} bytes "
-                                      "(MASKQ_MAX_BATCH_BYTES, and room for its headers)")
+                raise PayloadTooLarge(
+                    f"the tar decompresses to more than {self.ceiling} bytes "
+                    "(MASKQ_MAX_BATCH_BYTES, and room for its headers)"
+                )
             raise PayloadTooLarge(f"a tar member's headers come to more than {MAX_TAR_HEADER_BYTES} bytes")
         return data

@@ -9,6 +9,7 @@ already running (a running job's result is then discarded, as for
 (``keys.CANCEL_AT``), and a read enforces it too (``JobStore.cancel_due``,
 ``webapp/jobs.py``), so it holds across restarts.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,14 +17,14 @@ import re
 from domain.errors import InputError, ValidationFailed
 
 HEADER = "Cancel-After"
-CODE = "cancel_after"   # the error code of a job canceled by its Cancel-After
-MIN_S = 5.0             # less would cancel most jobs before a worker could even take them
-MAX_S = 24 * 3600.0     # a job's own bound; records live longer (MASKQ_JOB_TTL_S), so the index stays small
-MAX_LENGTH = 32         # characters: no real duration is longer
+CODE = "cancel_after"  # the error code of a job canceled by its Cancel-After
+MIN_S = 5.0  # less would cancel most jobs before a worker could even take them
+MAX_S = 24 * 3600.0  # a job's own bound; records live longer (MASKQ_JOB_TTL_S), so the index stays small
+MAX_LENGTH = 32  # characters: no real duration is longer
 
 _NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 # Plain seconds, or hours, minutes and seconds in that order, each optional but not all missing.
-PATTERN = (rf"^(?:{_NUMBER}|{_NUMBER}h(?:{_NUMBER}m)?(?:{_NUMBER}s)?|{_NUMBER}m(?:{_NUMBER}s)?|{_NUMBER}s)$")
+PATTERN = rf"^(?:{_NUMBER}|{_NUMBER}h(?:{_NUMBER}m)?(?:{_NUMBER}s)?|{_NUMBER}m(?:{_NUMBER}s)?|{_NUMBER}s)$"
 _DURATION = re.compile(rf"(?:(?P<h>{_NUMBER})h)?(?:(?P<m>{_NUMBER})m)?(?:(?P<s>{_NUMBER})s)?", re.ASCII)
 _SECONDS = re.compile(_NUMBER, re.ASCII)
 
@@ -41,18 +42,22 @@ def parse_cancel_after(value: str | None) -> float | None:
     if _SECONDS.fullmatch(text):
         seconds = float(text)
     elif text and (parts := _DURATION.fullmatch(text)) and any(parts.groups()):
-        seconds = (3600 * float(parts["h"] or 0) + 60 * float(parts["m"] or 0) + float(parts["s"] or 0))
+        seconds = 3600 * float(parts["h"] or 0) + 60 * float(parts["m"] or 0) + float(parts["s"] or 0)
     else:
         raise _unreadable("is not a duration")
     if not MIN_S <= seconds <= MAX_S:
-        raise ValidationFailed(f"{HEADER} must be from {MIN_S:g} s to {MAX_S / 3600:g} h, not {text!r}",
-                               errors=[{"field": HEADER, "message": f"must be {MIN_S:g}s..{MAX_S / 3600:g}h"}])
+        raise ValidationFailed(
+            f"{HEADER} must be from {MIN_S:g} s to {MAX_S / 3600:g} h, not {text!r}",
+            errors=[{"field": HEADER, "message": f"must be {MIN_S:g}s..{MAX_S / 3600:g}h"}],
+        )
     return seconds
 
 
 def _unreadable(why: str) -> InputError:
-    return InputError(f"{HEADER} {why}: send a duration such as 30s, 5m or 1h30m, or plain seconds",
-                      errors=[{"field": HEADER, "message": "not a duration (h, m, s units, or seconds)"}])
+    return InputError(
+        f"{HEADER} {why}: send a duration such as 30s, 5m or 1h30m, or plain seconds",
+        errors=[{"field": HEADER, "message": "not a duration (h, m, s units, or seconds)"}],
+    )
 
 
 def message(seconds: float, was_running: bool) -> str:

@@ -1,15 +1,18 @@
 """The job as clients see it: its record plus its stored result, with file links.
 
-One home for the API's ``GET /v1/jobs/{id}`` body and the webhook body
-(which must be equal to it).
+One home for the API's ``GET /v1/jobs/{id}`` body and the webhook body (which
+must be equal to it): the web answers with it (``webapp/jobs.py``), and a
+worker's webhook delivery (``workers/webhook_delivery.py``) sends the same
+document, so it lives below both, apart from the record it reads.
 """
+
 from __future__ import annotations
 
 import json
-from typing import Protocol
+from typing import Any, Protocol
 
 from domain.keys import job_prefix
-from domain.records import JobRecord
+from domain.records import JobRecord, rfc3339
 
 
 class ResultStore(Protocol):
@@ -20,15 +23,15 @@ class ResultStore(Protocol):
     def url(self, key: str) -> str | None: ...
 
 
-def job_result(record: JobRecord, storage: ResultStore, base_url: str) -> dict | None:
+def job_result(record: JobRecord, storage: ResultStore, base_url: str) -> dict[str, Any] | None:
     """The stored result with ``png_url``/``input_url`` links (presigned where the store can, else the API's)."""
     if record.result_key is None:
         return None
-    result = json.loads(storage.get(record.result_key))
+    result: dict[str, Any] = json.loads(storage.get(record.result_key))
     prefix = job_prefix(record.tenant, record.id)
 
     def file_url(key: str) -> str:
-        return storage.url(key) or f"{base_url.rstrip('/')}/v1/jobs/{record.id}/files/{key[len(prefix):]}"
+        return storage.url(key) or f"{base_url.rstrip('/')}/v1/jobs/{record.id}/files/{key[len(prefix) :]}"
 
     for instance in result["instances"]:
         key = instance.pop("png_key", None)
@@ -38,5 +41,36 @@ def job_result(record: JobRecord, storage: ResultStore, base_url: str) -> dict |
     return result
 
 
-def job_document(record: JobRecord, storage: ResultStore, base_url: str) -> dict:
-    return record.document(job_result(record, storage, base_url))
+def job_document(record: JobRecord, result: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job as ``GET /v1/jobs/{id}`` shows it (and as webhooks carry it); ``result`` from :func:`job_result`."""
+    doc: dict[str, Any] = {
+        "id": record.id,
+        "status": str(record.status),
+        "lane": record.lane,
+        "model": {"name": record.model, "version": record.model_version or None},
+        "degraded": record.model_used is not None,
+        "created_at": rfc3339(record.created_at),
+        "started_at": rfc3339(record.started_at),
+        "finished_at": rfc3339(record.finished_at),
+        "cached": record.cached,
+    }
+    if record.model_used is not None:
+        doc["model_used"] = {"name": record.model_used["name"], "version": record.model_used["version"]}
+        doc["degraded_reason"] = record.model_used.get("reason")
+    if record.coalesced_with:
+        doc["coalesced_with"] = record.coalesced_with
+    if record.cancel_at is not None:
+        doc["cancel_at"] = rfc3339(record.cancel_at)
+    if result is not None:
+        doc["result"] = result
+    if record.error:
+        doc["error"] = record.error
+    doc["metrics"] = record.metrics()
+    if record.traceparent:
+        doc["traceparent"] = record.traceparent
+    return doc
+
+
+def stored_job_document(record: JobRecord, storage: ResultStore, base_url: str) -> dict[str, Any]:
+    """:func:`job_document` with the job's stored result read from ``storage``."""
+    return job_document(record, job_result(record, storage, base_url))

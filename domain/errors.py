@@ -4,7 +4,10 @@ The web front end maps each class to an HTTP status and a problem+json body
 (``webapp/errors.py``); the worker maps them to a job's error code and decides
 whether to retry.
 """
+
 from __future__ import annotations
+
+from typing import Any
 
 
 class MaskqError(Exception):
@@ -14,7 +17,7 @@ class MaskqError(Exception):
     code = "internal"
     title = "Internal error"
 
-    def __init__(self, detail: str, *, errors: list[dict] | None = None):
+    def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None):
         super().__init__(detail)
         self.detail = detail
         self.errors = errors or []
@@ -115,7 +118,7 @@ class TooManyRequests(MaskqError):
     code = "rate_limited"
     title = "Too many requests"
 
-    def __init__(self, detail: str, *, retry_after: int = 1, errors: list[dict] | None = None):
+    def __init__(self, detail: str, *, retry_after: int = 1, errors: list[dict[str, Any]] | None = None):
         super().__init__(detail, errors=errors)
         self.retry_after = retry_after
 
@@ -127,6 +130,6 @@ class ServiceUnavailable(MaskqError):
     code = "unavailable"
     title = "Service unavailable"
 
-    def __init__(self, detail: str, *, retry_after: int = 5, errors: list[dict] | None = None):
+    def __init__(self, detail: str, *, retry_after: int = 5, errors: list[dict[str, Any]] | None = None):
         super().__init__(detail, errors=errors)
         self.retry_after = retry_after

@@ -5,6 +5,7 @@ queued, and by the worker to decode the stored input. The checks run in
 order of cost: size, magic bytes, the header's pixel count (so a
 decompression bomb is refused without being decoded), then the decode.
 """
+
 from __future__ import annotations
 
 import io
@@ -30,8 +31,18 @@ SIGNATURES: tuple[tuple[bytes, int, str, str], ...] = (
 
 # What Pillow raises for bad data. Deliberately not ``Exception``: a time limit or an
 # out-of-memory error that strikes during a decode must keep its own meaning.
-CORRUPT_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError,
-                       TypeError, ZeroDivisionError, AttributeError)
+CORRUPT_DATA_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    AttributeError,
+)
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImag
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[fmt])
+            image: Image.Image = Image.open(io.BytesIO(data), formats=[fmt])
             width, height = image.size
             if width * height > max_pixels:
                 raise PayloadTooLarge(f"the image is {width}x{height} pixels; the limit is {max_pixels} pixels")

@@ -10,26 +10,27 @@ Celery's own keys are theirs (the lane lists are named after the lanes;
 ``_kombu.binding.*``); the two that recovery reads are named at the end.
 flask-limiter's are its own.
 """
+
 from __future__ import annotations
 
 from string import Template
 
 # -- jobs -------------------------------------------------------------------------------------
-JOB_PREFIX = "maskq:job:"                # + id: the job's record (a hash, with a TTL)
-LANE_PREFIX = "maskq:lane:"              # + lane: ids of the jobs queued in it, by entry time (a sorted set)
-DEADLINES = "maskq:deadlines"            # ids of queued jobs with a deadline, by deadline
+JOB_PREFIX = "maskq:job:"  # + id: the job's record (a hash, with a TTL)
+LANE_PREFIX = "maskq:lane:"  # + lane: ids of the jobs queued in it, by entry time (a sorted set)
+DEADLINES = "maskq:deadlines"  # ids of queued jobs with a deadline, by deadline
 # Ids of jobs submitted with a Cancel-After, by when they are canceled unless ended (queued or running:
 # domain/cancel_after.py); an entry whose job ended in time goes when its time comes.
 CANCEL_AT = "maskq:cancel_at"
-PROMOTED = "maskq:promoted"              # aged jobs promoted to the interactive lane and still queued
-RUNNING = "maskq:running"                # ids of running jobs, by the time they started (recovery reads it)
+PROMOTED = "maskq:promoted"  # aged jobs promoted to the interactive lane and still queued
+RUNNING = "maskq:running"  # ids of running jobs, by the time they started (recovery reads it)
 # Ids of queued jobs whose message may not have been sent yet, by creation time: written with the record,
 # removed once the message is out (or the job follows an identical one); recovery sends what is left.
 UNSENT = "maskq:unsent"
 # Every job ever created, "tenant/job_id" by created_at, kept after the record expires: retention's index.
 CREATED = "maskq:jobs:created"
-DURATIONS = "maskq:durations"            # how long recent jobs ran (a capped list), for start estimates
-# The service-wide job series (domain/job_metrics.py): "name|label values" -> count; histograms add "|b<i>", "|sum".
+DURATIONS = "maskq:durations"  # how long recent jobs ran (a capped list), for start estimates
+# The service-wide job series (stores/job_metrics.py): "name|label values" -> count; histograms add "|b<i>", "|sum".
 METRIC_COUNTERS = "maskq:metrics:counters"
 METRIC_HISTOGRAMS = "maskq:metrics:histograms"
 
@@ -48,8 +49,8 @@ def lane_index(lane: str) -> str:
     return f"{LANE_PREFIX}{lane}"
 
 
-# -- batches (domain/batches.py) -------------------------------------------------------------------
-BATCH_PREFIX = "maskq:batch:"            # + id: the batch (a hash); + id:jobs, + id:pending
+# -- batches (stores/batches.py) -------------------------------------------------------------------
+BATCH_PREFIX = "maskq:batch:"  # + id: the batch (a hash); + id:jobs, + id:pending
 # Batches whose last job ended and whose batch.completed event is not queued yet, by when it is due
 # (a notifier takes an entry by pushing its time a lease ahead, and removes it once queued).
 BATCHES_UNNOTIFIED = "maskq:batches:unnotified"
@@ -72,8 +73,8 @@ def batch_pending(batch_id: str) -> str:
 
 
 # -- the result cache and coalescing ------------------------------------------------------------
-CACHE_ENTRY_PREFIX = "maskq:cache:entry:"        # + digest: the id of the job whose result it is
-CACHE_INDEX = "maskq:cache:index"                # digests by insertion time, for the size bound
+CACHE_ENTRY_PREFIX = "maskq:cache:entry:"  # + digest: the id of the job whose result it is
+CACHE_INDEX = "maskq:cache:index"  # digests by insertion time, for the size bound
 CACHE_INFLIGHT_PREFIX = "maskq:cache:inflight:"  # + digest: the job in flight that identical jobs follow
 CACHE_FOLLOWERS_PREFIX = "maskq:cache:followers:"  # + leader id: the jobs waiting on it
 
@@ -91,17 +92,18 @@ def cache_followers(job_id: str) -> str:
 
 
 # -- encoder outputs shared by every worker process (models/encoder_cache.py) ----------------------
-ENCODING_PREFIX = "maskq:encoding:"      # + part:tenant:input hash -> a hash: names, <name>:data/dtype/shape
-ENCODINGS = "maskq:encodings"            # the entries by last use (a sorted set), for the size bound
+ENCODING_PREFIX = "maskq:encoding:"  # + part:tenant:input hash -> a hash: names, <name>:data/dtype/shape
+ENCODINGS = "maskq:encodings"  # the entries by last use (a sorted set), for the size bound
 
 
 def encoding(part: str, tenant: str, input_hash: str) -> str:
-    """An encoder part's output (``part``: its file's sha256) for one tenant's input (an image's sha256, a phrase's hash)."""
+    """An encoder part's output (``part``: its file's sha256) for one tenant's input (an image's sha256, a
+    phrase's hash)."""
     return f"{ENCODING_PREFIX}{part}:{tenant}:{input_hash}"
 
 
 # -- tenants and submissions ----------------------------------------------------------------------
-API_KEYS = "maskq:apikeys"               # every key hash (a set), for listing
+API_KEYS = "maskq:apikeys"  # every key hash (a set), for listing
 
 
 def api_key(key_hash: str) -> str:
@@ -119,12 +121,12 @@ def idempotency(tenant: str, digest: str) -> str:
 
 # -- webhooks -------------------------------------------------------------------------------------
 WEBHOOK_DISABLED_URLS = "maskq:webhook:disabled"  # URLs a 410 answer disabled (a hash)
-WEBHOOK_MESSAGE_PREFIX = "maskq:webhook:msg:"     # + message id: one message (a hash); + id:attempts
+WEBHOOK_MESSAGE_PREFIX = "maskq:webhook:msg:"  # + message id: one message (a hash); + id:attempts
 # Messages whose first delivery attempt may not be queued yet, by when their holder's lease runs out: written
 # with the message (by the job's state move itself), removed once queued; upkeep queues what is left
-# (domain/outbox.py).
+# (stores/outbox.py).
 WEBHOOK_OUTBOX = "maskq:webhook:outbox"
-WEBHOOK_SEQUENCE = "maskq:webhook:sequence"       # a counter that makes the ids of job event messages unique
+WEBHOOK_SEQUENCE = "maskq:webhook:sequence"  # a counter that makes the ids of job event messages unique
 
 
 def webhook_secret(tenant: str) -> str:
@@ -143,18 +145,18 @@ def job_deliveries(job_id: str) -> str:
     return f"{JOB_PREFIX}{job_id}:deliveries"
 
 
-# -- workers, as they record themselves (domain/fleet.py) ---------------------------------------------
+# -- workers, as they record themselves (stores/fleet.py) ---------------------------------------------
 # Each kind of record is a hash (member -> JSON) beside a sorted set of when each member lapses, in
 # Redis's own clock: read in one call, never by scanning the keyspace.
-WORKERS = "maskq:workers"                # "host:pid" -> a pool process's heartbeat
-WORKERS_LAPSE = "maskq:workers:lapse"    # "host:pid" -> when its heartbeat lapses
-GATES = "maskq:gates"                    # worker name -> its resource gate's state
+WORKERS = "maskq:workers"  # "host:pid" -> a pool process's heartbeat
+WORKERS_LAPSE = "maskq:workers:lapse"  # "host:pid" -> when its heartbeat lapses
+GATES = "maskq:gates"  # worker name -> its resource gate's state
 GATES_LAPSE = "maskq:gates:lapse"
 GATE_RESERVE_MB = "maskq:gate:reserve_mb"  # an operator's override of the gate's reserve
-CLAIM_OWNERS = "maskq:claims"            # the pool processes ("host:pid") holding batch claims now
+CLAIM_OWNERS = "maskq:claims"  # the pool processes ("host:pid") holding batch claims now
 
 
-CLAIMS_PREFIX = "maskq:claimed:"         # + owner: the messages it took off the lanes for a batch
+CLAIMS_PREFIX = "maskq:claimed:"  # + owner: the messages it took off the lanes for a batch
 
 
 def claims(owner: str) -> str:

@@ -4,33 +4,38 @@ COCO RLE is column-major (Fortran order) over an ``H x W`` mask; ``counts``
 is the compressed string form pycocotools writes. ``bbox`` is
 ``[x, y, w, h]`` in pixels.
 """
+
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+Rle = dict[str, Any]  # {"size": [h, w], "counts": str}
 
-def encode(mask: np.ndarray) -> dict:
+
+def encode(mask: np.ndarray) -> Rle:
     """A boolean ``H x W`` mask as ``{"size": [h, w], "counts": str}``."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
-def describe(rle: dict) -> tuple[list[float], int]:
+def describe(rle: Rle) -> tuple[list[float], int]:
     """``(bbox, area)`` of an encoded mask, computed by pycocotools from the runs."""
     coco = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
     bbox = [float(v) for v in mask_utils.toBbox(coco)]
     return bbox, int(mask_utils.area(coco))
 
 
-def decode(rle: dict) -> np.ndarray:
+def decode(rle: Rle) -> np.ndarray:
     """A validated RLE back to a boolean ``H x W`` mask."""
     check_counts(rle["counts"], rle["size"][0] * rle["size"][1])
     coco = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    return mask_utils.decode(coco).astype(bool)
+    mask: np.ndarray = mask_utils.decode(coco).astype(bool)
+    return mask
 
 
 def check_counts(counts: str, pixels: int) -> None:
@@ -55,8 +60,7 @@ def check_counts(counts: str, pixels: int) -> None:
             if position >= len(counts):
                 raise ValueError("counts ends in the middle of a run")
             if position - start >= most_chars:
-                raise ValueError(f"counts has a run (at character {start}) longer than the whole "
-                                 f"{pixels}-pixel mask")
+                raise ValueError(f"counts has a run (at character {start}) longer than the whole {pixels}-pixel mask")
             c = ord(counts[position]) - 48
             if not 0 <= c < 64:
                 raise ValueError(f"invalid character {counts[position]!r} at character {position} of counts")

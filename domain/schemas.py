@@ -9,12 +9,13 @@ beside :class:`models.adapters.base.Prompts`, its prompts in pixels.
 The names every layer shares are here, once: :data:`PROMPT_KINDS` (the
 adapters, the manifest's routes and the catalog take theirs from it) and the
 webhook events with their defaults (:data:`JOB_EVENTS`,
-:data:`DEFAULT_JOB_EVENTS`; ``domain/outbox.py`` writes them into its Lua).
+:data:`DEFAULT_JOB_EVENTS`; ``stores/outbox.py`` writes them into its Lua).
 """
+
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
@@ -24,19 +25,21 @@ from domain.errors import ValidationFailed
 
 Lane = Literal["interactive", "default", "batch"]
 Output = Literal["rle", "png", "polygon"]
+DEFAULT_OUTPUTS: tuple[Output, ...] = ("rle",)
 
 # The kinds of prompt, in the order a job that names no model is routed by (the first kind it has that
 # has a route decides: models/manifest.py). The one list: PromptSet, Prompts, the routes, the catalog.
-PROMPT_KINDS = ("text", "mask", "boxes", "points")
-PromptKind = Literal[PROMPT_KINDS]
+PromptKind = Literal["text", "mask", "boxes", "points"]
+PROMPT_KINDS: tuple[PromptKind, ...] = get_args(PromptKind)
 
-# A job's webhook events (a state move announces each: domain/outbox.py), those a webhook that names none
+# A job's webhook events (a state move announces each: stores/outbox.py), those a webhook that names none
 # gets, and a batch's.
-JOB_EVENTS = ("job.started", "job.succeeded", "job.failed", "job.canceled", "job.expired")
-DEFAULT_JOB_EVENTS = ("job.succeeded", "job.failed")
-BATCH_EVENTS = ("batch.completed", *JOB_EVENTS)
-DEFAULT_BATCH_EVENTS = ("batch.completed",)
-WebhookEvent = Literal[JOB_EVENTS]
+WebhookEvent = Literal["job.started", "job.succeeded", "job.failed", "job.canceled", "job.expired"]
+JOB_EVENTS: tuple[WebhookEvent, ...] = get_args(WebhookEvent)
+DEFAULT_JOB_EVENTS: tuple[WebhookEvent, ...] = ("job.succeeded", "job.failed")
+BatchEvent = Literal["batch.completed", WebhookEvent]
+BATCH_EVENTS: tuple[BatchEvent, ...] = get_args(BatchEvent)
+DEFAULT_BATCH_EVENTS: tuple[BatchEvent, ...] = ("batch.completed",)
 
 
 class Strict(BaseModel):
@@ -80,20 +83,20 @@ class JobRequest(Strict):
     prompts: PromptSet = Field(default_factory=PromptSet)
     lane: Lane | None = None
     webhook: Webhook | None = None
-    outputs: list[Output] = Field(default_factory=lambda: ["rle"])
+    outputs: list[Output] = Field(default_factory=lambda: list(DEFAULT_OUTPUTS))
     deadline_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     points_per_side: StrictInt | None = Field(
-        default=None, ge=1, le=64,
+        default=None,
+        ge=1,
+        le=64,
         description="segment everything (a SAM-family model, no prompt): a grid of this many points a side "
-                    "(the deployment's ceiling applies; default 16)")
+        "(the deployment's ceiling applies; default 16)",
+    )
 
     @property
-    def adapter_options(self) -> dict:
+    def adapter_options(self) -> dict[str, Any]:
         """The options given for the model that runs the job (``SegmentRequest.options``), by name."""
         return {"points_per_side": self.points_per_side} if self.points_per_side is not None else {}
-
-
-BatchEvent = Literal[BATCH_EVENTS]
 
 
 class BatchWebhook(Strict):
@@ -106,15 +109,15 @@ class BatchWebhook(Strict):
 class BatchRequest(JobRequest):
     """The ``request`` part of ``POST /v1/batches``: one job request for every image, on the batch lane."""
 
-    webhook: BatchWebhook | None = None
+    webhook: BatchWebhook | None = None  # type: ignore[assignment]  # a batch's webhook takes batch events too
     lane: Lane = "batch"
 
     def job_request(self, prompts: PromptSet | None = None) -> JobRequest:
         """The request of one image's job (``prompts``: that image's own), typed: nothing is parsed again."""
         job_events = [e for e in (self.webhook.events if self.webhook else []) if e.startswith("job.")]
         fields = {name: getattr(self, name) for name in JobRequest.model_fields}
-        return JobRequest(**{**fields, "prompts": self.prompts if prompts is None else prompts,
-                             "webhook": Webhook(url=self.webhook.url, events=job_events) if job_events else None})
+        webhook = Webhook(url=self.webhook.url, events=job_events) if self.webhook and job_events else None
+        return JobRequest(**{**fields, "prompts": self.prompts if prompts is None else prompts, "webhook": webhook})
 
 
 def parse_request(data: object) -> JobRequest:
@@ -122,14 +125,19 @@ def parse_request(data: object) -> JobRequest:
     return parse_model(JobRequest, data, "request")
 
 
-def parse_model(model: type[Strict], data: object, what: str):
+StrictModel = TypeVar("StrictModel", bound=Strict)
+
+
+def parse_model(model: type[StrictModel], data: object, what: str) -> StrictModel:
     """``data`` validated as ``model``; a :class:`ValidationFailed` names each bad field.
 
     Strict, in JSON mode: a number must be a JSON number, as the OpenAPI document says (lax mode
     would take "12" for 12); arrays still fill the tuples.
     """
     if not isinstance(data, dict):
-        raise ValidationFailed(f"the {what} must be a JSON object", errors=[{"field": what, "message": "must be an object"}])
+        raise ValidationFailed(
+            f"the {what} must be a JSON object", errors=[{"field": what, "message": "must be an object"}]
+        )
     try:
         return model.model_validate_json(json.dumps(data), strict=True)
     except ValidationError as exc:
@@ -142,11 +150,18 @@ def parse_model(model: type[Strict], data: object, what: str):
 
 
 def check_request(
-    request: JobRequest, *, width: int, height: int, prompt_kinds: frozenset[str], max_prompts: int, max_text_chars: int,
-    requires_prompt: bool = False, max_points_per_side: int = 64,
+    request: JobRequest,
+    *,
+    width: int,
+    height: int,
+    prompt_kinds: frozenset[str],
+    max_prompts: int,
+    max_text_chars: int,
+    requires_prompt: bool = False,
+    max_points_per_side: int = 64,
 ) -> None:
     """The checks that need the decoded image's size and the model's prompt kinds."""
-    errors: list[dict] = []
+    errors: list[dict[str, Any]] = []
     prompts = request.prompts
 
     def bad(field: str, message: str) -> None:
@@ -155,14 +170,20 @@ def check_request(
     if requires_prompt and not prompts.kinds:
         bad("prompts", f"model {request.model!r} needs at least one prompt of: {', '.join(sorted(prompt_kinds))}")
     for kind in sorted(prompts.kinds - prompt_kinds):
-        bad(f"prompts.{kind}", f"model {request.model!r} does not support {kind} prompts "
-            f"(it supports: {', '.join(sorted(prompt_kinds)) or 'none'})")
+        bad(
+            f"prompts.{kind}",
+            f"model {request.model!r} does not support {kind} prompts "
+            f"(it supports: {', '.join(sorted(prompt_kinds)) or 'none'})",
+        )
     if request.points_per_side is not None:
         if prompts.kinds:
             bad("points_per_side", "is for segment-everything: give it without prompts")
         elif request.points_per_side > max_points_per_side:
-            bad("points_per_side", f"is {request.points_per_side}; at most {max_points_per_side} here "
-                                   f"({max_points_per_side ** 2} decoder runs)")
+            bad(
+                "points_per_side",
+                f"is {request.points_per_side}; at most {max_points_per_side} here "
+                f"({max_points_per_side**2} decoder runs)",
+            )
     if prompts.count > max_prompts:
         bad("prompts", f"{prompts.count} prompts; at most {max_prompts} are allowed")
     for i, text in enumerate(prompts.text):
@@ -175,7 +196,10 @@ def check_request(
             bad(f"prompts.points.{i}", f"({x}, {y}) is outside the {width}x{height} image")
     for i, (x0, y0, x1, y1) in enumerate(prompts.boxes):
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-            bad(f"prompts.boxes.{i}", f"[{x0}, {y0}, {x1}, {y1}] is not a box with x0 < x1, y0 < y1 inside the {width}x{height} image")
+            bad(
+                f"prompts.boxes.{i}",
+                f"[{x0}, {y0}, {x1}, {y1}] is not a box with x0 < x1, y0 < y1 inside the {width}x{height} image",
+            )
     if prompts.mask is not None:
         if list(prompts.mask.size) != [height, width]:
             bad("prompts.mask.size", f"is {list(prompts.mask.size)}; the image is [{height}, {width}]")
@@ -188,4 +212,4 @@ def check_request(
         raise ValidationFailed("; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors)
 
 
-assert set(LANES) == set(Lane.__args__)  # one list of lanes
+assert set(LANES) == set(get_args(Lane))  # one list of lanes

@@ -1,4 +1,4 @@
-"""Tenants and their API keys, kept in Redis.
+"""Tenants and their API keys: a key's policy and how it is checked (kept in Redis by ``stores/tenants.py``).
 
 A key is shown once, when it is created, and stored only as its SHA-256
 hash: ``maskq:apikey:{sha256}`` is a hash with the key's tenant and policy
@@ -6,22 +6,20 @@ hash: ``maskq:apikey:{sha256}`` is a hash with the key's tenant and policy
 32 random bytes needs no slow password hash: nobody can guess one, so a fast
 hash only has to make the stored form useless to whoever reads Redis.
 
-A tenant's webhook secret (``whsec_…``) is :func:`domain.webhooks.tenant_secret`,
+A tenant's webhook secret (``whsec_…``) is :func:`stores.webhooks.tenant_secret`,
 shared by all of the tenant's keys; ``maskq keys create`` shows it.
 """
+
 from __future__ import annotations
 
 import hashlib
 import re
 import secrets
-import time
 from dataclasses import dataclass
 
-import redis
 from limits import parse_many
 
 from config.settings import LANES
-from domain import keys
 
 KEY_PREFIX = "mq_"
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -100,84 +98,30 @@ class ApiKey:
         return lane if lane_allowed(lane, self.max_lane) else self.max_lane
 
     def to_hash(self) -> dict[str, str]:
-        fields = {"tenant": self.tenant, "lane": self.lane or "", "max_lane": self.max_lane,
-                  "rate": self.rate or "", "label": self.label, "created_at": repr(self.created_at),
-                  "admin": "1" if self.admin else ""}
+        fields = {
+            "tenant": self.tenant,
+            "lane": self.lane or "",
+            "max_lane": self.max_lane,
+            "rate": self.rate or "",
+            "label": self.label,
+            "created_at": repr(self.created_at),
+            "admin": "1" if self.admin else "",
+        }
         if self.revoked_at is not None:
             fields["revoked_at"] = repr(self.revoked_at)
         return fields
 
     @classmethod
-    def from_hash(cls, key_hash: str, raw: dict[bytes, bytes]) -> "ApiKey":
+    def from_hash(cls, key_hash: str, raw: dict[bytes, bytes]) -> ApiKey:
         data = {k.decode(): v.decode() for k, v in raw.items()}
         return cls(
-            key_hash=key_hash, tenant=data["tenant"], lane=data.get("lane") or None,
-            max_lane=data.get("max_lane", "interactive"), rate=data.get("rate") or None,
-            label=data.get("label", ""), created_at=float(data.get("created_at", 0)),
+            key_hash=key_hash,
+            tenant=data["tenant"],
+            lane=data.get("lane") or None,
+            max_lane=data.get("max_lane", "interactive"),
+            rate=data.get("rate") or None,
+            label=data.get("label", ""),
+            created_at=float(data.get("created_at", 0)),
             revoked_at=float(data["revoked_at"]) if data.get("revoked_at") else None,
             admin=data.get("admin") == "1",
         )
-
-
-class KeyStore:
-    """Creates, finds, lists and revokes API keys."""
-
-    INDEX = keys.API_KEYS
-
-    def __init__(self, client: redis.Redis):
-        self.redis = client
-
-    key = staticmethod(keys.api_key)
-
-    def create(self, tenant: str, *, lane: str | None = None, max_lane: str = "interactive",
-               rate: str | None = None, label: str = "", admin: bool = False) -> tuple[str, ApiKey]:
-        """A new key for ``tenant``: ``(the key, as shown once, its stored record)``."""
-        key = new_key()
-        return key, self.add(key, tenant, lane=lane, max_lane=max_lane, rate=rate, label=label, admin=admin)
-
-    def add(self, key: str, tenant: str, *, lane: str | None = None, max_lane: str = "interactive",
-            rate: str | None = None, label: str = "", admin: bool = False) -> ApiKey:
-        """Store the hash of a key made elsewhere (the development key); ``create`` is the usual way."""
-        check_policy(tenant, lane, max_lane, rate)
-        record = ApiKey(key_hash=hash_key(key), tenant=tenant, lane=lane, max_lane=max_lane,
-                        rate=rate, label=label, created_at=time.time(), admin=admin)
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self.key(record.key_hash), mapping=record.to_hash())
-            pipe.zadd(self.INDEX, {record.key_hash: record.created_at})
-            pipe.execute()
-        return record
-
-    def lookup(self, key: str) -> ApiKey | None:
-        """The stored record of a presented key (revoked ones too), or None for an unknown key."""
-        return self.get(hash_key(key))
-
-    def get(self, key_hash: str) -> ApiKey | None:
-        raw = self.redis.hgetall(self.key(key_hash))
-        return ApiKey.from_hash(key_hash, raw) if raw else None
-
-    def list(self, tenant: str | None = None) -> list[ApiKey]:
-        records = [self.get(h.decode()) for h in self.redis.zrange(self.INDEX, 0, -1)]
-        return [r for r in records if r is not None and (tenant is None or r.tenant == tenant)]
-
-    def find(self, key_or_id: str) -> ApiKey:
-        """A key by the key itself or by its id (or a unique start of the id, 8 characters at least)."""
-        if key_or_id.startswith(KEY_PREFIX):
-            found = self.lookup(key_or_id)
-            if found is None:
-                raise LookupError("no such key")
-            return found
-        if len(key_or_id) < 8 or not re.fullmatch(r"[0-9a-f]+", key_or_id):
-            raise LookupError("give the key itself or its id (8 or more hex characters, as `maskq keys list` shows)")
-        matches = [r for r in self.list() if r.key_hash.startswith(key_or_id)]
-        if not matches:
-            raise LookupError("no such key id")
-        if len(matches) > 1:
-            raise LookupError(f"{len(matches)} keys start with {key_or_id}; give more of the id")
-        return matches[0]
-
-    def revoke(self, key_or_id: str) -> ApiKey:
-        """Mark a key revoked (it then answers 403); the record stays so the refusal can say why."""
-        record = self.find(key_or_id)
-        if not record.revoked:
-            self.redis.hset(self.key(record.key_hash), "revoked_at", repr(time.time()))
-        return self.get(record.key_hash)

@@ -2,8 +2,9 @@
 
 ``00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>``. A job keeps the
 trace id it came with; maskq adds no spans of its own unless OpenTelemetry is
-installed (``config/telemetry.py``), so the parent id passed on is the caller's.
+installed (``runtime/telemetry.py``), so the parent id passed on is the caller's.
 """
+
 from __future__ import annotations
 
 import re

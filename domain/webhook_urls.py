@@ -26,12 +26,14 @@ Python 3.11's ``is_global`` misses several ranges. A refusal at delivery says
 "not allowed" and never which address the name led to: the delivery log is
 the client's to read, and the operator's network layout is not.
 """
+
 from __future__ import annotations
 
 import ipaddress
 import re
 import socket
 from functools import lru_cache
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 from domain.errors import ValidationFailed
@@ -63,32 +65,39 @@ IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # ::ffff:0:a.b.c.d (S
 # globally reachable, and the deprecated ones. Python 3.11's tables miss fec0::/10, 3fff::/20, 5f00::/16,
 # ::ffff:0:0:0/96 and 192.88.99.0/24 among these. IPv4-mapped addresses (::ffff:a.b.c.d) are judged as
 # their IPv4 address before this list; NAT64's 64:ff9b::/96 is public when the IPv4 address inside is.
-DENIED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8",  # "this network" (RFC 791)
-    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # private (RFC 1918)
-    "100.64.0.0/10",  # shared, carrier-grade NAT (RFC 6598)
-    "127.0.0.0/8",  # loopback
-    "169.254.0.0/16",  # link-local, cloud metadata (169.254.169.254) among them
-    "192.0.0.0/24",  # IETF protocol assignments (RFC 6890)
-    "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",  # documentation (RFC 5737)
-    "192.88.99.0/24",  # 6to4 relay anycast, deprecated (RFC 7526)
-    "198.18.0.0/15",  # benchmarking (RFC 2544)
-    "224.0.0.0/4",  # multicast
-    "240.0.0.0/4",  # reserved, the limited broadcast address among them
-    "::/96",  # unspecified, loopback and IPv4-compatible (deprecated, RFC 4291)
-    "::ffff:0:0:0/96",  # IPv4-translated (RFC 2765): a translator elsewhere would choose the IPv4 peer
-    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215)
-    "100::/64",  # discard-only (RFC 6666)
-    "2001::/23",  # IETF protocol assignments (RFC 2928): Teredo, benchmarking, ORCHID, AMT among them
-    "2001:db8::/32",  # documentation (RFC 3849)
-    "3ffe::/16",  # the 6bone, returned (RFC 3701)
-    "3fff::/20",  # documentation (RFC 9637)
-    "5f00::/16",  # SRv6 segment identifiers (RFC 9602)
-    "fc00::/7",  # unique local (RFC 4193)
-    "fe80::/10",  # link-local
-    "fec0::/10",  # site-local, deprecated (RFC 3879)
-    "ff00::/8",  # multicast
-))
+DENIED_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",  # "this network" (RFC 791)
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",  # private (RFC 1918)
+        "100.64.0.0/10",  # shared, carrier-grade NAT (RFC 6598)
+        "127.0.0.0/8",  # loopback
+        "169.254.0.0/16",  # link-local, cloud metadata (169.254.169.254) among them
+        "192.0.0.0/24",  # IETF protocol assignments (RFC 6890)
+        "192.0.2.0/24",
+        "198.51.100.0/24",
+        "203.0.113.0/24",  # documentation (RFC 5737)
+        "192.88.99.0/24",  # 6to4 relay anycast, deprecated (RFC 7526)
+        "198.18.0.0/15",  # benchmarking (RFC 2544)
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, the limited broadcast address among them
+        "::/96",  # unspecified, loopback and IPv4-compatible (deprecated, RFC 4291)
+        "::ffff:0:0:0/96",  # IPv4-translated (RFC 2765): a translator elsewhere would choose the IPv4 peer
+        "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215)
+        "100::/64",  # discard-only (RFC 6666)
+        "2001::/23",  # IETF protocol assignments (RFC 2928): Teredo, benchmarking, ORCHID, AMT among them
+        "2001:db8::/32",  # documentation (RFC 3849)
+        "3ffe::/16",  # the 6bone, returned (RFC 3701)
+        "3fff::/20",  # documentation (RFC 9637)
+        "5f00::/16",  # SRv6 segment identifiers (RFC 9602)
+        "fc00::/7",  # unique local (RFC 4193)
+        "fe80::/10",  # link-local
+        "fec0::/10",  # site-local, deprecated (RFC 3879)
+        "ff00::/8",  # multicast
+    )
+)
 
 # A host whose last label is a number is an IPv4 address or invalid (the WHATWG URL standard's rule);
 # inet_aton's parts are decimal, octal (a leading 0) or hexadecimal (0x), one to four of them.
@@ -138,7 +147,7 @@ class WebhookGuard:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError, ValueError) as exc:  # ValueError: a NUL in the name
             raise Unresolvable(f"cannot resolve {host}: {exc}") from None
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         for address in addresses:
             if not self.permits(ipaddress.ip_address(address.split("%", 1)[0])):
                 # The message goes to the delivery log, which the client reads: which internal address
@@ -146,19 +155,22 @@ class WebhookGuard:
                 raise ForbiddenAddress(
                     f"{host}: not allowed; webhooks may only call public addresses, and this name leads to a "
                     "loopback, private, link-local or otherwise non-public one (an operator can allow a "
-                    "network with MASKQ_WEBHOOK_ALLOWED_NETWORKS)", address)
+                    "network with MASKQ_WEBHOOK_ALLOWED_NETWORKS)",
+                    address,
+                )
         if not addresses:
             raise Unresolvable(f"{host} has no address")
         return addresses
 
     def check_url(self, url: str) -> None:
         """Raise :class:`ValidationFailed` (422, field ``webhook.url``) unless ``url`` may be called."""
-        def refuse(message: str):
+
+        def refuse(message: str) -> NoReturn:
             raise ValidationFailed(f"webhook.url: {message}", errors=[{"field": "webhook.url", "message": message}])
 
         try:
             parts = urlsplit(url)
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            _ = parts.port  # a port out of range raises ValueError here
         except ValueError as exc:
             refuse(f"is not a valid URL: {exc}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -178,9 +190,11 @@ class WebhookGuard:
                 return
         if not self.permits(address):
             reading = "" if str(address) == host else f" (read as {address})"
-            refuse(f"{parts.hostname}{reading} is not allowed: a loopback, private, link-local or otherwise "
-                   "non-public address; webhooks may only call public addresses (an operator can allow a "
-                   "network with MASKQ_WEBHOOK_ALLOWED_NETWORKS)")
+            refuse(
+                f"{parts.hostname}{reading} is not allowed: a loopback, private, link-local or otherwise "
+                "non-public address; webhooks may only call public addresses (an operator can allow a "
+                "network with MASKQ_WEBHOOK_ALLOWED_NETWORKS)"
+            )
 
 
 def host_address(host: str) -> IPAddress | None:
@@ -209,8 +223,9 @@ def host_address(host: str) -> IPAddress | None:
             raise OSError
         return ipaddress.IPv4Address(socket.inet_aton(host))  # the C library's own reading, as getaddrinfo's
     except OSError:
-        raise ValueError(f"{host} ends in a number but is not an IPv4 address; a host must be a name or "
-                         "an address") from None
+        raise ValueError(
+            f"{host} ends in a number but is not an IPv4 address; a host must be a name or an address"
+        ) from None
 
 
 @lru_cache(maxsize=8)

@@ -19,21 +19,24 @@ What it does for the caller:
 
 It needs ``requests`` and ``standardwebhooks`` only, never the server's code.
 """
+
 from __future__ import annotations
 
 import json
 import re
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Any, BinaryIO, ClassVar, Self
 
 import requests
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-ImageInput = Union[str, Path, bytes, BinaryIO]
+ImageInput = str | Path | bytes | BinaryIO
+Document = dict[str, Any]  # a JSON object as the API answers it
 ENDED = frozenset({"succeeded", "failed", "canceled", "expired"})
 RETRIED = frozenset({409, 429, 503})
 MAX_SERVER_WAIT_S = 30  # GET /v1/jobs/{id}?wait= takes at most this (MASKQ_MAX_WAIT_S's default)
@@ -42,8 +45,14 @@ MAX_SERVER_WAIT_S = 30  # GET /v1/jobs/{id}?wait= takes at most this (MASKQ_MAX_
 class ApiError(Exception):
     """The service refused a request: its status and its problem+json body."""
 
-    def __init__(self, status: int, title: str, detail: str, errors: list[dict] | None = None,
-                 retry_after: float | None = None):
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        errors: list[Document] | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(f"{status} {title}: {detail}")
         self.status, self.title, self.detail = status, title, detail
         self.errors = errors or []
@@ -56,11 +65,11 @@ class Resource:
 
     id: str
     status: str
-    document: dict = field(repr=False)
+    document: Document = field(repr=False)
     ENDED: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
-    def from_document(cls, document: dict):
+    def from_document(cls, document: Document) -> Self:
         return cls(id=document["id"], status=document["status"], document=document)
 
     @property
@@ -79,21 +88,25 @@ class Job(Resource):
         return self.status == "succeeded"
 
     @property
-    def result(self) -> dict | None:
-        return self.document.get("result")
+    def result(self) -> Document | None:
+        result: Document | None = self.document.get("result")
+        return result
 
     @property
-    def instances(self) -> list[dict]:
+    def instances(self) -> list[Document]:
         """The instances found (mask, bbox, area, score, label); empty until the job succeeded."""
-        return (self.result or {}).get("instances", [])
+        instances: list[Document] = (self.result or {}).get("instances", [])
+        return instances
 
     @property
-    def error(self) -> dict | None:
-        return self.document.get("error")
+    def error(self) -> Document | None:
+        error: Document | None = self.document.get("error")
+        return error
 
     @property
     def queue_position(self) -> int | None:
-        return self.document.get("queue_position")
+        position: int | None = self.document.get("queue_position")
+        return position
 
 
 @dataclass(frozen=True)
@@ -104,11 +117,13 @@ class Batch(Resource):
 
     @property
     def total(self) -> int:
-        return self.document["total"]
+        total: int = self.document["total"]
+        return total
 
     @property
     def counts(self) -> dict[str, int]:
-        return self.document["counts"]
+        counts: dict[str, int] = self.document["counts"]
+        return counts
 
 
 @dataclass(frozen=True)
@@ -122,7 +137,7 @@ class Event:
 
     event: str
     id: str | None
-    data: dict
+    data: Document
 
 
 class Client:
@@ -132,8 +147,15 @@ class Client:
     ``timeout``: seconds for one HTTP exchange (a long poll adds its wait).
     """
 
-    def __init__(self, url: str, key: str | None = None, *, retries: int = 8, timeout: float = 30,
-                 session: requests.Session | None = None):
+    def __init__(
+        self,
+        url: str,
+        key: str | None = None,
+        *,
+        retries: int = 8,
+        timeout: float = 30,
+        session: requests.Session | None = None,
+    ):
         self.url = url.rstrip("/")
         self.retries = retries
         self.timeout = timeout
@@ -143,21 +165,45 @@ class Client:
         self.session.headers.setdefault("User-Agent", "maskq-client/1")
 
     # -- jobs -------------------------------------------------------------------------------------
-    def segment(self, image: ImageInput, *, points: Sequence[Sequence[float]] | None = None,
-                boxes: Sequence[Sequence[float]] | None = None, text: str | Sequence[str] | None = None,
-                mask: dict | None = None, model: str | None = None, lane: str | None = None,
-                outputs: Sequence[str] | None = None, webhook: dict | None = None, wait: float = 300,
-                idempotency_key: str | None = None, cancel_after: float | str | None = None) -> Job:
+    def segment(
+        self,
+        image: ImageInput,
+        *,
+        points: Sequence[Sequence[float]] | None = None,
+        boxes: Sequence[Sequence[float]] | None = None,
+        text: str | Sequence[str] | None = None,
+        mask: Document | None = None,
+        model: str | None = None,
+        lane: str | None = None,
+        outputs: Sequence[str] | None = None,
+        webhook: Document | None = None,
+        wait: float = 300,
+        idempotency_key: str | None = None,
+        cancel_after: float | str | None = None,
+    ) -> Job:
         """Submit one image and return the job once it has ended (or as it stands after ``wait`` seconds)."""
-        request = build_request(points=points, boxes=boxes, text=text, mask=mask, model=model, lane=lane,
-                                outputs=outputs, webhook=webhook)
-        job = self.submit(image, request, prefer_wait=min(wait, MAX_SERVER_WAIT_S), idempotency_key=idempotency_key,
-                          cancel_after=cancel_after)
+        request = build_request(
+            points=points, boxes=boxes, text=text, mask=mask, model=model, lane=lane, outputs=outputs, webhook=webhook
+        )
+        job = self.submit(
+            image,
+            request,
+            prefer_wait=min(wait, MAX_SERVER_WAIT_S),
+            idempotency_key=idempotency_key,
+            cancel_after=cancel_after,
+        )
         return job if job.ended else self.wait(job.id, timeout=wait)
 
-    def submit(self, image: ImageInput, request: Mapping[str, Any] | None = None, *, prefer_wait: float = 0,
-               idempotency_key: str | None = None, filename: str | None = None,
-               cancel_after: float | str | None = None) -> Job:
+    def submit(
+        self,
+        image: ImageInput,
+        request: Mapping[str, Any] | None = None,
+        *,
+        prefer_wait: float = 0,
+        idempotency_key: str | None = None,
+        filename: str | None = None,
+        cancel_after: float | str | None = None,
+    ) -> Job:
         """Submit a job (``request`` as in API.md) and return it as the service answered.
 
         ``prefer_wait``: ask the service to hold the answer up to that many seconds for the job to end.
@@ -168,14 +214,20 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex, **_cancel_after(cancel_after)}
         if prefer_wait:
             headers["Prefer"] = f"wait={prefer_wait:g}"
-        answer = self._call("POST", "/v1/jobs", headers=headers, extra_timeout=prefer_wait,
-                            files={"image": (name, data)}, data={"request": json.dumps(dict(request or {}))})
-        return Job.from_document(answer.json())
+        answer = self._call(
+            "POST",
+            "/v1/jobs",
+            headers=headers,
+            extra_timeout=prefer_wait,
+            files={"image": (name, data)},
+            data={"request": json.dumps(dict(request or {}))},
+        )
+        return Job.from_document(_document(answer))
 
     def get(self, job_id: str, wait: float = 0) -> Job:
         """The job now, or (``wait`` > 0) once it ends or ``wait`` seconds (at most 30) pass."""
         params = {"wait": f"{min(wait, MAX_SERVER_WAIT_S):g}"} if wait else None
-        return Job.from_document(self._call("GET", f"/v1/jobs/{job_id}", params=params, extra_timeout=wait).json())
+        return Job.from_document(_document(self._call("GET", f"/v1/jobs/{job_id}", params=params, extra_timeout=wait)))
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Until the job ends, following its event stream; after ``timeout`` seconds, the job as it stands.
@@ -206,8 +258,9 @@ class Client:
         """
         return self._follow(f"/v1/jobs/{job_id}/events", last_event_id, timeout)
 
-    def batch_events(self, batch_id: str, *, last_event_id: str | None = None,
-                     timeout: float | None = None) -> Iterator[Event]:
+    def batch_events(
+        self, batch_id: str, *, last_event_id: str | None = None, timeout: float | None = None
+    ) -> Iterator[Event]:
         """The batch's live events: ``progress`` as its jobs end, then ``end`` (the whole batch); as :meth:`events`."""
         return self._follow(f"/v1/batches/{batch_id}/events", last_event_id, timeout)
 
@@ -221,20 +274,28 @@ class Client:
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued or running job; an ended one raises :class:`ApiError` 409."""
-        return Job.from_document(self._call("DELETE", f"/v1/jobs/{job_id}").json())
+        return Job.from_document(_document(self._call("DELETE", f"/v1/jobs/{job_id}")))
 
     def file(self, job_id: str, name: str) -> bytes:
         """One of the job's files, e.g. ``masks/0.png``."""
         return self._call("GET", f"/v1/jobs/{job_id}/files/{name}").content
 
-    def models(self) -> list[dict]:
-        return self._call("GET", "/v1/models").json()["models"]
+    def models(self) -> list[Document]:
+        models: list[Document] = _document(self._call("GET", "/v1/models"))["models"]
+        return models
 
     # -- batches ------------------------------------------------------------------------------------
-    def submit_batch(self, images: Iterable[ImageInput] | None = None, request: Mapping[str, Any] | None = None, *,
-                     archive: ImageInput | None = None, prompts: Mapping[str, dict] | None = None,
-                     names: Sequence[str] | None = None, idempotency_key: str | None = None,
-                     cancel_after: float | str | None = None) -> Batch:
+    def submit_batch(
+        self,
+        images: Iterable[ImageInput] | None = None,
+        request: Mapping[str, Any] | None = None,
+        *,
+        archive: ImageInput | None = None,
+        prompts: Mapping[str, Document] | None = None,
+        names: Sequence[str] | None = None,
+        idempotency_key: str | None = None,
+        cancel_after: float | str | None = None,
+    ) -> Batch:
         """Many images in one request (or one zip/tar ``archive``), fanned out into jobs on the batch lane.
 
         ``names``: the images' file names (default: a path's name); they label the results and must be unique.
@@ -251,15 +312,26 @@ class Client:
         form = {"request": json.dumps(dict(request or {}))}
         if prompts:
             form["prompts"] = json.dumps(dict(prompts))
-        answer = self._call("POST", "/v1/batches", files=files, data=form, extra_timeout=120,
-                            headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex,
-                                     **_cancel_after(cancel_after)})
-        return Batch.from_document(answer.json())
+        answer = self._call(
+            "POST",
+            "/v1/batches",
+            files=files,
+            data=form,
+            extra_timeout=120,
+            headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex, **_cancel_after(cancel_after)},
+        )
+        return Batch.from_document(_document(answer))
 
     def get_batch(self, batch_id: str) -> Batch:
-        return Batch.from_document(self._call("GET", f"/v1/batches/{batch_id}").json())
+        return Batch.from_document(_document(self._call("GET", f"/v1/batches/{batch_id}")))
 
-    def wait_batch(self, batch_id: str, timeout: float | None = None, poll_s: float = 1.0, progress=None) -> Batch:
+    def wait_batch(
+        self,
+        batch_id: str,
+        timeout: float | None = None,
+        poll_s: float = 1.0,
+        progress: Callable[[Batch], object] | None = None,
+    ) -> Batch:
         """Poll until every job of the batch has ended; ``progress(batch)`` is called after each poll."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -270,13 +342,13 @@ class Client:
                 return batch
             time.sleep(poll_s)
 
-    def batch_coco(self, batch_id: str) -> dict:
+    def batch_coco(self, batch_id: str) -> Document:
         """The batch's finished results as COCO JSON (images, annotations with RLE masks, categories)."""
-        return self._call("GET", f"/v1/batches/{batch_id}/coco", extra_timeout=60).json()
+        return _document(self._call("GET", f"/v1/batches/{batch_id}/coco", extra_timeout=60))
 
     def cancel_batch(self, batch_id: str) -> Batch:
         """Cancel every job of the batch that has not ended."""
-        return Batch.from_document(self._call("DELETE", f"/v1/batches/{batch_id}").json())
+        return Batch.from_document(_document(self._call("DELETE", f"/v1/batches/{batch_id}")))
 
     # -- event streams ------------------------------------------------------------------------------
     def _follow(self, path: str, last_event_id: str | None, timeout: float | None) -> Iterator[Event]:
@@ -290,8 +362,12 @@ class Client:
             headers = {"Accept": "text/event-stream", **({"Last-Event-ID": last_event_id} if last_event_id else {})}
             try:
                 # The read timeout outlasts the server's heartbeats (a comment every 15 s by default).
-                with self.session.get(self.url + path, headers=headers, stream=True,
-                                      timeout=(self.timeout, min(self.timeout, left or self.timeout))) as answer:
+                with self.session.get(
+                    self.url + path,
+                    headers=headers,
+                    stream=True,
+                    timeout=(self.timeout, min(self.timeout, left or self.timeout)),
+                ) as answer:
                     if answer.status_code == 204:  # last_event_id was the end's: nothing more comes
                         return
                     if answer.status_code >= 400:
@@ -312,10 +388,10 @@ class Client:
                     raise
             # The server closed the stream (its longest time) or the connection dropped: reconnect, as
             # an EventSource does, after the delay the server asked for.
-            time.sleep(min(parser.retry_ms / 1000, 5) if failures <= 1 else min(2 ** failures * 0.25, 5))
+            time.sleep(min(parser.retry_ms / 1000, 5) if failures <= 1 else min(2**failures * 0.25, 5))
 
     # -- HTTP ---------------------------------------------------------------------------------------
-    def _call(self, method: str, path: str, *, extra_timeout: float = 0, **kwargs) -> requests.Response:
+    def _call(self, method: str, path: str, *, extra_timeout: float = 0, **kwargs: Any) -> requests.Response:
         """One request, retried while the service says "later" (or the connection drops); errors raised."""
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
@@ -325,10 +401,10 @@ class Client:
                 # Safe to repeat: reads, cancels, and submits that carry an Idempotency-Key.
                 if last:
                     raise
-                time.sleep(min(2 ** attempt * 0.25, 5))
+                time.sleep(min(2**attempt * 0.25, 5))
                 continue
             if answer.status_code in RETRIED and not last:
-                time.sleep(retry_after_s(answer.headers.get("Retry-After"), default=min(2 ** attempt * 0.25, 5)))
+                time.sleep(retry_after_s(answer.headers.get("Retry-After"), default=min(2**attempt * 0.25, 5)))
                 continue
             if answer.status_code >= 400:
                 raise _api_error(answer)
@@ -336,8 +412,17 @@ class Client:
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
 
-def build_request(*, points=None, boxes=None, text=None, mask=None, model=None, lane=None, outputs=None,
-                  webhook=None) -> dict:
+def build_request(
+    *,
+    points: Sequence[Sequence[float]] | None = None,
+    boxes: Sequence[Sequence[float]] | None = None,
+    text: str | Sequence[str] | None = None,
+    mask: Document | None = None,
+    model: str | None = None,
+    lane: str | None = None,
+    outputs: Sequence[str] | None = None,
+    webhook: Document | None = None,
+) -> Document:
     """A job request (API.md) from keyword arguments; what is None is left out."""
     prompts: dict[str, Any] = {}
     if points:
@@ -349,9 +434,9 @@ def build_request(*, points=None, boxes=None, text=None, mask=None, model=None, 
     if mask:
         prompts["mask"] = mask
     request: dict[str, Any] = {"prompts": prompts} if prompts else {}
-    for name, value in (("model", model), ("lane", lane), ("webhook", webhook)):
-        if value is not None:
-            request[name] = value
+    request |= {
+        name: value for name, value in (("model", model), ("lane", lane), ("webhook", webhook)) if value is not None
+    }
     if outputs is not None:
         request["outputs"] = list(outputs)
     return request
@@ -383,7 +468,7 @@ class EventStreamParser:
 
     _LINE_END = re.compile(rb"\r\n|\r|\n")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.retry_ms = 1000
         self.last_id: str | None = None
         self._buffer = b""
@@ -396,8 +481,8 @@ class EventStreamParser:
         while (found := self._LINE_END.search(self._buffer)) is not None:
             if found.group() == b"\r" and found.end() == len(self._buffer):
                 break  # maybe the first half of a CRLF
-            line = self._buffer[:found.start()].decode("utf-8", "replace")
-            self._buffer = self._buffer[found.end():]
+            line = self._buffer[: found.start()].decode("utf-8", "replace")
+            self._buffer = self._buffer[found.end() :]
             event = self._line(line)
             if event is not None:
                 events.append(event)
@@ -438,11 +523,18 @@ def retry_after_s(value: str | None, default: float = 1.0) -> float:
     return min(max(seconds, 0.0), 60.0)
 
 
-def verify_webhook(body: bytes | str, headers: Mapping[str, str], secret: str) -> dict:
+def verify_webhook(body: bytes | str, headers: Mapping[str, str], secret: str) -> Document:
     """The event's JSON if its Standard Webhooks signature (``webhook-id``, ``-timestamp``,
     ``-signature``) is the tenant secret's (``whsec_…``) and recent; raises :class:`WebhookVerificationError`."""
     lowered = {k.lower(): v for k, v in headers.items()}
-    return Webhook(secret).verify(body, lowered)
+    event: Document = Webhook(secret).verify(body, lowered)
+    return event
+
+
+def _document(answer: requests.Response) -> Document:
+    """The answer's JSON object (the API answers every request with one)."""
+    document: Document = answer.json()
+    return document
 
 
 def _api_error(answer: requests.Response) -> ApiError:
@@ -453,10 +545,23 @@ def _api_error(answer: requests.Response) -> ApiError:
     if not isinstance(problem, dict):
         problem = {}
     retry_after = answer.headers.get("Retry-After")
-    return ApiError(answer.status_code, problem.get("title", answer.reason or ""),
-                    problem.get("detail", answer.text[:500]), problem.get("errors"),
-                    retry_after_s(retry_after) if retry_after else None)
+    return ApiError(
+        answer.status_code,
+        problem.get("title", answer.reason or ""),
+        problem.get("detail", answer.text[:500]),
+        problem.get("errors"),
+        retry_after_s(retry_after) if retry_after else None,
+    )
 
 
-__all__ = ["ApiError", "Batch", "Client", "Event", "EventStreamParser", "Job", "WebhookVerificationError",
-           "build_request", "verify_webhook"]
+__all__ = [
+    "ApiError",
+    "Batch",
+    "Client",
+    "Event",
+    "EventStreamParser",
+    "Job",
+    "WebhookVerificationError",
+    "build_request",
+    "verify_webhook",
+]

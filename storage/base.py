@@ -1,4 +1,6 @@
-"""The ``Storage`` interface every backend implements; the keys it is given are the domain's (``domain.keys.job_prefix``)."""
+"""The ``Storage`` interface every backend implements; the keys it is given are the domain's
+(``domain.keys.job_prefix``)."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -37,7 +39,7 @@ class Storage(ABC):
         """A URL a client can fetch ``key`` from directly, or None (then the API serves it)."""
         return None
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 - optional: a store with nothing to check passes
         """Raise :class:`StorageUnavailable` unless the store is usable."""
 
     @abstractmethod

@@ -1,4 +1,5 @@
 """A folder on the local disk as object storage: the embedded default."""
+
 from __future__ import annotations
 
 import os
@@ -6,8 +7,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from storage.base import Storage
 from domain.errors import StorageUnavailable
+from storage.base import Storage
 
 TEMP_SUFFIX = ".partial"
 IDENTITY_FILE = ".maskq-store"  # a random name made once per folder: who shares this folder shares it
@@ -16,7 +17,7 @@ IDENTITY_FILE = ".maskq-store"  # a random name made once per folder: who shares
 class LocalStorage(Storage):
     """Objects as files under ``root``; writes are atomic (temp file, then rename)."""
 
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._identity: str | None = None
@@ -27,7 +28,7 @@ class LocalStorage(Storage):
             raise ValueError(f"invalid storage key {key!r}")
         return path
 
-    def put(self, key, data, content_type="application/octet-stream"):
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +39,7 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise StorageUnavailable(f"cannot write {key}: {exc}") from exc
 
-    def get(self, key):
+    def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
@@ -46,32 +47,33 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise StorageUnavailable(f"cannot read {key}: {exc}") from exc
 
-    def exists(self, key):
+    def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def list(self, prefix):
+    def list(self, prefix: str) -> list[str]:
         base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
         if not base.is_dir():
             return []
         return sorted(
-            str(p.relative_to(self.root)) for p in base.rglob("*")
+            str(p.relative_to(self.root))
+            for p in base.rglob("*")
             if p.is_file() and not p.name.endswith(TEMP_SUFFIX) and p.name != IDENTITY_FILE
         )
 
-    def delete(self, key):
+    def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def delete_prefix(self, prefix):
+    def delete_prefix(self, prefix: str) -> int:
         keys = self.list(prefix)
         for key in keys:
             self._path(key).unlink(missing_ok=True)
         return len(keys)
 
-    def check(self):
+    def check(self) -> None:
         if not self.root.is_dir() or not os.access(self.root, os.W_OK):
             raise StorageUnavailable(f"storage folder {self.root} is not a writable folder")
 
-    def identity(self):
+    def identity(self) -> str:
         if self._identity is None:  # read once: a folder keeps its name (every /readyz asks)
             try:
                 self._identity = self._read_or_make_identity()

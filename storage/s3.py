@@ -9,11 +9,13 @@ is unusable right now (no such bucket, 5xx, throttling, bad credentials), is a
 
 Run ``python -m storage.s3`` to check the configured bucket and credentials.
 """
+
 from __future__ import annotations
 
 import io
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
@@ -21,16 +23,25 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from storage.base import Storage
 from domain.errors import StorageUnavailable
+from storage.base import Storage
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
 _MISSING_BUCKET = {"NoSuchBucket"}
 _BAD_CREDENTIALS = {
-    "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
-    "ExpiredToken", "AuthorizationHeaderMalformed", "InvalidSecurity", "403",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "InvalidToken",
+    "ExpiredToken",
+    "AuthorizationHeaderMalformed",
+    "InvalidSecurity",
+    "403",
 }
 # S3 allows a presigned (SigV4) URL to live 7 days at most.
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600
@@ -56,7 +67,7 @@ class S3Storage(Storage):
         presign_expiry_s: int = 3600,
         multipart_threshold_bytes: int = 8 * 1024 * 1024,
         timeout_s: float = 5.0,
-    ):
+    ) -> None:
         self.bucket = bucket
         self.endpoint_url = endpoint_url
         self.presign_expiry_s = min(presign_expiry_s, MAX_PRESIGN_EXPIRY_S)
@@ -84,7 +95,9 @@ class S3Storage(Storage):
         )
 
     @classmethod
-    def from_settings(cls, settings) -> "S3Storage":
+    def from_settings(cls, settings: Settings) -> S3Storage:
+        if not settings.s3_bucket:
+            raise StorageMisconfigured("MASKQ_S3_BUCKET is not set: there is no bucket to use")
         secret = settings.s3_secret_access_key
         return cls(
             settings.s3_bucket,
@@ -98,7 +111,7 @@ class S3Storage(Storage):
             timeout_s=settings.s3_timeout_s,
         )
 
-    def put(self, key, data, content_type="application/octet-stream"):
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         try:
             self.client.upload_fileobj(
                 io.BytesIO(data), self.bucket, key, ExtraArgs={"ContentType": content_type}, Config=self.transfer
@@ -106,9 +119,10 @@ class S3Storage(Storage):
         except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
             raise self._unavailable("write", key, exc) from exc
 
-    def get(self, key):
+    def get(self, key: str) -> bytes:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            body: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            return body
         except ClientError as exc:
             if _code(exc) in _MISSING_KEY:
                 raise KeyError(key) from None
@@ -116,7 +130,7 @@ class S3Storage(Storage):
         except BotoCoreError as exc:
             raise self._unavailable("read", key, exc) from exc
 
-    def exists(self, key):
+    def exists(self, key: str) -> bool:
         try:
             self.client.head_object(Bucket=self.bucket, Key=key)
             return True
@@ -127,7 +141,7 @@ class S3Storage(Storage):
         except BotoCoreError as exc:
             raise self._unavailable("look up", key, exc) from exc
 
-    def list(self, prefix):
+    def list(self, prefix: str) -> list[str]:
         keys: list[str] = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
@@ -136,16 +150,16 @@ class S3Storage(Storage):
             raise self._unavailable("list", prefix, exc) from exc
         return sorted(keys)
 
-    def delete(self, key):
+    def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key)
         except (BotoCoreError, ClientError) as exc:
             raise self._unavailable("delete", key, exc) from exc
 
-    def delete_prefix(self, prefix):
+    def delete_prefix(self, prefix: str) -> int:
         keys = self.list(prefix)
         for start in range(0, len(keys), _DELETE_BATCH):
-            batch = [{"Key": k} for k in keys[start:start + _DELETE_BATCH]]
+            batch = [{"Key": k} for k in keys[start : start + _DELETE_BATCH]]
             try:
                 answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
             except (BotoCoreError, ClientError) as exc:
@@ -158,18 +172,19 @@ class S3Storage(Storage):
                 )
         return len(keys)
 
-    def url(self, key):
+    def url(self, key: str) -> str:
         # Signing is local computation: no request goes to the store here.
-        return self.client.generate_presigned_url(
+        url: str = self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.presign_expiry_s
         )
+        return url
 
-    def identity(self):
+    def identity(self) -> str:
         # The bucket alone: the web and a worker may reach one store by different endpoints (a cluster's
         # internal name and a public one), and must not be told they are on two.
         return f"s3:{self.bucket}"
 
-    def check(self):
+    def check(self) -> None:
         try:
             self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
         except (BotoCoreError, ClientError) as exc:
@@ -199,8 +214,11 @@ class S3Storage(Storage):
                 ) from None
             log.warning("S3 bucket %s: %s; starting anyway", self.bucket, _message(exc))
         except BotoCoreError as exc:
-            log.warning("S3 store %s cannot be reached (%s); starting anyway, jobs wait for it",
-                        self.endpoint_url or "(AWS)", exc)
+            log.warning(
+                "S3 store %s cannot be reached (%s); starting anyway, jobs wait for it",
+                self.endpoint_url or "(AWS)",
+                exc,
+            )
 
     def _unavailable(self, action: str, key: str, exc: Exception) -> StorageUnavailable:
         cause = exc

@@ -1,9 +1,10 @@
 """The Celery task that makes one webhook delivery attempt (``workers/webhook_delivery.py`` does the work)."""
+
 from __future__ import annotations
 
 from celery import shared_task
 
-from domain.webhooks import DELIVER_WEBHOOK
+from config.task_names import DELIVER_WEBHOOK
 from workers import process, webhook_delivery
 
 

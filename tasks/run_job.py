@@ -1,10 +1,11 @@
 """The Celery task that runs one job (``workers/job_runner.py`` does the work)."""
+
 from __future__ import annotations
 
 from celery import Task, shared_task
 from celery.exceptions import TimeLimitExceeded
 
-from domain.lanes import RUN_JOB
+from config.task_names import RUN_JOB
 from workers import job_end, job_runner
 
 
@@ -22,5 +23,5 @@ class JobTask(Task):
 
 @shared_task(name=RUN_JOB, base=JobTask, bind=True)
 def run_job(self, job_id: str) -> None:
-    # The job's W3C trace context rides in the message's headers (domain/lanes.py send_job).
+    # The job's W3C trace context rides in the message's headers (stores/lanes.py send_job).
     job_runner.run(job_id, traceparent=self.request.get("traceparent"))

@@ -4,6 +4,7 @@ Markers follow the folders (``unit``, ``integration``, ``e2e``). A test that
 needs a tool this machine lacks is skipped on a laptop but fails under CI
 (``CI=true``), as Dramatiq's fixtures do.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from config.embedded_redis import RedisServer
 from config.settings import Settings
+from runtime.embedded_redis import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"  # copied from the shared data folder, with its provenance note (README.md there)
@@ -121,7 +122,7 @@ def base_env(redis_server, storage_dir) -> dict[str, str]:
 
 
 def settings_from(env: dict[str, str], **overrides) -> Settings:
-    values = {k[len("MASKQ_"):].lower(): v for k, v in env.items() if k.startswith("MASKQ_")}
+    values = {k[len("MASKQ_") :].lower(): v for k, v in env.items() if k.startswith("MASKQ_")}
     return Settings(**{**values, **overrides})
 
 
@@ -147,7 +148,9 @@ def redis_client(redis_server):
 class WorkerProcess:
     """A real ``celery worker`` process (main process plus its pool children)."""
 
-    def __init__(self, env: dict[str, str], name: str, queues: str = "interactive,default,batch,webhooks", concurrency: int = 1):
+    def __init__(
+        self, env: dict[str, str], name: str, queues: str = "interactive,default,batch,webhooks", concurrency: int = 1
+    ):
         self.env = env
         self.name = name
         self.queues = queues
@@ -155,18 +158,30 @@ class WorkerProcess:
         self.process: subprocess.Popen | None = None
         self.log_path = Path(env["MASKQ_DATA_DIR"]) / f"worker-{name}.log"
 
-    def start(self, client: redis.Redis, timeout: float = 60, wait_ready: bool = True) -> "WorkerProcess":
+    def start(self, client: redis.Redis, timeout: float = 60, wait_ready: bool = True) -> WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [
-            str(VENV_BIN / "celery"), "-A", "workers.celery_app", "worker", "-Q", self.queues,
-            "-c", str(self.concurrency), "-n", f"{self.name}@%h", "--without-mingle", "--without-gossip",
-            "--loglevel", "INFO",
+            str(VENV_BIN / "celery"),
+            "-A",
+            "workers.celery_app",
+            "worker",
+            "-Q",
+            self.queues,
+            "-c",
+            str(self.concurrency),
+            "-n",
+            f"{self.name}@%h",
+            "--without-mingle",
+            "--without-gossip",
+            "--loglevel",
+            "INFO",
         ]
         # PYTHONPATH: test-only model adapters (tests/support) must import in the pool processes.
         env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT)}
         self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while wait_ready and not self.ready_children(client):
             if self.process.poll() is not None:
@@ -186,7 +201,7 @@ class WorkerProcess:
             return []
 
     def ready_children(self, client: redis.Redis) -> list[int]:
-        from domain.fleet import live_workers
+        from stores.fleet import live_workers
 
         pids = set(self.children())
         return [pid for pid in (int(w["id"].rsplit(":", 1)[1]) for w in live_workers(client)) if pid in pids]
@@ -255,7 +270,7 @@ def authorized_client(app, tenant: str = "default", **policy):
     ``policy`` is the key's ``lane``, ``max_lane`` and ``rate``; the key itself is ``client.api_key``.
     A request that sets its own ``Authorization`` header sends that instead.
     """
-    from domain.tenants import KeyStore
+    from stores.tenants import KeyStore
     from webapp.services import services
 
     with app.app_context():
@@ -295,13 +310,17 @@ class IsolatedStack:
         app.testing = True
         return authorized_client(app)
 
-    def worker(self, name: str = "isolated", queues: str = "interactive,default,batch,webhooks", **env) -> WorkerProcess:
-        process = WorkerProcess({**self.env, **{k: str(v) for k, v in env.items()}}, name, queues=queues).start(self.redis)
+    def worker(
+        self, name: str = "isolated", queues: str = "interactive,default,batch,webhooks", **env
+    ) -> WorkerProcess:
+        process = WorkerProcess({**self.env, **{k: str(v) for k, v in env.items()}}, name, queues=queues).start(
+            self.redis
+        )
         self.workers.append(process)
         return process
 
     def jobs(self):
-        from domain.records import JobStore
+        from stores.jobs import JobStore
 
         return JobStore(self.redis, 3600)
 
@@ -314,8 +333,12 @@ class IsolatedStack:
 @pytest.fixture
 def isolated(tmp_path, base_env):
     server = RedisServer(free_port(), tmp_path / "redis").start()
-    env = {**base_env, "MASKQ_REDIS_URL": server.url, "MASKQ_DATA_DIR": str(tmp_path / "data"),
-           "MASKQ_STORAGE_DIR": str(tmp_path / "storage")}
+    env = {
+        **base_env,
+        "MASKQ_REDIS_URL": server.url,
+        "MASKQ_DATA_DIR": str(tmp_path / "data"),
+        "MASKQ_STORAGE_DIR": str(tmp_path / "storage"),
+    }
     stack = IsolatedStack(server, env)
     yield stack
     stack.close()

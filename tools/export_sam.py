@@ -23,6 +23,7 @@ Any folder ``transformers.SamModel.from_pretrained`` reads works (``facebook/sam
 and friends once downloaded, or a converted MobileSAM/SAM checkpoint). The script
 checks both graphs against PyTorch with ONNX Runtime and prints the manifest entry.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,16 @@ from torch.nn import functional as F
 # tests"); the prompt encoder and mask decoder keep their real sizes. SamVisionConfig's default
 # initializer_range (1e-10) would leave the random encoder's output at ~1e-20, so the image
 # would not matter to the masks and the tests could not see a wrong frame.
-TINY_VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, mlp_dim=128,
-                   output_channels=256, global_attn_indexes=[1], window_size=4, initializer_range=0.02)
+TINY_VISION = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "mlp_dim": 128,
+    "output_channels": 256,
+    "global_attn_indexes": [1],
+    "window_size": 4,
+    "initializer_range": 0.02,
+}
 OPSET = 17
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # SAM's, on 0-255 RGB
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -114,16 +123,19 @@ class PromptDecoder(nn.Module):
         tokens = torch.cat([tokens[None, None], sparse[:, None]], dim=2)
         _, channels, height, width = image_embeddings.shape
         queries, keys = decoder.transformer(
-            point_embeddings=tokens, image_embeddings=image_embeddings + dense,
+            point_embeddings=tokens,
+            image_embeddings=image_embeddings + dense,
             image_positional_embeddings=self.model.get_image_wide_positional_embeddings(),
             attention_similarity=None,
         )
         iou_token = queries[:, :, 0, :]
-        mask_tokens = queries[:, :, 1:1 + decoder.num_mask_tokens, :]
+        mask_tokens = queries[:, :, 1 : 1 + decoder.num_mask_tokens, :]
         image = keys.transpose(2, 3).reshape(1, channels, height, width)
         upscaled = decoder.activation(decoder.upscale_layer_norm(decoder.upscale_conv1(image)))
         upscaled = decoder.activation(decoder.upscale_conv2(upscaled))
-        hyper = torch.stack([mlp(mask_tokens[:, :, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=2)
+        hyper = torch.stack(
+            [mlp(mask_tokens[:, :, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=2
+        )
         _, up_channels, up_height, up_width = upscaled.shape
         masks = hyper @ upscaled.reshape(1, 1, up_channels, up_height * up_width)
         masks = masks.reshape(1, decoder.num_mask_tokens, up_height, up_width)
@@ -178,14 +190,24 @@ def export_encoder(model, path: Path, opset: int = OPSET, encoder_input: str = "
         warnings.simplefilter("ignore")  # tracer warnings about Python values are expected here
         if encoder_input == "resized":
             torch.onnx.export(
-                PreprocessingImageEncoder(model), (torch.rand(size, int(size * 0.75), 3) * 255,), str(path),
-                input_names=["input_image"], output_names=["image_embeddings"],
-                dynamic_axes={"input_image": {0: "height", 1: "width"}}, opset_version=opset, dynamo=False,
+                PreprocessingImageEncoder(model),
+                (torch.rand(size, int(size * 0.75), 3) * 255,),
+                str(path),
+                input_names=["input_image"],
+                output_names=["image_embeddings"],
+                dynamic_axes={"input_image": {0: "height", 1: "width"}},
+                opset_version=opset,
+                dynamo=False,
             )
         else:
             torch.onnx.export(
-                ImageEncoder(model), (torch.randn(1, 3, size, size),), str(path),
-                input_names=["image"], output_names=["image_embeddings"], opset_version=opset, dynamo=False,
+                ImageEncoder(model),
+                (torch.randn(1, 3, size, size),),
+                str(path),
+                input_names=["image"],
+                output_names=["image_embeddings"],
+                opset_version=opset,
+                dynamo=False,
             )
     return path
 
@@ -198,12 +220,25 @@ def export_decoder(model, path: Path, opset: int = OPSET) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            PromptDecoder(model), decoder_inputs(channels, embedding_size, size), str(path),
-            input_names=["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"],
+            PromptDecoder(model),
+            decoder_inputs(channels, embedding_size, size),
+            str(path),
+            input_names=[
+                "image_embeddings",
+                "point_coords",
+                "point_labels",
+                "mask_input",
+                "has_mask_input",
+                "orig_im_size",
+            ],
             output_names=["masks", "iou_predictions", "low_res_masks"],
-            dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"},
-                          "masks": {2: "height", 3: "width"}},
-            opset_version=opset, dynamo=False,
+            dynamic_axes={
+                "point_coords": {1: "num_points"},
+                "point_labels": {1: "num_points"},
+                "masks": {2: "height", 3: "width"},
+            },
+            opset_version=opset,
+            dynamo=False,
         )
     return path
 
@@ -239,7 +274,7 @@ def check(model, paths: dict[str, Path], atol: float = 1e-3) -> dict[str, float]
     names = [i.name for i in decoder.get_inputs()]
     # A portrait size unlike the export's landscape dummy: catches a crop frozen at trace time.
     inputs = decoder_inputs(embeddings.shape[1], embeddings.shape[2], size, orig=(700.0, 333.0))
-    inputs = (torch.from_numpy(embeddings),) + inputs[1:]
+    inputs = (torch.from_numpy(embeddings), *inputs[1:])
     started = time.perf_counter()
     outputs = decoder.run(None, dict(zip(names, (t.numpy() for t in inputs))))
     timings["decoder_s"] = time.perf_counter() - started
@@ -253,8 +288,9 @@ def check(model, paths: dict[str, Path], atol: float = 1e-3) -> dict[str, float]
 def manifest_entry(name: str, version: str, out_dir: Path) -> str:
     return (
         f'[models.{name}]\nversion = "{version}"\nadapter = "models.adapters.sam:SamAdapter"\n'
-        f'files = {{ encoder = "{out_dir.resolve() / "encoder.onnx"}", decoder = "{out_dir.resolve() / "decoder.onnx"}" }}\n'
-        'options = { multimask = false, mask_threshold = 0.0, embedding_cache_mb = 256 }\n'
+        f'files = {{ encoder = "{out_dir.resolve() / "encoder.onnx"}", '
+        f'decoder = "{out_dir.resolve() / "decoder.onnx"}" }}\n'
+        "options = { multimask = false, mask_threshold = 0.0, embedding_cache_mb = 256 }\n"
     )
 
 
@@ -262,13 +298,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", nargs="?", type=Path, help="a Hugging Face SamModel folder")
     parser.add_argument("out_dir", type=Path, help="where encoder.onnx and decoder.onnx go")
-    parser.add_argument("--tiny-random", action="store_true",
-                        help="build the small random SAM (saved to OUT_DIR/checkpoint) instead of reading one")
+    parser.add_argument(
+        "--tiny-random",
+        action="store_true",
+        help="build the small random SAM (saved to OUT_DIR/checkpoint) instead of reading one",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of --tiny-random")
     parser.add_argument("--opset", type=int, default=OPSET)
-    parser.add_argument("--encoder-input", choices=("normalized", "resized"), default="normalized",
-                        help="normalized: [1, 3, S, S] preprocessed (the official layout); resized: [h, w, 3] "
-                             "RGB with normalisation and padding inside the graph (samexporter --use-preprocess)")
+    parser.add_argument(
+        "--encoder-input",
+        choices=("normalized", "resized"),
+        default="normalized",
+        help="normalized: [1, 3, S, S] preprocessed (the official layout); resized: [h, w, 3] "
+        "RGB with normalisation and padding inside the graph (samexporter --use-preprocess)",
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime check")
     parser.add_argument("--name", default="sam", help="the model's name in the printed manifest entry")
     args = parser.parse_args(argv)
@@ -286,11 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.checkpoint)
     started = time.perf_counter()
     paths = export(model, args.out_dir, args.opset, args.encoder_input)
-    print(f"exported {paths['encoder']} and {paths['decoder']} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    print(
+        f"exported {paths['encoder']} and {paths['decoder']} in {time.perf_counter() - started:.1f} s", file=sys.stderr
+    )
     if not args.no_check:
         timings = check(model, paths)
-        print(f"ONNX Runtime matches PyTorch; encoder {timings['encoder_s'] * 1000:.0f} ms, "
-              f"decoder {timings['decoder_s'] * 1000:.0f} ms", file=sys.stderr)
+        print(
+            f"ONNX Runtime matches PyTorch; encoder {timings['encoder_s'] * 1000:.0f} ms, "
+            f"decoder {timings['decoder_s'] * 1000:.0f} ms",
+            file=sys.stderr,
+        )
     version = f"tiny-random-{args.seed}" if args.tiny_random else args.checkpoint.resolve().name
     print(manifest_entry(args.name, version, args.out_dir))
     return 0

@@ -20,6 +20,7 @@ Usage::
     python tools/make_fp16.py sam                          # the model "sam" of config/models.toml
     python tools/make_fp16.py sam --manifest my-models.toml
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config.settings import load_settings  # noqa: E402
-from models.manifest import FP16_SUFFIX, read_manifest  # noqa: E402
+from config.settings import load_settings
+from models.manifest import FP16_SUFFIX, read_manifest
 
 
 def convert(source: Path, target: Path) -> None:
@@ -74,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{role}: {source} is missing (fetch it first: make models)")
         convert(source, target)
         digest = hashlib.sha256(target.read_bytes()).hexdigest()
-        print(f"{role}: {source.name} -> {target} ({source.stat().st_size / 2**20:.1f} MB -> "
-              f"{target.stat().st_size / 2**20:.1f} MB), sha256 {digest}")
+        print(
+            f"{role}: {source.name} -> {target} ({source.stat().st_size / 2**20:.1f} MB -> "
+            f"{target.stat().st_size / 2**20:.1f} MB), sha256 {digest}"
+        )
         if not named:
             missing_lines.append(f'{role}{FP16_SUFFIX} = "{target}"')
     if missing_lines:

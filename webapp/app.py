@@ -1,20 +1,21 @@
 """The Flask app factory: ``create_app(settings=None)``."""
+
 from __future__ import annotations
 
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from config import telemetry
-from config.redis_connection import connect
 from config.celery import create_celery
 from config.settings import Settings, load_settings
+from models.catalog import LiveCatalog
+from runtime import telemetry
+from runtime.redis_connection import connect
 from storage import open_storage
-from domain.lanes import Lanes
-from domain.records import JobStore
-from domain.webhooks import JobEvents
+from stores.jobs import JobStore
+from stores.lanes import Lanes
+from stores.webhooks import JobEvents
 from webapp.errors import register_error_handlers
 from webapp.services import Services
-from models.catalog import LiveCatalog
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -23,22 +24,22 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Base64 in JSON is 4/3 of the image; the rest is room for the request JSON.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_image_bytes * 4 // 3 + 8 * 1024 * 1024
     app.config["MAX_FORM_MEMORY_SIZE"] = 8 * 1024 * 1024
-    app.json.sort_keys = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # Flask's DefaultJSONProvider, set above
     client = connect(settings.broker_url, settings.redis_sentinel_master, socket_timeout=10, socket_connect_timeout=5)
-    jobs = JobStore(client, settings.job_ttl_s)
+    job_store = JobStore(client, settings.job_ttl_s)
     # Follows the manifest file: a new model version is served without a restart (models/catalog.py).
     catalog = LiveCatalog(settings.models_manifest, settings.manifest_check_s, settings)
     app.extensions["maskq"] = Services(
         settings=settings,
         redis=client,
-        jobs=jobs,
-        lanes=Lanes(client, jobs, settings),
+        jobs=job_store,
+        lanes=Lanes(client, job_store, settings),
         storage=open_storage(settings),
         catalog=catalog,
         celery=create_celery(settings),
     )
     # Every move a request makes (a cancel, an expiry noticed on read) becomes the job's webhook event.
-    jobs.on_moved = JobEvents(client, app.extensions["maskq"].celery)
+    job_store.on_moved = JobEvents(client, app.extensions["maskq"].celery)
     from webapp import batches, deliveries, events, health, jobs, metrics, models, page
 
     # Timed from the first hook to the last, so every answer (an auth failure, a 429) is counted.
@@ -64,5 +65,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.trusted_proxy_hops:
         # The client address (failed-auth and anonymous rate limits) from X-Forwarded-For, but only as many
         # hops back as there are proxies we run: anything further left was written by the client.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops)  # type: ignore[method-assign]
     return app

@@ -5,6 +5,7 @@ route added later cannot forget it. It puts the key's stored record on
 ``flask.g.api_key``; views read the tenant with :func:`current_tenant` and
 pick a lane with :func:`choose_lane`.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,9 +16,10 @@ from limits import parse
 from limits.storage import storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
-from config.redis_connection import limiter_storage
 from domain.errors import Forbidden, TooManyRequests, Unauthorized
-from domain.tenants import ApiKey, KeyStore
+from domain.tenants import ApiKey
+from runtime.redis_connection import limiter_storage
+from stores.tenants import KeyStore
 from webapp.errors import problem
 from webapp.services import services
 
@@ -52,8 +54,11 @@ def authenticate() -> None:
         # Only a failed attempt is counted, and only it is refused past the rate: behind an ingress every
         # client has one address, and a valid key must not wait on what someone else sent from it.
         current_app.extensions["maskq.failed_auth"].count(request.remote_addr or "unknown")
-        raise Unauthorized("the API key is not valid" if bearer else
-                           "send the API key as `Authorization: Bearer <key>` (`maskq keys create` makes one)")
+        raise Unauthorized(
+            "the API key is not valid"
+            if bearer
+            else "send the API key as `Authorization: Bearer <key>` (`maskq keys create` makes one)"
+        )
     if record.revoked:
         raise Forbidden(f"the API key {record.key_id} was revoked")
     g.api_key = record
@@ -77,9 +82,11 @@ class FailedAuthentications:
         """Count one failed attempt from ``address``; past the rate, refuse it (429) rather than answer 401."""
         if not self.limiter.hit(self.rate, "maskq-auth-failures", address):
             reset, _ = self.limiter.get_window_stats(self.rate, "maskq-auth-failures", address)
-            raise TooManyRequests(f"too many failed authentications from this address (over {self.rate}); "
-                                  "retry after the time in Retry-After",
-                                  retry_after=max(1, math.ceil(reset - time.time())))
+            raise TooManyRequests(
+                f"too many failed authentications from this address (over {self.rate}); "
+                "retry after the time in Retry-After",
+                retry_after=max(1, math.ceil(reset - time.time())),
+            )
 
 
 def current_key() -> ApiKey:

@@ -7,7 +7,7 @@ says otherwise; its ``webhook`` gets ``batch.completed``) and an optional
 ``prompts`` part (a JSON object: file name → that image's prompts). Every
 image is checked as ``POST /v1/jobs`` checks it; one that fails is listed
 under ``rejected`` with its problem, and the rest go on. The batch itself
-lives in Redis (domain/batches.py), so it outlives any process.
+lives in Redis (stores/batches.py), so it outlives any process.
 
 The upload is read twice, never held whole: a first reading checks every
 bound and keeps each image's name and digest (for the Idempotency-Key's
@@ -15,6 +15,7 @@ fingerprint and the prompts' names); the second makes one job per image, with
 one image in memory at a time. A web process takes at most
 ``MASKQ_MAX_CONCURRENT_BATCH_UPLOADS`` uploads at once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,24 +25,32 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 from flask import Blueprint, Response, current_app, request, url_for
 
 from domain import trace
 from domain.archives import Member, iter_archive
-from domain.batches import BatchRecord, BatchStore, document
+from domain.batches import BatchRecord, document
 from domain.coco import Item, coco_document
-from domain.documents import job_document
-from domain.errors import (Conflict, MaskqError, NotFound, PayloadTooLarge, ServiceUnavailable,
-                           UnsupportedMediaType, ValidationFailed)
+from domain.documents import stored_job_document
+from domain.errors import (
+    Conflict,
+    MaskqError,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
 from domain.records import JobState
-from domain.result_cache import ResultCache
 from domain.schemas import BatchRequest, PromptSet, parse_model
 from domain.webhook_urls import check_webhook_url
-from domain.webhooks import notify_batches
+from stores.batches import BatchStore
+from stores.result_cache import ResultCache
+from stores.webhooks import notify_batches
 from webapp.auth import choose_lane, current_tenant
 from webapp.idempotency import claim_submission
 from webapp.jobs import accept, cancel_after_header, new_job
@@ -75,10 +84,11 @@ def _submit_batch():
     request.max_content_length = settings.max_batch_bytes + FORM_SLACK_BYTES
     # Every file part to disk as it arrives: werkzeug keeps up to 500 kB of each in memory, and a batch may
     # have hundreds of parts. The images are then read one at a time (below).
-    request._get_file_stream = _file_part_stream
+    request._get_file_stream = _file_part_stream  # type: ignore[method-assign]  # werkzeug's hook for file parts
     if request.mimetype != "multipart/form-data":
-        raise UnsupportedMediaType("send multipart/form-data: parts 'images' (repeatable) or 'archive', "
-                                   "'request', and optionally 'prompts'")
+        raise UnsupportedMediaType(
+            "send multipart/form-data: parts 'images' (repeatable) or 'archive', 'request', and optionally 'prompts'"
+        )
     cancel_after_header()  # a bad Cancel-After is a 4xx before the upload is read; each job reads it (new_job)
     body = json_part(request, "request")
     body = {} if body is None else body
@@ -90,19 +100,32 @@ def _submit_batch():
     choose_lane(batch_request.lane)  # 403 above the key's ceiling, before anything is read
     images = _survey(settings, per_image)
     if not images:
-        raise ValidationFailed("the batch has no images: send parts named 'images', or an 'archive'",
-                               errors=[{"field": "images", "message": "missing"}])
+        raise ValidationFailed(
+            "the batch has no images: send parts named 'images', or an 'archive'",
+            errors=[{"field": "images", "message": "missing"}],
+        )
     depth, limit = s.lanes.depth(batch_request.lane), settings.lane_max_depth[batch_request.lane]
     if depth + len(images) > limit:
-        raise ServiceUnavailable(f"the {batch_request.lane} lane has room for {max(limit - depth, 0)} more jobs, "
-                                 f"not {len(images)}; try again later", retry_after=30)
+        raise ServiceUnavailable(
+            f"the {batch_request.lane} lane has room for {max(limit - depth, 0)} more jobs, "
+            f"not {len(images)}; try again later",
+            retry_after=30,
+        )
     store = batches()
-    batch = BatchRecord(id=store.new_id(), tenant=current_tenant(), created_at=time.time(), lane=batch_request.lane,
-                        model=batch_request.model,
-                        webhook=batch_request.webhook.model_dump(mode="json") if batch_request.webhook else None)
+    batch = BatchRecord(
+        id=store.new_id(),
+        tenant=current_tenant(),
+        created_at=time.time(),
+        lane=batch_request.lane,
+        model=batch_request.model,
+        webhook=batch_request.webhook.model_dump(mode="json") if batch_request.webhook else None,
+    )
     fingerprint = hashlib.sha256(b"".join(image.sha256 for image in images)).digest()
-    claim = claim_submission(batch.id, fingerprint, {"request": body, "prompts": per_image_raw(per_image),
-                                                     "names": [image.name for image in images]})
+    claim = claim_submission(
+        batch.id,
+        fingerprint,
+        {"request": body, "prompts": per_image_raw(per_image), "names": [image.name for image in images]},
+    )
     if claim.replayed:
         return _answer(load_batch(claim.job_id), 200, replayed=True)
     store.create(batch)
@@ -119,12 +142,19 @@ def _submit_batch():
         store.reject(batch.id, rejected)
     if len(rejected) == len(images):
         store.discard(batch.id)  # no batch, no batch.completed: the answer is the 422
-        raise ValidationFailed(f"none of the {len(images)} images could be accepted",
-                               errors=[{"field": r["file_name"], "message": r["detail"]} for r in rejected])
+        raise ValidationFailed(
+            f"none of the {len(images)} images could be accepted",
+            errors=[{"field": r["file_name"], "message": r["detail"]} for r in rejected],
+        )
     if store.seal(batch.id):  # every job had ended already (result-cache hits): the batch is complete now
         notify_batches(store, _base_url(), s.celery)
-    log.info("batch %s: %d jobs on the %s lane, %d rejected", batch.id, len(images) - len(rejected),
-             batch.lane, len(rejected))
+    log.info(
+        "batch %s: %d jobs on the %s lane, %d rejected",
+        batch.id,
+        len(images) - len(rejected),
+        batch.lane,
+        len(rejected),
+    )
     return _answer(load_batch(batch.id), 202)
 
 
@@ -134,8 +164,9 @@ def _upload_slot(settings):
     most = settings.max_concurrent_batch_uploads
     slots = current_app.extensions.setdefault("maskq.batch_upload_slots", threading.BoundedSemaphore(most))
     if not slots.acquire(blocking=False):
-        raise ServiceUnavailable(f"this server is taking {most} batch uploads already; try again shortly",
-                                 retry_after=5)
+        raise ServiceUnavailable(
+            f"this server is taking {most} batch uploads already; try again shortly", retry_after=5
+        )
     try:
         yield
     finally:
@@ -154,12 +185,22 @@ class Seen:
     sha256: bytes
 
 
-def _add(s, store: BatchStore, batch: BatchRecord, member: Member, batch_request: BatchRequest,
-         per_image: dict[str, PromptSet], traceparent: str) -> dict | None:
+def _add(
+    s,
+    store: BatchStore,
+    batch: BatchRecord,
+    member: Member,
+    batch_request: BatchRequest,
+    per_image: dict[str, PromptSet],
+    traceparent: str,
+) -> dict | None:
     """The image's job, added to the batch; or the image's problem, when it is refused."""
     if member.too_large:
-        return {"file_name": member.name, "status": 413,
-                "detail": f"the image is larger than {s.settings.max_image_bytes} bytes"}
+        return {
+            "file_name": member.name,
+            "status": 413,
+            "detail": f"the image is larger than {s.settings.max_image_bytes} bytes",
+        }
     job = None
     try:
         job = new_job(s, member.data, batch_request.job_request(per_image.get(member.name)), batch=batch.id)
@@ -169,8 +210,12 @@ def _add(s, store: BatchStore, batch: BatchRecord, member: Member, batch_request
     except MaskqError as exc:
         if job is not None:
             store.not_added(batch.id, job.record.id)
-        return {"file_name": member.name, "status": exc.status, "detail": exc.detail,
-                **({"errors": exc.errors} if exc.errors else {})}
+        return {
+            "file_name": member.name,
+            "status": exc.status,
+            "detail": exc.detail,
+            **({"errors": exc.errors} if exc.errors else {}),
+        }
     store.added(batch.id, record.id, member.name, record.status.ended)
     return None
 
@@ -190,34 +235,45 @@ def _members(settings) -> Iterator[Member]:
         yield Member(name, too_large=True) if size > settings.max_image_bytes else Member(name, part.stream.read(size))
     archive = request.files.get("archive")
     if archive is not None:
-        yield from iter_archive(archive.stream, max_images=settings.max_batch_images - len(parts),
-                                max_image_bytes=settings.max_image_bytes, max_total_bytes=settings.max_batch_bytes)
+        yield from iter_archive(
+            archive.stream,
+            max_images=settings.max_batch_images - len(parts),
+            max_image_bytes=settings.max_image_bytes,
+            max_total_bytes=settings.max_batch_bytes,
+        )
 
 
 def _survey(settings, per_image: dict) -> list[Seen]:
     """A first reading of the upload: every bound checked, each image's name and digest kept, no bytes."""
     empty = hashlib.sha256(b"").digest()  # an image too large to read counts as no bytes
-    images = [Seen(m.name, hashlib.sha256(m.data).digest() if not m.too_large else empty)
-              for m in _members(settings)]
+    images = [Seen(m.name, hashlib.sha256(m.data).digest() if not m.too_large else empty) for m in _members(settings)]
     names = [image.name for image in images]
     unknown = sorted(set(per_image) - set(names))
     if unknown:
-        raise ValidationFailed(f"prompts name files that are not in the batch: {', '.join(unknown[:5])}",
-                               errors=[{"field": f"prompts[{n}]", "message": "no such image"} for n in unknown[:20]])
+        raise ValidationFailed(
+            f"prompts name files that are not in the batch: {', '.join(unknown[:5])}",
+            errors=[{"field": f"prompts[{n}]", "message": "no such image"} for n in unknown[:20]],
+        )
     if len(set(names)) != len(names):  # per-image prompts and the COCO file go by name
         twice = sorted({n for n in names if names.count(n) > 1})
-        raise ValidationFailed(f"file names must be unique in a batch: {', '.join(twice[:5])}",
-                               errors=[{"field": "images", "message": f"{n!r} appears twice"} for n in twice[:20]])
+        raise ValidationFailed(
+            f"file names must be unique in a batch: {', '.join(twice[:5])}",
+            errors=[{"field": "images", "message": f"{n!r} appears twice"} for n in twice[:20]],
+        )
     return images
 
 
 def _per_image_prompts(raw: object, most: int) -> dict[str, PromptSet]:
     if not isinstance(raw, dict):
-        raise ValidationFailed("the prompts part must be a JSON object: file name -> prompts",
-                               errors=[{"field": "prompts", "message": "must be an object"}])
+        raise ValidationFailed(
+            "the prompts part must be a JSON object: file name -> prompts",
+            errors=[{"field": "prompts", "message": "must be an object"}],
+        )
     if len(raw) > most:  # before validating any: each name costs a model validation
-        raise ValidationFailed(f"the prompts part names {len(raw)} images; a batch holds at most {most}",
-                               errors=[{"field": "prompts", "message": f"more than {most} entries"}])
+        raise ValidationFailed(
+            f"the prompts part names {len(raw)} images; a batch holds at most {most}",
+            errors=[{"field": "prompts", "message": f"more than {most} entries"}],
+        )
     return {name: parse_model(PromptSet, prompts, f"prompts[{name}]") for name, prompts in raw.items()}
 
 
@@ -244,10 +300,11 @@ def get_batch_coco(batch_id: str):
         elif not record.status.ended:
             items.append(Item(name, error=f"{record.status}: not ended yet"))
         else:
-            items.append(Item(name, job=job_document(record, s.storage, _base_url())))
+            items.append(Item(name, job=stored_job_document(record, s.storage, _base_url())))
     coco = coco_document(items, description=f"maskq batch {batch.id}")
-    coco["failures"] += [{"file_name": r["file_name"], "error": f"{r['status']}: {r['detail']}"}
-                         for r in batch.rejected]
+    coco["failures"] += [
+        {"file_name": r["file_name"], "error": f"{r['status']}: {r['detail']}"} for r in batch.rejected
+    ]
     return Response(json.dumps(coco, ensure_ascii=False), mimetype="application/json")
 
 

@@ -1,13 +1,14 @@
 """``/v1/jobs/{id}/deliveries``: a job's webhook delivery log, and sending failed deliveries again."""
+
 from __future__ import annotations
 
 import json
 
 from flask import Blueprint, Response, request
 
-from domain.delivery_log import DeliveryLog
 from domain.errors import Conflict, InputError
-from domain.webhooks import redeliver
+from stores.delivery_log import DeliveryLog
+from stores.webhooks import redeliver
 from webapp.jobs import load_job
 from webapp.services import services
 
@@ -28,11 +29,14 @@ def redeliver_failed(job_id: str):
     record = load_job(job_id)
     data = request.get_json(silent=True) if request.get_data() else {}
     if not isinstance(data, dict):
-        raise InputError("the body must be a JSON object, or empty",
-                         errors=[{"field": "body", "message": "must be an object"}])
+        raise InputError(
+            "the body must be a JSON object, or empty", errors=[{"field": "body", "message": "must be an object"}]
+        )
     delivery_id = data.get("delivery_id")
     if delivery_id is not None and not isinstance(delivery_id, str):
-        raise InputError("delivery_id must be a string", errors=[{"field": "delivery_id", "message": "must be a string"}])
+        raise InputError(
+            "delivery_id must be a string", errors=[{"field": "delivery_id", "message": "must be a string"}]
+        )
     s = services()
     queued = redeliver(s.redis, record.id, delivery_id, s.celery)
     if not queued:

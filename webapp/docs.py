@@ -9,6 +9,7 @@ its own. A key typed into "Authorize" stays in the tab's memory
 ``localStorage``, readable by any script of this origin and by whoever uses the
 browser next.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,11 @@ SWAGGER_UI_CONFIG = {
 
 # Scripts and styles from this origin only, no inline script; images may be data: URLs, which
 # swagger-ui.css uses for its icons.
-CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                           "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
-                           "frame-ancestors 'none'")
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
 
 PAGE = f"""<!DOCTYPE html>
 <html lang="en">

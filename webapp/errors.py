@@ -1,4 +1,5 @@
 """Every error leaves as ``application/problem+json`` (RFC 9457); one handler per kind."""
+
 from __future__ import annotations
 
 import logging
@@ -45,8 +46,12 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(redis.RedisError)
     def _redis(exc: redis.RedisError):
         log.warning("Redis unavailable: %s", exc)
-        return problem(503, "Service unavailable", "the job store cannot be reached; try again shortly",
-                       headers={"Retry-After": "5"})
+        return problem(
+            503,
+            "Service unavailable",
+            "the job store cannot be reached; try again shortly",
+            headers={"Retry-After": "5"},
+        )
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

@@ -15,7 +15,7 @@ A batch's stream: ``progress`` (the batch without its job list) each time a job 
 batch's status moves, and ``end`` with the whole batch document. Its ids are ``{done}-{status}``:
 the jobs ended so far and the batch's status, both of which only grow.
 
-Resuming: ids only grow, per job (the transition script counts a job's moves, domain/records.py)
+Resuming: ids only grow, per job (the transition script counts a job's moves, stores/jobs.py)
 and per batch. A client that reconnects with ``Last-Event-ID`` gets what is newer than that id,
 never an event it saw: the current state if the job moved since (moves it missed in between are
 not replayed: the next event carries the state it is in now), else only later changes; one that saw
@@ -30,6 +30,7 @@ poll's (``JobStore.wait_until_ended``): a subscription to the job's move channel
 each second while the job is queued (its place moves when jobs ahead start, which its channel
 does not tell).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,7 +39,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import redis
@@ -79,7 +80,7 @@ class JobEventId:
         return f"{self.move}.{self.tick}" if self.tick else str(self.move)
 
     @classmethod
-    def parse(cls, text: str) -> "JobEventId":
+    def parse(cls, text: str) -> JobEventId:
         found = _JOB_ID.fullmatch(text.strip())
         if found is None:
             raise _bad_last_event_id(text, "a job's event ids are 'm' or 'm.k' (numbers)")
@@ -101,7 +102,7 @@ class BatchEventId:
         return self.done, BATCH_RANKS[self.status]
 
     @classmethod
-    def parse(cls, text: str) -> "BatchEventId":
+    def parse(cls, text: str) -> BatchEventId:
         found = _BATCH_ID.fullmatch(text.strip())
         if found is None or found[2] not in BATCH_RANKS:
             raise _bad_last_event_id(text, "a batch's event ids are '{done}-{status}'")
@@ -155,13 +156,17 @@ def _stream(events: Iterator[str]) -> Response:
     held = contextlib.ExitStack()
     if not held.enter_context(wait_slot(s.redis, client_id(), s.settings.max_stream_s, s.settings.max_waits_per_key)):
         held.close()
-        raise TooManyRequests(f"this key already holds {s.settings.max_waits_per_key} waiting requests and event "
-                              "streams (MASKQ_MAX_WAITS_PER_KEY); retry when one of them ends", retry_after=5)
+        raise TooManyRequests(
+            f"this key already holds {s.settings.max_waits_per_key} waiting requests and event "
+            "streams (MASKQ_MAX_WAITS_PER_KEY); retry when one of them ends",
+            retry_after=5,
+        )
     threads = current_app.extensions["maskq.streams"]
     if not threads.acquire(blocking=False):
         held.close()
-        raise ServiceUnavailable("this server holds as many event streams as it can; retry shortly, or poll",
-                                 retry_after=5)
+        raise ServiceUnavailable(
+            "this server holds as many event streams as it can; retry shortly, or poll", retry_after=5
+        )
     held.callback(threads.release)
     response = Response(stream_with_context(_until_redis_fails(events)), mimetype=MEDIA_TYPE)
     # Released when the server closes the answer: at its end, or once a write finds the client gone
@@ -204,8 +209,17 @@ def _follow_job(job_id: str, seen: JobEventId | None) -> Iterator[str]:
                 doc = job_view(record)
                 if doc.get("queue_position") is not None and doc["queue_position"] != place:
                     seen, place = JobEventId(seen.move, seen.tick + 1), doc["queue_position"]
-                    yield wake.sent(sse(seen, "position", {"status": doc["status"], "queue_position": place,
-                                                           "estimated_start_at": doc.get("estimated_start_at")}))
+                    yield wake.sent(
+                        sse(
+                            seen,
+                            "position",
+                            {
+                                "status": doc["status"],
+                                "queue_position": place,
+                                "estimated_start_at": doc.get("estimated_start_at"),
+                            },
+                        )
+                    )
             if not (yield from wake.pause(QUEUED_RECHECK_S if record.status == JobState.QUEUED else RECHECK_S)):
                 return
 
@@ -253,7 +267,7 @@ class _Wakeups:
         self.last_write = time.monotonic()
         self.channels: set[str] = set()
 
-    def __enter__(self) -> "_Wakeups":
+    def __enter__(self) -> _Wakeups:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -270,7 +284,7 @@ class _Wakeups:
         self.last_write = time.monotonic()
         return text
 
-    def pause(self, most_s: float, at_least: float = 0.0) -> Iterator[str]:
+    def pause(self, most_s: float, at_least: float = 0.0) -> Generator[str, None, bool]:
         """Wait until a move is published (and ``at_least`` has passed) or ``most_s`` pass; heartbeats meanwhile.
 
         A generator to ``yield from`` (it yields the heartbeats): its value is False once the stream's
@@ -301,5 +315,7 @@ def _last_event_id(parse):
 
 
 def _bad_last_event_id(text: str, why: str) -> InputError:
-    return InputError(f"Last-Event-ID {text[:40]!r} is not an id of this stream: {why}",
-                      errors=[{"field": "Last-Event-ID", "message": why}])
+    return InputError(
+        f"Last-Event-ID {text[:40]!r} is not an id of this stream: {why}",
+        errors=[{"field": "Last-Event-ID", "message": why}],
+    )

@@ -1,13 +1,14 @@
 """gunicorn's settings, from maskq's: ``gunicorn -c webapp/gunicorn_conf.py "webapp.app:create_app()"``.
 
-Also the web tier's logging (``config/logs.py``) and Prometheus's multiprocess mode: each gunicorn
+Also the web tier's logging (``runtime/logs.py``) and Prometheus's multiprocess mode: each gunicorn
 process writes its HTTP series to a folder of this server's, and a scrape of any one reads them all.
 """
+
 import os
 import shutil
 
-from config import logs
 from config.settings import load_settings
+from runtime import logs
 
 _settings = load_settings()
 logs.configure(_settings)
@@ -33,7 +34,7 @@ loglevel = _settings.log_level.lower()
 
 def when_ready(server):
     # Once, in the master: on a loopback host with the embedded Redis, print the development API key.
-    from webapp.cli import announce_dev_key
+    from stores.dev_key import announce_dev_key
 
     announce_dev_key(_settings)
 

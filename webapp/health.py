@@ -1,4 +1,5 @@
 """Liveness and readiness (Prometheus metrics: webapp/metrics.py)."""
+
 from __future__ import annotations
 
 import logging
@@ -7,7 +8,7 @@ import redis
 from flask import Blueprint, jsonify
 
 from domain.errors import Forbidden, MaskqError
-from domain.fleet import gate_states, live_workers
+from stores.fleet import gate_states, live_workers
 from webapp.auth import current_key
 from webapp.services import services
 
@@ -24,7 +25,9 @@ def healthz():
 def readyz():
     """The public probe: ready or not, and which part is not. No names, paths or error texts."""
     checks, _ = _checks()
-    ready = all(value == "ok" for key, value in checks.items() if key != "workers") and checks["workers"] != "none ready"
+    ready = (
+        all(value == "ok" for key, value in checks.items() if key != "workers") and checks["workers"] != "none ready"
+    )
     return jsonify({"status": "ready" if ready else "not ready", "checks": checks}), (200 if ready else 503)
 
 
@@ -64,12 +67,13 @@ def _checks(detailed: bool = False) -> tuple[dict[str, str], dict[str, str]]:
         elsewhere = {w["id"] for w in workers if w.get("storage") and w["storage"] != mine}
         if elsewhere:
             checks["storage"] = "not shared"
-            why["storage"] = (f"{len(elsewhere)} worker process(es) write to another store than this web process "
-                              f"({mine}): {', '.join(sorted(elsewhere)[:5])}. More than one host "
-                              "needs S3 (MASKQ_S3_BUCKET) or one folder every host mounts")
+            why["storage"] = (
+                f"{len(elsewhere)} worker process(es) write to another store than this web process "
+                f"({mine}): {', '.join(sorted(elsewhere)[:5])}. More than one host "
+                "needs S3 (MASKQ_S3_BUCKET) or one folder every host mounts"
+            )
             log.error("storage: %s", why["storage"])
     except MaskqError as exc:
         checks["storage"] = "unavailable"
         why["storage"] = exc.detail
     return checks, why
-

@@ -12,6 +12,7 @@ process dies mid-way leaves a pending claim that lapses after
 ``MASKQ_IDEMPOTENCY_PENDING_TTL_S`` (a batch's fan-out, which may take longer,
 renews it as it goes: :meth:`Claim.keep_alive`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,7 +75,7 @@ class Claim:
 
     def keep_alive(self) -> None:
         """The request is still at work: hold the pending claim another ``pending_ttl_s``."""
-        if self.key is None or self.replayed:
+        if self.key is None or self.redis is None or self.replayed:
             return
         try:
             self.redis.eval(_RENEW, 1, self.key, self.value, self.pending_ttl_s)
@@ -83,7 +84,7 @@ class Claim:
 
     def settle(self, response):
         """Keep the claim for ``ttl_s`` when the job was queued (a 2xx answer), else let it go."""
-        if self.key is None or self.replayed:
+        if self.key is None or self.redis is None or self.replayed:
             return response
         try:
             if 200 <= response.status_code < 300:
@@ -98,8 +99,16 @@ class Claim:
         return response
 
 
-def claim(client: redis.Redis, tenant: str, header: str | None, job_id: str, image: bytes, body: object,
-          ttl_s: int, pending_ttl_s: int = PENDING_TTL_S) -> Claim:
+def claim(
+    client: redis.Redis,
+    tenant: str,
+    header: str | None,
+    job_id: str,
+    image: bytes,
+    body: object,
+    ttl_s: int,
+    pending_ttl_s: int = PENDING_TTL_S,
+) -> Claim:
     """Claim ``header`` for a new job ``job_id``, or find the job an earlier identical request made.
 
     Raises ``ValidationFailed`` (422) when the key was used with another body,
@@ -118,8 +127,10 @@ def claim(client: redis.Redis, tenant: str, header: str | None, job_id: str, ima
             earlier = json.loads(held)
             if earlier["fingerprint"] != digest:
                 message = "was used before with a different request body"
-                raise ValidationFailed(f"this {HEADER} {message}; use a new key for a new request",
-                                       errors=[{"field": HEADER, "message": message}])
+                raise ValidationFailed(
+                    f"this {HEADER} {message}; use a new key for a new request",
+                    errors=[{"field": HEADER, "message": message}],
+                )
             if not earlier["done"]:
                 raise Conflict(f"a request with this {HEADER} is still being handled; retry it in a moment")
             return Claim(earlier["job_id"], replayed=True)
@@ -131,8 +142,16 @@ def claim_submission(job_id: str, image: bytes, body: object) -> Claim:
     settings = services().settings
     # A claim must not outlive the job it points to.
     ttl_s = min(settings.idempotency_ttl_s, settings.job_ttl_s)
-    held = claim(services().redis, current_tenant(), request.headers.get(HEADER), job_id, image, body, ttl_s,
-                 settings.idempotency_pending_ttl_s)
+    held = claim(
+        services().redis,
+        current_tenant(),
+        request.headers.get(HEADER),
+        job_id,
+        image,
+        body,
+        ttl_s,
+        settings.idempotency_pending_ttl_s,
+    )
     if held.key is not None and not held.replayed:
         after_this_request(held.settle)
     return held

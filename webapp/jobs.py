@@ -1,9 +1,10 @@
 """``/v1/jobs``: submit, read (with long-poll) and fetch a job's files."""
+
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 import re
 import time
 import uuid
@@ -11,23 +12,26 @@ from dataclasses import dataclass
 
 from flask import Blueprint, Response, request, url_for
 
-from config import logs
-from domain import job_metrics, trace
-from domain.documents import job_result
-from domain.keys import job_prefix
-from domain.errors import Conflict, InputError, NotFound, TooManyRequests
+from domain import trace
 from domain.cancel_after import parse_cancel_after
-from domain.fleet import live_workers
-from domain.images import decode_image
-from domain.lanes import send_job
+from domain.documents import job_document, job_result
+from domain.errors import Conflict, InputError, NotFound, TooManyRequests
+from domain.images import DecodedImage, decode_image
+from domain.keys import job_prefix
 from domain.records import JobRecord, JobState, rfc3339
-from domain.result_cache import ResultCache, file_key
+from domain.result_keys import file_key
 from domain.schemas import JobRequest, check_request, parse_request
 from domain.webhook_urls import check_webhook_url
+from models.catalog import ModelCatalog
+from runtime import logs
+from stores import job_metrics
+from stores.fleet import live_workers
+from stores.lanes import send_job
+from stores.result_cache import CachedResult, ResultCache
 from webapp.auth import choose_lane, current_tenant
 from webapp.idempotency import claim_submission
-from webapp.services import services
 from webapp.limits import client_id
+from webapp.services import Services, services
 from webapp.submission import read_submission
 from webapp.waits import wait_slot
 
@@ -52,8 +56,9 @@ def submit_job():
     # The caller's W3C trace context (a bad one is ignored), else a new trace: the job carries it to its end.
     job.record.traceparent = trace.parse(request.headers.get("traceparent")) or trace.new()
     record = job.record
-    with logs.job_context(job_id=record.id, tenant=record.tenant, model=record.model, lane=record.lane,
-                          traceparent=record.traceparent):
+    with logs.job_context(
+        job_id=record.id, tenant=record.tenant, model=record.model, lane=record.lane, traceparent=record.traceparent
+    ):
         return _answer(s, accept(s, job))
 
 
@@ -63,13 +68,13 @@ class NewJob:
 
     record: JobRecord
     data: bytes
-    image: object  # the decoded image; None for a result-cache hit (its bytes were checked before)
-    cached: object  # the cached result, or None
+    image: DecodedImage | None  # None for a result-cache hit (its bytes were checked before)
+    cached: CachedResult | None
     cache: ResultCache
-    catalog: object
+    catalog: ModelCatalog
 
 
-def new_job(s, data: bytes, body: object, batch: str | None = None) -> NewJob:
+def new_job(s: Services, data: bytes, body: object, batch: str | None = None) -> NewJob:
     """Check one image and its request (every 4xx a submission can earn) and make the job's record.
 
     ``body`` is the request JSON, parsed here once, or a request parsed already (a batch's image's); the
@@ -84,45 +89,68 @@ def new_job(s, data: bytes, body: object, batch: str | None = None) -> NewJob:
     spec = catalog.spec(job_request.model or catalog.route(job_request.prompts.kinds))
     image_sha256 = hashlib.sha256(data).hexdigest()
     cache = ResultCache(s.jobs, settings, catalog, s.celery)
-    cache_key = cache.key_for(job_request, image_sha256=image_sha256, model=spec.name, version=spec.version,
-                              tenant=current_tenant())
+    cache_key = cache.key_for(
+        job_request, image_sha256=image_sha256, model=spec.name, version=spec.version, tenant=current_tenant()
+    )
     # Bytes the cache has a result for were decoded and accepted before: their size is known, and decoding
     # them again would be most of the cost of a hit.
     cached = cache.find(cache_key)
-    image = None if cached else decode_image(data, max_bytes=settings.max_image_bytes,
-                                             max_pixels=settings.max_image_pixels)
-    width, height = (cached.width, cached.height) if cached else (image.width, image.height)
+    image = (
+        None if cached else decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    )
+    if cached:
+        width, height = cached.width, cached.height
+    else:
+        assert image is not None  # decoded just above
+        width, height = image.width, image.height
     check_request(
-        job_request.model_copy(update={"model": spec.name}), width=width, height=height,
-        prompt_kinds=catalog.prompt_kinds(spec.name), max_prompts=settings.max_prompts,
-        max_text_chars=settings.max_text_prompt_chars, requires_prompt=catalog.requires_prompt(spec.name),
+        job_request.model_copy(update={"model": spec.name}),
+        width=width,
+        height=height,
+        prompt_kinds=catalog.prompt_kinds(spec.name),
+        max_prompts=settings.max_prompts,
+        max_text_chars=settings.max_text_prompt_chars,
+        requires_prompt=catalog.requires_prompt(spec.name),
         max_points_per_side=settings.max_points_per_side,
     )
     lane = choose_lane(job_request.lane)  # 403 above the key's ceiling
     job_id = uuid.uuid4().hex
     now = time.time()
-    input_key = (cached.input_key if cached else
-                 f"{job_prefix(current_tenant(), job_id)}input.{EXTENSIONS[image.format]}")
+    if cached:
+        input_key = cached.input_key
+    else:
+        assert image is not None
+        input_key = f"{job_prefix(current_tenant(), job_id)}input.{EXTENSIONS[image.format]}"
     record = JobRecord(
-        id=job_id, tenant=current_tenant(), lane=lane, model=spec.name, model_version=spec.version,
-        input_key=input_key, image_sha256=image_sha256, width=width, height=height, created_at=now,
+        id=job_id,
+        tenant=current_tenant(),
+        lane=lane,
+        model=spec.name,
+        model_version=spec.version,
+        input_key=input_key,
+        image_sha256=image_sha256,
+        width=width,
+        height=height,
+        created_at=now,
         deadline_at=now + job_request.deadline_s if job_request.deadline_s else None,
         cancel_at=now + cancel_after if (cancel_after := cancel_after_header()) else None,
         request=job_request.model_copy(update={"model": spec.name, "lane": lane}),
-        cache_key=cache_key, batch=batch,
+        cache_key=cache_key,
+        batch=batch,
     )
     return NewJob(record, data, image, cached, cache, catalog)
 
 
-def accept(s, job: NewJob, check_room: bool = True) -> JobRecord:
+def accept(s: Services, job: NewJob, check_room: bool = True) -> JobRecord:
     """Store the new job (or answer it from the cache) and send it to its lane; return its record."""
     settings, record, cache = s.settings, job.record, job.cache
     if job.cached is not None:  # a job of its own, already succeeded with the identical job's result; nothing queued
-        # (counted as a cache hit in the same transaction as its record: domain/records.py)
+        # (counted as a cache hit in the same transaction as its record: stores/jobs.py)
         return cache.serve(record, job.cached)
     if check_room:
         s.lanes.check_room(record.lane)
     # Input first, record second, message last: a worker that gets the message finds both.
+    assert job.image is not None  # decoded: not a cache hit
     s.storage.put(record.input_key, job.data, job.image.media_type)
     s.jobs.create(record)
     log.info("job %s: accepted for model %s on the %s lane", record.id, record.model, record.lane)
@@ -130,13 +158,18 @@ def accept(s, job: NewJob, check_room: bool = True) -> JobRecord:
     if record.cache_key is not None:
         s.jobs.metrics.count(job_metrics.RESULT_CACHE, "coalesced" if follows else "miss")
     if follows is None:
-        send_job(s.celery, record.id, record.lane, job.catalog.time_limits(record.model, settings),
-                 traceparent=record.traceparent)
+        send_job(
+            s.celery,
+            record.id,
+            record.lane,
+            job.catalog.time_limits(record.model, settings),
+            traceparent=record.traceparent,
+        )
     s.jobs.sent(record.id)  # had this process died before here, recovery would send it (workers/recovery.py)
     return record
 
 
-def _answer(s, record: JobRecord) -> Response:
+def _answer(s: Services, record: JobRecord) -> Response:
     """The submit's answer: the job (waiting for its end first if the client prefers)."""
     settings, job_id = s.settings, record.id
     wait = 0 if record.status.ended else preferred_wait(request.headers.get("Prefer"), settings.max_wait_s)
@@ -178,9 +211,11 @@ def get_job(job_id: str):
     if wait and not record.status.ended:
         with wait_slot(s.redis, client_id(), wait, s.settings.max_waits_per_key) as waiting:
             if not waiting:
-                raise TooManyRequests(f"this key already holds {s.settings.max_waits_per_key} waiting requests "
-                                      "(MASKQ_MAX_WAITS_PER_KEY); poll without wait, or when one of them ends",
-                                      retry_after=1)
+                raise TooManyRequests(
+                    f"this key already holds {s.settings.max_waits_per_key} waiting requests "
+                    "(MASKQ_MAX_WAITS_PER_KEY); poll without wait, or when one of them ends",
+                    retry_after=1,
+                )
             record = s.jobs.wait_until_ended(job_id, wait) or record
     return _json(_document(record), 200)
 
@@ -253,7 +288,7 @@ def _replayed(job_id: str) -> Response:
 
 
 def _document(record: JobRecord) -> dict:
-    doc = record.document(_result(record))
+    doc = job_document(record, _result(record))
     if record.status == JobState.QUEUED:
         s = services()
         # A coalesced job waits in no lane of its own: it starts when the job it waits on does.
@@ -285,8 +320,10 @@ def _wait_seconds(limit: int) -> float:
     except ValueError:
         wait = -1
     if not 0 <= wait <= limit:
-        raise InputError(f"wait must be a number of seconds from 0 to {limit}",
-                         errors=[{"field": "wait", "message": f"must be 0..{limit}"}])
+        raise InputError(
+            f"wait must be a number of seconds from 0 to {limit}",
+            errors=[{"field": "wait", "message": f"must be 0..{limit}"}],
+        )
     return wait
 
 

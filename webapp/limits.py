@@ -15,6 +15,7 @@ Every limited response carries ``X-RateLimit-Limit``, ``-Remaining`` and ``-Rese
 is a 429 problem with ``Retry-After``. Health probes and metrics are never limited: an
 orchestrator that cannot probe a busy service would restart it.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,8 @@ import time
 from flask import Flask, Response, current_app, g, request
 from flask_limiter import ApplicationLimit, HeaderNames, Limiter, RateLimitExceeded
 
-from config.redis_connection import limiter_storage
 from config.settings import Settings
+from runtime.redis_connection import limiter_storage
 from webapp.errors import problem
 from webapp.services import services
 
@@ -67,8 +68,9 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
         client_id,
         application_limits=[
             ApplicationLimit(key_rate, scope="key", exempt_when=anonymous),
-            ApplicationLimit(settings.global_rate, key_function=lambda: "everyone", scope="global",
-                             exempt_when=anonymous),
+            ApplicationLimit(
+                settings.global_rate, key_function=lambda: "everyone", scope="global", exempt_when=anonymous
+            ),
             ApplicationLimit(settings.anonymous_rate, scope="anonymous", exempt_when=lambda: not anonymous()),
         ],
         request_identifier=lambda: request.endpoint or UNMATCHED,
@@ -94,8 +96,10 @@ def _too_many_requests(exc: RateLimitExceeded) -> Response:
     if exc.limit.scope == "global":
         detail = f"the service is over its overall rate limit of {rate}; retry after the time in Retry-After"
     elif exc.limit.scope == "anonymous":
-        detail = (f"requests without an API key from this address are over their rate limit of {rate}; "
-                  "retry after the time in Retry-After")
+        detail = (
+            f"requests without an API key from this address are over their rate limit of {rate}; "
+            "retry after the time in Retry-After"
+        )
     else:
         detail = f"this client is over its rate limit of {rate}; retry after the time in Retry-After"
     return problem(429, "Too many requests", detail)

@@ -1,7 +1,7 @@
 """``GET /metrics``: the service-wide series (from Redis, the same in every web process) and this web
 tier's own HTTP series.
 
-- Jobs, result cache, out-of-memory requeues and webhooks: ``domain/job_metrics.py``.
+- Jobs, result cache, out-of-memory requeues and webhooks: ``stores/job_metrics.py``.
 - Lanes and the fleet, read at scrape time: lane depths, live worker processes, each worker's
   resource gate (open, free device memory), and the models loaded or failed across the fleet.
 - HTTP requests and their durations, by route and status. Under gunicorn each web process writes
@@ -11,6 +11,7 @@ tier's own HTTP series.
 A worker host's own series (embedding caches, batch sizes, inference time, its GPU) are on that
 host's port: ``workers/metrics.py``.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,17 +23,22 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, g
 from prometheus_client.core import GaugeMetricFamily
 
 from config.settings import LANES
-from domain.fleet import gate_states, live_workers
-from domain.job_metrics import LATENCY_BUCKETS, JobMetricsCollector
 from domain.keys import lane_index
+from stores.fleet import gate_states, live_workers
+from stores.job_metrics import LATENCY_BUCKETS, JobMetricsCollector
 from webapp.services import services
 
 bp = Blueprint("metrics", __name__)
 
-HTTP_REQUESTS = Counter("maskq_http_requests", "HTTP requests answered, by method, route and status",
-                        ["method", "route", "status"])
-HTTP_SECONDS = Histogram("maskq_http_request_duration_seconds", "Time to answer an HTTP request, by route",
-                         ["route"], buckets=LATENCY_BUCKETS)
+HTTP_REQUESTS = Counter(
+    "maskq_http_requests", "HTTP requests answered, by method, route and status", ["method", "route", "status"]
+)
+HTTP_SECONDS = Histogram(
+    "maskq_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
 # Any token is a method on the wire: a client inventing them would invent series. Others count as "other".
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -50,10 +56,14 @@ class FleetCollector:
         yield depth
         workers = live_workers(self.redis)
         yield GaugeMetricFamily("maskq_workers_ready", "Worker processes with a live heartbeat", value=len(workers))
-        loaded = GaugeMetricFamily("maskq_model_loaded_processes", "Worker processes that have a model version loaded",
-                                   labels=["model", "version"])
-        failed = GaugeMetricFamily("maskq_model_failed_processes", "Worker processes where a model failed to load",
-                                   labels=["model"])
+        loaded = GaugeMetricFamily(
+            "maskq_model_loaded_processes",
+            "Worker processes that have a model version loaded",
+            labels=["model", "version"],
+        )
+        failed = GaugeMetricFamily(
+            "maskq_model_failed_processes", "Worker processes where a model failed to load", labels=["model"]
+        )
         counts: dict[tuple[str, str], int] = {}
         failures: dict[str, int] = {}
         for worker in workers:
@@ -67,13 +77,17 @@ class FleetCollector:
             failed.add_metric([name], n)
         yield loaded
         yield failed
-        gate_open = GaugeMetricFamily("maskq_worker_gate_open", "1 while the worker takes jobs (its device has room)",
-                                      labels=["worker", "device"])
-        free = GaugeMetricFamily("maskq_worker_device_free_bytes", "Free memory on the worker's device (GPU or host)",
-                                 labels=["worker", "device"])
-        for worker, gate in sorted(gate_states(self.redis).items()):
-            gate_open.add_metric([worker, gate.get("device", "")], 1.0 if gate.get("open") else 0.0)
-            free.add_metric([worker, gate.get("device", "")], float(gate.get("free_mb", 0)) * 2**20)
+        gate_open = GaugeMetricFamily(
+            "maskq_worker_gate_open", "1 while the worker takes jobs (its device has room)", labels=["worker", "device"]
+        )
+        free = GaugeMetricFamily(
+            "maskq_worker_device_free_bytes",
+            "Free memory on the worker's device (GPU or host)",
+            labels=["worker", "device"],
+        )
+        for worker_id, gate in sorted(gate_states(self.redis).items()):
+            gate_open.add_metric([worker_id, gate.get("device", "")], 1.0 if gate.get("open") else 0.0)
+            free.add_metric([worker_id, gate.get("device", "")], float(gate.get("free_mb", 0)) * 2**20)
         yield gate_open
         yield free
 

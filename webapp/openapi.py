@@ -7,6 +7,7 @@ models below, which the tests hold the real answers to. What a route means
 (summary, parameters, which errors it gives) is in ``OPERATIONS``; a route
 missing there is still described, with a generic answer, until it is added.
 """
+
 from __future__ import annotations
 
 import re
@@ -78,13 +79,21 @@ class Job(Document):
     degraded: bool = False
     model_used: ModelVersion | None = Field(None, description="the fallback model that ran, when degraded")
     degraded_reason: str | None = None
-    metrics: dict[str, float] = Field(default_factory=dict, description=(
-        "seconds: queue (once started), total (once ended); for a job that succeeded also load, encode "
-        "(SAM-family models, 0 when the embedding was cached), predict, store"))
+    metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "seconds: queue (once started), total (once ended); for a job that succeeded also load, encode "
+            "(SAM-family models, 0 when the embedding was cached), predict, store"
+        ),
+    )
     traceparent: str | None = Field(None, description="the W3C trace context the job carries (sent or made at submit)")
-    cancel_at: str | None = Field(None, description=(
-        f"when the job is canceled (error code {cancel_after.CODE}) if it has not ended by then, queued or "
-        f"running: its submit's {cancel_after.HEADER} header"))
+    cancel_at: str | None = Field(
+        None,
+        description=(
+            f"when the job is canceled (error code {cancel_after.CODE}) if it has not ended by then, queued or "
+            f"running: its submit's {cancel_after.HEADER} header"
+        ),
+    )
 
 
 class DeliveryAttempt(Document):
@@ -147,8 +156,9 @@ class ModelInfo(Document):
 class ModelList(Document):
     models: list[ModelInfo]
     default: str | None = Field(None, description="the model of a job that names none and has no route")
-    routes: dict[str, str] = Field(default_factory=dict,
-                                   description="a job that names no model goes by its prompts: kind -> model")
+    routes: dict[str, str] = Field(
+        default_factory=dict, description="a job that names no model goes by its prompts: kind -> model"
+    )
     gates: dict[str, dict] = Field(default_factory=dict, description="each worker's resource gate")
     manifest_error: str | None = None
 
@@ -217,8 +227,9 @@ class MultipartBatch(BaseModel):
     images: list[bytes] = Field(default_factory=list, description="image files; their names label the results")
     archive: bytes | None = Field(None, description="a zip or tar (.gz/.bz2/.xz) of images")
     request: BatchRequest = Field(default_factory=BatchRequest, description="JSON text: one request for every image")
-    prompts: dict[str, PromptSet] = Field(default_factory=dict,
-                                          description="JSON text: file name -> that image's prompts")
+    prompts: dict[str, PromptSet] = Field(
+        default_factory=dict, description="JSON text: file name -> that image's prompts"
+    )
 
 
 class InlineImage(Strict):
@@ -242,15 +253,22 @@ REQUEST_MODELS = (JsonSubmission, MultipartSubmission, MultipartBatch)
 RESPONSE_MODELS = (Job, Batch, Coco, Problem, ModelList, Health, Readiness, AdminStatus, DeliveryList, Redelivered)
 
 ERRORS = {
-    400: "Bad request: unreadable input", 401: "No API key, or an unknown one",
-    403: "The key is revoked, or may not use the lane asked for", 404: "No such job (or another tenant's)",
-    409: "The job's (or batch's) state does not allow this", 413: "The image (or batch) is too large",
-    415: "Not an image type the service reads", 422: "The request names something invalid",
-    429: "Over the rate limit; retry after Retry-After seconds", 503: "Busy or a dependency is down; retry later",
+    400: "Bad request: unreadable input",
+    401: "No API key, or an unknown one",
+    403: "The key is revoked, or may not use the lane asked for",
+    404: "No such job (or another tenant's)",
+    409: "The job's (or batch's) state does not allow this",
+    413: "The image (or batch) is too large",
+    415: "Not an image type the service reads",
+    422: "The request names something invalid",
+    429: "Over the rate limit; retry after Retry-After seconds",
+    503: "Busy or a dependency is down; retry later",
 }
 V1_ERRORS = (401, 403, 429, 503)
-RATE_HEADERS = {name: {"$ref": f"#/components/headers/{name}"}
-                for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")}
+RATE_HEADERS = {
+    name: {"$ref": f"#/components/headers/{name}"}
+    for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+}
 
 
 def json_answer(model: str, description: str, headers: dict | None = None, media: str = "application/json") -> dict:
@@ -274,137 +292,260 @@ def _job_answers(*statuses: int, created: bool = False) -> dict:
 
 def _events_operation(operation_id: str, path_id: dict, summary: str, events: tuple[str, ...]) -> dict:
     """A live event stream's operation (webapp/events.py); its schema is one event's."""
-    last_event_id = {"name": "Last-Event-ID", "in": "header", "required": False,
-                     "description": "resume: the id of the last event seen; only newer events follow",
-                     "schema": {"type": "string", "maxLength": 40}}
-    event = {"type": "object", "required": ["event", "id", "data"], "description": (
-        "one event; comment lines are heartbeats. The server closes the stream after its end event, or "
-        "after MASKQ_MAX_STREAM_S: reconnect with Last-Event-ID"), "properties": {
-        "event": {"enum": list(events)}, "id": {"type": "string"},
-        "data": {"type": "string", "contentMediaType": "application/json"}}}
+    last_event_id = {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "description": "resume: the id of the last event seen; only newer events follow",
+        "schema": {"type": "string", "maxLength": 40},
+    }
+    event = {
+        "type": "object",
+        "required": ["event", "id", "data"],
+        "description": (
+            "one event; comment lines are heartbeats. The server closes the stream after its end event, or "
+            "after MASKQ_MAX_STREAM_S: reconnect with Last-Event-ID"
+        ),
+        "properties": {
+            "event": {"enum": list(events)},
+            "id": {"type": "string"},
+            "data": {"type": "string", "contentMediaType": "application/json"},
+        },
+    }
     stream = {"text/event-stream": {"schema": event}}
-    return {"summary": summary, "operationId": operation_id, "parameters": [path_id, last_event_id],
-            "responses": {"200": {"description": "The event stream", "headers": RATE_HEADERS, "content": stream},
-                          "204": {"description": "Last-Event-ID is the end event's: nothing more will come"},
-                          **error_answers(400, 404, *V1_ERRORS)}}
+    return {
+        "summary": summary,
+        "operationId": operation_id,
+        "parameters": [path_id, last_event_id],
+        "responses": {
+            "200": {"description": "The event stream", "headers": RATE_HEADERS, "content": stream},
+            "204": {"description": "Last-Event-ID is the end event's: nothing more will come"},
+            **error_answers(400, 404, *V1_ERRORS),
+        },
+    }
 
 
 def _operations(max_wait_s: int) -> dict[tuple[str, str], dict]:
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
     batch_id = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
     cancel_after_header = {
-        "name": cancel_after.HEADER, "in": "header", "required": False,
-        "description": (f"cancel the job (each job of a batch) if it has not ended this long after its submit, "
-                        f"queued or running: 30s, 5m, 1h30m or plain seconds, {cancel_after.MIN_S:g} s to "
-                        f"{cancel_after.MAX_S / 3600:g} h; error code {cancel_after.CODE}"),
-        "schema": {"type": "string", "pattern": cancel_after.PATTERN, "maxLength": cancel_after.MAX_LENGTH}}
+        "name": cancel_after.HEADER,
+        "in": "header",
+        "required": False,
+        "description": (
+            f"cancel the job (each job of a batch) if it has not ended this long after its submit, "
+            f"queued or running: 30s, 5m, 1h30m or plain seconds, {cancel_after.MIN_S:g} s to "
+            f"{cancel_after.MAX_S / 3600:g} h; error code {cancel_after.CODE}"
+        ),
+        "schema": {"type": "string", "pattern": cancel_after.PATTERN, "maxLength": cancel_after.MAX_LENGTH},
+    }
     return {
         ("/v1/jobs", "post"): {
-            "summary": "Submit a job", "operationId": "submitJob",
-            "parameters": [{"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
-                            "description": "the same key and body within 24 h return the same job",
-                            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH}},
-                           {"name": "Prefer", "in": "header", "required": False,
-                            "description": f"wait=N (RFC 7240; N ≤ {max_wait_s}): answer 200 with the ended job if "
-                                           "it ends within N seconds, else 202 as usual",
-                            "schema": {"type": "string"}},
-                           cancel_after_header],
-            "requestBody": {"required": True, "content": {
-                "multipart/form-data": {"schema": {"$ref": REF.format(model="MultipartSubmission")},
-                                        "encoding": {"request": {"contentType": "application/json"}}},
-                "application/json": {"schema": {"$ref": REF.format(model="JsonSubmission")}},
-            }},
+            "summary": "Submit a job",
+            "operationId": "submitJob",
+            "parameters": [
+                {
+                    "name": IDEMPOTENCY_HEADER,
+                    "in": "header",
+                    "required": False,
+                    "description": "the same key and body within 24 h return the same job",
+                    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+                },
+                {
+                    "name": "Prefer",
+                    "in": "header",
+                    "required": False,
+                    "description": f"wait=N (RFC 7240; N ≤ {max_wait_s}): answer 200 with the ended job if "
+                    "it ends within N seconds, else 202 as usual",
+                    "schema": {"type": "string"},
+                },
+                cancel_after_header,
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {"$ref": REF.format(model="MultipartSubmission")},
+                        "encoding": {"request": {"contentType": "application/json"}},
+                    },
+                    "application/json": {"schema": {"$ref": REF.format(model="JsonSubmission")}},
+                },
+            },
             "responses": _job_answers(400, 409, 413, 415, 422, created=True),
         },
         ("/v1/jobs/{job_id}", "get"): {
-            "summary": "Read a job, waiting up to `wait` seconds for it to end", "operationId": "getJob",
-            "parameters": [job_id, {"name": "wait", "in": "query", "required": False,
-                                    "schema": {"type": "number", "minimum": 0, "maximum": max_wait_s}}],
+            "summary": "Read a job, waiting up to `wait` seconds for it to end",
+            "operationId": "getJob",
+            "parameters": [
+                job_id,
+                {
+                    "name": "wait",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "number", "minimum": 0, "maximum": max_wait_s},
+                },
+            ],
             "responses": _job_answers(400, 404),
         },
         ("/v1/jobs/{job_id}", "delete"): {
-            "summary": "Cancel a job", "operationId": "cancelJob", "parameters": [job_id],
+            "summary": "Cancel a job",
+            "operationId": "cancelJob",
+            "parameters": [job_id],
             "responses": _job_answers(404, 409),
         },
         ("/v1/jobs/{job_id}/files/{name}", "get"): {
-            "summary": "Fetch one of a job's files (a PNG mask)", "operationId": "getJobFile",
+            "summary": "Fetch one of a job's files (a PNG mask)",
+            "operationId": "getJobFile",
             "parameters": [job_id, {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "The file", "headers": RATE_HEADERS, "content": {
-                media: {"schema": {"type": "string", "format": "binary"}}
-                for media in ("image/png", "application/octet-stream")}}, **error_answers(404, *V1_ERRORS)},
+            "responses": {
+                "200": {
+                    "description": "The file",
+                    "headers": RATE_HEADERS,
+                    "content": {
+                        media: {"schema": {"type": "string", "format": "binary"}}
+                        for media in ("image/png", "application/octet-stream")
+                    },
+                },
+                **error_answers(404, *V1_ERRORS),
+            },
         },
         ("/v1/jobs/{job_id}/deliveries", "get"): {
-            "summary": "The job's webhook deliveries and every attempt", "operationId": "listDeliveries",
+            "summary": "The job's webhook deliveries and every attempt",
+            "operationId": "listDeliveries",
             "parameters": [job_id],
-            "responses": {"200": json_answer("DeliveryList", "The delivery log", RATE_HEADERS),
-                          **error_answers(404, *V1_ERRORS)},
+            "responses": {
+                "200": json_answer("DeliveryList", "The delivery log", RATE_HEADERS),
+                **error_answers(404, *V1_ERRORS),
+            },
         },
         ("/v1/jobs/{job_id}/deliveries/redeliver", "post"): {
-            "summary": "Send failed or disabled deliveries again", "operationId": "redeliver",
+            "summary": "Send failed or disabled deliveries again",
+            "operationId": "redeliver",
             "parameters": [job_id],
-            "requestBody": {"required": False, "content": {"application/json": {"schema": {
-                "type": "object", "properties": {"delivery_id": {"type": "string"}}}}}},
-            "responses": {"202": json_answer("Redelivered", "Queued again", RATE_HEADERS),
-                          **error_answers(400, 404, 409, *V1_ERRORS)},
+            "requestBody": {
+                "required": False,
+                "content": {
+                    "application/json": {
+                        "schema": {"type": "object", "properties": {"delivery_id": {"type": "string"}}}
+                    }
+                },
+            },
+            "responses": {
+                "202": json_answer("Redelivered", "Queued again", RATE_HEADERS),
+                **error_answers(400, 404, 409, *V1_ERRORS),
+            },
         },
         ("/v1/batches", "post"): {
-            "summary": "Submit many images as one batch (one job each, on the batch lane)", "operationId": "submitBatch",
-            "parameters": [{"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
-                            "description": "the same key and upload within 24 h return the same batch",
-                            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH}},
-                           cancel_after_header],
-            "requestBody": {"required": True, "content": {
-                "multipart/form-data": {"schema": {"$ref": REF.format(model="MultipartBatch")},
-                                        "encoding": {"request": {"contentType": "application/json"},
-                                                     "prompts": {"contentType": "application/json"}}}}},
-            "responses": {"202": json_answer("Batch", "Accepted: its jobs are queued", RATE_HEADERS),
-                          "200": json_answer("Batch", "The batch an earlier identical request made", RATE_HEADERS),
-                          **error_answers(400, 409, 413, 415, 422, *V1_ERRORS)},
+            "summary": "Submit many images as one batch (one job each, on the batch lane)",
+            "operationId": "submitBatch",
+            "parameters": [
+                {
+                    "name": IDEMPOTENCY_HEADER,
+                    "in": "header",
+                    "required": False,
+                    "description": "the same key and upload within 24 h return the same batch",
+                    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+                },
+                cancel_after_header,
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {"$ref": REF.format(model="MultipartBatch")},
+                        "encoding": {
+                            "request": {"contentType": "application/json"},
+                            "prompts": {"contentType": "application/json"},
+                        },
+                    }
+                },
+            },
+            "responses": {
+                "202": json_answer("Batch", "Accepted: its jobs are queued", RATE_HEADERS),
+                "200": json_answer("Batch", "The batch an earlier identical request made", RATE_HEADERS),
+                **error_answers(400, 409, 413, 415, 422, *V1_ERRORS),
+            },
         },
         ("/v1/batches/{batch_id}", "get"): {
-            "summary": "A batch's progress: counts by status, ETA, its jobs", "operationId": "getBatch",
+            "summary": "A batch's progress: counts by status, ETA, its jobs",
+            "operationId": "getBatch",
             "parameters": [batch_id],
             "responses": {"200": json_answer("Batch", "The batch", RATE_HEADERS), **error_answers(404, *V1_ERRORS)},
         },
         ("/v1/batches/{batch_id}", "delete"): {
-            "summary": "Cancel a batch's queued jobs", "operationId": "cancelBatch", "parameters": [batch_id],
-            "responses": {"200": json_answer("Batch", "The batch", RATE_HEADERS),
-                          **error_answers(404, 409, *V1_ERRORS)},
+            "summary": "Cancel a batch's queued jobs",
+            "operationId": "cancelBatch",
+            "parameters": [batch_id],
+            "responses": {
+                "200": json_answer("Batch", "The batch", RATE_HEADERS),
+                **error_answers(404, 409, *V1_ERRORS),
+            },
         },
         ("/v1/batches/{batch_id}/coco", "get"): {
-            "summary": "A batch's finished results as COCO JSON", "operationId": "getBatchCoco",
+            "summary": "A batch's finished results as COCO JSON",
+            "operationId": "getBatchCoco",
             "parameters": [batch_id],
             "responses": {"200": json_answer("Coco", "COCO results", RATE_HEADERS), **error_answers(404, *V1_ERRORS)},
         },
         ("/v1/jobs/{job_id}/events", "get"): _events_operation(
-            "getJobEvents", job_id, "A job's live progress as Server-Sent Events: `state` (id m: the job document "
+            "getJobEvents",
+            job_id,
+            "A job's live progress as Server-Sent Events: `state` (id m: the job document "
             "after its m-th move), `position` (id m.k: a queued job's new place), then `end` (the final document)",
-            ("state", "position", "end")),
+            ("state", "position", "end"),
+        ),
         ("/v1/batches/{batch_id}/events", "get"): _events_operation(
-            "getBatchEvents", batch_id, "A batch's live progress as Server-Sent Events: `progress` (id "
+            "getBatchEvents",
+            batch_id,
+            "A batch's live progress as Server-Sent Events: `progress` (id "
             "{done}-{status}: the batch without its job list) as its jobs end, then `end` (the batch document)",
-            ("progress", "end")),
+            ("progress", "end"),
+        ),
         ("/v1/models", "get"): {
-            "summary": "The models this deployment serves", "operationId": "listModels",
+            "summary": "The models this deployment serves",
+            "operationId": "listModels",
             "responses": {"200": json_answer("ModelList", "The models", RATE_HEADERS), **error_answers(*V1_ERRORS)},
         },
         ("/v1/admin/status", "get"): {
-            "summary": "Workers, gates and error texts, for operators (an admin key)", "operationId": "adminStatus",
-            "responses": {"200": json_answer("AdminStatus", "The service's internals", RATE_HEADERS),
-                          **error_answers(*V1_ERRORS)},
+            "summary": "Workers, gates and error texts, for operators (an admin key)",
+            "operationId": "adminStatus",
+            "responses": {
+                "200": json_answer("AdminStatus", "The service's internals", RATE_HEADERS),
+                **error_answers(*V1_ERRORS),
+            },
         },
-        ("/healthz", "get"): {"summary": "The process is alive", "operationId": "health", "security": [],
-                              "responses": {"200": json_answer("Health", "Alive")}},
-        ("/readyz", "get"): {"summary": "Redis, storage and a worker are ready", "operationId": "ready",
-                             "security": [], "responses": {"200": json_answer("Readiness", "Ready"),
-                                                           "503": json_answer("Readiness", "Not ready")}},
-        ("/metrics", "get"): {"summary": "Prometheus metrics", "operationId": "metrics", "security": [],
-                              "responses": {"200": {"description": "Prometheus text format",
-                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}},
-        ("/openapi.json", "get"): {"summary": "This document", "operationId": "openapi", "security": [],
-                                   "responses": {"200": {"description": "OpenAPI 3.1", "content": {
-                                       "application/json": {"schema": {"type": "object"}}}},
-                                       **error_answers(429)}},
+        ("/healthz", "get"): {
+            "summary": "The process is alive",
+            "operationId": "health",
+            "security": [],
+            "responses": {"200": json_answer("Health", "Alive")},
+        },
+        ("/readyz", "get"): {
+            "summary": "Redis, storage and a worker are ready",
+            "operationId": "ready",
+            "security": [],
+            "responses": {"200": json_answer("Readiness", "Ready"), "503": json_answer("Readiness", "Not ready")},
+        },
+        ("/metrics", "get"): {
+            "summary": "Prometheus metrics",
+            "operationId": "metrics",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "Prometheus text format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        },
+        ("/openapi.json", "get"): {
+            "summary": "This document",
+            "operationId": "openapi",
+            "security": [],
+            "responses": {
+                "200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}},
+                **error_answers(429),
+            },
+        },
     }
 
 
@@ -413,17 +554,25 @@ def describe(**by_method: dict):
 
     For routes of other modules; :func:`json_answer` and :func:`error_answers` build the answers.
     """
+
     def mark(view):
         view.openapi = by_method
         return view
+
     return mark
 
 
 def _generic(view) -> dict:
     # A route nobody has described yet: say what little is sure, so the document stays true.
-    return {"summary": (view.__doc__ or "").strip().split("\n")[0] or "Undocumented",
-            "responses": {"default": {"description": "See the route's module",
-                                      "content": {"application/json": {}, "application/problem+json": {}}}}}
+    return {
+        "summary": (view.__doc__ or "").strip().split("\n")[0] or "Undocumented",
+        "responses": {
+            "default": {
+                "description": "See the route's module",
+                "content": {"application/json": {}, "application/problem+json": {}},
+            }
+        },
+    }
 
 
 def _path(rule: str) -> str:
@@ -434,41 +583,58 @@ def build_document(app: Flask) -> dict:
     """The OpenAPI document of ``app``'s routes (call inside an app context)."""
     settings = services().settings
     known = _operations(settings.max_wait_s)
-    _, defs = models_json_schema([(m, "validation") for m in REQUEST_MODELS] +
-                                 [(m, "serialization") for m in RESPONSE_MODELS], ref_template=REF)
+    _, defs = models_json_schema(
+        [(m, "validation") for m in REQUEST_MODELS] + [(m, "serialization") for m in RESPONSE_MODELS], ref_template=REF
+    )
     paths: dict[str, dict] = {}
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
         if rule.endpoint == "static" or rule.rule.startswith(UNDOCUMENTED) or rule.rule == "/":
             continue
         path = _path(rule.rule)
-        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             view = app.view_functions[rule.endpoint]
-            operation = (known.get((path, method.lower())) or getattr(view, "openapi", {}).get(method.lower())
-                         or _generic(view))
+            operation = (
+                known.get((path, method.lower())) or getattr(view, "openapi", {}).get(method.lower()) or _generic(view)
+            )
             if path.startswith("/v1/") and "parameters" not in operation and rule.arguments:
-                operation["parameters"] = [{"name": a, "in": "path", "required": True, "schema": {"type": "string"}}
-                                           for a in sorted(rule.arguments)]
+                operation["parameters"] = [
+                    {"name": a, "in": "path", "required": True, "schema": {"type": "string"}}
+                    for a in sorted(rule.arguments)
+                ]
             paths.setdefault(path, {})[method.lower()] = operation
     problem = {"application/problem+json": {"schema": {"$ref": REF.format(model="Problem")}}}
     retry = {"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 0}}}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "maskq", "version": "1",
-                 "description": "Asynchronous prompt-driven image segmentation jobs."},
+        "info": {
+            "title": "maskq",
+            "version": "1",
+            "description": "Asynchronous prompt-driven image segmentation jobs.",
+        },
         "servers": [{"url": settings.public_url or "/"}],
         "security": [{"bearer": []}],
         "paths": paths,
         "components": {
             "schemas": defs["$defs"],
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "an API key from `maskq keys create`"}},
-            "headers": {name: {"schema": {"type": "integer"}, "description": what} for name, what in (
-                ("X-RateLimit-Limit", "requests allowed in the window"),
-                ("X-RateLimit-Remaining", "requests left in the window"),
-                ("X-RateLimit-Reset", "when the window ends (Unix time)"))},
-            "responses": {str(code): {"description": what, "content": problem,
-                                      **({"headers": retry} if code in (429, 503) else {})}
-                          for code, what in ERRORS.items()},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "an API key from `maskq keys create`"}
+            },
+            "headers": {
+                name: {"schema": {"type": "integer"}, "description": what}
+                for name, what in (
+                    ("X-RateLimit-Limit", "requests allowed in the window"),
+                    ("X-RateLimit-Remaining", "requests left in the window"),
+                    ("X-RateLimit-Reset", "when the window ends (Unix time)"),
+                )
+            },
+            "responses": {
+                str(code): {
+                    "description": what,
+                    "content": problem,
+                    **({"headers": retry} if code in (429, 503) else {}),
+                }
+                for code, what in ERRORS.items()
+            },
         },
     }
 

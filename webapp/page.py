@@ -6,12 +6,13 @@ field. ``GET /ui/config`` tells it the settings it needs, and never a key: who
 asks cannot be told apart from here (a proxy, ``ssh -R`` or ``kubectl
 port-forward`` on this machine makes a remote caller look like loopback). On a
 development setup ``make run`` prints a link that carries the development key
-in its fragment (``http://127.0.0.1:8000/#key=…``, ``webapp/cli.py``), which
+in its fragment (``http://127.0.0.1:8000/#key=…``, ``stores/dev_key.py``), which
 the browser never sends: the page reads it, keeps it for the tab's session and
 takes it out of the address bar.
 
 None of these routes is under ``/v1``, so none needs a key (``webapp/auth.py``).
 """
+
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
@@ -21,9 +22,11 @@ from webapp.services import services
 bp = Blueprint("page", __name__, static_folder="static", static_url_path="/ui/static")
 
 # Everything from this origin and nothing else: no inline script or style, no frames, no plug-ins.
-CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
-                           "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
-                           "frame-ancestors 'none'")
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
 
 
 @bp.get("/")

@@ -1,16 +1,18 @@
 """The connections one web process shares across requests, built by the app factory."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import redis
+from celery import Celery
 from flask import current_app
 
 from config.settings import Settings
-from storage import Storage
-from domain.lanes import Lanes
-from domain.records import JobStore
 from models.catalog import LiveCatalog
+from storage import Storage
+from stores.jobs import JobStore
+from stores.lanes import Lanes
 
 
 @dataclass
@@ -21,8 +23,9 @@ class Services:
     lanes: Lanes
     storage: Storage
     catalog: LiveCatalog
-    celery: object
+    celery: Celery
 
 
 def services() -> Services:
-    return current_app.extensions["maskq"]
+    found: Services = current_app.extensions["maskq"]
+    return found

@@ -1,4 +1,5 @@
 """Reading a job submission: the image bytes and the request JSON, multipart or inline."""
+
 from __future__ import annotations
 
 import base64
@@ -22,7 +23,9 @@ def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes, obje
     if request.mimetype == "multipart/form-data":
         upload = request.files.get("image")
         if upload is None:
-            raise InputError("the multipart body has no part named 'image'", errors=[{"field": "image", "message": "missing"}])
+            raise InputError(
+                "the multipart body has no part named 'image'", errors=[{"field": "image", "message": "missing"}]
+            )
         data = upload.stream.read(max_image_bytes + 1)
         body = json_part(request, "request")
         body = {} if body is None else body
@@ -32,13 +35,17 @@ def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes, obje
             raise InputError("the JSON body must be an object")
         image = body.pop("image", None)
         if not isinstance(image, dict) or not isinstance(image.get("base64"), str):
-            raise InputError('the JSON body needs "image": {"base64": "..."}', errors=[{"field": "image", "message": "missing"}])
+            raise InputError(
+                'the JSON body needs "image": {"base64": "..."}', errors=[{"field": "image", "message": "missing"}]
+            )
         if len(image["base64"]) > (max_image_bytes + 2) * 4 // 3 + 4:
             raise PayloadTooLarge(f"the image is larger than {max_image_bytes} bytes")
         try:
             data = base64.b64decode(image["base64"], validate=True)
         except (binascii.Error, ValueError):
-            raise InputError("image.base64 is not valid base64", errors=[{"field": "image.base64", "message": "not base64"}]) from None
+            raise InputError(
+                "image.base64 is not valid base64", errors=[{"field": "image.base64", "message": "not base64"}]
+            ) from None
     else:
         raise UnsupportedMediaType("send multipart/form-data (parts 'image' and 'request') or application/json")
     if len(data) > max_image_bytes:
@@ -48,7 +55,7 @@ def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes, obje
 
 def json_part(request: Request, name: str) -> object:
     """The JSON of multipart part ``name``, a form field or a file part; None when absent or blank."""
-    raw = request.form.get(name)
+    raw: str | bytes | None = request.form.get(name)
     if raw is None and name in request.files:  # `curl -F request=@req.json` sends it as a file
         raw = request.files[name].stream.read(MAX_REQUEST_PART_BYTES + 1)
         if len(raw) > MAX_REQUEST_PART_BYTES:
@@ -60,7 +67,11 @@ def parse_json(raw: str | bytes, what: str) -> object:
     try:
         return json.loads(raw)
     except RecursionError:  # Python's decoder recurses per level: a few thousand "[" exhaust it
-        raise InputError(f"the {what} is nested too deeply to be a job request",
-                         errors=[{"field": what, "message": "nested too deeply"}]) from None
+        raise InputError(
+            f"the {what} is nested too deeply to be a job request",
+            errors=[{"field": what, "message": "nested too deeply"}],
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"the {what} is not valid JSON: {exc}", errors=[{"field": what, "message": "invalid JSON"}]) from None
+        raise InputError(
+            f"the {what} is not valid JSON: {exc}", errors=[{"field": what, "message": "invalid JSON"}]
+        ) from None

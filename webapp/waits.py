@@ -8,6 +8,7 @@ hold ``MASKQ_MAX_WAITS_PER_KEY`` waits at once, counted in Redis (every web
 process together); each slot carries its own end time, so a process that dies
 while waiting frees its slots when they end.
 """
+
 from __future__ import annotations
 
 import contextlib

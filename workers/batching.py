@@ -31,6 +31,7 @@ runs them all through the adapter at once.
   resource gate, for a full batch). Past the soft limit A fails with
   ``timeout`` and the jobs taken along go back to their lane.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,16 +39,20 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from config.settings import LANES
-from domain import fleet, keys
+from config.task_names import RUN_JOB
+from domain import keys
 from domain.errors import MaskqError
-from domain.records import JobRecord, JobState, JobStore
+from domain.records import JobRecord, JobState
+from models.adapters.base import Instance
 from storage import Storage
+from stores import fleet
+from stores.jobs import JobStore
 from workers import job_end, metrics, pipeline
 
 log = logging.getLogger(__name__)
@@ -60,7 +65,7 @@ INTERRUPTED = {"code": "batch_interrupted", "message": "the batch it ran in did 
 
 # KEYS[1]: the lane's broker list, KEYS[2]: the owner's claims hash, KEYS[3]: OWNERS,
 # KEYS[4..]: the broker lists of every higher lane.
-# ARGV: owner, model, how many, now, scan depth, job id to skip, lane name.
+# ARGV: owner, model, how many, now, scan depth, job id to skip, lane name, the run-job task's name.
 # Returns {higher lane busy (0/1), claimed ids...}. Producers LPUSH and consumers BRPOP, so the
 # oldest message is at the right end.
 _CLAIM = keys.lua("""
@@ -74,7 +79,7 @@ for i = #window, 1, -1 do
   local message = window[i]
   local ok, envelope = pcall(cjson.decode, message)
   local headers = ok and type(envelope) == 'table' and envelope['headers']
-  local id = type(headers) == 'table' and headers['task'] == 'maskq.run_job' and headers['id']
+  local id = type(headers) == 'table' and headers['task'] == ARGV[8] and headers['id']
   if type(id) == 'string' and id ~= ARGV[6] and redis.call('HEXISTS', KEYS[2], id) == 0 then
     local job = redis.call('HMGET', '${job}' .. id, 'status', 'model', 'deadline_at')
     if job[1] == 'queued' and job[2] == ARGV[2] and (not job[3] or tonumber(job[3]) > tonumber(ARGV[4])) then
@@ -109,8 +114,12 @@ def wanted(choice, settings) -> bool:
     A stand-in model (degraded) may not take every prompt its jobs have, so it runs them one by one.
     """
     adapter = choice.adapter
-    return (settings.batching and not choice.degraded and adapter.capabilities.stacks_batches
-            and adapter.spec.max_batch_size > 1)
+    return (
+        settings.batching
+        and not choice.degraded
+        and adapter.capabilities.stacks_batches
+        and adapter.spec.max_batch_size > 1
+    )
 
 
 class Claims:
@@ -126,8 +135,10 @@ class Claims:
     def take(self, lane: str, model: str, wanted: int, skip: str) -> tuple[list[str], bool]:
         """Claim up to ``wanted`` queued jobs of ``model`` from ``lane``; ``(ids, a higher lane has work)``."""
         higher = list(LANES[: LANES.index(lane)])
-        answer = self._claim(keys=[lane, self.key, OWNERS, *higher],
-                             args=[self.owner, model, wanted, time.time(), SCAN_DEPTH, skip, lane])
+        answer = self._claim(
+            keys=[lane, self.key, OWNERS, *higher],
+            args=[self.owner, model, wanted, time.time(), SCAN_DEPTH, skip, lane, RUN_JOB],
+        )
         return [i.decode() for i in answer[1:]], bool(answer[0])
 
     def ack(self, job_id: str, lane: str) -> bool:
@@ -145,8 +156,12 @@ class Claims:
 
     def put_back_all(self, jobs: JobStore, reason: dict) -> list[str]:
         """Put back every job this owner still holds; returns their ids."""
-        return [job_id.decode() for job_id, entry in self.redis.hgetall(self.key).items()
-                if self.put_back(job_id.decode(), json.loads(entry)["lane"], jobs, reason)]
+        held = cast("dict[bytes, bytes]", self.redis.hgetall(self.key))  # the client returns bytes
+        return [
+            job_id.decode()
+            for job_id, entry in held.items()
+            if self.put_back(job_id.decode(), json.loads(entry)["lane"], jobs, reason)
+        ]
 
 
 class ClaimRecovery:
@@ -168,18 +183,20 @@ class ClaimRecovery:
     def recover(self, now: float | None = None) -> list[str]:
         now = now or time.time()
         recovered = []
-        for raw in self.redis.smembers(OWNERS):
+        for raw in cast("set[bytes]", self.redis.smembers(OWNERS)):
             owner = raw.decode()
             lock, token = f"{claims_key(owner)}:recovering", uuid.uuid4().hex
             if fleet.is_alive(self.redis, owner) or not self.redis.set(
-                    lock, token, nx=True, px=int(self.lock_s * 1000)):
+                lock, token, nx=True, px=int(self.lock_s * 1000)
+            ):
                 continue
             try:
                 claims = Claims(self.redis, owner)
-                for job_id, entry in self.redis.hgetall(claims.key).items():
+                for job_id, entry in cast("dict[bytes, bytes]", self.redis.hgetall(claims.key)).items():
                     entry = json.loads(entry)
                     if now - float(entry["at"]) >= self.grace_s and claims.put_back(
-                            job_id.decode(), entry["lane"], self.jobs, WORKER_LOST):
+                        job_id.decode(), entry["lane"], self.jobs, WORKER_LOST
+                    ):
                         recovered.append(job_id.decode())
             finally:
                 if self.redis.get(lock) == token.encode():
@@ -198,8 +215,7 @@ def gather(claims: Claims, jobs: JobStore, first: JobRecord, choice, wanted: int
     while True:
         ids, higher_busy = claims.take(first.lane, first.model, wanted - len(started), skip=first.id)
         for job_id in ids:
-            started_now = jobs.start(job_id, choice.model_version, model_used=choice.model_used,
-                                     worker=claims.owner)
+            started_now = jobs.start(job_id, choice.model_version, model_used=choice.model_used, worker=claims.owner)
             record = jobs.get(job_id) if started_now else None
             if record is not None:
                 started.append(record)
@@ -218,12 +234,13 @@ class Member:
     record: JobRecord
     request: Any = None
     segment: Any = None
-    instances: list | None = None
-    outcome: tuple[str, int] | BaseException | None = None
+    instances: list[Instance] | None = None
+    outcome: pipeline.Success | BaseException | None = None
 
 
-def run(worker, record: JobRecord, choice, storage: Storage) -> tuple[str, int]:
-    """What ``job_runner`` calls in place of ``pipeline.run`` when :func:`wanted`: ``(result_key, count)`` of ``record``.
+def run(worker, record: JobRecord, choice, storage: Storage) -> pipeline.Success:
+    """What ``job_runner`` calls in place of ``pipeline.run`` when :func:`wanted`: ``(result_key, count)`` of
+    ``record``.
 
     ``choice`` is the ``ModelChoice`` the job started on. Raises what
     ``pipeline.run`` would raise for ``record`` itself; the other jobs of its
@@ -236,8 +253,9 @@ def run(worker, record: JobRecord, choice, storage: Storage) -> tuple[str, int]:
     left = claims.put_back_all(worker.jobs, INTERRUPTED)
     if left:
         log.info("batching: %d job(s) left over from an earlier batch back on their lanes: %s", len(left), left)
-    others = gather(claims, worker.jobs, record, choice, choice.adapter.spec.max_batch_size - 1,
-                    settings.batch_wait_ms / 1000)
+    others = gather(
+        claims, worker.jobs, record, choice, choice.adapter.spec.max_batch_size - 1, settings.batch_wait_ms / 1000
+    )
     if others:
         return Batch(worker, choice.adapter, storage, claims, [record, *others]).run()
     return pipeline.run(record, choice.adapter, storage, settings.max_image_bytes, settings.max_image_pixels)
@@ -258,15 +276,21 @@ class Batch:
         self.pending = {r.id for r in records[1:]}  # claims not yet settled
         self.id = uuid.uuid4().hex
 
-    def run(self) -> tuple[str, int]:
+    def run(self) -> pipeline.Success:
         started = time.monotonic()
         try:
             for member in self.members:
                 # Which batch a job ran in, for operators (and the tests): not part of the record's schema.
-                self.jobs.redis.hset(JobStore.key(member.record.id),
-                                     mapping={"batch_id": self.id, "batch_size": len(self.members)})
-            log.info("batch %s: %d jobs of %s: %s", self.id, len(self.members), self.adapter.name,
-                     [m.record.id for m in self.members])
+                self.jobs.redis.hset(
+                    JobStore.key(member.record.id), mapping={"batch_id": self.id, "batch_size": len(self.members)}
+                )
+            log.info(
+                "batch %s: %d jobs of %s: %s",
+                self.id,
+                len(self.members),
+                self.adapter.name,
+                [m.record.id for m in self.members],
+            )
             for member in self.members:
                 self._load(member)
             self._infer([m for m in self.members if m.outcome is None])
@@ -286,12 +310,14 @@ class Batch:
         outcome = self.members[0].outcome
         if isinstance(outcome, BaseException):
             raise outcome
+        assert outcome is not None  # every member has ended
         return outcome
 
     def _load(self, member: Member) -> None:
         try:
             member.segment, member.request = pipeline.load_request(
-                member.record, self.storage, self.settings.max_image_bytes, self.settings.max_image_pixels)
+                member.record, self.storage, self.settings.max_image_bytes, self.settings.max_image_pixels
+            )
         except SoftTimeLimitExceeded:
             raise
         except Exception as exc:
@@ -310,8 +336,9 @@ class Batch:
         except SoftTimeLimitExceeded:
             raise
         except Exception as exc:
-            log.info("batch %s: failed as a whole (%s: %s); running its jobs one by one",
-                     self.id, type(exc).__name__, exc)
+            log.info(
+                "batch %s: failed as a whole (%s: %s); running its jobs one by one", self.id, type(exc).__name__, exc
+            )
             for member in ready:
                 try:
                     member.instances = self.adapter.segment([member.segment])[0]
@@ -327,8 +354,15 @@ class Batch:
         if member.outcome is not None:
             return
         try:
-            key = pipeline.store_result(member.record, member.request, member.segment.image,
-                                        member.instances, self.storage, member.segment.report)
+            assert member.instances is not None  # the model gave them (else the outcome is its error)
+            key = pipeline.store_result(
+                member.record,
+                member.request,
+                member.segment.image,
+                member.instances,
+                self.storage,
+                member.segment.report,
+            )
             member.outcome = (key, len(member.instances))
         except SoftTimeLimitExceeded:
             raise
@@ -338,6 +372,7 @@ class Batch:
     def _finish(self, member: Member, share_s: float) -> None:
         """End one claimed job as any job ends (``workers/job_end.py``), then acknowledge its claim."""
         job_id = member.record.id
+        assert member.outcome is not None  # stored or failed by now
         job_end.end_job(self.worker, member.record, member.outcome, share_s)
         self.claims.ack(job_id, self.lane)
         self.pending.discard(job_id)

@@ -1,15 +1,16 @@
 """The worker's entry point: ``celery -A workers.celery_app worker -Q interactive,default,batch``."""
+
 from celery.signals import worker_init
 
-from config import logs
 from config.settings import load_settings
+from runtime import logs
 from workers import metrics
 
 settings = load_settings()
 metrics.prepare(settings)  # before prometheus_client is imported: the pool processes share its folder
 
-from config.celery import WORKER_CLIENT_NAME, create_celery  # noqa: E402
 import workers.process  # noqa: E402,F401  (connects the per-process start-up signals)
+from config.celery import WORKER_CLIENT_NAME, create_celery  # noqa: E402
 from models.catalog import ModelCatalog  # noqa: E402
 from workers.scheduler import SchedulingStep  # noqa: E402
 

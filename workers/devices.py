@@ -13,6 +13,7 @@ and ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, so both sides see one card, the same one.
 Everything but :func:`nvml_devices` and :func:`placement_here` is pure logic,
 unit-tested with made-up device lists.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,7 @@ class NvmlDevice:
     """One GPU as NVML lists it."""
 
     index: int  # NVML's (PCI bus order), not CUDA's
-    uuid: str   # "GPU-8f6c…"
+    uuid: str  # "GPU-8f6c…"
     name: str = "NVIDIA GPU"
     memory_mb: float = 0.0
 
@@ -62,8 +63,10 @@ def visible_devices(cuda_visible: str | None, nvml: list[NvmlDevice], pci_order:
     by_index = sorted(nvml, key=lambda d: d.index)
     if cuda_visible is None:
         if not pci_order and len(by_index) > 1:
-            raise DeviceError("several GPUs and CUDA_DEVICE_ORDER is not PCI_BUS_ID: CUDA's numbering "
-                              "is not NVML's; set CUDA_DEVICE_ORDER=PCI_BUS_ID")
+            raise DeviceError(
+                "several GPUs and CUDA_DEVICE_ORDER is not PCI_BUS_ID: CUDA's numbering "
+                "is not NVML's; set CUDA_DEVICE_ORDER=PCI_BUS_ID"
+            )
         return by_index
     chosen: list[NvmlDevice] = []
     for entry in (e.strip() for e in cuda_visible.split(",")):
@@ -71,8 +74,10 @@ def visible_devices(cuda_visible: str | None, nvml: list[NvmlDevice], pci_order:
         if device is None or device in chosen:
             break
         if entry.isdigit() and not pci_order and len(by_index) > 1:
-            raise DeviceError(f"CUDA_VISIBLE_DEVICES={cuda_visible} counts GPUs by index, and without "
-                              "CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA's index is not NVML's: name them by UUID")
+            raise DeviceError(
+                f"CUDA_VISIBLE_DEVICES={cuda_visible} counts GPUs by index, and without "
+                "CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA's index is not NVML's: name them by UUID"
+            )
         chosen.append(device)
     return chosen
 
@@ -112,21 +117,31 @@ def select_gpus(setting: str, nvml: list[NvmlDevice]) -> list[NvmlDevice]:
 class Placement:
     """Where one worker runs its models, and with which ONNX Runtime providers."""
 
-    gpu: NvmlDevice | None       # what the resource gate reads through NVML; None: host memory
-    cuda_device_id: int          # the providers' device_id: the ordinal among the visible devices
+    gpu: NvmlDevice | None  # what the resource gate reads through NVML; None: host memory
+    cuda_device_id: int  # the providers' device_id: the ordinal among the visible devices
     providers: tuple[str, ...]
-    providers_required: bool     # MASKQ_DEVICE=cuda: a model that cannot get them does not load
+    providers_required: bool  # MASKQ_DEVICE=cuda: a model that cannot get them does not load
     reason: str
 
     def describe(self) -> dict:
         """For the heartbeat and ``GET /v1/models``."""
-        device = (f"cuda:{self.cuda_device_id} {self.gpu.name} {self.gpu.uuid}" if self.gpu and CUDA in self.providers
-                  else "cpu")
+        device = (
+            f"cuda:{self.cuda_device_id} {self.gpu.name} {self.gpu.uuid}"
+            if self.gpu and CUDA in self.providers
+            else "cpu"
+        )
         return {"device": device, "providers": list(self.providers), "reason": self.reason}
 
 
-def place(device: str, gpu_index: int, configured: tuple[str, ...], cuda_visible: str | None,
-          nvml: list[NvmlDevice], ort_providers: list[str], pci_order: bool = True) -> Placement:
+def place(
+    device: str,
+    gpu_index: int,
+    configured: tuple[str, ...],
+    cuda_visible: str | None,
+    nvml: list[NvmlDevice],
+    ort_providers: list[str],
+    pci_order: bool = True,
+) -> Placement:
     """Decide where this worker runs (pure: every input is given).
 
     ``device`` is ``MASKQ_DEVICE`` (auto, cuda, cpu); ``gpu_index`` the CUDA
@@ -142,8 +157,10 @@ def place(device: str, gpu_index: int, configured: tuple[str, ...], cuda_visible
     if device == "cuda":
         providers = tuple(configured) or (CUDA,)
         if gpu is None:
-            reason = (f"MASKQ_DEVICE=cuda but no GPU {gpu_index} is visible "
-                      f"({len(visible)} visible of the {len(nvml)} NVML lists): models needing {providers[0]} will not load")
+            reason = (
+                f"MASKQ_DEVICE=cuda but no GPU {gpu_index} is visible "
+                f"({len(visible)} visible of the {len(nvml)} NVML lists): models needing {providers[0]} will not load"
+            )
         elif not has_cuda:
             reason = "MASKQ_DEVICE=cuda but this onnxruntime build has no CUDA provider: install onnxruntime-gpu"
         else:
@@ -154,7 +171,9 @@ def place(device: str, gpu_index: int, configured: tuple[str, ...], cuda_visible
     if gpu is not None and has_cuda:
         providers = tuple(configured) or (CUDA, CPU)
         return Placement(gpu, gpu_index, providers, False, f"MASKQ_DEVICE=auto: {gpu.name} {gpu.uuid}")
-    reason = ("MASKQ_DEVICE=auto: " + ("no GPU visible" if gpu is None else "this onnxruntime build has no CUDA provider"))
+    reason = "MASKQ_DEVICE=auto: " + (
+        "no GPU visible" if gpu is None else "this onnxruntime build has no CUDA provider"
+    )
     providers = tuple(p for p in configured if p not in (CUDA, TENSORRT)) or (CPU,)
     return Placement(None, 0, providers, False, reason)
 
@@ -174,8 +193,14 @@ def nvml_devices() -> list[NvmlDevice]:
         name = pynvml.nvmlDeviceGetName(handle)
         uuid = pynvml.nvmlDeviceGetUUID(handle)
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**20
-        devices.append(NvmlDevice(index, uuid if isinstance(uuid, str) else uuid.decode(),
-                                  name if isinstance(name, str) else name.decode(), memory))
+        devices.append(
+            NvmlDevice(
+                index,
+                uuid if isinstance(uuid, str) else uuid.decode(),
+                name if isinstance(name, str) else name.decode(),
+                memory,
+            )
+        )
     return devices
 
 
@@ -185,13 +210,23 @@ def placement_here(settings) -> Placement:
 
     # CUDA reads this when it starts (at a process's first CUDA session): PCI bus order is NVML's order.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    placement = place(settings.device, settings.gpu_device_index, tuple(settings.ort_providers),
-                      os.environ.get("CUDA_VISIBLE_DEVICES"), nvml_devices() if settings.device != "cpu" else [],
-                      onnxruntime.get_available_providers(),
-                      pci_order=os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID")
-    log.log(logging.WARNING if placement.providers_required and "no GPU" in placement.reason else logging.INFO,
-            "device: %s (%s; onnxruntime %s offers %s)", placement.describe()["device"], placement.reason,
-            onnxruntime.__version__, onnxruntime.get_available_providers())
+    placement = place(
+        settings.device,
+        settings.gpu_device_index,
+        tuple(settings.ort_providers),
+        os.environ.get("CUDA_VISIBLE_DEVICES"),
+        nvml_devices() if settings.device != "cpu" else [],
+        onnxruntime.get_available_providers(),
+        pci_order=os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID",
+    )
+    log.log(
+        logging.WARNING if placement.providers_required and "no GPU" in placement.reason else logging.INFO,
+        "device: %s (%s; onnxruntime %s offers %s)",
+        placement.describe()["device"],
+        placement.reason,
+        onnxruntime.__version__,
+        onnxruntime.get_available_providers(),
+    )
     return placement
 
 
@@ -202,6 +237,10 @@ def runtime_options(settings, placement: Placement) -> RuntimeOptions:
     trt_cache = None
     if placement.gpu is not None:
         trt_cache = str(settings.trt_cache_path / placement.gpu.cache_key / f"onnxruntime-{onnxruntime.__version__}")
-    return dataclasses.replace(RuntimeOptions.from_settings(settings), providers=placement.providers,
-                               providers_required=placement.providers_required,
-                               device_id=placement.cuda_device_id, trt_cache_dir=trt_cache)
+    return dataclasses.replace(
+        RuntimeOptions.from_settings(settings),
+        providers=placement.providers,
+        providers_required=placement.providers_required,
+        device_id=placement.cuda_device_id,
+        trt_cache_dir=trt_cache,
+    )

@@ -6,6 +6,7 @@ plus a reserve, the worker cancels its lane consumers; when it is back, it
 consumes them again, in lane order. The reserve can be changed at run time
 (``SET maskq:gate:reserve_mb 256`` in Redis) without a restart.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass
 import psutil
 import redis
 
-from domain import fleet
+from stores import fleet
 from workers.devices import NvmlDevice, placement_here
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,15 @@ class ResourceGate:
         state = GateState(free_mb >= self.need_mb + reserve, self.device.name, round(free_mb, 1), self.need_mb, reserve)
         changed = self.state is None or state.open != self.state.open
         if changed:
-            log.log(logging.INFO if state.open else logging.WARNING,
-                    "resource gate %s on %s: free %.0f MB, one job needs %.0f MB + reserve %.0f MB",
-                    "open" if state.open else "CLOSED", state.device, free_mb, self.need_mb, reserve)
+            log.log(
+                logging.INFO if state.open else logging.WARNING,
+                "resource gate %s on %s: free %.0f MB, one job needs %.0f MB + reserve %.0f MB",
+                "open" if state.open else "CLOSED",
+                state.device,
+                free_mb,
+                self.need_mb,
+                reserve,
+            )
         self.state = state
         return state, changed
 

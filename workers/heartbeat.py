@@ -1,4 +1,5 @@
 """A worker pool process announces itself in Redis, so the front end can tell who is ready with what."""
+
 from __future__ import annotations
 
 import logging
@@ -7,7 +8,7 @@ import time
 
 import redis
 
-from domain import fleet
+from stores import fleet
 
 log = logging.getLogger(__name__)
 
@@ -46,5 +47,7 @@ class Heartbeat:
                 self.beat()
             except redis.RedisError:
                 pass  # Redis is away; the entry lapses and the worker shows as not ready
-            except Exception:  # whatever else went wrong, the next beat tries again: a dead thread means a "dead" worker
+            except (
+                Exception
+            ):  # whatever else went wrong, the next beat tries again: a dead thread means a "dead" worker
                 log.exception("heartbeat failed")

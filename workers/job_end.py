@@ -21,29 +21,30 @@ Then :func:`settle` fills the result cache and resolves the identical jobs
 that waited on this one. It runs for every job that leaves a worker, however
 it left, and never raises.
 """
+
 from __future__ import annotations
 
 import functools
 import logging
 
 import redis
-
 from celery.exceptions import SoftTimeLimitExceeded
 
-from config.redis_connection import connect
 from config.settings import Settings, load_settings
-from domain import job_metrics
 from domain.errors import InputError, MaskqError, ResourceExhausted
-from domain.lanes import send_job
-from domain.records import JobRecord, JobState, JobStore
-from domain.result_cache import ResultCache
-from domain.webhooks import JobEvents
+from domain.records import JobRecord, JobState
 from models.catalog import ModelCatalog
+from runtime.redis_connection import connect
+from stores import job_metrics
+from stores.jobs import JobStore
+from stores.lanes import send_job
+from stores.result_cache import ResultCache
+from stores.webhooks import JobEvents
 from workers import pipeline
 
 log = logging.getLogger(__name__)
 
-Outcome = tuple | BaseException  # (result_key, count[, seconds per phase]), or what the job raised
+Outcome = pipeline.Success | BaseException  # (result_key, count[, seconds per phase]), or what the job raised
 
 # How ONNX Runtime and its providers word an allocation failure.
 _OOM_MESSAGES = ("out of memory", "failed to allocate memory", "bad_alloc", "cudaerrormemoryallocation")
@@ -63,8 +64,9 @@ def end_job(worker, record: JobRecord, outcome: Outcome, ran_for_s: float) -> No
     else:
         code, detail = describe_failure(record.id, outcome)
         if not worker.jobs.fail(record.id, code, detail, fence=worker.owner):
-            log.info("job %s: ended elsewhere, or taken over by another run; this run's failure is not recorded",
-                     record.id)
+            log.info(
+                "job %s: ended elsewhere, or taken over by another run; this run's failure is not recorded", record.id
+            )
 
 
 def _succeed(worker, record: JobRecord, outcome: tuple, ran_for_s: float) -> None:
@@ -77,8 +79,9 @@ def _succeed(worker, record: JobRecord, outcome: tuple, ran_for_s: float) -> Non
         pipeline.discard_result(record, worker.storage)
         log.info("job %s: canceled while running; result discarded", record.id)
     elif now is not None and now.status == JobState.RUNNING:
-        log.warning("job %s: taken over by another run (%s) while this one ran; not recorded here", record.id,
-                    now.worker)
+        log.warning(
+            "job %s: taken over by another run (%s) while this one ran; not recorded here", record.id, now.worker
+        )
     else:
         log.info("job %s: already ended by another run; keeping its result", record.id)
 
@@ -90,13 +93,16 @@ def _out_of_memory(worker, record: JobRecord, exc: BaseException) -> None:
     attempts = now.attempts if now is not None else record.attempts
     if attempts > settings.oom_retries:
         log.info("job %s: out of memory %d times; giving up", record.id, attempts)
-        jobs.fail(record.id, "resources", f"the device ran out of memory {attempts} times: {detail}", fence=worker.owner)
+        jobs.fail(
+            record.id, "resources", f"the device ran out of memory {attempts} times: {detail}", fence=worker.owner
+        )
         return
     if jobs.requeue(record.id, {"code": ResourceExhausted.code, "message": detail}, fence=worker.owner):
         jobs.metrics.count(job_metrics.OOM_REQUEUES, record.model)
         send_job(None, record.id, record.lane, time_limits(worker, record.model), countdown=settings.oom_retry_delay_s)
-        log.info("job %s: out of memory; back on the %s lane in %.1f s", record.id, record.lane,
-                 settings.oom_retry_delay_s)
+        log.info(
+            "job %s: out of memory; back on the %s lane in %.1f s", record.id, record.lane, settings.oom_retry_delay_s
+        )
 
 
 def describe_failure(job_id: str, exc: BaseException) -> tuple[str, str]:

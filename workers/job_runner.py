@@ -13,13 +13,14 @@ Reading and writing the record ride out a Redis outage
 (``workers/redis_outage.py``): a job whose model ran keeps its outcome until
 Redis answers again, and its message is acknowledged only after that.
 """
+
 from __future__ import annotations
 
 import logging
 import time
 
-from config import logs
 from domain.records import JobRecord, JobState
+from runtime import logs
 from storage.retrying import RetryingStorage
 from workers import batching, job_end, pipeline, process
 from workers.loaded_models import ModelChoice
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def run(job_id: str, traceparent: str | None = None) -> None:
-    """Run job ``job_id``; every line logged meanwhile carries the job (config/logs.py)."""
+    """Run job ``job_id``; every line logged meanwhile carries the job (runtime/logs.py)."""
     with logs.job_context(job_id=job_id, traceparent=traceparent):
         _run(job_id)
 
@@ -49,17 +50,24 @@ def _run(job_id: str) -> None:
         if started is None:
             return
         record, choice, since = started
+        outcome: job_end.Outcome
         try:
             outcome = _segment(worker, record, choice)
         except Exception as exc:  # whatever went wrong, the record ends: a job is never left running
             outcome = exc
-        ride_out(lambda: job_end.end_job(worker, record, outcome, time.monotonic() - since),
-                 bound_s=bound_s, what=f"job {job_id}: recording its outcome")
+        ride_out(
+            lambda: job_end.end_job(worker, record, outcome, time.monotonic() - since),
+            bound_s=bound_s,
+            what=f"job {job_id}: recording its outcome",
+        )
     finally:
         worker.finish(job_id)
         # However it ended, identical jobs waiting on it get its result or its place; a success fills the cache.
-        ride_out(lambda: job_end.settle(worker.jobs, worker.settings, worker.models.catalog, job_id),
-                 bound_s=bound_s, what=f"job {job_id}: settling the jobs that wait on it")
+        ride_out(
+            lambda: job_end.settle(worker.jobs, worker.settings, worker.models.catalog, job_id),
+            bound_s=bound_s,
+            what=f"job {job_id}: settling the jobs that wait on it",
+        )
 
 
 def _start(worker: process.WorkerProcess, job_id: str) -> tuple[JobRecord, ModelChoice, float] | None:
@@ -71,8 +79,12 @@ def _start(worker: process.WorkerProcess, job_id: str) -> tuple[JobRecord, Model
         return None
     # The message's trace context, else the record's (a message resent by recovery carries none).
     message_trace = "trace_id" in logs.current_job()
-    logs.bind_job(tenant=record.tenant, model=record.model, lane=record.lane,
-                  traceparent=None if message_trace else record.traceparent)
+    logs.bind_job(
+        tenant=record.tenant,
+        model=record.model,
+        lane=record.lane,
+        traceparent=None if message_trace else record.traceparent,
+    )
     if record.status == JobState.QUEUED and record.deadline_at and time.time() > record.deadline_at:
         if jobs.expire(job_id):
             log.info("job %s: deadline passed before it started; expired", job_id)
@@ -96,8 +108,12 @@ def _start(worker: process.WorkerProcess, job_id: str) -> tuple[JobRecord, Model
         return None
     if attempts > worker.settings.job_max_attempts:
         log.warning("job %s: started %d times and never finished; failing it", job_id, attempts)
-        jobs.fail(job_id, "attempts", f"the job was started {attempts} times and its worker stopped each time "
-                                      "before it ended (out of memory, or a crash); it will not be tried again")
+        jobs.fail(
+            job_id,
+            "attempts",
+            f"the job was started {attempts} times and its worker stopped each time "
+            "before it ended (out of memory, or a crash); it will not be tried again",
+        )
         return None
     return record, choice, time.monotonic()
 
@@ -111,8 +127,9 @@ def _choose(worker: process.WorkerProcess, record: JobRecord) -> ModelChoice:
     return choice
 
 
-def _segment(worker: process.WorkerProcess, record: JobRecord, choice: ModelChoice) -> tuple:
-    """``(result_key, instance count[, seconds per phase])`` of the job; jobs taken along in a batch end inside the batch."""
+def _segment(worker: process.WorkerProcess, record: JobRecord, choice: ModelChoice) -> pipeline.Success:
+    """``(result_key, instance count[, seconds per phase])`` of the job; jobs taken along in a batch end inside
+    the batch."""
     settings = worker.settings
     # A store that is away for less than storage_retry_bound_s only delays the job; past it, code "storage".
     storage = RetryingStorage.from_settings(worker.storage, settings)

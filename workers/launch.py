@@ -10,6 +10,7 @@ starts one worker per GPU, each pinned with ``CUDA_VISIBLE_DEVICES=<UUID>``
 of them ends it stops the others and ends with its status, so the process
 manager above (honcho, compose, Kubernetes) sees one unit that failed.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -25,8 +26,9 @@ from workers.devices import DeviceError, NvmlDevice, nvml_devices, select_gpus
 CELERY_APP = ["-A", "workers.celery_app", "worker"]
 
 
-def worker_commands(gpus: list[NvmlDevice], args: list[str], env: dict[str, str], celery: str,
-                    metrics_port: int = 0) -> list[tuple[list[str], dict[str, str]]]:
+def worker_commands(
+    gpus: list[NvmlDevice], args: list[str], env: dict[str, str], celery: str, metrics_port: int = 0
+) -> list[tuple[list[str], dict[str, str]]]:
     """The command line and environment of each GPU's worker (pure; unit-tested).
 
     Each serves its own series (workers/metrics.py) on the next port from ``metrics_port`` (0: none).
@@ -34,9 +36,14 @@ def worker_commands(gpus: list[NvmlDevice], args: list[str], env: dict[str, str]
     commands = []
     for i, gpu in enumerate(gpus):
         argv = [celery, *CELERY_APP, *_named(args, f"gpu{gpu.index}")]
-        pinned = {**env, "CUDA_VISIBLE_DEVICES": gpu.uuid, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-                  "MASKQ_GPU_DEVICE_INDEX": "0", "MASKQ_GPUS": "",
-                  "MASKQ_WORKER_METRICS_PORT": str(metrics_port + i if metrics_port else 0)}
+        pinned = {
+            **env,
+            "CUDA_VISIBLE_DEVICES": gpu.uuid,
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "MASKQ_GPU_DEVICE_INDEX": "0",
+            "MASKQ_GPUS": "",
+            "MASKQ_WORKER_METRICS_PORT": str(metrics_port + i if metrics_port else 0),
+        }
         commands.append((argv, pinned))
     return commands
 
@@ -64,8 +71,9 @@ def _die_with_parent() -> None:
 
 def supervise(commands: list[tuple[list[str], dict[str, str]]]) -> int:
     """Run every worker; pass stop signals on; when one ends, stop the rest. Returns the exit status."""
-    children = [subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
-                for argv, env in commands]
+    children = [
+        subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent) for argv, env in commands
+    ]
     names = {child.pid: env["CUDA_VISIBLE_DEVICES"] for child, (_, env) in zip(children, commands)}
     stopping = False
 

@@ -4,6 +4,7 @@ Each adapter is set up with an :class:`models.adapters.base.AdapterContext`: the
 narrowed to its model, the process's one encoder cache, and the adapters already set up, so that a
 pipeline runs on its steps' adapters (a pipeline's steps are set up before it).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,8 +76,9 @@ class LoadedModels:
     that is not loaded leaves the pipeline unloaded too (its fallback serves).
     """
 
-    def __init__(self, catalog: ModelCatalog | LiveCatalog, runtime: RuntimeOptions,
-                 encoder_cache: EncoderCache | None = None):
+    def __init__(
+        self, catalog: ModelCatalog | LiveCatalog, runtime: RuntimeOptions, encoder_cache: EncoderCache | None = None
+    ):
         self.catalog = catalog
         self.runtime = runtime
         # Every adapter set up here shares it (models/encoder_cache.py): local, or in front of Redis.
@@ -110,15 +112,24 @@ class LoadedModels:
                 continue
             try:
                 adapters[name] = self._set_up(spec, adapters)
-                log.info("model %s version %s loaded%s", name, spec.version,
-                         f" (replacing version {old.version})" if old is not None else "")
+                log.info(
+                    "model %s version %s loaded%s",
+                    name,
+                    spec.version,
+                    f" (replacing version {old.version})" if old is not None else "",
+                )
             except Exception as exc:  # whatever a model does at set-up, the worker stays up
                 error = exc.detail if isinstance(exc, MaskqError) else f"{type(exc).__name__}: {exc}"
                 failures[name] = ModelFailure(spec.version, error)
                 metrics.series().load_failures.labels(name).inc()
-                log.error("model %s version %s failed to load%s: %s", name, spec.version,
-                          f"; version {old.version} keeps serving" if old is not None else "", error,
-                          exc_info=not isinstance(exc, MaskqError))
+                log.error(
+                    "model %s version %s failed to load%s: %s",
+                    name,
+                    spec.version,
+                    f"; version {old.version} keeps serving" if old is not None else "",
+                    error,
+                    exc_info=not isinstance(exc, MaskqError),
+                )
         for name in set(self.adapters) - set(adapters):
             log.info("model %s removed from the manifest; unloaded", name)
         loaded = metrics.series().models_loaded
@@ -180,16 +191,20 @@ class LoadedModels:
         if catalog is None or name not in catalog.specs:
             raise ModelError(f"model {name!r} is not in this worker's model manifest")
         failure = self.failures.get(name)
-        reason = (f"model {name!r} version {failure.version} failed to load: {failure.error}" if failure
-                  else f"model {name!r} is not loaded in this worker")
+        reason = (
+            f"model {name!r} version {failure.version} failed to load: {failure.error}"
+            if failure
+            else f"model {name!r} is not loaded in this worker"
+        )
         kinds = frozenset(prompt_kinds)
         refused = []
         for fallback in catalog.fallbacks(name):
             stand_in = self.adapters.get(fallback)
             if stand_in is None:
                 refused.append(f"{fallback!r} is not loaded either")
-            elif not kinds <= stand_in.capabilities.prompt_kinds or (stand_in.capabilities.requires_prompt
-                                                                      and not kinds):
+            elif not kinds <= stand_in.capabilities.prompt_kinds or (
+                stand_in.capabilities.requires_prompt and not kinds
+            ):
                 refused.append(f"{fallback!r} cannot take this job's prompts ({', '.join(sorted(kinds)) or 'none'})")
             else:
                 return ModelChoice(stand_in, name, reason)

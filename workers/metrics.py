@@ -1,7 +1,7 @@
 """A worker host's own Prometheus series, on a port of its own (``MASKQ_WORKER_METRICS_PORT``).
 
 The service-wide job series live in Redis and are scraped from the web
-(``domain/job_metrics.py``); what only a worker knows is here: how long its
+(``stores/job_metrics.py``); what only a worker knows is here: how long its
 model calls take, its embedding cache's hits, the batches it ran, the models
 its processes hold, its resource gate, and its GPUs (NVML, read at scrape
 time). Celery's pool processes each write their series to a folder of this
@@ -13,6 +13,7 @@ port (``workers/launch.py``).
 (``workers/celery_app.py`` calls it first; Celery's own command line may
 have imported it already, which :func:`prepare` undoes).
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,23 +53,35 @@ def series():
     """The series, made once per process (after :func:`prepare`)."""
     from prometheus_client import Counter, Gauge, Histogram
 
-    from domain.job_metrics import LATENCY_BUCKETS
+    from stores.job_metrics import LATENCY_BUCKETS
 
     class Series:
-        inference = Histogram("maskq_worker_inference_seconds", "Model time per job (encoder and decoder)",
-                              ["model"], buckets=LATENCY_BUCKETS)
-        embeddings = Counter("maskq_worker_embedding_cache_lookups", "SAM-family image embeddings: found in "
-                             "this process (local), in the shared store (shared), or encoded (miss)",
-                             ["model", "result"])
-        batch_size = Histogram("maskq_worker_batch_size", "Jobs per stacked inference call", ["model"],
-                               buckets=BATCH_BUCKETS)
-        models_loaded = Gauge("maskq_worker_models_loaded", "Pool processes holding a model version",
-                              ["model", "version"], multiprocess_mode="livesum")
-        load_failures = Counter("maskq_worker_model_load_failures", "Model versions that failed to set up",
-                                ["model"])
+        inference = Histogram(
+            "maskq_worker_inference_seconds",
+            "Model time per job (encoder and decoder)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+        )
+        embeddings = Counter(
+            "maskq_worker_embedding_cache_lookups",
+            "SAM-family image embeddings: found in "
+            "this process (local), in the shared store (shared), or encoded (miss)",
+            ["model", "result"],
+        )
+        batch_size = Histogram(
+            "maskq_worker_batch_size", "Jobs per stacked inference call", ["model"], buckets=BATCH_BUCKETS
+        )
+        models_loaded = Gauge(
+            "maskq_worker_models_loaded",
+            "Pool processes holding a model version",
+            ["model", "version"],
+            multiprocess_mode="livesum",
+        )
+        load_failures = Counter("maskq_worker_model_load_failures", "Model versions that failed to set up", ["model"])
         gate_open = Gauge("maskq_worker_gate_open", "1 while the worker takes jobs", multiprocess_mode="livemax")
-        device_free = Gauge("maskq_worker_device_free_bytes", "Free memory on the device the gate watches",
-                            multiprocess_mode="livemax")
+        device_free = Gauge(
+            "maskq_worker_device_free_bytes", "Free memory on the device the gate watches", multiprocess_mode="livemax"
+        )
 
     return Series
 
@@ -86,8 +99,9 @@ class GpuCollector:
             count = pynvml.nvmlDeviceGetCount()
         except Exception:  # no driver, no library: no GPU series
             return
-        util = GaugeMetricFamily("maskq_gpu_utilization_ratio", "GPU busy fraction over NVML's last sample",
-                                 labels=["gpu", "uuid"])
+        util = GaugeMetricFamily(
+            "maskq_gpu_utilization_ratio", "GPU busy fraction over NVML's last sample", labels=["gpu", "uuid"]
+        )
         used = GaugeMetricFamily("maskq_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu", "uuid"])
         total = GaugeMetricFamily("maskq_gpu_memory_total_bytes", "GPU memory", labels=["gpu", "uuid"])
         for index in range(count):
@@ -115,8 +129,12 @@ def serve(settings) -> None:
     try:
         start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host, registry=registry)
     except OSError as exc:  # a busy port costs the metrics, never the worker
-        log.warning("worker metrics: cannot listen on %s:%d (%s); not served", settings.worker_metrics_host,
-                    settings.worker_metrics_port, exc)
+        log.warning(
+            "worker metrics: cannot listen on %s:%d (%s); not served",
+            settings.worker_metrics_host,
+            settings.worker_metrics_port,
+            exc,
+        )
         return
     log.info("worker metrics on http://%s:%d/metrics", settings.worker_metrics_host, settings.worker_metrics_port)
 

@@ -5,22 +5,23 @@ read from the record once): it goes to the adapter as it is (``SegmentRequest.re
 prompts in pixels and its model options, and on to the result's writer, chosen by the job's media
 (``workers/results.py``).
 """
+
 from __future__ import annotations
 
 import time
 
 import numpy as np
 
-from domain.errors import InputLost
-from domain.keys import job_prefix
-from storage import Storage
-from workers import metrics, results
 from domain import masks
+from domain.errors import InputLost
 from domain.images import decode_image
+from domain.keys import job_prefix
 from domain.records import JobRecord
 from domain.schemas import JobRequest
 from models.adapters.base import Instance, ModelAdapter, Prompts, SegmentRequest
 from models.encoder_cache import EncodingSource
+from storage import Storage
+from workers import metrics, results
 
 
 def to_prompts(request: JobRequest) -> Prompts:
@@ -29,12 +30,14 @@ def to_prompts(request: JobRequest) -> Prompts:
     return Prompts(
         text=tuple(p.text),
         points=tuple((float(x), float(y), int(label)) for x, y, label in p.points),
-        boxes=tuple(tuple(float(v) for v in box) for box in p.boxes),
+        boxes=tuple((float(x0), float(y0), float(x1), float(y1)) for x0, y0, x1, y1 in p.boxes),
         mask=masks.decode(p.mask.model_dump()) if p.mask else None,
     )
 
 
-def load_request(record: JobRecord, storage: Storage, max_bytes: int, max_pixels: int) -> tuple[SegmentRequest, JobRequest]:
+def load_request(
+    record: JobRecord, storage: Storage, max_bytes: int, max_pixels: int
+) -> tuple[SegmentRequest, JobRequest]:
     """The job's input, decoded, as the adapter's request; and the job's typed request (the record's own)."""
     request = record.request
     try:
@@ -42,12 +45,22 @@ def load_request(record: JobRecord, storage: Storage, max_bytes: int, max_pixels
     except KeyError:
         raise InputLost(f"the job's input {record.input_key} is no longer in storage") from None
     image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
-    return SegmentRequest(image=image.pixels, prompts=to_prompts(request), image_id=record.image_sha256,
-                          scope=record.tenant, options=request.adapter_options, request=request), request
+    return SegmentRequest(
+        image=image.pixels,
+        prompts=to_prompts(request),
+        image_id=record.image_sha256,
+        scope=record.tenant,
+        options=request.adapter_options,
+        request=request,
+    ), request
 
 
 def store_result(
-    record: JobRecord, request: JobRequest, image: np.ndarray, instances: list[Instance], storage: Storage,
+    record: JobRecord,
+    request: JobRequest,
+    image: np.ndarray,
+    instances: list[Instance],
+    storage: Storage,
     report: dict | None = None,
 ) -> str:
     """Write the job's result with the writer of its media (``workers/results.py``); return the result's key.
@@ -75,8 +88,13 @@ def discard_result(record: JobRecord, storage: Storage) -> None:
             storage.delete(key)
 
 
-def run(record: JobRecord, adapter: ModelAdapter, storage: Storage, max_bytes: int,
-        max_pixels: int) -> tuple[str, int, dict[str, float]]:
+# What a job that ran gives: ``(result key, instance count[, seconds per phase])``.
+Success = tuple[str, int] | tuple[str, int, dict[str, float]]
+
+
+def run(
+    record: JobRecord, adapter: ModelAdapter, storage: Storage, max_bytes: int, max_pixels: int
+) -> tuple[str, int, dict[str, float]]:
     """Segment one job's image; return ``(result_key, instance count, seconds per phase)``.
 
     The phases: ``load`` (the input from storage, decoded), ``encode`` (an adapter's image encoder, as it
@@ -90,7 +108,11 @@ def run(record: JobRecord, adapter: ModelAdapter, storage: Storage, max_bytes: i
     segmented = time.perf_counter()
     key = store_result(record, request, segment_request.image, instances, storage, segment_request.report)
     encode = segment_request.timings.get("encode", 0.0)
-    timings = {"load": loaded - started, "predict": segmented - loaded - encode, "store": time.perf_counter() - segmented}
+    timings = {
+        "load": loaded - started,
+        "predict": segmented - loaded - encode,
+        "store": time.perf_counter() - segmented,
+    }
     count_model_work(adapter.name, segmented - loaded, segment_request.report)
     if "encode" in segment_request.timings:
         timings["encode"] = encode

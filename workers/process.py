@@ -3,6 +3,7 @@
 Built once per pool process by ``worker_process_init`` (never at import, never
 per job); tasks reach it with :func:`current`.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -15,21 +16,21 @@ from dataclasses import dataclass
 import redis
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from config import telemetry
-from config.redis_connection import connect
 from config.settings import Settings, load_settings
-from domain import fleet
-from storage import Storage, open_storage
-from domain.records import JobStore
-from domain.webhooks import JobEvents
 from models.adapters.base import RuntimeOptions
-from workers.devices import Placement, placement_here, runtime_options
-from workers import metrics
-from workers.heartbeat import Heartbeat
 from models.catalog import LiveCatalog
+from models.encoder_cache import EncoderCache
+from runtime import telemetry
+from runtime.redis_connection import connect
+from storage import Storage, open_storage
+from stores import fleet
+from stores.jobs import JobStore
+from stores.webhooks import JobEvents
+from workers import metrics
+from workers.devices import Placement, placement_here, runtime_options
+from workers.heartbeat import Heartbeat
 from workers.loaded_models import LoadedModels
 from workers.redis_outage import ride_out
-from models.encoder_cache import EncoderCache
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class WorkerProcess:
         return fleet.this_process()
 
     @classmethod
-    def start(cls, settings: Settings) -> "WorkerProcess":
+    def start(cls, settings: Settings) -> WorkerProcess:
         client = connect(settings.broker_url, settings.redis_sentinel_master)
         placement = placement_here(settings) if settings.worker_loads_models else None
         runtime = runtime_options(settings, placement) if placement else RuntimeOptions.from_settings(settings)
@@ -79,9 +80,13 @@ class WorkerProcess:
         adapters = self.models.adapters.items()
         # Encoder-cache counters (SAM-family adapters) ride on the heartbeat for operators and tests.
         caches = {name: stats for name, a in adapters if (stats := a.cache_stats()) is not None}
-        return {**self.models.describe(), "embedding_caches": caches, "running": sorted(self.running),
-                "device": self.placement.describe()["device"] if self.placement else None,
-                "storage": self.storage_identity}
+        return {
+            **self.models.describe(),
+            "embedding_caches": caches,
+            "running": sorted(self.running),
+            "device": self.placement.describe()["device"] if self.placement else None,
+            "storage": self.storage_identity,
+        }
 
     def begin(self, *job_ids: str) -> None:
         """These jobs run here now: say so in the heartbeat at once."""
@@ -132,8 +137,10 @@ def current() -> WorkerProcess:
     (``task_reject_on_worker_lost``) and start a fresh pool process, whose start-up may succeed now.
     """
     if _current is None:
-        log.critical("this pool process has no worker state (its start-up failed); exiting so that its job "
-                     "is redelivered and a fresh process takes its place")
+        log.critical(
+            "this pool process has no worker state (its start-up failed); exiting so that its job "
+            "is redelivered and a fresh process takes its place"
+        )
         time.sleep(1)  # a process that keeps failing at start-up does not spin
         os._exit(70)
     return _current
@@ -147,7 +154,9 @@ def _start_process(**_) -> None:
     settings = load_settings()
     try:
         # Redis may be restarting just now (this process replaces one that died): wait for it a while.
-        _current = ride_out(lambda: WorkerProcess.start(settings), bound_s=START_BOUND_S, what="worker process start-up")
+        _current = ride_out(
+            lambda: WorkerProcess.start(settings), bound_s=START_BOUND_S, what="worker process start-up"
+        )
     except Exception:
         log.exception("worker process start-up failed; this process exits at its first job (see current())")
         return

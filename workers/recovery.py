@@ -2,7 +2,7 @@
 
 A job's record says ``running`` and names the pool process that started it
 (``worker``, ``host:pid``); each pool process's heartbeat names the jobs it is
-running now (``domain/fleet.py``). A running job is *unclaimed* when that
+running now (``stores/fleet.py``). A running job is *unclaimed* when that
 process's heartbeat has lapsed (the process or its host died) or no longer
 names it (the process moved on without recording an outcome: Redis went away
 while it ran and did not come back in time). Every worker's lane upkeep
@@ -31,18 +31,22 @@ queued jobs of each lane (queued longer than ``ORPHAN_AGE_S``, at most
 and the batch claims, in one server-side pass; a job found nowhere gets a new
 message. Whatever lost a message (a fault no one foresaw), the job still runs.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import time
+from typing import cast
 
 import redis
 
 from config.settings import LANES
-from domain import fleet, keys
-from domain.lanes import send_job
-from domain.records import JobState, JobStore
+from domain import keys
+from domain.records import JobState
+from stores import fleet
+from stores.jobs import JobStore
+from stores.lanes import send_job
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +115,18 @@ class Recovery:
         sent = []
         for job_id in self.jobs.unsent(older_than=now - self.grace_s):
             record = self.jobs.get(job_id)
-            if (record is not None and record.status == JobState.QUEUED and not record.coalesced_with
-                    and self.nowhere([job_id])):
+            if (
+                record is not None
+                and record.status == JobState.QUEUED
+                and not record.coalesced_with
+                and self.nowhere([job_id])
+            ):
                 send_job(None, job_id, record.lane, self._time_limits(record.model))
-                log.warning("job %s: its message was never sent (its sender stopped); sent now to the %s lane",
-                            job_id, record.lane)
+                log.warning(
+                    "job %s: its message was never sent (its sender stopped); sent now to the %s lane",
+                    job_id,
+                    record.lane,
+                )
                 sent.append(job_id)
             self.jobs.sent(job_id)
         return sent
@@ -126,8 +137,14 @@ class Recovery:
         if now - self.orphans_checked_at < ORPHAN_CHECK_S:
             return []
         self.orphans_checked_at = now
-        queued = [i.decode() for lane in LANES for i in self.redis.zrangebyscore(
-            keys.lane_index(lane), "-inf", now - ORPHAN_AGE_S, start=0, num=ORPHAN_BATCH)]
+        queued = [
+            i.decode()
+            for lane in LANES
+            for i in cast(
+                "list[bytes]",
+                self.redis.zrangebyscore(keys.lane_index(lane), "-inf", now - ORPHAN_AGE_S, start=0, num=ORPHAN_BATCH),
+            )
+        ]
         sent = []
         for job_id in self.nowhere(queued):
             record = self.jobs.get(job_id)
@@ -179,8 +196,12 @@ class Recovery:
         if where is None:
             send_job(None, job_id, record.lane, self._time_limits(record.model))
             where = f"a new message on the {record.lane} lane"
-        log.warning("job %s: no worker was running it (it was started by %s); back on its lane via %s",
-                    job_id, record.worker or "an unknown process", where)
+        log.warning(
+            "job %s: no worker was running it (it was started by %s); back on its lane via %s",
+            job_id,
+            record.worker or "an unknown process",
+            where,
+        )
         return True
 
     def _restore_delivered(self, job_id: str) -> str | None:

@@ -8,6 +8,7 @@ the bound passes (or the job's hard time limit kills the process first), the
 message is still in the broker's ``unacked`` hash, and recovery
 (``workers/recovery.py``) puts the job back on its lane: nothing vanishes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,16 @@ T = TypeVar("T")
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
-def ride_out(action: Callable[[], T], *, bound_s: float, what: str, initial_s: float = 0.1, max_s: float = 2.0,
-             sleep=time.sleep, clock=time.monotonic) -> T:
+def ride_out(
+    action: Callable[[], T],
+    *,
+    bound_s: float,
+    what: str,
+    initial_s: float = 0.1,
+    max_s: float = 2.0,
+    sleep=time.sleep,
+    clock=time.monotonic,
+) -> T:
     """``action()``, tried again while Redis is unreachable, for ``bound_s`` seconds at most.
 
     The job's soft time limit does not interrupt the retries: its result is

@@ -15,6 +15,7 @@ The result of an image job is::
 ``polygon`` and ``png_key`` only when the request's ``outputs`` ask for them. Keys depend only on the
 job id, so a job run twice overwrites its own files and never leaves a second result behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,15 @@ class ResultWriter:
 
     media: ClassVar[str]
 
-    def write(self, record: JobRecord, request: JobRequest, image: np.ndarray, instances: list[Instance],
-              storage: Storage, report: dict | None = None) -> str:
+    def write(
+        self,
+        record: JobRecord,
+        request: JobRequest,
+        image: np.ndarray,
+        instances: list[Instance],
+        storage: Storage,
+        report: dict | None = None,
+    ) -> str:
         """Write the result of ``record`` (``request``: its typed request); return the result's key.
 
         ``report`` is what the adapter noted about the run (``SegmentRequest.report``): kept in the result.
@@ -55,8 +63,15 @@ class ImageResultWriter(ResultWriter):
 
     media = "image"
 
-    def write(self, record: JobRecord, request: JobRequest, image: np.ndarray, instances: list[Instance],
-              storage: Storage, report: dict | None = None) -> str:
+    def write(
+        self,
+        record: JobRecord,
+        request: JobRequest,
+        image: np.ndarray,
+        instances: list[Instance],
+        storage: Storage,
+        report: dict | None = None,
+    ) -> str:
         prefix = job_prefix(record.tenant, record.id)
         height, width = image.shape[:2]
         out = []
@@ -74,8 +89,8 @@ class ImageResultWriter(ResultWriter):
             if "polygon" in request.outputs:
                 item["polygon"] = polygons(instance.mask)
             if "png" in request.outputs:
-                item["png_key"] = f"{prefix}masks/{i}.png"
-                storage.put(item["png_key"], masks.to_png(instance.mask), "image/png")
+                png_key = item["png_key"] = f"{prefix}masks/{i}.png"
+                storage.put(png_key, masks.to_png(instance.mask), "image/png")
             out.append(item)
         result = {"width": width, "height": height, "instances": out, **(report or {})}
         key = f"{prefix}result.json"
@@ -107,5 +122,7 @@ def writer_for(media: str) -> ResultWriter:
     try:
         return WRITERS[media]
     except KeyError:
-        raise UnknownMedia(f"no result writer for media {media!r}: this worker writes results for "
-                           f"{', '.join(sorted(WRITERS)) or 'no media'}") from None
+        raise UnknownMedia(
+            f"no result writer for media {media!r}: this worker writes results for "
+            f"{', '.join(sorted(WRITERS)) or 'no media'}"
+        ) from None

@@ -13,19 +13,21 @@ rather than never. In the embedded (local folder) store, temporary files of
 writes that died half-way (``*.partial``) older than ``retention_partial_age_s``
 are removed too.
 """
+
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 
+from domain.keys import CREATED, DEADLINES, job_prefix, lane_index
 from storage import Storage
 from storage.local import TEMP_SUFFIX, LocalStorage
-from domain.delivery_log import DeliveryLog
-from domain.keys import CREATED, DEADLINES, job_prefix, lane_index
-from domain.records import JobStore
+from stores.delivery_log import DeliveryLog
+from stores.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def sweep(client: redis.Redis, storage: Storage, settings, now: float | None = N
     cutoff = now - settings.retention_s
     deadline = time.monotonic() + SWEEP_BUDGET_S
     while time.monotonic() < deadline:
-        members = client.zrangebyscore(CREATED, "-inf", cutoff, start=0, num=BATCH)
+        members = cast("list[bytes]", client.zrangebyscore(CREATED, "-inf", cutoff, start=0, num=BATCH))
         if not members:
             break
         for member in members:
@@ -81,18 +83,23 @@ def forget_job(client: redis.Redis, storage: Storage, tenant: str, job_id: str) 
 
 def adopt_unindexed(client: redis.Redis, storage: Storage, now: float) -> int:
     """Index the job folders in storage that the index lacks; return how many were added."""
-    members = sorted({f"{parts[1]}/{parts[3]}" for parts in (key.split("/") for key in storage.list("tenants/"))
-                      if len(parts) > 4 and parts[0] == "tenants" and parts[2] == "jobs"})
+    members = sorted(
+        {
+            f"{parts[1]}/{parts[3]}"
+            for parts in (key.split("/") for key in storage.list("tenants/"))
+            if len(parts) > 4 and parts[0] == "tenants" and parts[2] == "jobs"
+        }
+    )
     adopted = 0
     for start in range(0, len(members), 1000):
-        chunk = members[start:start + 1000]
+        chunk = members[start : start + 1000]
         scores = client.zmscore(CREATED, chunk)
         for member, score in zip(chunk, scores, strict=True):
             if score is not None:
                 continue
             record = JobStore(client, 0).get(member.rpartition("/")[2])
             # NX: a job created meanwhile keeps the time its own create wrote.
-            adopted += client.zadd(CREATED, {member: record.created_at if record else now}, nx=True)
+            adopted += cast(int, client.zadd(CREATED, {member: record.created_at if record else now}, nx=True))
     return adopted
 
 

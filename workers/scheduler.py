@@ -7,26 +7,28 @@ Cancel-After passed, putting back the jobs of dead batch claims, and recovery
 of running jobs no process runs). Upkeep is
 idempotent and atomic in Redis, so every worker may run it.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from typing import ClassVar
 
 import redis
 from celery import bootsteps
 
-from config.redis_connection import connect
-from config.celery import WEBHOOK_QUEUE
 from config.settings import LANES, load_settings
-from domain.lanes import Lanes
-from domain.records import JobStore
-from domain.batches import BatchStore
-from domain.webhooks import JobEvents, drain_outbox, notify_batches
+from config.task_names import WEBHOOK_QUEUE
+from models.catalog import LiveCatalog
+from runtime.redis_connection import connect
+from stores.batches import BatchStore
+from stores.jobs import JobStore
+from stores.lanes import Lanes
+from stores.webhooks import JobEvents, drain_outbox, notify_batches
 from workers import job_end, metrics
 from workers.batching import ClaimRecovery
-from workers.recovery import Recovery
 from workers.gate import ResourceGate, detect_device
-from models.catalog import LiveCatalog
+from workers.recovery import Recovery
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 class SchedulingStep(bootsteps.StartStopStep):
     """Gate the lane consumers on free device memory; age lanes; expire overdue jobs."""
 
-    requires = {"celery.worker.consumer.tasks:Tasks"}
+    requires: ClassVar[set[str]] = {"celery.worker.consumer.tasks:Tasks"}
 
     def __init__(self, parent, **kwargs):
         super().__init__(parent, **kwargs)
@@ -53,8 +55,13 @@ class SchedulingStep(bootsteps.StartStopStep):
         self.claims = ClaimRecovery(client, self.jobs, grace_s=3 * settings.worker_heartbeat_s)
         self.recovery = Recovery(client, self.jobs, settings, self.catalog)
         self.next_recovery = time.monotonic() + settings.recovery_check_s
-        self.gate = ResourceGate(detect_device(settings), self.catalog.current().memory_per_job_mb(),
-                                 settings.gate_reserve_mb, client, worker=consumer.hostname)
+        self.gate = ResourceGate(
+            detect_device(settings),
+            self.catalog.current().memory_per_job_mb(),
+            settings.gate_reserve_mb,
+            client,
+            worker=consumer.hostname,
+        )
         # The lanes this worker consumes (a webhooks-only worker consumes none): the gate touches these alone.
         self.lanes_consumed = [lane for lane in LANES if lane in {q.name for q in consumer.task_consumer.queues}]
         self.check_gate(consumer)

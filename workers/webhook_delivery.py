@@ -1,7 +1,7 @@
 """One webhook delivery attempt, made by a worker: sign, POST, log, and schedule the next attempt.
 
 The messages and their log are the domain's (``domain/webhooks.py``,
-``domain/delivery_log.py``); this is the part that talks to the receiver,
+``stores/delivery_log.py``); this is the part that talks to the receiver,
 through the guarded HTTP transport beside it (``workers/webhook_transport.py``).
 Each attempt is signed afresh (``webhook-timestamp`` is the attempt's time),
 logged, and on failure scheduled again after the next pause of
@@ -13,6 +13,7 @@ Long pauses are taken in hops no longer than half the broker's visibility
 timeout, because a Redis broker hands an ETA message that outlives that
 timeout to a second worker (celery#5935).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,14 +24,23 @@ import redis
 import requests
 from celery import current_app
 
-from config import logs
-from config.celery import WEBHOOK_QUEUE
-from domain.delivery_log import DeliveryLog, Message
-from domain.documents import job_document
-from domain.job_metrics import WEBHOOK_ATTEMPTS, WEBHOOK_LAG, JobMetrics
+from config.task_names import DELIVER_WEBHOOK, WEBHOOK_QUEUE
+from domain.documents import stored_job_document
 from domain.webhook_urls import ForbiddenAddress, guard_for
-from domain.webhooks import (DELIVER_WEBHOOK, DISABLED_URLS, USER_AGENT, dumps, next_pause, retry_after_seconds,
-                             sign, started_body, tenant_secret)
+from domain.webhooks import (
+    DISABLED_URLS,
+    USER_AGENT,
+    Message,
+    dumps,
+    next_pause,
+    retry_after_seconds,
+    sign,
+    started_body,
+)
+from runtime import logs
+from stores.delivery_log import DeliveryLog
+from stores.job_metrics import WEBHOOK_ATTEMPTS, WEBHOOK_LAG, JobMetrics
+from stores.webhooks import tenant_secret
 from workers.webhook_transport import Deadline, guarded_session
 
 log = logging.getLogger(__name__)
@@ -50,9 +60,10 @@ def _deliver(worker, message_id: str, attempt: int, generation: int, not_before:
     if message is None or message.generation != generation or message.status != "pending":
         return
     logs.bind_job(job_id=message.job_id, tenant=message.tenant)
-    wait = (not_before or 0) - time.time()
+    due = not_before or 0
+    wait = due - time.time()
     if wait > 0.005:
-        _schedule(message_id, attempt, generation, not_before, wait, settings.visibility_timeout_s)
+        _schedule(message_id, attempt, generation, due, wait, settings.visibility_timeout_s)
         return
     metrics = JobMetrics(worker.redis)
     if worker.redis.hexists(DISABLED_URLS, message.url):
@@ -88,19 +99,33 @@ def _deliver(worker, message_id: str, attempt: int, generation: int, not_before:
         deliveries.settle(message, "disabled")
         log.info("job %s: %s answered 410 Gone; deliveries to it are disabled", message.job_id, message.url)
     else:
-        pause = None if permanent else next_pause(attempt, settings.webhook_retry_schedule_s,
-                                                   settings.webhook_retry_jitter, retry_after,
-                                                   settings.webhook_retry_after_max_s)
+        pause = (
+            None
+            if permanent
+            else next_pause(
+                attempt,
+                settings.webhook_retry_schedule_s,
+                settings.webhook_retry_jitter,
+                retry_after,
+                settings.webhook_retry_after_max_s,
+            )
+        )
         metrics.count(WEBHOOK_ATTEMPTS, "failed" if pause is None else "retry")
         if pause is None:
             deliveries.settle(message, "failed")
-            log.info("job %s: %s not delivered after attempt %d (%s); giving up", message.job_id, message.event,
-                     attempt, error)
+            log.info(
+                "job %s: %s not delivered after attempt %d (%s); giving up",
+                message.job_id,
+                message.event,
+                attempt,
+                error,
+            )
             return
         due = time.time() + pause
         deliveries.set_next(message, due)
-        log.info("job %s: %s attempt %d failed (%s); next in %.2f s", message.job_id, message.event, attempt,
-                 error, pause)
+        log.info(
+            "job %s: %s attempt %d failed (%s); next in %.2f s", message.job_id, message.event, attempt, error, pause
+        )
         _schedule(message_id, attempt + 1, generation, due, pause, settings.visibility_timeout_s)
 
 
@@ -137,7 +162,7 @@ def _ending_body(message: Message, worker) -> str:
         raise _JobGone(f"job {message.job_id} no longer exists; nothing to send")
     settings = worker.settings
     base_url = settings.public_url or f"http://{settings.host}:{settings.port}"
-    return dumps(job_document(record, worker.storage, base_url))
+    return dumps(stored_job_document(record, worker.storage, base_url))
 
 
 def _post(message: Message, body: str, settings, client: redis.Redis) -> tuple[int, float | None]:
@@ -153,8 +178,9 @@ def _post(message: Message, body: str, settings, client: redis.Redis) -> tuple[i
     with Deadline(limit) as deadline, guarded_session(guard, deadline) as session:
         try:
             # No redirects: a webhook that moved must be registered again, and a redirect could lead inside.
-            response = session.post(message.url, data=body.encode(), headers=headers,
-                                    timeout=limit, allow_redirects=False, stream=True)
+            response = session.post(
+                message.url, data=body.encode(), headers=headers, timeout=limit, allow_redirects=False, stream=True
+            )
             response.close()
         except requests.RequestException as exc:
             if deadline.expired:
@@ -165,5 +191,6 @@ def _post(message: Message, body: str, settings, client: redis.Redis) -> tuple[i
 
 def _schedule(message_id: str, attempt: int, generation: int, due: float, wait: float, visibility_s: float) -> None:
     hop = max(0.0, min(wait, visibility_s / 2))
-    current_app.send_task(DELIVER_WEBHOOK, args=[message_id, attempt, generation, due], countdown=hop,
-                          queue=WEBHOOK_QUEUE)
+    current_app.send_task(
+        DELIVER_WEBHOOK, args=[message_id, attempt, generation, due], countdown=hop, queue=WEBHOOK_QUEUE
+    )

@@ -10,6 +10,7 @@ the connection (DNS rebinding) cannot redirect it; the Host header and the TLS
 server name keep the URL's host name. No proxy from the environment, no
 retries, and one :class:`Deadline` for the whole attempt.
 """
+
 from __future__ import annotations
 
 import socket
@@ -61,7 +62,7 @@ class Deadline:
             for sock in self._sockets:
                 _shut(sock)
 
-    def __enter__(self) -> "Deadline":
+    def __enter__(self) -> Deadline:
         self._timer.start()
         return self
 
@@ -78,6 +79,8 @@ def _shut(sock: socket.socket) -> None:
 
 def _guarded_connection(base: type, guard: WebhookGuard, deadline: Deadline | None) -> type:
     class GuardedConnection(base):
+        _dns_host: str  # urllib3's: the name it resolves and connects to
+
         def _new_conn(self):
             # Resolve once, check every answer, and connect to the checked address; the Host
             # header and the TLS server name keep the original host name.
@@ -103,8 +106,14 @@ class _GuardedAdapter(HTTPAdapter):
 
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
-        http = type("GuardedHTTPPool", (HTTPConnectionPool,),
-                    {"ConnectionCls": _guarded_connection(HTTPConnection, self.guard, self.deadline)})
-        https = type("GuardedHTTPSPool", (HTTPSConnectionPool,),
-                     {"ConnectionCls": _guarded_connection(HTTPSConnection, self.guard, self.deadline)})
+        http = type(
+            "GuardedHTTPPool",
+            (HTTPConnectionPool,),
+            {"ConnectionCls": _guarded_connection(HTTPConnection, self.guard, self.deadline)},
+        )
+        https = type(
+            "GuardedHTTPSPool",
+            (HTTPSConnectionPool,),
+            {"ConnectionCls": _guarded_connection(HTTPSConnection, self.guard, self.deadline)},
+        )
         self.poolmanager.pool_classes_by_scheme = {"http": http, "https": https}

@@ -68,19 +68,22 @@ and its manifest entry (``files`` relative to the manifest)::
 Adapters raise :class:`domain.errors.ModelError` for a model that misbehaves;
 anything they raise is reported on the job, never crashes the worker.
 """
+
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from domain.errors import ModelError
+from domain.schemas import PROMPT_KINDS, JobRequest  # the one list of prompt kinds
 from models.encoder_cache import EncoderCache, file_sha256
 
-from domain.schemas import PROMPT_KINDS, JobRequest  # the one list of prompt kinds
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class Prompts:
         return not self.kinds
 
 
-def _given(prompt) -> bool:
+def _given(prompt: Sequence[object] | np.ndarray | None) -> bool:
     """Whether a prompt field holds anything (a mask is an array, whose truth is no answer)."""
     return prompt is not None and (isinstance(prompt, np.ndarray) or len(prompt) > 0)
 
@@ -176,13 +179,16 @@ class RuntimeOptions:
     trt_cache_dir: str | None = None
 
     @classmethod
-    def from_settings(cls, settings) -> "RuntimeOptions":
+    def from_settings(cls, settings: Settings) -> RuntimeOptions:
         """The deployment's ``MASKQ_ORT_*`` settings (a worker and a benchmark must agree on them).
 
         A worker narrows them to its device (``workers.devices.Placement``)."""
-        return cls(providers=tuple(settings.ort_providers) or ("CPUExecutionProvider",),
-                   intra_op_threads=settings.ort_intra_op_threads,
-                   inter_op_threads=settings.ort_inter_op_threads, arena_shrinkage=settings.gpu_arena_shrinkage)
+        return cls(
+            providers=tuple(settings.ort_providers) or ("CPUExecutionProvider",),
+            intra_op_threads=settings.ort_intra_op_threads,
+            inter_op_threads=settings.ort_inter_op_threads,
+            arena_shrinkage=settings.gpu_arena_shrinkage,
+        )
 
 
 @dataclass(frozen=True)
@@ -248,9 +254,9 @@ class AdapterContext:
 
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     encoder_cache: EncoderCache = field(default_factory=EncoderCache)
-    adapters: Callable[[str], "ModelAdapter | None"] = lambda name: None
+    adapters: Callable[[str], ModelAdapter | None] = lambda name: None
 
-    def adapter(self, name: str) -> "ModelAdapter":
+    def adapter(self, name: str) -> ModelAdapter:
         found = self.adapters(name)
         if found is None:
             raise ModelError(f"model {name!r} is not loaded in this worker")
@@ -298,8 +304,10 @@ class ModelAdapter:
         try:
             return self.Options.model_validate(self.spec.options)
         except ValidationError as exc:
-            raise ModelError(f"model {self.spec.name}: options: " + "; ".join(
-                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+            raise ModelError(
+                f"model {self.spec.name}: options: "
+                + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            ) from None
 
     def setup(self, context: AdapterContext) -> None:
         raise NotImplementedError

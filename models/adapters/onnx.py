@@ -1,9 +1,14 @@
 """The one place that creates ONNX Runtime sessions."""
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from domain.errors import ModelError
 from models.adapters.base import RuntimeOptions
@@ -11,7 +16,7 @@ from models.adapters.base import RuntimeOptions
 log = logging.getLogger(__name__)
 
 
-def create_session(path: str, runtime: RuntimeOptions):
+def create_session(path: str, runtime: RuntimeOptions) -> Session:
     """An ``InferenceSession`` for ``path`` with this deployment's providers and threads.
 
     Providers come in order of preference. A deployment-wide list
@@ -53,8 +58,12 @@ def create_session(path: str, runtime: RuntimeOptions):
         Path(runtime.trt_cache_dir).mkdir(parents=True, exist_ok=True)
     engines_before = _engine_count(runtime.trt_cache_dir)
     started = time.monotonic()
-    session = ort.InferenceSession(path, sess_options=options,
-                                   providers=providers, provider_options=[provider_options(p, runtime) for p in providers])
+    session = ort.InferenceSession(
+        path,
+        sess_options=options,
+        providers=providers,
+        provider_options=[provider_options(p, runtime) for p in providers],
+    )
     # A provider that is built in but cannot start (no GPU, no CUDA libraries) makes onnxruntime fall back
     # to CPU with only a warning: for a model that asked for specific providers, that is a failure to load.
     active = session.get_providers()
@@ -63,9 +72,13 @@ def create_session(path: str, runtime: RuntimeOptions):
     log.info("%s: running on %s", path, active)
     if "TensorrtExecutionProvider" in active:
         built = _engine_count(runtime.trt_cache_dir) - engines_before
-        log.info("%s: TensorRT %s in %.1f s (engine cache %s)", path,
-                 f"built {built} engine(s)" if built else "found its engines cached", time.monotonic() - started,
-                 runtime.trt_cache_dir)
+        log.info(
+            "%s: TensorRT %s in %.1f s (engine cache %s)",
+            path,
+            f"built {built} engine(s)" if built else "found its engines cached",
+            time.monotonic() - started,
+            runtime.trt_cache_dir,
+        )
     return Session(session, runtime)
 
 
@@ -85,8 +98,12 @@ def provider_options(provider: str, runtime: RuntimeOptions) -> dict[str, str]:
     if provider == "TensorrtExecutionProvider":
         options = {"device_id": str(runtime.device_id), "trt_fp16_enable": str(runtime.fp16)}
         if runtime.trt_cache_dir:
-            options |= {"trt_engine_cache_enable": "True", "trt_engine_cache_path": runtime.trt_cache_dir,
-                        "trt_timing_cache_enable": "True", "trt_timing_cache_path": runtime.trt_cache_dir}
+            options |= {
+                "trt_engine_cache_enable": "True",
+                "trt_engine_cache_path": runtime.trt_cache_dir,
+                "trt_timing_cache_enable": "True",
+                "trt_timing_cache_path": runtime.trt_cache_dir,
+            }
         return options
     return {}
 
@@ -99,7 +116,7 @@ class Session:
     ``arena_shrinkage`` is off). Anything else is the session's own.
     """
 
-    def __init__(self, session, runtime: RuntimeOptions):
+    def __init__(self, session: Any, runtime: RuntimeOptions) -> None:  # an onnxruntime.InferenceSession
         import onnxruntime as ort
 
         self.inference_session = session
@@ -109,10 +126,11 @@ class Session:
             self.run_options = ort.RunOptions()
             self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"gpu:{runtime.device_id}")
 
-    def run(self, output_names, input_feed):
-        return self.inference_session.run(output_names, input_feed, self.run_options)
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        outputs: list[np.ndarray] = self.inference_session.run(output_names, input_feed, self.run_options)
+        return outputs
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.inference_session, name)
 
 

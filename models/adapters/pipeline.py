@@ -24,10 +24,11 @@ by the chain as it is loaded.
 - A step's report (a SAM step's ``embedding``) and timings go to the job's, as
   if the step had run alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -45,8 +46,10 @@ def check_chain(names: Sequence[str], steps: Sequence[Capabilities]) -> None:
     """Raise ``ValueError`` unless every step after the first takes box prompts (what it is given)."""
     for name, capabilities in list(zip(names, steps))[1:]:
         if "boxes" not in capabilities.prompt_kinds:
-            raise ValueError(f"step {name!r} cannot take box prompts, which a step after the first is given "
-                             f"(it takes: {', '.join(sorted(capabilities.prompt_kinds)) or 'none'})")
+            raise ValueError(
+                f"step {name!r} cannot take box prompts, which a step after the first is given "
+                f"(it takes: {', '.join(sorted(capabilities.prompt_kinds)) or 'none'})"
+            )
 
 
 def instance_box(instance: Instance) -> tuple[float, float, float, float]:
@@ -79,8 +82,9 @@ class PipelineAdapter(ModelAdapter):
             results = self._next(step, requests, results)
         return results
 
-    def _next(self, step: ModelAdapter, requests: Sequence[SegmentRequest],
-              found: list[list[Instance]]) -> list[list[Instance]]:
+    def _next(
+        self, step: ModelAdapter, requests: Sequence[SegmentRequest], found: list[list[Instance]]
+    ) -> list[list[Instance]]:
         todo = [i for i, instances in enumerate(found) if instances]
         results: list[list[Instance]] = [[] for _ in requests]
         if not todo:
@@ -89,9 +93,13 @@ class PipelineAdapter(ModelAdapter):
         for i, instances in zip(todo, step.segment(boxed)):
             incoming = found[i]
             if not instances or len(instances) % len(incoming):
-                raise ModelError(f"model {self.name}: step {step.name!r} gave {len(instances)} instances for "
-                                 f"{len(incoming)} box prompts")
+                raise ModelError(
+                    f"model {self.name}: step {step.name!r} gave {len(instances)} instances for "
+                    f"{len(incoming)} box prompts"
+                )
             per_box = len(instances) // len(incoming)
-            results[i] = [dataclasses.replace(out, label=came.label, object_id=came.object_id, frame=came.frame)
-                          for came, out in zip(incoming, instances[::per_box])]
+            results[i] = [
+                dataclasses.replace(out, label=came.label, object_id=came.object_id, frame=came.frame)
+                for came, out in zip(incoming, instances[::per_box])
+            ]
         return results

@@ -32,11 +32,13 @@ automatic mask generator does it: a grid of ``points_per_side`` x
 when SAM's predicted IoU and their stability score are high enough, and
 overlapping ones removed by non-maximum suppression on their boxes.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -45,7 +47,7 @@ from pydantic import Field
 
 from domain.errors import ModelError, ValidationFailed
 from models.adapters.base import AdapterContext, AdapterOptions, Instance, ModelAdapter, ModelSpec, SegmentRequest
-from models.adapters.onnx import create_session
+from models.adapters.onnx import Session, create_session
 from models.encoder_cache import EncoderPart, EncodingKey, pixels_hash
 
 
@@ -174,7 +176,8 @@ class SamAdapter(ModelAdapter):
         self._read_encoder_layout()
         self._read_decoder_layout()
         self.embedding_cache = context.encoder_cache.part(
-            self._part(), int(float(self.options["embedding_cache_mb"]) * 2**20))
+            self._part(), int(float(self.options["embedding_cache_mb"]) * 2**20)
+        )
 
     def _part(self) -> str:
         """The encoder part's name in the cache: its file's sha256, plus how this model prepares its input."""
@@ -185,6 +188,11 @@ class SamAdapter(ModelAdapter):
     def cache_stats(self) -> dict[str, int] | None:
         return self.embedding_cache.stats() if self.embedding_cache is not None else None
 
+    def _encodings(self) -> EncoderPart:
+        if self.embedding_cache is None:
+            raise ModelError(f"model {self.name}: used before its setup()")
+        return self.embedding_cache
+
     def _read_encoder_layout(self) -> None:
         encoder_input = self._encoder.get_inputs()[0]
         self._encoder_input_name = encoder_input.name
@@ -192,8 +200,10 @@ class SamAdapter(ModelAdapter):
         if convention == "auto":
             convention = {4: "normalized", 3: "resized"}.get(len(encoder_input.shape))
             if convention is None:
-                raise ModelError(f"model {self.name}: encoder input of shape {encoder_input.shape} is neither "
-                                 "[1, 3, S, S] nor [h, w, 3]; set option encoder_input")
+                raise ModelError(
+                    f"model {self.name}: encoder input of shape {encoder_input.shape} is neither "
+                    "[1, 3, S, S] nor [h, w, 3]; set option encoder_input"
+                )
         self._convention = convention
         side = encoder_input.shape[-1]
         if convention == "normalized" and isinstance(side, int) and "image_size" not in self.spec.options:
@@ -203,14 +213,16 @@ class SamAdapter(ModelAdapter):
         inputs = {i.name: i for i in self._decoder.get_inputs()}
         missing = [n for n in DECODER_INPUTS if n not in inputs]
         if missing:
-            raise ModelError(f"model {self.name}: the decoder lacks inputs {missing}; "
-                             "expected the segment-anything ONNX layout")
+            raise ModelError(
+                f"model {self.name}: the decoder lacks inputs {missing}; expected the segment-anything ONNX layout"
+            )
         mask_side = inputs["mask_input"].shape[-1]
         self._mask_side = mask_side if isinstance(mask_side, int) else self.size // 4
         outputs = [o.name for o in self._decoder.get_outputs()]
         if "iou_predictions" not in outputs or not {"low_res_masks", "masks"} & set(outputs):
-            raise ModelError(f"model {self.name}: decoder outputs {outputs}; "
-                             "need iou_predictions and low_res_masks or masks")
+            raise ModelError(
+                f"model {self.name}: decoder outputs {outputs}; need iou_predictions and low_res_masks or masks"
+            )
         self._upscale_here = "low_res_masks" in outputs
         self._outputs = ["iou_predictions", "low_res_masks" if self._upscale_here else "masks"]
 
@@ -218,18 +230,28 @@ class SamAdapter(ModelAdapter):
 
     def preprocess(self, requests: Sequence[SegmentRequest]) -> tuple[list[EncodedImage], list[dict[str, Any]]]:
         items = []
+        encodings = self._encodings()
         for request in requests:
-            original = request.image.shape[:2]
-            resized = preprocess_shape(*original, self.size)
+            height, width = request.image.shape[:2]
+            original = (height, width)
+            resized = preprocess_shape(height, width, self.size)
             # The tenant is part of the key: a hit must never tell one tenant what another sent.
-            key = self.embedding_cache.key(request.scope, request.image_id or pixels_hash(request.image))
+            key = encodings.key(request.scope, request.image_id or pixels_hash(request.image))
             everything = request.prompts.empty
-            calls = (self._grid_calls(request, original, resized) if everything
-                     else self._decoder_calls(request, original, resized))
-            found, source = self.embedding_cache.lookup(key, share=self._shares(request))
+            calls = (
+                self._grid_calls(request, original, resized)
+                if everything
+                else self._decoder_calls(request, original, resized)
+            )
+            found, source = encodings.lookup(key, share=self._shares(request))
             embedding = found[EMBEDDING] if found is not None else None
-            item = EncodedImage(key=key, calls=calls, request=request, embedding=embedding,
-                                meta={"original": original, "resized": resized, "everything": everything})
+            item = EncodedImage(
+                key=key,
+                calls=calls,
+                request=request,
+                embedding=embedding,
+                meta={"original": original, "resized": resized, "everything": everything},
+            )
             request.report["embedding"] = {"cached": embedding is not None, "source": source}
             if embedding is None:
                 item.encoder_input = self._encoder_tensor(request.image, resized)
@@ -245,8 +267,9 @@ class SamAdapter(ModelAdapter):
     def _encoder_tensor(self, image: np.ndarray, resized: tuple[int, int]) -> np.ndarray:
         # PIL's bilinear resize is what segment-anything's ResizeLongestSide uses; OpenCV's
         # differs when shrinking (no antialiasing) and moves thin mask edges.
-        pixels = np.asarray(Image.fromarray(image).resize((resized[1], resized[0]), Image.Resampling.BILINEAR),
-                            dtype=np.float32)
+        pixels = np.asarray(
+            Image.fromarray(image).resize((resized[1], resized[0]), Image.Resampling.BILINEAR), dtype=np.float32
+        )
         if self._convention == "resized":
             return pixels
         mean = np.asarray(self.options["pixel_mean"], dtype=np.float32)
@@ -255,12 +278,15 @@ class SamAdapter(ModelAdapter):
         tensor[0, :, : resized[0], : resized[1]] = ((pixels - mean) / std).transpose(2, 0, 1)
         return tensor
 
-    def _decoder_calls(self, request: SegmentRequest, original, resized) -> list[DecoderCall]:
+    def _decoder_calls(
+        self, request: SegmentRequest, original: tuple[int, int], resized: tuple[int, int]
+    ) -> list[DecoderCall]:
         prompts = request.prompts
         if not (prompts.points or prompts.boxes or prompts.mask is not None):
             raise ValidationFailed(
                 f"model {self.name!r} needs a point, box or mask prompt",
-                errors=[{"field": "prompts", "message": "give points, boxes or a mask"}])
+                errors=[{"field": "prompts", "message": "give points, boxes or a mask"}],
+            )
         points = np.array([(x, y) for x, y, _ in prompts.points], dtype=np.float32).reshape(-1, 2)
         labels = np.array([label for _, _, label in prompts.points], dtype=np.float32)
         common = {
@@ -268,20 +294,27 @@ class SamAdapter(ModelAdapter):
             "has_mask_input": np.array([0.0 if prompts.mask is None else 1.0], dtype=np.float32),
             "orig_im_size": np.array(original, dtype=np.float32),
         }
-        sets = [(f"box:{i}", np.array(box, dtype=np.float32).reshape(2, 2), [2.0, 3.0])
-                for i, box in enumerate(prompts.boxes)]
+        sets = [
+            (f"box:{i}", np.array(box, dtype=np.float32).reshape(2, 2), [2.0, 3.0])
+            for i, box in enumerate(prompts.boxes)
+        ]
         if not sets:
             # Without a box SAM expects a padding point (label -1), as SamPredictor adds.
             sets = [("points" if prompts.points else "mask", np.zeros((1, 2), dtype=np.float32), [-1.0])]
         calls = []
         for label, extra, extra_labels in sets:
             coords = to_frame(np.concatenate([points, extra]), original, resized)
-            feeds = dict(common, point_coords=coords[np.newaxis],
-                         point_labels=np.concatenate([labels, extra_labels]).astype(np.float32)[np.newaxis])
+            feeds = dict(
+                common,
+                point_coords=coords[np.newaxis],
+                point_labels=np.concatenate([labels, extra_labels]).astype(np.float32)[np.newaxis],
+            )
             calls.append(DecoderCall(label, feeds))
         return calls
 
-    def _grid_calls(self, request: SegmentRequest, original, resized) -> list[DecoderCall]:
+    def _grid_calls(
+        self, request: SegmentRequest, original: tuple[int, int], resized: tuple[int, int]
+    ) -> list[DecoderCall]:
         """Segment everything: one single-point prompt at the centre of each cell of a square grid."""
         side = int(request.options.get("points_per_side") or self.options["points_per_side"])
         h, w = original
@@ -304,8 +337,9 @@ class SamAdapter(ModelAdapter):
         if mask is None:
             return np.zeros((1, 1, side, side), dtype=np.float32)
         frame = np.zeros((self.size, self.size), dtype=np.float32)
-        frame[: resized[0], : resized[1]] = cv2.resize(mask.astype(np.float32), (resized[1], resized[0]),
-                                                       interpolation=cv2.INTER_LINEAR)
+        frame[: resized[0], : resized[1]] = cv2.resize(
+            mask.astype(np.float32), (resized[1], resized[0]), interpolation=cv2.INTER_LINEAR
+        )
         low = cv2.resize(frame, (side, side), interpolation=cv2.INTER_AREA)
         return np.where(low > 0.5, MASK_PROMPT_LOGIT, -MASK_PROMPT_LOGIT).astype(np.float32)[np.newaxis, np.newaxis]
 
@@ -314,24 +348,31 @@ class SamAdapter(ModelAdapter):
     def predict(self, tensors: list[EncodedImage]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """Encode the images not in the cache (once per distinct image), then decode every prompt set."""
         fresh: dict[EncodingKey, np.ndarray] = {}
-        results = []
+        results: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        encodings = self._encodings()
         for item in tensors:
             embedding = item.embedding if item.embedding is not None else fresh.get(item.key)
             if embedding is None:
+                assert item.encoder_input is not None  # preprocess made it: the embedding was not cached
                 started = time.perf_counter()
                 embedding = self._run(self._encoder, None, {self._encoder_input_name: item.encoder_input}, "encoder")[0]
                 item.request.timings["encode"] = time.perf_counter() - started
                 if embedding.ndim == 3:
                     embedding = embedding[np.newaxis]
-                self.embedding_cache.store(item.key, {EMBEDDING: embedding}, share=self._shares(item.request))
+                encodings.store(item.key, {EMBEDDING: embedding}, share=self._shares(item.request))
                 fresh[item.key] = embedding
-            results.append([
-                tuple(self._run(self._decoder, self._outputs, dict(call.feeds, image_embeddings=embedding), "decoder"))
-                for call in item.calls
-            ])
+            decoded = []
+            for call in item.calls:
+                iou, masks = self._run(
+                    self._decoder, self._outputs, dict(call.feeds, image_embeddings=embedding), "decoder"
+                )
+                decoded.append((iou, masks))
+            results.append(decoded)
         return results
 
-    def _run(self, session, outputs, feeds, what: str) -> list[np.ndarray]:
+    def _run(
+        self, session: Session, outputs: list[str] | None, feeds: dict[str, np.ndarray], what: str
+    ) -> list[np.ndarray]:
         try:
             return session.run(outputs, feeds)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -339,7 +380,9 @@ class SamAdapter(ModelAdapter):
 
     # --- postprocess -----------------------------------------------------------------
 
-    def postprocess(self, outputs, metas: list[dict[str, Any]]) -> list[list[Instance]]:
+    def postprocess(
+        self, outputs: list[list[tuple[np.ndarray, np.ndarray]]], metas: list[dict[str, Any]]
+    ) -> list[list[Instance]]:
         threshold = float(self.options["mask_threshold"])
         results = []
         for calls, meta in zip(outputs, metas):
@@ -359,7 +402,9 @@ class SamAdapter(ModelAdapter):
             results.append(instances)
         return results
 
-    def _everything(self, calls, meta: dict[str, Any], threshold: float) -> list[Instance]:
+    def _everything(
+        self, calls: list[tuple[np.ndarray, np.ndarray]], meta: dict[str, Any], threshold: float
+    ) -> list[Instance]:
         """The grid's masks, filtered as SamAutomaticMaskGenerator filters them, best first."""
         options = self.options
         offset = float(options["stability_score_offset"])
@@ -375,7 +420,9 @@ class SamAdapter(ModelAdapter):
                 logits = upscale_logits(logits, self.size, meta["resized"], meta["original"])
             # Stability: how little the mask changes when the threshold moves by the offset either way.
             union = np.count_nonzero(logits > threshold - offset)
-            if not union or np.count_nonzero(logits > threshold + offset) / union < float(options["stability_score_thresh"]):
+            if not union or np.count_nonzero(logits > threshold + offset) / union < float(
+                options["stability_score_thresh"]
+            ):
                 continue
             mask = logits > threshold
             if np.count_nonzero(mask) <= int(options["min_mask_region_area"]):

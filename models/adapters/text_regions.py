@@ -3,23 +3,32 @@
 The ONNX files and the pure pre/post-processing helpers come from the
 ``rapidocr-onnxruntime`` wheel; the parameters follow its ``config.yaml``.
 """
+
 from __future__ import annotations
 
 import functools
 import importlib.util
 import math
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import cv2
 import numpy as np
-
 from pydantic import Field
 
 from domain.errors import ModelError
-from models.adapters.base import AdapterContext, AdapterOptions, Instance, ModelAdapter, ModelSpec, Prompts, SegmentRequest
+from models.adapters.base import (
+    AdapterContext,
+    AdapterOptions,
+    Instance,
+    ModelAdapter,
+    ModelSpec,
+    Prompts,
+    SegmentRequest,
+)
 from models.adapters.onnx import create_session
 
 
@@ -86,12 +95,15 @@ def _rapidocr_helper(relative: str) -> Any:
     """
     path = _package_dir() / relative
     spec = importlib.util.spec_from_file_location(f"_maskq_rapidocr_{path.parent.name}", path)
+    if spec is None or spec.loader is None:
+        raise ModelError(f"rapidocr's helper {path} cannot be loaded")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 # --- prompt matching (pure) ---------------------------------------------------------
+
 
 def normalize_text(text: str) -> str:
     """NFKC, casefolded, without any whitespace: what a user's text prompt is compared as."""
@@ -135,14 +147,16 @@ def filter_by_points(instances: list[Instance], points: Sequence[tuple[float, fl
     positives = [(x, y) for x, y, label in points if label == 1]
     negatives = [(x, y) for x, y, label in points if label == 0]
     return [
-        i for i in instances
+        i
+        for i in instances
         if (not positives or any(mask_contains_point(i.mask, x, y) for x, y in positives))
         and not any(mask_contains_point(i.mask, x, y) for x, y in negatives)
     ]
 
 
-def filter_by_boxes(instances: list[Instance], boxes: Sequence[Sequence[float]],
-                    min_fraction: float = BOX_MIN_FRACTION) -> list[Instance]:
+def filter_by_boxes(
+    instances: list[Instance], boxes: Sequence[Sequence[float]], min_fraction: float = BOX_MIN_FRACTION
+) -> list[Instance]:
     return [i for i in instances if any(box_coverage(i.mask, b) >= min_fraction for b in boxes)]
 
 
@@ -172,6 +186,7 @@ def reading_order(polygons: Sequence[np.ndarray], tolerance: float = LINE_TOLERA
 
 # --- geometry helpers -----------------------------------------------------------------
 
+
 def _order_clockwise(points: np.ndarray) -> np.ndarray:
     """tl, tr, br, bl (the order the crop and rapidocr's filter_tag_det_res expect)."""
     by_x = points[np.argsort(points[:, 0])]
@@ -186,8 +201,7 @@ def _rotate_crop(image: np.ndarray, points: np.ndarray) -> np.ndarray:
     height = int(max(np.linalg.norm(points[0] - points[3]), np.linalg.norm(points[1] - points[2])))
     target = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=np.float32)
     matrix = cv2.getPerspectiveTransform(points, target)
-    crop = cv2.warpPerspective(image, matrix, (width, height),
-                               borderMode=cv2.BORDER_REPLICATE, flags=cv2.INTER_CUBIC)
+    crop = cv2.warpPerspective(image, matrix, (width, height), borderMode=cv2.BORDER_REPLICATE, flags=cv2.INTER_CUBIC)
     # A tall strip is most likely vertical text; the recogniser only reads horizontal lines.
     return np.rot90(crop) if crop.shape[0] / crop.shape[1] >= 1.5 else crop
 
@@ -222,12 +236,18 @@ class TextRegionsAdapter(ModelAdapter):
         opt = self.options
         db_module = _rapidocr_helper("ch_ppocr_det/utils.py")
         self._db_postprocess = db_module.DBPostProcess(
-            thresh=opt["thresh"], box_thresh=opt["box_thresh"], max_candidates=opt["max_candidates"],
-            unclip_ratio=opt["unclip_ratio"], score_mode=opt["score_mode"], use_dilation=opt["use_dilation"])
+            thresh=opt["thresh"],
+            box_thresh=opt["box_thresh"],
+            max_candidates=opt["max_candidates"],
+            unclip_ratio=opt["unclip_ratio"],
+            score_mode=opt["score_mode"],
+            use_dilation=opt["use_dilation"],
+        )
         ctc_module = _rapidocr_helper("ch_ppocr_rec/utils.py")
         self._ctc_decode = ctc_module.CTCLabelDecode(
             character=characters.splitlines() if characters is not None else None,
-            character_path=None if characters is not None else files["keys"])
+            character_path=None if characters is not None else files["keys"],
+        )
 
     def preprocess(self, requests: Sequence[SegmentRequest]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         tensors, metas = [], []
@@ -252,8 +272,9 @@ class TextRegionsAdapter(ModelAdapter):
             size = tuple(max(32, round(v * ratio / 32) * 32) for v in (pw, ph))
             resized = cv2.resize(padded, size)
             tensor = ((resized.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[np.newaxis]
-            tensors.append({"det_input": np.ascontiguousarray(tensor), "image": bgr, "pad_top": pad,
-                            "padded_shape": (ph, pw)})
+            tensors.append(
+                {"det_input": np.ascontiguousarray(tensor), "image": bgr, "pad_top": pad, "padded_shape": (ph, pw)}
+            )
             # Boxes leave predict in original pixels already, so postprocess needs no scales.
             metas.append({"height": h, "width": w, "prompts": request.prompts})
         return tensors, metas
@@ -281,8 +302,10 @@ class TextRegionsAdapter(ModelAdapter):
             # Each image's crops are read on their own: padded to one width with another image's crops,
             # the recogniser reads some lines differently, and a job's result would depend on its batch.
             texts_per_image.append(self._recognize([_rotate_crop(item["image"], box) for box, _ in kept]))
-        return [[TextRegion(box, score, *text) for box, score, text in zip(polygons, scores, texts)]
-                for polygons, scores, texts in zip(polygons_per_image, det_scores_per_image, texts_per_image)]
+        return [
+            [TextRegion(box, score, *text) for box, score, text in zip(polygons, scores, texts)]
+            for polygons, scores, texts in zip(polygons_per_image, det_scores_per_image, texts_per_image)
+        ]
 
     def _recognize(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
         """(text, score) per crop; crops of similar aspect share a batch so little is padding."""
@@ -292,7 +315,7 @@ class TextRegionsAdapter(ModelAdapter):
         order = np.argsort([c.shape[1] / c.shape[0] for c in crops])
         results: list[tuple[str, float]] = [("", 0.0)] * len(crops)
         for start in range(0, len(crops), batch_size):
-            indices = order[start:start + batch_size]
+            indices = order[start : start + batch_size]
             max_ratio = max([min_width / height] + [crops[i].shape[1] / crops[i].shape[0] for i in indices])
             width = int(height * max_ratio)
             batch = np.zeros((len(indices), channels, height, width), dtype=np.float32)

@@ -1,4 +1,5 @@
 """Fixtures of the end-to-end tests: the web front end as `make run` starts it."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,14 @@ def web(base_env, worker, redis_client, tmp_path):
     port = free_port()
     env = {**os.environ, **base_env, "MASKQ_PORT": str(port), "MASKQ_DEV_KEY": "false"}
     log = (tmp_path / "web.log").open("wb")
-    process = subprocess.Popen([str(VENV_BIN / "gunicorn"), "-c", "webapp/gunicorn_conf.py", "webapp.app:create_app()"],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [str(VENV_BIN / "gunicorn"), "-c", "webapp/gunicorn_conf.py", "webapp.app:create_app()"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

@@ -1,28 +1,33 @@
 """``maskq segment FOLDER``: a data team's batch run against a real web server and worker."""
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
-from tests.conftest import IMAGES, ROOT, VENV_BIN, free_port, require
+from tests.conftest import IMAGES, ROOT, VENV_BIN, require
 
 
 def run_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "maskq"), *args], cwd=ROOT, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(VENV_BIN / "maskq"), *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_folder_becomes_coco_json_with_bad_files_reported_and_a_rerun_submits_nothing_twice(
-        web, base_env, redis_client, tmp_path):
+    web, base_env, redis_client, tmp_path
+):
     require((IMAGES / "en.jpg").is_file(), "the test images in tests/data/")
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
@@ -34,8 +39,9 @@ def test_a_folder_becomes_coco_json_with_bad_files_reported_and_a_rerun_submits_
     key = run_cli(base_env, "keys", "create", "--tenant", "datateam").stdout.strip()
     env = {**base_env, "MASKQ_API_URL": web, "MASKQ_API_KEY": key}
 
-    first = run_cli(env, "segment", str(folder), "--out", str(tmp_path / "coco.json"), "--text", "dataset",
-                    "--text", "促销")
+    first = run_cli(
+        env, "segment", str(folder), "--out", str(tmp_path / "coco.json"), "--text", "dataset", "--text", "促销"
+    )
     assert first.returncode == 1, first.stderr  # one file failed, so the exit code says so
     coco = json.loads((tmp_path / "coco.json").read_text())
     assert sorted(i["file_name"] for i in coco["images"]) == ["ch_en_num.jpg", "en.jpg", "sub/black.jpg"]
@@ -50,8 +56,9 @@ def test_a_folder_becomes_coco_json_with_bad_files_reported_and_a_rerun_submits_
         assert int(mask_utils.area(rle)) == annotation["area"]
     jobs_before = len(list(redis_client.scan_iter(match="maskq:job:*")))
 
-    again = run_cli(env, "segment", str(folder), "--out", str(tmp_path / "again.json"), "--text", "dataset",
-                    "--text", "促销")
+    again = run_cli(
+        env, "segment", str(folder), "--out", str(tmp_path / "again.json"), "--text", "dataset", "--text", "促销"
+    )
     assert again.returncode == 1
     rerun = json.loads((tmp_path / "again.json").read_text())
     assert [i["maskq_job_id"] for i in rerun["images"]] == [i["maskq_job_id"] for i in coco["images"]]
@@ -70,13 +77,27 @@ def folder_of_test_images(tmp_path) -> Path:
 def test_prompts_per_image_and_every_output_format_in_both_modes(mode, web, base_env, tmp_path):
     folder = folder_of_test_images(tmp_path)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"file": "sub/promo.jpg", "text": ["促销"]}\n{"file": "en.jpg", "prompts": {"text": ["dataset"]}}\n')
+    prompts.write_text(
+        '{"file": "sub/promo.jpg", "text": ["促销"]}\n{"file": "en.jpg", "prompts": {"text": ["dataset"]}}\n'
+    )
     key = run_cli(base_env, "keys", "create", "--tenant", f"cli-{mode}").stdout.strip()
     env = {**base_env, "MASKQ_API_URL": web, "MASKQ_API_KEY": key}
     extra = ["--server-batch"] if mode == "server-batch" else []
 
-    lines = run_cli(env, "segment", str(folder), "--format", "jsonl", "--out", str(tmp_path / "out.jsonl"),
-                    "--prompts-file", str(prompts), "--model", "text-regions", *extra)
+    lines = run_cli(
+        env,
+        "segment",
+        str(folder),
+        "--format",
+        "jsonl",
+        "--out",
+        str(tmp_path / "out.jsonl"),
+        "--prompts-file",
+        str(prompts),
+        "--model",
+        "text-regions",
+        *extra,
+    )
     assert lines.returncode == 0, lines.stderr
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["file_name"] for r in rows] == ["en.jpg", "sub/promo.jpg"]
@@ -87,8 +108,20 @@ def test_prompts_per_image_and_every_output_format_in_both_modes(mode, web, base
     assert len(progress) == 2 and progress[-1].startswith("[2/2]") and "img/s" in progress[-1], lines.stderr
     assert "\r" not in lines.stderr
 
-    masks = run_cli(env, "segment", str(folder), "--format", "png", "--out", str(tmp_path / "masks"),
-                    "--prompts-file", str(prompts), "--model", "text-regions", *extra)
+    masks = run_cli(
+        env,
+        "segment",
+        str(folder),
+        "--format",
+        "png",
+        "--out",
+        str(tmp_path / "masks"),
+        "--prompts-file",
+        str(prompts),
+        "--model",
+        "text-regions",
+        *extra,
+    )
     assert masks.returncode == 0, masks.stderr
     described = json.loads((tmp_path / "masks" / "sub" / "promo" / "instances.json").read_text())
     assert described["instances"] and described["job_id"] == rows[1]["job"]["id"]
@@ -111,9 +144,23 @@ def test_on_a_terminal_the_progress_is_a_bar(web, base_env, tmp_path):
     env = {**os.environ, **base_env, "MASKQ_API_URL": web, "MASKQ_API_KEY": key}
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a terminal 120 wide
-    process = subprocess.Popen([str(VENV_BIN / "maskq"), "segment", str(folder), "--out", str(tmp_path / "c.json"),
-                                "--text", "dataset", "--model", "text-regions"], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=follower)
+    process = subprocess.Popen(
+        [
+            str(VENV_BIN / "maskq"),
+            "segment",
+            str(folder),
+            "--out",
+            str(tmp_path / "c.json"),
+            "--text",
+            "dataset",
+            "--model",
+            "text-regions",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+    )
     os.close(follower)
     seen = b""
     while True:

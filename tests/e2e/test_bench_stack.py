@@ -1,5 +1,6 @@
 """The benchmarks' service stack starts from the Procfile's own command lines (a Procfile edit that the
 benchmarks cannot run must fail here, not weeks later in `make bench`)."""
+
 from __future__ import annotations
 
 import requests

@@ -4,6 +4,7 @@ and a key typed into "Authorize" is not kept in the browser's storage.
 The app is served on loopback by werkzeug in this process (the docs need no worker). Debian's
 ``chromium``, as in ``test_page.py``: without it the test is skipped, and fails under ``CI=true``.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -56,7 +57,9 @@ def test_swagger_ui_runs_under_the_strict_csp_and_keeps_no_key_in_storage(browse
     page.click(".auth-wrapper button.authorize")
     page.fill("#auth-bearer-value", KEY)
     page.click(".modal-ux button.modal-btn.authorize")
-    page.wait_for_selector(".modal-ux button[aria-label='Remove authorization']")  # Swagger UI holds the key now (in memory)
+    page.wait_for_selector(
+        ".modal-ux button[aria-label='Remove authorization']"
+    )  # Swagger UI holds the key now (in memory)
     assert KEY in page.evaluate("JSON.stringify(window.ui.authSelectors.authorized().toJS())")
     assert KEY not in page.evaluate("JSON.stringify(Object.assign({}, localStorage, sessionStorage))")
     assert page.evaluate("window.violations") == [] and refused == []

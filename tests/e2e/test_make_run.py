@@ -1,4 +1,5 @@
 """The service as ``make run`` starts it (the Procfile under honcho), used as the README says."""
+
 from __future__ import annotations
 
 import os
@@ -17,13 +18,24 @@ def make_run(tmp_path, **settings) -> tuple[subprocess.Popen, dict, str]:
     """The Procfile under honcho, as `make run` starts it, on free ports and a data folder of its own."""
     port, flower = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MASKQ_")}
-    env.update(MASKQ_DATA_DIR=str(tmp_path / "var"), MASKQ_PORT=str(port), MASKQ_FLOWER_PORT=str(flower),
-               MASKQ_EMBEDDED_REDIS_PORT=str(free_port()), MASKQ_ORT_INTRA_OP_THREADS="2",
-               MASKQ_WORKER_METRICS_PORT=str(free_port()),
-               **{f"MASKQ_{k.upper()}": str(v) for k, v in settings.items()})
+    env.update(
+        MASKQ_DATA_DIR=str(tmp_path / "var"),
+        MASKQ_PORT=str(port),
+        MASKQ_FLOWER_PORT=str(flower),
+        MASKQ_EMBEDDED_REDIS_PORT=str(free_port()),
+        MASKQ_ORT_INTRA_OP_THREADS="2",
+        MASKQ_WORKER_METRICS_PORT=str(free_port()),
+        **{f"MASKQ_{k.upper()}": str(v) for k, v in settings.items()},
+    )
     log = (tmp_path / "honcho.log").open("ab")
-    honcho = subprocess.Popen([str(VENV_BIN / "python"), "-m", "webapp.procfile"], cwd=ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    honcho = subprocess.Popen(
+        [str(VENV_BIN / "python"), "-m", "cli.procfile"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     log.close()
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -47,8 +59,12 @@ def test_make_run_serves_the_readme_example_and_ctrl_c_stops_everything(tmp_path
         assert "export MASKQ_API_KEY=" in (tmp_path / "honcho.log").read_text()
         headers = {"Authorization": f"Bearer {key}"}
         with (IMAGES / "ch_en_num.jpg").open("rb") as image:
-            answer = requests.post(f"{base}/v1/jobs", headers=headers, files={"image": image},
-                                   data={"request": '{"prompts": {"text": ["促销"]}, "outputs": ["rle", "png"]}'})
+            answer = requests.post(
+                f"{base}/v1/jobs",
+                headers=headers,
+                files={"image": image},
+                data={"request": '{"prompts": {"text": ["促销"]}, "outputs": ["rle", "png"]}'},
+            )
         assert answer.status_code == 202, answer.text
         job = requests.get(f"{base}/v1/jobs/{answer.json()['id']}?wait=30", headers=headers).json()
         assert job["status"] == "succeeded"
@@ -65,10 +81,10 @@ def test_make_run_serves_the_readme_example_and_ctrl_c_stops_everything(tmp_path
         worker = requests.get(f"http://127.0.0.1:{env['MASKQ_WORKER_METRICS_PORT']}/metrics", timeout=5).text
         assert 'maskq_worker_inference_seconds_count{model="text-regions"} 1.0' in worker
     finally:
-        children = [p for p in psutil.Process(honcho.pid).children(recursive=True)] if honcho.poll() is None else []
+        children = list(psutil.Process(honcho.pid).children(recursive=True)) if honcho.poll() is None else []
         os.killpg(honcho.pid, signal.SIGINT)  # Ctrl-C in the terminal
         honcho.wait(60)
-    gone, alive = psutil.wait_procs(children, timeout=30)
+    _gone, alive = psutil.wait_procs(children, timeout=30)
     assert alive == [], [p.cmdline() for p in alive]
     # The embedded Redis wrote its append-only file where the settings say.
     assert list((tmp_path / "var" / "redis").rglob("*.aof"))
@@ -80,15 +96,16 @@ def test_ctrl_c_while_a_job_runs_lets_the_worker_record_it_before_redis_stops(tm
     The job outlasts honcho's own 5 s (its stop grace unless `make run` sets another) with room to
     spare, as a first click on a cold machine does; it counts from the moment the record says running.
     """
-    from config.embedded_redis import RedisServer
     from domain import keys
+    from runtime.embedded_redis import RedisServer
     from tests.support.slow_models import slow_manifest
 
     honcho, env, base = make_run(tmp_path, models_manifest=slow_manifest(tmp_path, delay_s=8), dev_key="true")
     key = (tmp_path / "var" / "dev-api-key").read_text().strip()
     with (IMAGES / "en.jpg").open("rb") as image:
-        job_id = requests.post(f"{base}/v1/jobs", headers={"Authorization": f"Bearer {key}"},
-                               files={"image": image}).json()["id"]
+        job_id = requests.post(
+            f"{base}/v1/jobs", headers={"Authorization": f"Bearer {key}"}, files={"image": image}
+        ).json()["id"]
     client = redis.Redis(port=int(env["MASKQ_EMBEDDED_REDIS_PORT"]))
     deadline = time.monotonic() + 60  # a cold machine: the first job's input, imports, a pool process
     while client.hget(keys.job(job_id), "status") != b"running":

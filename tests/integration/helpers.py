@@ -1,4 +1,5 @@
 """Small helpers the integration tests share."""
+
 from __future__ import annotations
 
 import io

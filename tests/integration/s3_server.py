@@ -10,6 +10,7 @@ it had acknowledged, exactly as after a MinIO restart.
 Run it as ``python -m tests.integration.s3_server --port P --journal FILE``;
 tests drive it through :class:`S3Server`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +47,25 @@ class S3Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60) -> "S3Server":
-        command = [sys.executable, "-m", "tests.integration.s3_server", "--port", str(self.port),
-                   "--journal", str(self.journal)]
+    def start(self, timeout: float = 60) -> S3Server:
+        command = [
+            sys.executable,
+            "-m",
+            "tests.integration.s3_server",
+            "--port",
+            str(self.port),
+            "--journal",
+            str(self.journal),
+        ]
         self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **self.env}, stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, **self.env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
@@ -76,8 +90,14 @@ class S3Server:
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
-                            aws_secret_access_key=SECRET_KEY, config=Config(s3={"addressing_style": "path"}))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            config=Config(s3={"addressing_style": "path"}),
+        )
 
     def create_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
@@ -86,9 +106,13 @@ class S3Server:
     def env_for(self, bucket: str) -> dict[str, str]:
         """The ``MASKQ_*`` variables that point maskq at ``bucket`` on this server."""
         return {
-            "MASKQ_S3_BUCKET": bucket, "MASKQ_S3_ENDPOINT_URL": self.url, "MASKQ_S3_REGION": "us-east-1",
-            "MASKQ_S3_ACCESS_KEY_ID": ACCESS_KEY, "MASKQ_S3_SECRET_ACCESS_KEY": SECRET_KEY,
-            "MASKQ_S3_PATH_STYLE": "true", "MASKQ_S3_TIMEOUT_S": "2",
+            "MASKQ_S3_BUCKET": bucket,
+            "MASKQ_S3_ENDPOINT_URL": self.url,
+            "MASKQ_S3_REGION": "us-east-1",
+            "MASKQ_S3_ACCESS_KEY_ID": ACCESS_KEY,
+            "MASKQ_S3_SECRET_ACCESS_KEY": SECRET_KEY,
+            "MASKQ_S3_PATH_STYLE": "true",
+            "MASKQ_S3_TIMEOUT_S": "2",
         }
 
 
@@ -117,10 +141,19 @@ def replay(app, journal: Path) -> int:
         body = entry.get("body") or b""
         if entry.get("body_encoded"):
             body = base64.b64decode(body)
-        headers = {k: v for k, v in entry["headers"].items()
-                   if k.lower() not in ("content-length", "transfer-encoding", "expect")}
-        response = client.open(path=parts.path, base_url=f"{parts.scheme}://{parts.netloc}", method=entry["method"],
-                               query_string={k: v for k, v in query.items()}, headers=headers, data=body)
+        headers = {
+            k: v
+            for k, v in entry["headers"].items()
+            if k.lower() not in ("content-length", "transfer-encoding", "expect")
+        }
+        response = client.open(
+            path=parts.path,
+            base_url=f"{parts.scheme}://{parts.netloc}",
+            method=entry["method"],
+            query_string=dict(query.items()),
+            headers=headers,
+            data=body,
+        )
         if entry["method"] == "POST" and "uploads" in query:
             match = _UPLOAD_ID.search(response.get_data(as_text=True))
             if match:

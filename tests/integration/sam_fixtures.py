@@ -6,6 +6,7 @@ prompt encoder and mask decoder) with ``tools/export_sam.py --tiny-random``,
 run as a process as a user would run it. Needs the optional extra
 (``requirements-sam.txt``: torch and transformers); ``make test`` installs it.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -53,11 +54,18 @@ class TinySam:
 @pytest.fixture(scope="session")
 def tiny_sam(tmp_path_factory) -> TinySam:
     for package in ("torch", "transformers", "onnx"):
-        require(importlib.util.find_spec(package) is not None,
-                f"{package} (the optional SAM extra: pip install -r requirements-sam.txt)")
+        require(
+            importlib.util.find_spec(package) is not None,
+            f"{package} (the optional SAM extra: pip install -r requirements-sam.txt)",
+        )
     folder = tmp_path_factory.mktemp("tiny-sam")
-    done = subprocess.run([sys.executable, "tools/export_sam.py", "--tiny-random", str(folder)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "tools/export_sam.py", "--tiny-random", str(folder)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ONNX Runtime matches PyTorch" in done.stderr  # the tool checked both graphs
     return TinySam(folder, folder / "encoder.onnx", folder / "decoder.onnx", folder / "checkpoint")

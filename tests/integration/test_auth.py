@@ -1,4 +1,5 @@
 """API keys and tenants against the real app, Redis, worker and CLI: who may see and do what."""
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,14 @@ def assert_problem(answer, status: int) -> dict:
 
 def maskq(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     """The real ``maskq`` console script, as an operator runs it."""
-    return subprocess.run([str(VENV_BIN / "maskq"), *args], cwd=ROOT, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [str(VENV_BIN / "maskq"), *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_every_v1_route_without_a_key_or_with_an_unknown_one_is_a_401_problem(settings, redis_client):
@@ -34,12 +41,19 @@ def test_every_v1_route_without_a_key_or_with_an_unknown_one_is_a_401_problem(se
     # Every route, four ways, from one address: far over the failed-authentication rate, on purpose.
     app = create_app(settings.model_copy(update={"failed_auth_rate": "10000/minute"}))
     anonymous = app.test_client()
-    routes = [(rule.rule.replace("<job_id>", "0" * 32).replace("<path:name>", "masks/0.png"), method)
-              for rule in app.url_map.iter_rules() if rule.rule.startswith("/v1/")
-              for method in rule.methods - {"HEAD", "OPTIONS"}]
+    routes = [
+        (rule.rule.replace("<job_id>", "0" * 32).replace("<path:name>", "masks/0.png"), method)
+        for rule in app.url_map.iter_rules()
+        if rule.rule.startswith("/v1/")
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    ]
     assert ("/v1/jobs", "POST") in routes and ("/v1/models", "GET") in routes
-    for headers in ({}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer"},
-                    {"Authorization": "Bearer mq_not-a-key-anyone-made"}):
+    for headers in (
+        {},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer mq_not-a-key-anyone-made"},
+    ):
         for path, method in routes:
             answer = anonymous.open(path, method=method, headers=headers)
             assert_problem(answer, 401)
@@ -50,20 +64,24 @@ def test_every_v1_route_without_a_key_or_with_an_unknown_one_is_a_401_problem(se
 
 
 def test_a_key_made_by_the_cli_works_and_answers_403_once_revoked(app, base_env, redis_client):
-    made = maskq(base_env, "keys", "create", "--tenant", "acme", "--lane", "batch", "--rate", "100/minute",
-                 "--label", "ci")
+    made = maskq(
+        base_env, "keys", "create", "--tenant", "acme", "--lane", "batch", "--rate", "100/minute", "--label", "ci"
+    )
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip()
     assert re.fullmatch(r"mq_[A-Za-z0-9_-]{40,}", key)
     # The tenant's webhook secret, for verifying signatures: the one the webhooks sign with.
-    from domain.webhooks import tenant_secret
+    from stores.webhooks import tenant_secret
 
     assert re.search(r"whsec_\S+", made.stderr).group(0) == tenant_secret(redis_client, "acme")
     # Only the hash is stored: the key appears nowhere in Redis.
     for name in redis_client.scan_iter():
         kind = redis_client.type(name)
-        values = [redis_client.get(name)] if kind == b"string" else (
-            list(redis_client.hgetall(name).values()) if kind == b"hash" else [])
+        values = (
+            [redis_client.get(name)]
+            if kind == b"string"
+            else (list(redis_client.hgetall(name).values()) if kind == b"hash" else [])
+        )
         assert all(key.encode() not in (v or b"") for v in values) and key.encode() not in name
 
     client = app.test_client()
@@ -86,8 +104,11 @@ def test_a_key_made_by_the_cli_works_and_answers_403_once_revoked(app, base_env,
 
 
 def test_the_cli_refuses_a_bad_policy_with_a_clear_message(base_env):
-    for args, words in ((["--tenant", "Bad/Name"], "tenant"), (["--tenant", "a", "--rate", "lots"], "rate"),
-                        (["--tenant", "a", "--lane", "interactive", "--max-lane", "batch"], "above")):
+    for args, words in (
+        (["--tenant", "Bad/Name"], "tenant"),
+        (["--tenant", "a", "--rate", "lots"], "rate"),
+        (["--tenant", "a", "--lane", "interactive", "--max-lane", "batch"], "above"),
+    ):
         answer = maskq(base_env, "keys", "create", *args)
         assert answer.returncode != 0 and words in answer.stderr and not answer.stdout.strip()
 
@@ -145,8 +166,14 @@ def test_auth_off_serves_loopback_as_one_tenant_and_refuses_a_public_address(bas
     assert redis_client.hget(f"maskq:job:{job.get_json()['id']}", "tenant") == b"default"
 
     env = {**os.environ, **base_env, "MASKQ_AUTH": "off", "MASKQ_HOST": "0.0.0.0", "MASKQ_PORT": str(free_port())}
-    refused = subprocess.run([str(VENV_BIN / "gunicorn"), "-c", "webapp/gunicorn_conf.py", "webapp.app:create_app()"],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [str(VENV_BIN / "gunicorn"), "-c", "webapp/gunicorn_conf.py", "webapp.app:create_app()"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode != 0
     assert "MASKQ_AUTH=off is only allowed on a loopback address" in refused.stdout + refused.stderr
 
@@ -154,12 +181,24 @@ def test_auth_off_serves_loopback_as_one_tenant_and_refuses_a_public_address(bas
 def test_the_web_server_prints_a_development_key_that_works_with_the_readmes_curl(base_env, redis_server, tmp_path):
     """``make run``'s web process on loopback with the embedded Redis: one copy-paste from its output."""
     port = free_port()
-    env = {**os.environ, **base_env, "MASKQ_DATA_DIR": str(tmp_path), "MASKQ_PORT": str(port),
-           "MASKQ_EMBEDDED_REDIS_PORT": str(redis_server.port), "MASKQ_WEB_WORKERS": "1"}
+    env = {
+        **os.environ,
+        **base_env,
+        "MASKQ_DATA_DIR": str(tmp_path),
+        "MASKQ_PORT": str(port),
+        "MASKQ_EMBEDDED_REDIS_PORT": str(redis_server.port),
+        "MASKQ_WEB_WORKERS": "1",
+    }
     del env["MASKQ_REDIS_URL"]  # embedded mode: the test's Redis stands in for the one make run starts
-    web = subprocess.Popen([str(VENV_BIN / "gunicorn"), "-c", "webapp/gunicorn_conf.py", "webapp.app:create_app()"],
-                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
+    web = subprocess.Popen(
+        [str(VENV_BIN / "gunicorn"), "-c", "webapp/gunicorn_conf.py", "webapp.app:create_app()"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         key, lines = None, []
         deadline = time.monotonic() + 60
@@ -213,8 +252,12 @@ def test_an_address_that_keeps_failing_to_authenticate_is_refused_but_a_valid_ke
 
 def fail_until_refused(client, forwarded_for: str, n: int = 21) -> list[int]:
     """``n`` failed authentications, each with this ``X-Forwarded-For``; their statuses."""
-    return [client.get("/v1/models", headers={"Authorization": f"Bearer mq_guess{i}",
-                                              "X-Forwarded-For": forwarded_for}).status_code for i in range(n)]
+    return [
+        client.get(
+            "/v1/models", headers={"Authorization": f"Bearer mq_guess{i}", "X-Forwarded-For": forwarded_for}
+        ).status_code
+        for i in range(n)
+    ]
 
 
 def test_x_forwarded_for_is_ignored_without_trusted_proxies_and_read_one_hop_back_with_one(settings, redis_client):
@@ -222,9 +265,12 @@ def test_x_forwarded_for_is_ignored_without_trusted_proxies_and_read_one_hop_bac
 
     # No trusted proxy (the default): the header is the client's to write, so changing it changes nothing.
     direct = create_app(settings).test_client()
-    statuses = [direct.get("/v1/models", headers={"Authorization": "Bearer mq_guess",
-                                                  "X-Forwarded-For": f"198.51.100.{i}"}).status_code
-                for i in range(21)]
+    statuses = [
+        direct.get(
+            "/v1/models", headers={"Authorization": "Bearer mq_guess", "X-Forwarded-For": f"198.51.100.{i}"}
+        ).status_code
+        for i in range(21)
+    ]
     assert statuses == [401] * 20 + [429]
 
     # One proxy in front (an ingress): its entry, the last, is the client; what the client put before it is not.

@@ -1,4 +1,5 @@
 """Bad input gets a clear 4xx problem, never a 5xx; nothing is queued; the worker keeps going."""
+
 from __future__ import annotations
 
 import io
@@ -18,15 +19,23 @@ def png_claiming(width: int, height: int) -> bytes:
     """A tiny real PNG whose header claims ``width x height``: a decompression bomb's header."""
     raw = Image.new("1", (8, 8)).tobytes()
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     body = zlib.compress(b"\x00" + raw[:1] * 1)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
 
 
 def encoded(mode: str, fmt: str, size=(64, 48), **save) -> bytes:
-    array = np.random.default_rng(0).integers(0, 255, (size[1], size[0], len(mode) if mode in ("RGB", "RGBA", "CMYK") else 1))
-    image = Image.fromarray(array.squeeze().astype(np.uint8)).convert(mode) if mode not in ("I;16",) else \
-        Image.fromarray((array.squeeze() * 257).astype(np.uint16))
+    array = np.random.default_rng(0).integers(
+        0, 255, (size[1], size[0], len(mode) if mode in ("RGB", "RGBA", "CMYK") else 1)
+    )
+    image = (
+        Image.fromarray(array.squeeze().astype(np.uint8)).convert(mode)
+        if mode not in ("I;16",)
+        else Image.fromarray((array.squeeze() * 257).astype(np.uint16))
+    )
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save)
     return buffer.getvalue()
@@ -48,7 +57,7 @@ def jpeg():
 
 
 @pytest.mark.parametrize(
-    "name, make, status",
+    ("name", "make", "status"),
     [
         ("zero bytes", lambda j: b"", 400),
         ("truncated jpeg", lambda j: j[: len(j) // 2], 400),
@@ -69,7 +78,7 @@ def test_a_bad_image_is_refused_with_its_status_and_nothing_is_queued(client, re
 
 
 @pytest.mark.parametrize(
-    "request_json, field",
+    ("request_json", "field"),
     [
         ({"model": "no-such-model"}, "model"),
         ({"lane": "urgent"}, "lane"),
@@ -91,8 +100,8 @@ def test_an_invalid_request_is_a_422_that_names_the_field(client, redis_client, 
 
 
 def test_a_malformed_mask_rle_is_a_422_on_its_counts(client, jpeg):
-    from domain.schemas import check_request, parse_request
     from domain.errors import ValidationFailed
+    from domain.schemas import check_request, parse_request
 
     request = parse_request({"prompts": {"mask": {"size": [132, 709], "counts": "zz~~"}}})
     with pytest.raises(ValidationFailed) as caught:
@@ -101,7 +110,7 @@ def test_a_malformed_mask_rle_is_a_422_on_its_counts(client, jpeg):
 
 
 @pytest.mark.parametrize(
-    "body, content_type, status",
+    ("body", "content_type", "status"),
     [
         ("{not json", "application/json", 400),
         ('["a list"]', "application/json", 400),
@@ -115,8 +124,9 @@ def test_a_malformed_body_is_a_4xx_problem(client, body, content_type, status):
 
 
 def test_a_request_part_that_is_not_json_is_a_400(client, jpeg):
-    answer = client.post("/v1/jobs", data={"image": (io.BytesIO(jpeg), "a.jpg"), "request": "{oops"},
-                         content_type="multipart/form-data")
+    answer = client.post(
+        "/v1/jobs", data={"image": (io.BytesIO(jpeg), "a.jpg"), "request": "{oops"}, content_type="multipart/form-data"
+    )
     assert_problem(answer, 400, "request")
 
 
@@ -142,7 +152,7 @@ def test_unknown_routes_and_methods_are_problems_too(client):
 
 @pytest.mark.usefixtures("worker")
 @pytest.mark.parametrize(
-    "name, data",
+    ("name", "data"),
     [
         ("palette png", lambda: encoded("P", "PNG")),
         ("greyscale png", lambda: encoded("L", "PNG")),
@@ -176,8 +186,16 @@ def test_a_job_whose_stored_input_is_undecodable_fails_with_code_input_and_the_w
 
     with app.app_context():
         s = services()
-        record = JobRecord(id="e" * 32, tenant="default", lane="default", model="text-regions",
-                           input_key="tenants/default/jobs/" + "e" * 32 + "/input.jpg", image_sha256="", width=9, height=9)
+        record = JobRecord(
+            id="e" * 32,
+            tenant="default",
+            lane="default",
+            model="text-regions",
+            input_key="tenants/default/jobs/" + "e" * 32 + "/input.jpg",
+            image_sha256="",
+            width=9,
+            height=9,
+        )
         s.storage.put(record.input_key, b"\xff\xd8\xff broken")
         s.jobs.create(record)
         s.celery.send_task("maskq.run_job", args=[record.id], queue="default", task_id=record.id)
@@ -190,14 +208,18 @@ def test_a_job_whose_stored_input_is_undecodable_fails_with_code_input_and_the_w
 
 def test_a_request_sent_as_a_file_part_is_read_like_a_form_field(client, jpeg):
     request = json.dumps({"lane": "batch", "outputs": ["rle", "png"]}).encode()
-    answer = client.post("/v1/jobs", data={"image": (io.BytesIO(jpeg), "a.jpg"),
-                                           "request": (io.BytesIO(request), "req.json")},
-                         content_type="multipart/form-data")
+    answer = client.post(
+        "/v1/jobs",
+        data={"image": (io.BytesIO(jpeg), "a.jpg"), "request": (io.BytesIO(request), "req.json")},
+        content_type="multipart/form-data",
+    )
     assert answer.status_code == 202, answer.get_json()
     assert answer.get_json()["lane"] == "batch"  # not silently the default lane
-    broken = client.post("/v1/jobs", data={"image": (io.BytesIO(jpeg), "a.jpg"),
-                                           "request": (io.BytesIO(b"{oops"), "req.json")},
-                         content_type="multipart/form-data")
+    broken = client.post(
+        "/v1/jobs",
+        data={"image": (io.BytesIO(jpeg), "a.jpg"), "request": (io.BytesIO(b"{oops"), "req.json")},
+        content_type="multipart/form-data",
+    )
     assert_problem(broken, 400, "request")
 
 
@@ -217,8 +239,16 @@ def test_a_jobs_files_are_served_and_any_other_name_is_a_404_never_a_500(client,
     png = client.get(base + "masks/0.png")
     assert png.status_code == 200 and png.mimetype == "image/png" and png.data.startswith(b"\x89PNG")
     assert client.get(base + "input.jpg").status_code == 200
-    for name in ("masks/%00.png", "masks/0.png%00", "%00", "masks/../input.jpg", "masks/x.png", "result.json",
-                 "masks/99.png", "..%2f..%2fetc%2fpasswd"):
+    for name in (
+        "masks/%00.png",
+        "masks/0.png%00",
+        "%00",
+        "masks/../input.jpg",
+        "masks/x.png",
+        "result.json",
+        "masks/99.png",
+        "..%2f..%2fetc%2fpasswd",
+    ):
         answer = client.get(base + name)
         assert answer.status_code == 404 and answer.mimetype == "application/problem+json", (name, answer.status_code)
 
@@ -230,6 +260,9 @@ def test_json_nested_far_too_deeply_is_a_400_not_a_500(client, jpeg, as_body):
         answer = client.post("/v1/jobs", data=nested, content_type="application/json")
         assert_problem(answer, 400, "body")
     else:
-        answer = client.post("/v1/jobs", data={"image": (io.BytesIO(jpeg), "a.jpg"), "request": nested},
-                             content_type="multipart/form-data")
+        answer = client.post(
+            "/v1/jobs",
+            data={"image": (io.BytesIO(jpeg), "a.jpg"), "request": nested},
+            content_type="multipart/form-data",
+        )
         assert_problem(answer, 400, "request")

@@ -1,12 +1,14 @@
 """A batch's life while it is received (issue 22, finding 9): kept alive by its fan-out, closed once that dies."""
+
 from __future__ import annotations
 
 import threading
 import time
 
-from domain.batches import BatchRecord, BatchStore
-from domain.delivery_log import DeliveryLog
-from domain.records import JobStore
+from domain.batches import BatchRecord
+from stores.batches import BatchStore
+from stores.delivery_log import DeliveryLog
+from stores.jobs import JobStore
 from tests.integration.helpers import small_png, wait_for
 from tests.integration.test_batches import NOWHERE, post_batch
 
@@ -14,8 +16,12 @@ from tests.integration.test_batches import NOWHERE, post_batch
 def test_worker_upkeep_seals_a_batch_whose_uploader_died_so_its_webhook_goes_out_unread(isolated):
     isolated.worker(MASKQ_BATCH_RECEIVE_TIMEOUT_S=1, MASKQ_SCHEDULER_TICK_S=0.2)
     store = BatchStore(isolated.redis, JobStore(isolated.redis, 3600))
-    batch = BatchRecord(id=store.new_id(), tenant="default", created_at=time.time(),
-                        webhook={"url": NOWHERE, "events": ["batch.completed"]})
+    batch = BatchRecord(
+        id=store.new_id(),
+        tenant="default",
+        created_at=time.time(),
+        webhook={"url": NOWHERE, "events": ["batch.completed"]},
+    )
     store.create(batch)
     store.will_add(batch.id, "f" * 32)  # and the uploader died before that job's record was written
     # While its fan-out still touches it, upkeep leaves it alone, however long it takes.

@@ -1,4 +1,5 @@
 """Hostile and heavy batch uploads over HTTP (issue 22, findings 1-3): refused early, held one image at a time."""
+
 from __future__ import annotations
 
 import bz2
@@ -45,9 +46,11 @@ def test_hostile_archives_get_a_clear_4xx_at_once_and_leave_no_batch(isolated):
             archive.writestr(f"{n}.jpg", b"")
     forged = bytearray(out.getvalue())
     struct.pack_into("<HH", forged, len(forged) - 22 + 8, 1, 1)  # the end record counts 1 entry of 3
-    for name, blob, code, says in (("bomb.tar.bz2", bomb, 413, "MASKQ_MAX_BATCH_BYTES"),
-                                   ("many.tar.gz", many, 413, "20000 members"),
-                                   ("forged.zip", bytes(forged), 400, "more entries than the 1")):
+    for name, blob, code, says in (
+        ("bomb.tar.bz2", bomb, 413, "MASKQ_MAX_BATCH_BYTES"),
+        ("many.tar.gz", many, 413, "20000 members"),
+        ("forged.zip", bytes(forged), 400, "more entries than the 1"),
+    ):
         started = time.perf_counter()
         answer = post_batch(client, archive=(name, blob))
         assert answer.status_code == code and says in answer.get_json()["detail"], (name, answer.get_json())
@@ -66,8 +69,12 @@ def peak_memory_of(client, parts: dict) -> tuple[object, int]:
     stream = io.BytesIO(body)
     tracemalloc.start()
     try:
-        answer = client.post("/v1/batches", input_stream=stream, content_length=len(body),
-                             content_type=f"multipart/form-data; boundary={boundary}")
+        answer = client.post(
+            "/v1/batches",
+            input_stream=stream,
+            content_length=len(body),
+            content_type=f"multipart/form-data; boundary={boundary}",
+        )
         return answer, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -83,8 +90,10 @@ def test_a_big_batch_is_held_one_image_at_a_time(isolated):
     with zipfile.ZipFile(zipped, "w") as archive:
         for name, blob in images.items():
             archive.writestr(f"zipped/{name}", blob)
-    uploads = {"parts": {"request": json.dumps(TEXT), "images": [file(b, n) for n, b in images.items()]},
-               "archive": {"request": json.dumps(TEXT), "archive": file(zipped.getvalue(), "all.zip")}}
+    uploads = {
+        "parts": {"request": json.dumps(TEXT), "images": [file(b, n) for n, b in images.items()]},
+        "archive": {"request": json.dumps(TEXT), "archive": file(zipped.getvalue(), "all.zip")},
+    }
     for kind, parts in uploads.items():
         answer, peak = peak_memory_of(client, parts)
         assert answer.status_code == 202 and answer.get_json()["total"] == 40, answer.get_json()
@@ -112,8 +121,9 @@ def test_batch_uploads_past_the_process_bound_get_a_503_before_their_body_is_rea
     headers = {"content_type": f"multipart/form-data; boundary={boundary}", "content_length": len(body)}
     slow = GatedBody(body)
     answers = {}
-    uploader = threading.Thread(target=lambda: answers.update(slow=client.post("/v1/batches", input_stream=slow,
-                                                                               **headers)))
+    uploader = threading.Thread(
+        target=lambda: answers.update(slow=client.post("/v1/batches", input_stream=slow, **headers))
+    )
     uploader.start()
     try:
         assert slow.reading.wait(10)  # the first upload holds the one slot, its body still coming

@@ -1,4 +1,5 @@
 """``/v1/batches`` against the real Redis: bad uploads, archives, cancel, completion counted once, restarts."""
+
 from __future__ import annotations
 
 import io
@@ -9,10 +10,10 @@ import zipfile
 
 import pytest
 
-from domain.batches import BatchStore
-from domain.delivery_log import DeliveryLog
-from domain.records import JobStore
-from tests.conftest import IMAGES, authorized_client, image_bytes
+from stores.batches import BatchStore
+from stores.delivery_log import DeliveryLog
+from stores.jobs import JobStore
+from tests.conftest import authorized_client, image_bytes
 from tests.integration.helpers import small_png, status, wait_for
 from tests.support.slow_models import slow_manifest
 
@@ -61,8 +62,11 @@ def test_bad_uploads_get_clear_4xx_and_leave_no_batch(client, redis_client):
     assert answer.status_code == 415 and "multipart" in answer.get_json()["detail"]
     answer = post_batch(client, [("a.jpg", en)], request={"lane": "nope"})
     assert answer.status_code == 422 and answer.get_json()["errors"][0]["field"] == "lane"
-    answer = client.post("/v1/batches", data={"request": "{not json", "images": [(io.BytesIO(en), "a.jpg")]},
-                         content_type="multipart/form-data")
+    answer = client.post(
+        "/v1/batches",
+        data={"request": "{not json", "images": [(io.BytesIO(en), "a.jpg")]},
+        content_type="multipart/form-data",
+    )
     assert answer.status_code == 400 and "not valid JSON" in answer.get_json()["detail"]
     answer = post_batch(client, [("a.jpg", en)], prompts={"b.jpg": {"text": ["x"]}})
     assert answer.status_code == 422 and "b.jpg" in answer.get_json()["detail"]
@@ -85,11 +89,17 @@ def test_bad_uploads_get_clear_4xx_and_leave_no_batch(client, redis_client):
     assert answer.status_code == 422  # a JSON array is no request, not an empty one
     answer = post_batch(client, [("a.jpg", en)], prompts=[])
     assert answer.status_code == 422
-    huge = client.post("/v1/batches", data={"request": "{" + " " * 10_000_000 + "}",
-                                            "images": [(io.BytesIO(en), "a.jpg")]}, content_type="multipart/form-data")
+    huge = client.post(
+        "/v1/batches",
+        data={"request": "{" + " " * 10_000_000 + "}", "images": [(io.BytesIO(en), "a.jpg")]},
+        content_type="multipart/form-data",
+    )
     assert huge.status_code == 413  # a 10 MB text field: refused while the form is read
-    huge = client.post("/v1/batches", data={"prompts": (io.BytesIO(b" " * 9_000_000), "prompts.json"),
-                                            "images": [(io.BytesIO(en), "a.jpg")]}, content_type="multipart/form-data")
+    huge = client.post(
+        "/v1/batches",
+        data={"prompts": (io.BytesIO(b" " * 9_000_000), "prompts.json"), "images": [(io.BytesIO(en), "a.jpg")]},
+        content_type="multipart/form-data",
+    )
     assert huge.status_code == 413 and "prompts part" in huge.get_json()["detail"]
     assert not list(redis_client.scan_iter(match="maskq:batch:*"))  # none of these made a batch
     assert not list(redis_client.scan_iter(match="maskq:job:*"))
@@ -97,10 +107,15 @@ def test_bad_uploads_get_clear_4xx_and_leave_no_batch(client, redis_client):
 
 def test_the_request_and_prompts_may_come_as_file_parts(stack):
     client = stack.client()
-    answer = client.post("/v1/batches", content_type="multipart/form-data", data={
-        "request": (io.BytesIO(json.dumps(TEXT).encode()), "request.json"),
-        "prompts": (io.BytesIO(json.dumps({"en.jpg": {"text": ["shot"]}}).encode()), "prompts.json"),
-        "images": [(io.BytesIO(image_bytes("en.jpg")), "en.jpg")]})
+    answer = client.post(
+        "/v1/batches",
+        content_type="multipart/form-data",
+        data={
+            "request": (io.BytesIO(json.dumps(TEXT).encode()), "request.json"),
+            "prompts": (io.BytesIO(json.dumps({"en.jpg": {"text": ["shot"]}}).encode()), "prompts.json"),
+            "images": [(io.BytesIO(image_bytes("en.jpg")), "en.jpg")],
+        },
+    )
     assert answer.status_code == 202, answer.get_json()
     record = stack.jobs().get(answer.get_json()["jobs"][0]["id"])
     assert record.request.prompts.text == ["shot"] and record.model == "text-regions"
@@ -118,19 +133,28 @@ def test_a_batch_is_bounded_in_images_and_bytes(stack):
     assert answer.status_code == 413 and "MASKQ_MAX_BATCH_BYTES" in answer.get_json()["detail"]
     too_many = zipped({f"{n}.jpg": b"x" for n in range(3)})
     assert post_batch(client, archive=("many.zip", too_many)).status_code == 413
-    whole = client.post("/v1/batches", data={"images": [(io.BytesIO(b"\0" * 1_500_000), "big.jpg")]},
-                        content_type="multipart/form-data")
+    whole = client.post(
+        "/v1/batches", data={"images": [(io.BytesIO(b"\0" * 1_500_000), "big.jpg")]}, content_type="multipart/form-data"
+    )
     assert whole.status_code == 413  # the upload itself is over MASKQ_MAX_BATCH_BYTES
-    parts = client.post("/v1/batches", data={"images": [(io.BytesIO(b"x"), f"{n}.jpg") for n in range(1500)]},
-                        content_type="multipart/form-data")
+    parts = client.post(
+        "/v1/batches",
+        data={"images": [(io.BytesIO(b"x"), f"{n}.jpg") for n in range(1500)]},
+        content_type="multipart/form-data",
+    )
     assert parts.status_code == 413  # more parts than the form parser takes (Flask's MAX_FORM_PARTS)
     assert not list(stack.redis.scan_iter(match="maskq:batch:*"))
 
 
 def test_archives_fan_out_one_job_per_image_and_cancel_cancels_the_queued_ones(stack):
     client = stack.client()
-    members = {"shots/en.jpg": image_bytes("en.jpg"), "shots/latin.jpg": image_bytes("latin.jpg"),
-               "__MACOSX/shots/._en.jpg": b"junk", "notes.txt": b"not an image", "../up.jpg": image_bytes("en.jpg")}
+    members = {
+        "shots/en.jpg": image_bytes("en.jpg"),
+        "shots/latin.jpg": image_bytes("latin.jpg"),
+        "__MACOSX/shots/._en.jpg": b"junk",
+        "notes.txt": b"not an image",
+        "../up.jpg": image_bytes("en.jpg"),
+    }
     for archive in (("shots.zip", zipped(members)), ("shots.tar.gz", tarred(members))):
         answer = post_batch(client, archive=archive)
         assert answer.status_code == 202, answer.get_json()
@@ -154,8 +178,11 @@ def test_archives_fan_out_one_job_per_image_and_cancel_cancels_the_queued_ones(s
 def test_the_last_job_to_end_completes_the_batch_once_and_its_event_is_queued_once(stack):
     client = stack.client()
     hook = {"url": NOWHERE, "events": ["batch.completed"]}
-    answer = post_batch(client, [("en.jpg", image_bytes("en.jpg")), ("latin.jpg", image_bytes("latin.jpg"))],
-                        request={**TEXT, "webhook": hook})
+    answer = post_batch(
+        client,
+        [("en.jpg", image_bytes("en.jpg")), ("latin.jpg", image_bytes("latin.jpg"))],
+        request={**TEXT, "webhook": hook},
+    )
     batch = answer.get_json()
     jobs, store = JobStore(stack.redis, 3600), BatchStore(stack.redis, JobStore(stack.redis, 3600))
     first, second = (j["id"] for j in batch["jobs"])
@@ -197,8 +224,13 @@ def test_a_batch_outlives_the_web_process_and_its_jobs_run_on_a_worker_started_l
 
 def test_a_batch_outlives_a_killed_worker_and_a_redis_restart_and_completes_once(isolated, tmp_path):
     """A machine dies mid-batch, then Redis restarts (from its AOF): every job ends once, the batch once."""
-    env = {"MASKQ_VISIBILITY_TIMEOUT_S": 12, "MASKQ_JOB_SOFT_TIME_LIMIT_S": 8, "MASKQ_JOB_HARD_TIME_LIMIT_S": 10,
-           "MASKQ_STORAGE_RETRY_BOUND_S": 2, "MASKQ_UNACKED_RESTORE_INTERVAL_S": 1}
+    env = {
+        "MASKQ_VISIBILITY_TIMEOUT_S": 12,
+        "MASKQ_JOB_SOFT_TIME_LIMIT_S": 8,
+        "MASKQ_JOB_HARD_TIME_LIMIT_S": 10,
+        "MASKQ_STORAGE_RETRY_BOUND_S": 2,
+        "MASKQ_UNACKED_RESTORE_INTERVAL_S": 1,
+    }
     client = isolated.client(**{k[6:].lower(): v for k, v in env.items()})
     first = isolated.worker("first", MASKQ_MODELS_MANIFEST=slow_manifest(tmp_path, delay_s=1), **env)
     hook = {"url": NOWHERE, "events": ["batch.completed"]}
@@ -243,7 +275,9 @@ def test_the_same_idempotency_key_and_upload_return_the_same_batch(client):
     again = post_batch(client, images, headers={"Idempotency-Key": "nightly-2026-12-02"})
     assert first.status_code == 202 and again.status_code == 200
     assert again.get_json()["id"] == first.get_json()["id"] and again.headers["Idempotent-Replayed"] == "true"
-    other = post_batch(client, [("latin.jpg", image_bytes("latin.jpg"))], headers={"Idempotency-Key": "nightly-2026-12-02"})
+    other = post_batch(
+        client, [("latin.jpg", image_bytes("latin.jpg"))], headers={"Idempotency-Key": "nightly-2026-12-02"}
+    )
     assert other.status_code == 422
 
 
@@ -263,9 +297,11 @@ def test_a_batch_webhook_listing_job_events_gives_each_job_that_webhook_and_only
     batch = post_batch(client, [("en.jpg", image_bytes("en.jpg"))], request={**TEXT, "webhook": hook}).get_json()
     record = stack.jobs().get(batch["jobs"][0]["id"])
     assert record.request.webhook.model_dump() == {"url": NOWHERE, "events": ["job.failed"]}
-    quiet = post_batch(client, [("en.jpg", image_bytes("en.jpg"))],
-                       request={**TEXT, "webhook": {"url": NOWHERE}}).get_json()
+    quiet = post_batch(
+        client, [("en.jpg", image_bytes("en.jpg"))], request={**TEXT, "webhook": {"url": NOWHERE}}
+    ).get_json()
     assert stack.jobs().get(quiet["jobs"][0]["id"]).request.webhook is None  # batch.completed alone
-    private = post_batch(client, [("en.jpg", image_bytes("en.jpg"))],
-                         request={**TEXT, "webhook": {"url": "http://10.0.0.1/hook"}})
+    private = post_batch(
+        client, [("en.jpg", image_bytes("en.jpg"))], request={**TEXT, "webhook": {"url": "http://10.0.0.1/hook"}}
+    )
     assert private.status_code == 422  # the SSRF guard, at submit: nothing is ever sent there

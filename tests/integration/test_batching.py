@@ -1,4 +1,5 @@
 """Dynamic batching with real workers: one batch per model and lane, lane order, isolation, no loss."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from domain.records import JobStore
 from storage.local import LocalStorage
+from stores.jobs import JobStore
 from tests.conftest import image_bytes
 from tests.integration.helpers import small_png, status, submit, wait_for
 from tests.support.slow_models import BATCHING, slow_manifest
@@ -72,8 +73,9 @@ def test_with_batching_off_the_same_jobs_run_one_at_a_time(isolated, manifest):
 
 def test_a_batch_takes_only_its_own_models_jobs_from_its_own_lane_in_lane_order(isolated, manifest):
     client = isolated.client(models_manifest=manifest)
-    default = [submit(client, small_png(i), {"model": ("text-regions", "other")[i % 2]}).get_json()["id"]
-               for i in range(6)]
+    default = [
+        submit(client, small_png(i), {"model": ("text-regions", "other")[i % 2]}).get_json()["id"] for i in range(6)
+    ]
     low = queue(client, 2, first_seed=100, lane="batch")
     isolated.worker(MASKQ_MODELS_MANIFEST=manifest)
     assert all(j["status"] == "succeeded" for j in wait_all(client, default + low))
@@ -86,7 +88,10 @@ def test_a_batch_takes_only_its_own_models_jobs_from_its_own_lane_in_lane_order(
     # One batch per model in the default lane (the other model's jobs between them were skipped,
     # not taken), then one of the batch lane: never a batch of mixed models or lanes.
     assert sorted((members[0][0], members[0][1], len(members)) for members in groups.values()) == [
-        ("batch", "text-regions", 2), ("default", "other", 3), ("default", "text-regions", 3)]
+        ("batch", "text-regions", 2),
+        ("default", "other", 3),
+        ("default", "text-regions", 3),
+    ]
     assert all(len({(lane, model) for lane, model, _ in members}) == 1 for members in groups.values())
     last_default = max(jobs.get(job_id).started_at for job_id in default)
     assert all(jobs.get(job_id).started_at > last_default for job_id in low)
@@ -101,7 +106,7 @@ def test_a_job_waiting_in_a_higher_lane_stops_a_batch_forming(isolated, manifest
     assert claims.take("default", "text-regions", 3, skip=ids[0]) == ([], True)
     assert not isolated.redis.exists(claims_key("test-host:1"))  # nothing taken: the lanes are as they were
     isolated.worker(MASKQ_MODELS_MANIFEST=manifest)
-    assert all(j["status"] == "succeeded" for j in wait_all(client, [urgent] + ids))
+    assert all(j["status"] == "succeeded" for j in wait_all(client, [urgent, *ids]))
     jobs = isolated.jobs()
     assert all(jobs.get(urgent).started_at < jobs.get(job_id).started_at for job_id in ids)
     assert batch_of(isolated, urgent) == (None, None)  # alone: no other job of its lane to take along
@@ -160,7 +165,9 @@ def test_a_batch_whose_pool_process_is_sigkilled_loses_no_job_and_runs_none_twic
         assert record.attempts == 2  # the killed run and the one that finished
         assert events[JobStore.channel(job_id)].count("succeeded") == 1
         assert sorted(k.rsplit("/", 1)[1] for k in storage.list(f"tenants/default/jobs/{job_id}/")) == [
-            "input.png", "result.json"]
+            "input.png",
+            "result.json",
+        ]
     assert all(jobs.get(job_id).last_error["code"] == "worker_lost" for job_id in ids[1:])
     assert no_claims_left(isolated)
 
@@ -188,8 +195,10 @@ def test_a_jobs_result_does_not_depend_on_the_jobs_batched_with_it():
 
     adapter = TextRegionsAdapter(ModelSpec(name="text-regions", version="1", adapter=ADAPTER))
     adapter.setup(AdapterContext(RuntimeOptions(intra_op_threads=2)))
-    requests = [SegmentRequest(image=decode_image(image_bytes(name), max_bytes=10**8, max_pixels=10**8).pixels)
-                for name in ("ch_en_num.jpg", "en.jpg", "latin.jpg")]
+    requests = [
+        SegmentRequest(image=decode_image(image_bytes(name), max_bytes=10**8, max_pixels=10**8).pixels)
+        for name in ("ch_en_num.jpg", "en.jpg", "latin.jpg")
+    ]
     together = adapter.segment(requests)
     for request, batched in zip(requests, together):
         [alone] = adapter.segment([request])

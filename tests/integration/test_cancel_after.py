@@ -4,6 +4,7 @@ Real Redis, real workers; the running case uses the slow test adapter. Each
 test would fail on a service that ignores the header (the job would run, or
 wait, and the 4xx would be a 202).
 """
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,9 @@ def submit_with(client, image: bytes, cancel_after: str, request: dict | None = 
     data = {"image": (io.BytesIO(image), "upload.png")}
     if request is not None:
         data["request"] = json.dumps(request)
-    return client.post("/v1/jobs", data=data, content_type="multipart/form-data",
-                       headers={"Cancel-After": cancel_after})
+    return client.post(
+        "/v1/jobs", data=data, content_type="multipart/form-data", headers={"Cancel-After": cancel_after}
+    )
 
 
 def test_a_queued_job_past_its_cancel_after_is_canceled_by_worker_upkeep_with_its_own_code(isolated):
@@ -52,7 +54,9 @@ def test_a_queued_job_past_its_cancel_after_is_canceled_by_worker_upkeep_with_it
     assert jobs.get(job["id"]).started_at is None  # it never ran
 
 
-def test_a_running_job_past_its_cancel_after_is_canceled_and_stays_canceled_when_its_worker_finishes(isolated, tmp_path):
+def test_a_running_job_past_its_cancel_after_is_canceled_and_stays_canceled_when_its_worker_finishes(
+    isolated, tmp_path
+):
     client = isolated.client()
     isolated.worker(MASKQ_MODELS_MANIFEST=slow_manifest(tmp_path, delay_s=MIN_S + 4), MASKQ_SCHEDULER_TICK_S=0.2)
     job_id = submit_with(client, image_bytes("en.jpg"), f"{MIN_S}", {"outputs": ["rle", "png"]}).get_json()["id"]
@@ -86,8 +90,12 @@ def test_a_job_that_ends_in_time_is_untouched(isolated):
 def test_cancel_after_holds_on_read_with_no_worker_and_for_each_job_of_a_batch(isolated):
     client = isolated.client()
     job_id = submit_with(client, small_png(), "0h0m5s").get_json()["id"]
-    batch = client.post("/v1/batches", content_type="multipart/form-data", headers={"Cancel-After": "5"},
-                        data={"images": [(io.BytesIO(small_png(i)), f"{i}.png") for i in (1, 2)]})
+    batch = client.post(
+        "/v1/batches",
+        content_type="multipart/form-data",
+        headers={"Cancel-After": "5"},
+        data={"images": [(io.BytesIO(small_png(i)), f"{i}.png") for i in (1, 2)]},
+    )
     assert batch.status_code == 202, batch.get_json()
     batch_jobs = [j["id"] for j in batch.get_json()["jobs"]]
     assert len(batch_jobs) == 2
@@ -97,17 +105,33 @@ def test_cancel_after_holds_on_read_with_no_worker_and_for_each_job_of_a_batch(i
         assert job["status"] == "canceled" and job["error"]["code"] == "cancel_after", job
 
 
-@pytest.mark.parametrize("value, status_code", [("soon", 400), ("", 400), ("5ms", 400), ("1m1h", 400),
-                                                ("-5", 400), ("1e3", 400), ("9" * 40, 400),
-                                                ("4s", 422), ("0", 422), ("24h1s", 422)])
+@pytest.mark.parametrize(
+    ("value", "status_code"),
+    [
+        ("soon", 400),
+        ("", 400),
+        ("5ms", 400),
+        ("1m1h", 400),
+        ("-5", 400),
+        ("1e3", 400),
+        ("9" * 40, 400),
+        ("4s", 422),
+        ("0", 422),
+        ("24h1s", 422),
+    ],
+)
 def test_a_bad_cancel_after_is_a_4xx_naming_the_header_and_stores_nothing(isolated, value, status_code):
     client = isolated.client()
     answer = submit_with(client, small_png(), value)
     assert answer.status_code == status_code, answer.get_json()
     assert answer.mimetype == "application/problem+json"
     assert [e["field"] for e in answer.get_json()["errors"]] == ["Cancel-After"]
-    batch = client.post("/v1/batches", content_type="multipart/form-data", headers={"Cancel-After": value},
-                        data={"images": [(io.BytesIO(small_png()), "a.png")]})
+    batch = client.post(
+        "/v1/batches",
+        content_type="multipart/form-data",
+        headers={"Cancel-After": value},
+        data={"images": [(io.BytesIO(small_png()), "a.png")]},
+    )
     assert batch.status_code == status_code and "Cancel-After" in batch.get_json()["detail"]
     assert not list(isolated.redis.scan_iter(match="maskq:job:*"))
     assert not list(isolated.redis.scan_iter(match="maskq:batch:*"))

@@ -5,14 +5,16 @@ binary, the config file) and the address pinned to loopback and a free port: the
 the password arrives on standard input and nowhere on the command line, the probe passes with it,
 and the server holds to maxmemory with noeviction.
 """
+
 from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import redis
 
-from config.embedded_redis import server_binary
+from runtime.embedded_redis import server_binary
 from tests.conftest import free_port
 from tests.support.kustomize import render
 from tests.unit.test_kubernetes import BASE, kinds, pod
@@ -41,7 +43,7 @@ def test_the_manifests_redis_starts_with_its_config_and_the_password_off_the_com
             except redis.ConnectionError:
                 assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
                 time.sleep(0.05)
-        assert PASSWORD.encode() not in open(f"/proc/{server.pid}/cmdline", "rb").read()
+        assert PASSWORD.encode() not in Path(f"/proc/{server.pid}/cmdline").read_bytes()
         try:
             redis.Redis(port=port).ping()
             raise AssertionError("answered without the password")

@@ -1,4 +1,5 @@
 """What a deployment exposes: compose publishes nothing unauthenticated, images carry no secrets, Redis is closed."""
+
 from __future__ import annotations
 
 import yaml

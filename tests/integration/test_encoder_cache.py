@@ -1,4 +1,5 @@
 """The encoder cache (models/encoder_cache.py): named arrays, local bounds, and the tier shared in Redis."""
+
 from __future__ import annotations
 
 import json
@@ -39,16 +40,22 @@ else:
 
 
 def in_process(url: str, action: str, out) -> str:
-    done = subprocess.run([sys.executable, "-c", PROCESS, url, PART, action, str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", PROCESS, url, PART, action, str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
 
-def test_an_entry_of_several_named_arrays_goes_through_redis_from_one_process_to_another(redis_server, redis_client,
-                                                                                         tmp_path):
+def test_an_entry_of_several_named_arrays_goes_through_redis_from_one_process_to_another(
+    redis_server, redis_client, tmp_path
+):
     in_process(redis_server.url, "put", tmp_path / "put.npz")
-    [name] = [k for k in redis_client.scan_iter(f"{keys.ENCODING_PREFIX}*")]
+    [name] = list(redis_client.scan_iter(f"{keys.ENCODING_PREFIX}*"))
     assert name.decode() == keys.encoding(PART, "tenant-a", "sha-of-the-image")
     stored = redis_client.hgetall(name)
     assert stored[b"names"] == b"image_embeddings,high_res_feats_0,sizes"
@@ -100,8 +107,15 @@ def test_two_models_on_one_part_share_entries_within_the_larger_budget_and_count
     assert other.lookup(other.key("t", "i0"), share=False) == (None, None)  # another encoder file
     small.store(small.key("t", "i3"), mib, share=False)  # past 3 MiB: the least recently used (i1) goes
     assert small.lookup(small.key("t", "i1"), share=False) == (None, None)
-    assert small.stats() | {"hits": None} == {"hits": None, "misses": 1, "encoder_runs": 4, "evictions": 1,
-                                               "entries": 3, "bytes": 3 * 2**20, "budget_bytes": 3 * 2**20}
+    assert small.stats() | {"hits": None} == {
+        "hits": None,
+        "misses": 1,
+        "encoder_runs": 4,
+        "evictions": 1,
+        "entries": 3,
+        "bytes": 3 * 2**20,
+        "budget_bytes": 3 * 2**20,
+    }
     assert (large.stats()["hits"], large.stats()["encoder_runs"]) == (1, 0)
 
 
@@ -123,9 +137,12 @@ def test_the_worker_counts_where_an_embedding_came_from_by_its_structured_source
     from workers import metrics, pipeline
 
     counter = metrics.series().embeddings
-    reports = [{"embedding": {"cached": True, "source": EncodingSource.LOCAL}},
-               {"embedding": {"cached": True, "source": EncodingSource.SHARED}},
-               {"embedding": {"cached": False, "source": None}}, {}]
+    reports = [
+        {"embedding": {"cached": True, "source": EncodingSource.LOCAL}},
+        {"embedding": {"cached": True, "source": EncodingSource.SHARED}},
+        {"embedding": {"cached": False, "source": None}},
+        {},
+    ]
     before = {r: counter.labels("enc-test", r)._value.get() for r in ("local", "shared", "miss")}
     for report in reports:
         pipeline.count_model_work("enc-test", 0.01, report)

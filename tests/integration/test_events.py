@@ -2,15 +2,14 @@
 
 Jobs that must stay queued run on an isolated Redis with no worker; the rest on real worker processes.
 """
+
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import threading
 import time
 
-import pytest
 import requests
 from werkzeug.serving import make_server
 
@@ -45,9 +44,13 @@ def live(stack, **overrides):
 
 
 def submit(url: str, headers: dict, image: bytes | None = None, request: dict | None = None) -> dict:
-    answer = requests.post(f"{url}/v1/jobs", headers=headers, timeout=30,
-                           files={"image": ("upload.png", image or small_png())},
-                           data={"request": json.dumps(request or {})})
+    answer = requests.post(
+        f"{url}/v1/jobs",
+        headers=headers,
+        timeout=30,
+        files={"image": ("upload.png", image or small_png())},
+        data={"request": json.dumps(request or {})},
+    )
     assert answer.status_code in (200, 202), answer.text
     return answer.json()
 
@@ -136,8 +139,13 @@ def test_a_queued_jobs_stream_follows_its_place_and_resumes_after_last_event_id_
 def test_another_tenants_job_and_batch_streams_are_404(isolated):
     with live(isolated) as (url, headers, app):
         job = submit(url, headers)
-        batch = requests.post(f"{url}/v1/batches", headers=headers, timeout=30,
-                              files=[("images", ("a.png", small_png(1)))], data={"request": "{}"}).json()
+        batch = requests.post(
+            f"{url}/v1/batches",
+            headers=headers,
+            timeout=30,
+            files=[("images", ("a.png", small_png(1)))],
+            data={"request": "{}"},
+        ).json()
         stranger = {"Authorization": f"Bearer {authorized_client(app, tenant='other').api_key}"}
         for path in (f"/v1/jobs/{job['id']}/events", f"/v1/batches/{batch['id']}/events"):
             answer = open_stream(url, path, stranger)
@@ -158,8 +166,9 @@ def test_streams_count_against_the_keys_waits_and_a_closed_one_frees_its_slot(is
         assert requests.get(f"{url}/v1/jobs/{job['id']}?wait=1", headers=headers, timeout=10).status_code == 429
 
         held[0].close()  # the server finds the client gone at its next write (a heartbeat) and frees the slot
-        again = wait_for(lambda: (a := open_stream(url, path, headers)).status_code == 200 and a, timeout=10,
-                         interval=0.3)
+        again = wait_for(
+            lambda: (a := open_stream(url, path, headers)).status_code == 200 and a, timeout=10, interval=0.3
+        )
         again.close()
         held[1].close()
 
@@ -179,9 +188,13 @@ def test_a_stream_sends_heartbeats_and_closes_after_its_longest_time_without_an_
 def test_a_batchs_stream_reports_progress_and_ends_with_the_completed_batch(isolated):
     isolated.worker()
     with live(isolated) as (url, headers, _):
-        batch = requests.post(f"{url}/v1/batches", headers=headers, timeout=30,
-                              files=[("images", (f"{n}.png", small_png(n))) for n in range(3)],
-                              data={"request": "{}"}).json()
+        batch = requests.post(
+            f"{url}/v1/batches",
+            headers=headers,
+            timeout=30,
+            files=[("images", (f"{n}.png", small_png(n))) for n in range(3)],
+            data={"request": "{}"},
+        ).json()
         path = f"/v1/batches/{batch['id']}/events"
         events = read_events(open_stream(url, path, headers))
         end = events[-1]

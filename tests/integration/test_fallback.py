@@ -1,4 +1,5 @@
 """Models that cannot load (a broken file, a missing provider) in a real worker: fallback, or a clear failure."""
+
 from __future__ import annotations
 
 import io
@@ -9,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from models.adapters.text_regions import bundled_model_files
 from tests.conftest import image_bytes
 from tests.integration.helpers import run_to_end, wait_for
-from models.adapters.text_regions import bundled_model_files
 
 TEXT = "models.adapters.text_regions:TextRegionsAdapter"
 
@@ -21,8 +22,16 @@ def missing_provider() -> str:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    return next(p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
-                            "CoreMLExecutionProvider") if p not in available)
+    return next(
+        p
+        for p in (
+            "CUDAExecutionProvider",
+            "TensorrtExecutionProvider",
+            "ROCMExecutionProvider",
+            "CoreMLExecutionProvider",
+        )
+        if p not in available
+    )
 
 
 def small_png(seed: int = 0) -> bytes:
@@ -38,24 +47,28 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-
 def models_by_name(client) -> dict[str, dict]:
     return {m["name"]: m for m in client.get("/v1/models").get_json()["models"]}
 
 
 def test_jobs_of_a_model_that_cannot_load_run_on_its_fallback_or_fail_with_code_model_and_the_worker_stays_up(
-        isolated, tmp_path):
+    isolated, tmp_path
+):
     garbage = tmp_path / "detector.onnx"
     garbage.write_bytes(b"not an ONNX model at all " * 64)
     provider = missing_provider()
-    manifest = write(tmp_path / "models.toml", (
-        'default = "text-regions"\n'
-        f'[models.text-regions]\nversion = "pp1"\nadapter = "{TEXT}"\n'
-        f'[models.broken]\nversion = "b1"\nadapter = "{TEXT}"\nfiles = {{ detector = "detector.onnx" }}\n'
-        'fallback = "text-regions"\n'
-        f'[models.broken-alone]\nversion = "a1"\nadapter = "{TEXT}"\nfiles = {{ detector = "detector.onnx" }}\n'
-        f'[models.gpu-only]\nversion = "g1"\nadapter = "{TEXT}"\nproviders = ["{provider}"]\n'
-        'fallback = "text-regions"\n'))
+    manifest = write(
+        tmp_path / "models.toml",
+        (
+            'default = "text-regions"\n'
+            f'[models.text-regions]\nversion = "pp1"\nadapter = "{TEXT}"\n'
+            f'[models.broken]\nversion = "b1"\nadapter = "{TEXT}"\nfiles = {{ detector = "detector.onnx" }}\n'
+            'fallback = "text-regions"\n'
+            f'[models.broken-alone]\nversion = "a1"\nadapter = "{TEXT}"\nfiles = {{ detector = "detector.onnx" }}\n'
+            f'[models.gpu-only]\nversion = "g1"\nadapter = "{TEXT}"\nproviders = ["{provider}"]\n'
+            'fallback = "text-regions"\n'
+        ),
+    )
     worker = isolated.worker(MASKQ_MODELS_MANIFEST=manifest)
     pool = set(worker.children())
     client = isolated.client(models_manifest=manifest)
@@ -71,7 +84,9 @@ def test_jobs_of_a_model_that_cannot_load_run_on_its_fallback_or_fail_with_code_
     assert "model 'broken' version b1 failed to load" in degraded["degraded_reason"]
     assert "INVALID_PROTOBUF" in degraded["degraded_reason"]
     # The fallback really ran: the same regions as the fallback model's own job.
-    assert [i["label"] for i in degraded["result"]["instances"]] == [i["label"] for i in reference["result"]["instances"]]
+    assert [i["label"] for i in degraded["result"]["instances"]] == [
+        i["label"] for i in reference["result"]["instances"]
+    ]
 
     on_cpu = run_to_end(client, small_png(2), {"model": "gpu-only"})
     assert on_cpu["status"] == "succeeded" and on_cpu["degraded"] is True
@@ -95,12 +110,15 @@ def test_jobs_of_a_model_that_cannot_load_run_on_its_fallback_or_fail_with_code_
 
 
 def test_a_model_repaired_in_the_manifest_loads_without_a_restart_and_its_jobs_are_no_longer_degraded(
-        isolated, tmp_path):
+    isolated, tmp_path
+):
     (tmp_path / "detector.onnx").write_bytes(b"\x00" * 512)
-    body = ('default = "text-regions"\n'
-            f'[models.text-regions]\nversion = "pp1"\nadapter = "{TEXT}"\n'
-            f'[models.ocr]\nversion = "%s"\nadapter = "{TEXT}"\nfiles = {{ detector = "%s" }}\n'
-            'fallback = "text-regions"\n')
+    body = (
+        'default = "text-regions"\n'
+        f'[models.text-regions]\nversion = "pp1"\nadapter = "{TEXT}"\n'
+        f'[models.ocr]\nversion = "%s"\nadapter = "{TEXT}"\nfiles = {{ detector = "%s" }}\n'
+        'fallback = "text-regions"\n'
+    )
     manifest = write(tmp_path / "models.toml", body % ("1", "detector.onnx"))
     worker = isolated.worker(MASKQ_MODELS_MANIFEST=manifest, MASKQ_MANIFEST_CHECK_S=0.1)
     client = isolated.client(models_manifest=manifest, manifest_check_s=0.1)

@@ -1,4 +1,5 @@
 """``Idempotency-Key`` on submit, against the real app, Redis and worker: retries never make a second job."""
+
 from __future__ import annotations
 
 import base64
@@ -58,8 +59,11 @@ def test_a_replay_while_the_job_waits_is_a_202_with_the_same_id(client, redis_cl
 
 def test_the_same_key_with_a_different_body_is_a_422_and_makes_no_job(client, redis_client):
     assert post(client, "retry-3", image_bytes("en.jpg")).status_code == 202
-    for image, request in ((image_bytes("en.jpg"), {"prompts": {"text": ["other"]}}),
-                           (image_bytes("ch_en_num.jpg"), REQUEST), (image_bytes("en.jpg"), None)):
+    for image, request in (
+        (image_bytes("en.jpg"), {"prompts": {"text": ["other"]}}),
+        (image_bytes("ch_en_num.jpg"), REQUEST),
+        (image_bytes("en.jpg"), None),
+    ):
         answer = post(client, "retry-3", image, request)
         assert answer.status_code == 422 and answer.mimetype == "application/problem+json"
         assert [e["field"] for e in answer.get_json()["errors"]] == ["Idempotency-Key"]

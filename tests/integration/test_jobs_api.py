@@ -1,4 +1,5 @@
 """The core job path through the API: a real worker process runs the real model on real images."""
+
 from __future__ import annotations
 
 import io
@@ -46,7 +47,7 @@ def test_exif_orientation_is_applied_before_reading_and_boxes_are_upright(client
     assert (result["width"], result["height"]) == (752, 306)
     for instance in result["instances"]:
         x, y, w, h = instance["bbox"]
-        assert 0 <= x and x + w <= 752 and 0 <= y and y + h <= 306
+        assert x >= 0 and x + w <= 752 and y >= 0 and y + h <= 306
         assert w > h  # one upright line of text is wider than tall
 
 
@@ -128,8 +129,16 @@ def test_a_long_poll_returns_as_soon_as_the_job_ends(client):
 def test_a_long_poll_on_a_job_that_cannot_start_returns_at_its_timeout(client, redis_client):
     from domain.records import JobRecord
 
-    record = JobRecord(id="f" * 32, tenant="default", lane="batch", model="text-regions", input_key="x",
-                       image_sha256="", width=1, height=1)
+    record = JobRecord(
+        id="f" * 32,
+        tenant="default",
+        lane="batch",
+        model="text-regions",
+        input_key="x",
+        image_sha256="",
+        width=1,
+        height=1,
+    )
     from webapp.services import services
 
     with client.application.app_context():
@@ -177,8 +186,12 @@ def test_one_key_cannot_hold_every_web_thread_with_long_polls(isolated):
     assert "MASKQ_MAX_WAITS_PER_KEY" in third.get_json()["detail"]
     assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # polling without wait still answers
     assert app.test_client().get("/healthz").status_code == 200
-    prefer = client.post("/v1/jobs", data={"image": (io.BytesIO(small_png(2)), "a.png")},
-                         content_type="multipart/form-data", headers={"Prefer": "wait=4"})
+    prefer = client.post(
+        "/v1/jobs",
+        data={"image": (io.BytesIO(small_png(2)), "a.png")},
+        content_type="multipart/form-data",
+        headers={"Prefer": "wait=4"},
+    )
     assert prefer.status_code == 202 and "Preference-Applied" not in prefer.headers  # answered at once
     for thread in threads:
         thread.join()
@@ -193,7 +206,7 @@ def test_the_public_probe_says_ready_or_not_and_only_an_admin_key_reads_the_inte
     assert set(body) == {"status", "checks"} and body["checks"]["redis"] == "ok"
     assert "pid" not in ready.get_data(as_text=True) and "onnx" not in ready.get_data(as_text=True)
     assert client.get("/v1/admin/status").status_code == 403  # a tenant's key
-    from domain.tenants import KeyStore
+    from stores.tenants import KeyStore
     from webapp.services import services
 
     with app.app_context():

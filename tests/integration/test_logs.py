@@ -1,4 +1,5 @@
 """Logs that follow a job: one trace id through the web's and the worker's JSON lines and the webhook's headers."""
+
 from __future__ import annotations
 
 import io
@@ -7,8 +8,8 @@ import logging
 
 import pytest
 
-from config import logs
 from domain import trace
+from runtime import logs
 from tests.conftest import free_port
 from tests.integration.helpers import small_png, submit
 from tests.integration.webhook_receiver import Receiver
@@ -36,11 +37,15 @@ def test_one_trace_id_follows_a_job_through_web_worker_and_webhook(isolated, tmp
     try:
         client = isolated.client()
         worker = isolated.worker(MASKQ_LOG_FORMAT="json")
-        answer = client.post("/v1/jobs", headers={"traceparent": TRACEPARENT},
-                             data={"image": (io.BytesIO(small_png(3)), "a.png"),
-                                   "request": json.dumps({"webhook": {"url": receiver.url,
-                                                                      "events": ["job.succeeded"]}})},
-                             content_type="multipart/form-data")
+        answer = client.post(
+            "/v1/jobs",
+            headers={"traceparent": TRACEPARENT},
+            data={
+                "image": (io.BytesIO(small_png(3)), "a.png"),
+                "request": json.dumps({"webhook": {"url": receiver.url, "events": ["job.succeeded"]}}),
+            },
+            content_type="multipart/form-data",
+        )
         assert answer.status_code == 202, answer.get_json()
         job_id = answer.get_json()["id"]
         job = client.get(f"/v1/jobs/{job_id}?wait=30").get_json()
@@ -50,8 +55,13 @@ def test_one_trace_id_follows_a_job_through_web_worker_and_webhook(isolated, tmp
     finally:
         receiver.stop()
 
-    about_job = {"job_id": job_id, "tenant": "default", "model": "text-regions", "lane": "default",
-                 "trace_id": TRACE_ID}
+    about_job = {
+        "job_id": job_id,
+        "tenant": "default",
+        "model": "text-regions",
+        "lane": "default",
+        "trace_id": TRACE_ID,
+    }
     web = [line for line in web_lines() if line.get("job_id") == job_id]
     assert web and all(line.items() >= about_job.items() for line in web), web
     assert any("accepted" in line["message"] for line in web)
@@ -72,15 +82,28 @@ def test_a_job_without_a_trace_gets_one_and_a_malformed_one_is_replaced(isolated
     client = isolated.client()
     made = submit(client, small_png(4)).get_json()["traceparent"]
     assert trace.parse(made) == made
-    bad = client.post("/v1/jobs", headers={"traceparent": "00-" + "0" * 32 + "-00f067aa0ba902b7-01"},
-                      data={"image": (io.BytesIO(small_png(5)), "a.png")}, content_type="multipart/form-data")
+    bad = client.post(
+        "/v1/jobs",
+        headers={"traceparent": "00-" + "0" * 32 + "-00f067aa0ba902b7-01"},
+        data={"image": (io.BytesIO(small_png(5)), "a.png")},
+        content_type="multipart/form-data",
+    )
     assert bad.status_code == 202 and trace.trace_id(bad.get_json()["traceparent"]) != "0" * 32
 
 
-@pytest.mark.parametrize("header, ok", [
-    (TRACEPARENT, True), (TRACEPARENT.upper(), True), (" " + TRACEPARENT + " ", True),
-    ("ff-" + TRACEPARENT[3:], False), (TRACEPARENT[:-1], False), ("00-" + TRACE_ID + "-" + "0" * 16 + "-01", False),
-    ("", False), (None, False), ("not a trace", False),
-])
+@pytest.mark.parametrize(
+    ("header", "ok"),
+    [
+        (TRACEPARENT, True),
+        (TRACEPARENT.upper(), True),
+        (" " + TRACEPARENT + " ", True),
+        ("ff-" + TRACEPARENT[3:], False),
+        (TRACEPARENT[:-1], False),
+        ("00-" + TRACE_ID + "-" + "0" * 16 + "-01", False),
+        ("", False),
+        (None, False),
+        ("not a trace", False),
+    ],
+)
 def test_traceparent_parsing(header, ok):
     assert (trace.parse(header) == TRACEPARENT) is ok

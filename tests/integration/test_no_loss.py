@@ -1,4 +1,5 @@
 """No accepted job is lost, and none has a double effect: killed workers, a restarted Redis."""
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,13 @@ def test_a_job_whose_pool_process_is_sigkilled_mid_inference_runs_again_and_succ
 def test_a_job_whose_whole_worker_is_sigkilled_is_taken_up_by_another_worker(isolated, tmp_path):
     # A short visibility timeout (above the hard time limit, as the start-up check demands)
     # makes the broker hand the dead worker's job to the next one within seconds.
-    env = {"MASKQ_VISIBILITY_TIMEOUT_S": 12, "MASKQ_JOB_SOFT_TIME_LIMIT_S": 8, "MASKQ_JOB_HARD_TIME_LIMIT_S": 10,
-           "MASKQ_STORAGE_RETRY_BOUND_S": 2, "MASKQ_UNACKED_RESTORE_INTERVAL_S": 1}
+    env = {
+        "MASKQ_VISIBILITY_TIMEOUT_S": 12,
+        "MASKQ_JOB_SOFT_TIME_LIMIT_S": 8,
+        "MASKQ_JOB_HARD_TIME_LIMIT_S": 10,
+        "MASKQ_STORAGE_RETRY_BOUND_S": 2,
+        "MASKQ_UNACKED_RESTORE_INTERVAL_S": 1,
+    }
     settings = {k[6:].lower(): v for k, v in env.items()}
     client = isolated.client(**settings)
     first = isolated.worker("first", MASKQ_MODELS_MANIFEST=slow_manifest(tmp_path, delay_s=1.5), **env)

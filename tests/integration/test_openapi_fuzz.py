@@ -18,6 +18,7 @@ Checks left out, and why:
 Operation left out: ``GET /readyz`` answers 503 (as documented) while no
 worker is up, and this server runs none; ``test_jobs_api`` checks it with one.
 """
+
 from __future__ import annotations
 
 import re
@@ -40,9 +41,17 @@ def live_server(base_env, redis_client):
 
     # Short long-polls and event streams (a fuzzed ?wait or stream must not hold the run); limits far above
     # what the fuzzer sends (its missing-key probes too: one per operation and phase).
-    app = create_app(settings_from(base_env, max_wait_s=1, max_stream_s=1, default_rate="100000/minute",
-                                   global_rate="100000/minute",
-                                   failed_auth_rate="100000/minute", anonymous_rate="100000/minute"))
+    app = create_app(
+        settings_from(
+            base_env,
+            max_wait_s=1,
+            max_stream_s=1,
+            default_rate="100000/minute",
+            global_rate="100000/minute",
+            failed_auth_rate="100000/minute",
+            anonymous_rate="100000/minute",
+        )
+    )
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="fuzzed-server", daemon=True)
     thread.start()
@@ -52,17 +61,28 @@ def live_server(base_env, redis_client):
 
 
 def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(live_server, redis_client, tmp_path):
-    from domain.tenants import KeyStore
+    from stores.tenants import KeyStore
 
     key, _ = KeyStore(redis_client).create("fuzz")
     command = [
-        str(VENV_BIN / "st"), "run", f"{live_server}/openapi.json",
-        "--header", f"Authorization: Bearer {key}",
-        "--max-examples", str(EXAMPLES_PER_OPERATION),
-        "--checks", "all", "--exclude-checks", EXCLUDED_CHECKS,
-        "--exclude-path", "/readyz",
-        "--request-timeout", "10",
-        "--generation-database", "none", "--no-color",
+        str(VENV_BIN / "st"),
+        "run",
+        f"{live_server}/openapi.json",
+        "--header",
+        f"Authorization: Bearer {key}",
+        "--max-examples",
+        str(EXAMPLES_PER_OPERATION),
+        "--checks",
+        "all",
+        "--exclude-checks",
+        EXCLUDED_CHECKS,
+        "--exclude-path",
+        "/readyz",
+        "--request-timeout",
+        "10",
+        "--generation-database",
+        "none",
+        "--no-color",
     ]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=150)
     report = run.stdout + run.stderr

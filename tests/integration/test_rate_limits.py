@@ -1,4 +1,5 @@
 """Rate limits in the real Redis: per key, for everyone, with their headers, and their recovery."""
+
 from __future__ import annotations
 
 import time
@@ -54,13 +55,22 @@ def test_the_global_rate_caps_all_keys_together(base_env, redis_client):
 def test_requests_without_a_key_have_their_own_bucket_and_never_spend_the_keys_limits(base_env, redis_client):
     from webapp.app import create_app
 
-    app = create_app(settings_from(base_env, global_rate="5/minute", default_rate="5/minute",
-                                   anonymous_rate="8/minute"))
+    app = create_app(
+        settings_from(base_env, global_rate="5/minute", default_rate="5/minute", anonymous_rate="8/minute")
+    )
     keyed = authorized_client(app)
     anonymous = app.test_client()
     # The OpenAPI document, the icon, the page's settings, the docs, a path that is nowhere: 8 between them.
-    paths = ["/openapi.json", "/favicon.ico", "/ui/config", "/docs/", "/no-such-page", "/openapi.json",
-             "/no/such/page/either", "/favicon.ico"]
+    paths = [
+        "/openapi.json",
+        "/favicon.ico",
+        "/ui/config",
+        "/docs/",
+        "/no-such-page",
+        "/openapi.json",
+        "/no/such/page/either",
+        "/favicon.ico",
+    ]
     assert [anonymous.get(p).status_code for p in paths] == [200, 204, 200, 200, 404, 200, 404, 204]
     for path in ("/openapi.json", "/nowhere"):  # a 404 counts as well: it is not a way around the bucket
         refused = anonymous.get(path)

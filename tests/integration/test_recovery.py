@@ -6,6 +6,7 @@ stuck in the broker's ``unacked`` hash), then starts a real worker, whose lane
 upkeep must find the job and run it to its end well within the broker's
 visibility timeout (600 s here).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import time
 import pytest
 
 from domain import keys
-from domain.fleet import live_workers
+from stores.fleet import live_workers
 from tests.integration.helpers import small_png, submit, wait_for
 
 LOST_TAG = "lost-delivery-tag"
@@ -160,9 +161,20 @@ def test_a_job_whose_sender_died_before_sending_its_message_is_sent_by_recovery_
     job_id = "e" * 32
     input_key = f"tenants/default/jobs/{job_id}/input.png"
     LocalStorage(isolated.env["MASKQ_STORAGE_DIR"]).put(input_key, small_png(5), "image/png")
-    jobs.create(JobRecord(id=job_id, tenant="default", lane="default", model="text-regions", input_key=input_key,
-                          image_sha256="0" * 64, width=64, height=48, request={"model": "text-regions"},
-                          created_at=time.time()))
+    jobs.create(
+        JobRecord(
+            id=job_id,
+            tenant="default",
+            lane="default",
+            model="text-regions",
+            input_key=input_key,
+            image_sha256="0" * 64,
+            width=64,
+            height=48,
+            request={"model": "text-regions"},
+            created_at=time.time(),
+        )
+    )
     assert isolated.redis.zscore(keys.UNSENT, job_id) is not None and isolated.redis.llen("default") == 0
     # A job whose message did go out is not sent twice.
     client = isolated.client()

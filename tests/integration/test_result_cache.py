@@ -3,6 +3,7 @@
 The test environment turns the cache off (most tests mean a second run when
 they submit an image again); every app and worker here turns it on.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,15 +16,17 @@ import uuid
 
 import pytest
 
-from config.embedded_redis import RedisServer
-from domain.records import JobRecord, JobStore
-from domain.result_cache import INDEX, ResultCache, cache_key, entry_key, followers_key, inflight_key
+from domain.records import JobRecord
+from domain.result_keys import cache_key
 from domain.schemas import parse_request
+from runtime.embedded_redis import RedisServer
+from stores.fleet import live_workers
+from stores.jobs import JobStore
+from stores.result_cache import INDEX, ResultCache, entry_key, followers_key, inflight_key
 from tests.conftest import IsolatedStack, authorized_client, clean_redis, free_port, image_bytes
 from tests.integration.helpers import run_to_end, small_png, submit, wait_for
-from tests.support.slow_models import slow_manifest
 from tests.integration.webhook_receiver import Receiver
-from domain.fleet import live_workers
+from tests.support.slow_models import slow_manifest
 
 ON = {"MASKQ_RESULT_CACHE_ENABLED": "true"}
 TTL_S, MAX_ENTRIES = 600, 2
@@ -36,9 +39,15 @@ def stack(tmp_path_factory, base_env):
     """A Redis of this module's own and one worker whose jobs take at least half a second (so they can be joined)."""
     folder = tmp_path_factory.mktemp("result-cache")
     server = RedisServer(free_port(), folder / "redis").start()
-    env = {**base_env, **ON, "MASKQ_REDIS_URL": server.url, "MASKQ_DATA_DIR": str(folder / "data"),
-           "MASKQ_STORAGE_DIR": str(folder / "storage"), "MASKQ_RESULT_CACHE_TTL_S": str(TTL_S),
-           "MASKQ_RESULT_CACHE_MAX_ENTRIES": str(MAX_ENTRIES)}
+    env = {
+        **base_env,
+        **ON,
+        "MASKQ_REDIS_URL": server.url,
+        "MASKQ_DATA_DIR": str(folder / "data"),
+        "MASKQ_STORAGE_DIR": str(folder / "storage"),
+        "MASKQ_RESULT_CACHE_TTL_S": str(TTL_S),
+        "MASKQ_RESULT_CACHE_MAX_ENTRIES": str(MAX_ENTRIES),
+    }
     built = IsolatedStack(server, env)
     built.worker("cache", MASKQ_MODELS_MANIFEST=slow_manifest(folder, delay_s=0.5))
     yield built
@@ -263,8 +272,9 @@ def test_an_idempotent_replay_of_a_cache_hit_returns_that_same_hit(cache):
 
     def post():
         data = {"image": (io.BytesIO(image), "photo.jpg"), "request": json.dumps(REQUEST)}
-        return client.post("/v1/jobs", data=data, content_type="multipart/form-data",
-                           headers={"Idempotency-Key": "hit-1"})
+        return client.post(
+            "/v1/jobs", data=data, content_type="multipart/form-data", headers={"Idempotency-Key": "hit-1"}
+        )
 
     hit, replay = post(), post()
     assert hit.status_code == replay.status_code == 200
@@ -308,15 +318,32 @@ def test_a_leader_that_died_unsettled_is_taken_over_with_its_followers_by_the_ne
     client = cache.client()
     image = image_bytes("en.jpg")
     spec = client.application.extensions["maskq"].catalog.current().spec(None)
-    digest = cache_key(parse_request(REQUEST), image_sha256=hashlib.sha256(image).hexdigest(), model=spec.name,
-                       version=spec.version, tenant="default")
+    digest = cache_key(
+        parse_request(REQUEST),
+        image_sha256=hashlib.sha256(image).hexdigest(),
+        model=spec.name,
+        version=spec.version,
+        tenant="default",
+    )
     # What a worker that died between ending its job and settling it leaves: a failed leader still in
     # flight, and a follower waiting on it.
     jobs = cache.jobs()
     dead, waiting = uuid.uuid4().hex, uuid.uuid4().hex
     for job_id in (dead, waiting):
-        jobs.create(JobRecord(id=job_id, tenant="default", lane="default", model=spec.name, input_key="",
-                              image_sha256="", width=1, height=1, request=REQUEST, cache_key=digest))
+        jobs.create(
+            JobRecord(
+                id=job_id,
+                tenant="default",
+                lane="default",
+                model=spec.name,
+                input_key="",
+                image_sha256="",
+                width=1,
+                height=1,
+                request=REQUEST,
+                cache_key=digest,
+            )
+        )
     jobs.fail(dead, "internal", "the worker died")
     cache.redis.hset(JobStore.key(waiting), "coalesced_with", dead)
     cache.redis.zrem("maskq:lane:default", waiting)

@@ -7,6 +7,7 @@ memory and one from the store in Redis a second worker shares) and
 ``text-regions`` on the repo's photos and images, each through the worker's
 path for one job (load, the adapter, the stored result).
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Retention: jobs past it lose their records, objects and delivery logs; young ones and live writes stay."""
+
 from __future__ import annotations
 
 import os
@@ -8,27 +9,44 @@ import uuid
 
 import pytest
 
-from storage.local import TEMP_SUFFIX, LocalStorage
-from domain.delivery_log import DeliveryLog, job_deliveries_key
 from domain.keys import CREATED, job_prefix
-from domain.records import JobRecord, JobStore
-from workers.retention import sweep
+from domain.records import JobRecord
+from storage.local import TEMP_SUFFIX, LocalStorage
+from stores.delivery_log import DeliveryLog, job_deliveries_key
+from stores.jobs import JobStore
 from tests.conftest import ROOT, VENV_BIN
+from workers.retention import sweep
 
 DAY = 24 * 3600
 
 
-def make_job(redis_client, storage: LocalStorage, created_at: float, *, record: bool = True, index: bool = True,
-             tenant: str = "default") -> str:
+def make_job(
+    redis_client,
+    storage: LocalStorage,
+    created_at: float,
+    *,
+    record: bool = True,
+    index: bool = True,
+    tenant: str = "default",
+) -> str:
     job_id = uuid.uuid4().hex
     prefix = job_prefix(tenant, job_id)
     storage.put(prefix + "input.jpg", b"jpeg")
     storage.put(prefix + "result.json", b"{}")
     if record:
         store = JobStore(redis_client, 30 * DAY)
-        job = JobRecord(id=job_id, tenant=tenant, lane="default", model="text-regions", input_key=prefix + "input.jpg",
-                        image_sha256="", width=1, height=1, created_at=created_at,
-                        request={"webhook": {"url": "https://hooks.example/x"}})
+        job = JobRecord(
+            id=job_id,
+            tenant=tenant,
+            lane="default",
+            model="text-regions",
+            input_key=prefix + "input.jpg",
+            image_sha256="",
+            width=1,
+            height=1,
+            created_at=created_at,
+            request={"webhook": {"url": "https://hooks.example/x"}},
+        )
         store.create(job)
         DeliveryLog(redis_client).create(job, "job.succeeded", "https://hooks.example/x", "{}", 30 * DAY)
     if not index:
@@ -39,9 +57,12 @@ def make_job(redis_client, storage: LocalStorage, created_at: float, *, record: 
 
 
 def gone(redis_client, storage, job_id, tenant="default") -> bool:
-    return (storage.list(job_prefix(tenant, job_id)) == [] and not redis_client.exists(JobStore.key(job_id))
-            and not redis_client.exists(job_deliveries_key(job_id))
-            and redis_client.zscore(CREATED, f"{tenant}/{job_id}") is None)
+    return (
+        storage.list(job_prefix(tenant, job_id)) == []
+        and not redis_client.exists(JobStore.key(job_id))
+        and not redis_client.exists(job_deliveries_key(job_id))
+        and redis_client.zscore(CREATED, f"{tenant}/{job_id}") is None
+    )
 
 
 def test_a_sweep_deletes_old_jobs_whole_and_keeps_young_ones(redis_client, settings, tmp_path):
@@ -90,9 +111,22 @@ def test_celery_beat_runs_retention_on_schedule_through_a_worker(worker, base_en
     young = make_job(redis_client, storage, now)
     env = {**os.environ, **base_env, "MASKQ_RETENTION_INTERVAL_S": "0.5"}
     with (tmp_path / "beat.log").open("wb") as log:
-        beat = subprocess.Popen([str(VENV_BIN / "celery"), "-A", "workers.celery_app", "beat", "-s",
-                                 str(tmp_path / "schedule"), "--loglevel", "INFO"],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        beat = subprocess.Popen(
+            [
+                str(VENV_BIN / "celery"),
+                "-A",
+                "workers.celery_app",
+                "beat",
+                "-s",
+                str(tmp_path / "schedule"),
+                "--loglevel",
+                "INFO",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 30
             while not gone(redis_client, storage, old):

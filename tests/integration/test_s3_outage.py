@@ -4,19 +4,20 @@ A real S3-compatible server process (moto, made durable by a request journal;
 see ``tests/integration/s3_server.py``) is SIGKILLed mid-run and started again
 on the same port; a real worker process with the S3 backend rides it out.
 """
+
 from __future__ import annotations
 
 import time
 
 import pytest
 
-from config.embedded_redis import RedisServer
 from domain.keys import job_prefix
-from webapp.app import create_app
+from runtime.embedded_redis import RedisServer
 from tests.conftest import VENV_BIN, IsolatedStack, authorized_client, clean_redis, free_port, image_bytes, require
 from tests.integration.helpers import small_png, submit
-from tests.support.slow_models import slow_manifest
 from tests.integration.s3_server import S3Server
+from tests.support.slow_models import slow_manifest
+from webapp.app import create_app
 
 BOUND_S = 8
 BUCKET = "maskq-outage"
@@ -36,10 +37,16 @@ def stack(tmp_path_factory, base_env, s3):
     """Redis, a worker and a front end of this module's own, all on the S3 backend."""
     folder = tmp_path_factory.mktemp("outage")
     server = RedisServer(free_port(), folder / "redis").start()
-    env = {**base_env, **s3.env_for(BUCKET), "MASKQ_REDIS_URL": server.url, "MASKQ_DATA_DIR": str(folder / "data"),
-           "MASKQ_STORAGE_RETRY_BOUND_S": str(BOUND_S), "MASKQ_STORAGE_RETRY_MAX_S": "1",
-           # Jobs wait 0.3 s before inference: the bound test kills the store while its job waits there.
-           "MASKQ_MODELS_MANIFEST": str(slow_manifest(folder, delay_s=0.3))}
+    env = {
+        **base_env,
+        **s3.env_for(BUCKET),
+        "MASKQ_REDIS_URL": server.url,
+        "MASKQ_DATA_DIR": str(folder / "data"),
+        "MASKQ_STORAGE_RETRY_BOUND_S": str(BOUND_S),
+        "MASKQ_STORAGE_RETRY_MAX_S": "1",
+        # Jobs wait 0.3 s before inference: the bound test kills the store while its job waits there.
+        "MASKQ_MODELS_MANIFEST": str(slow_manifest(folder, delay_s=0.3)),
+    }
     stack = IsolatedStack(server, env)
     stack.worker("s3")
     stack.app = create_app(stack.settings())
@@ -89,8 +96,10 @@ def test_jobs_running_while_the_store_restarts_all_succeed_and_nothing_is_lost(s
     assert [j["status"] for j in jobs] == ["succeeded"] * len(ids), [j.get("error") for j in jobs]
     bucket = s3.client()
     for job in jobs:
-        keys = {o["Key"] for o in bucket.list_objects_v2(Bucket=BUCKET, Prefix=job_prefix("default", job["id"]))
-                .get("Contents", [])}
+        keys = {
+            o["Key"]
+            for o in bucket.list_objects_v2(Bucket=BUCKET, Prefix=job_prefix("default", job["id"])).get("Contents", [])
+        }
         assert job_prefix("default", job["id"]) + "result.json" in keys
         assert len([k for k in keys if "/masks/" in k]) == len(job["result"]["instances"])
         assert job["result"]["input_url"].startswith(s3.url)  # presigned, straight from the store

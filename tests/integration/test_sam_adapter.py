@@ -6,6 +6,7 @@ with code of its own; the adapter must give the same mask logits with the
 exported ONNX graphs. A random model's masks mean nothing, but its logits
 depend on every pixel of the frame and on where each prompt lands in it.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -16,10 +17,10 @@ import numpy as np
 import pytest
 
 from domain.errors import ModelError
-from tests.conftest import ROOT
 from models.adapters.base import AdapterContext, ModelSpec, Prompts, RuntimeOptions, SegmentRequest
 from models.adapters.sam import SamAdapter, preprocess_shape, upscale_logits
 from models.encoder_cache import EncoderCache
+from tests.conftest import ROOT
 
 ATOL = 1e-5  # observed differences are ~3e-7; the tiny model's logits span about +-0.014
 
@@ -33,12 +34,17 @@ def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 THREADS = AdapterContext(RuntimeOptions(intra_op_threads=2))
 
 
-def make_adapter(tiny_sam, version: str = "1", cache: EncoderCache | None = None, encoder=None,
-                 **options) -> SamAdapter:
+def make_adapter(
+    tiny_sam, version: str = "1", cache: EncoderCache | None = None, encoder=None, **options
+) -> SamAdapter:
     """The tiny SAM set up alone; ``cache``: the worker's encoder cache it shares (else one of its own)."""
-    spec = ModelSpec(name="sam-tiny", version=version, adapter="models.adapters.sam:SamAdapter",
-                     files={"encoder": str(encoder or tiny_sam.encoder), "decoder": str(tiny_sam.decoder)},
-                     options=options)
+    spec = ModelSpec(
+        name="sam-tiny",
+        version=version,
+        adapter="models.adapters.sam:SamAdapter",
+        files={"encoder": str(encoder or tiny_sam.encoder), "decoder": str(tiny_sam.decoder)},
+        options=options,
+    )
     adapter = SamAdapter(spec)
     adapter.setup(AdapterContext(THREADS.runtime, cache or EncoderCache()))
     return adapter
@@ -65,8 +71,9 @@ def reference(tiny_sam):
         if input_masks is not None:
             inputs["input_masks"] = torch.from_numpy(input_masks)
         out = model(**inputs, multimask_output=multimask)
-        masks = processor.post_process_masks(out.pred_masks, inputs["original_sizes"],
-                                             inputs["reshaped_input_sizes"], binarize=False)[0]
+        masks = processor.post_process_masks(
+            out.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"], binarize=False
+        )[0]
         return out.iou_scores.reshape(-1).numpy(), masks.reshape(-1, *image.shape[:2]).numpy()
 
     return logits
@@ -78,7 +85,9 @@ def adapter_logits(adapter: SamAdapter, image: np.ndarray, **prompts) -> tuple[n
     iou, low_res = adapter.predict(items)[0][0]
     low_res = low_res.reshape(-1, *low_res.shape[-2:])
     meta = metas[0]
-    return iou.reshape(-1), np.stack([upscale_logits(m, adapter.size, meta["resized"], meta["original"]) for m in low_res])
+    return iou.reshape(-1), np.stack(
+        [upscale_logits(m, adapter.size, meta["resized"], meta["original"]) for m in low_res]
+    )
 
 
 @pytest.mark.parametrize("shape", [(300, 517), (517, 300)], ids=["landscape", "portrait"])
@@ -109,7 +118,8 @@ def test_segment_returns_original_size_masks_thresholded_at_the_option(adapter, 
     np.testing.assert_array_equal(instance.mask, logits[0] > 0.0)
     threshold = float(np.median(logits[0]))
     [higher] = make_adapter(tiny_sam, mask_threshold=threshold).segment(
-        [SegmentRequest(image, Prompts(points=((5, 7, 1), (400, 290, 0))))])[0]
+        [SegmentRequest(image, Prompts(points=((5, 7, 1), (400, 290, 0))))]
+    )[0]
     np.testing.assert_array_equal(higher.mask, logits[0] > threshold)
 
 
@@ -129,7 +139,8 @@ def test_multimask_returns_sams_three_candidates_best_first(tiny_sam, reference)
     image = smooth_image(240, 320, seed=3)
     want_iou, want = reference(image, multimask=True, input_points=[[[[300, 220]]]], input_labels=[[[1]]])
     instances = make_adapter(tiny_sam, multimask=True).segment(
-        [SegmentRequest(image, Prompts(points=((300, 220, 1),)))])[0]
+        [SegmentRequest(image, Prompts(points=((300, 220, 1),)))]
+    )[0]
     assert len(instances) == 3
     order = np.argsort(-want_iou)
     assert [i.score for i in instances] == pytest.approx([float(want_iou[k]) for k in order], abs=ATOL)
@@ -143,7 +154,7 @@ def test_a_mask_prompt_is_mapped_into_the_decoders_low_res_frame(adapter, refere
     mask = np.zeros((300, 517), dtype=bool)
     mask[150:, 260:] = True  # the bottom-right quarter
     point = (100.0, 50.0)
-    items, _ = adapter.preprocess([SegmentRequest(image, Prompts(points=(point + (1,),), mask=mask))])
+    items, _ = adapter.preprocess([SegmentRequest(image, Prompts(points=((*point, 1),), mask=mask))])
     feeds = items[0].calls[0].feeds
     mask_input = feeds["mask_input"]
     assert feeds["has_mask_input"].tolist() == [1.0]
@@ -154,9 +165,9 @@ def test_a_mask_prompt_is_mapped_into_the_decoders_low_res_frame(adapter, refere
     assert cols.min() == pytest.approx(256 * 260 / 517, abs=1) and cols.max() + 1 == 256
     # The decoder reads it as Hugging Face's SAM reads the same input_masks.
     _, want = reference(image, input_points=[[[list(point)]]], input_labels=[[[1]]], input_masks=mask_input)
-    _, got = adapter_logits(adapter, image, points=(point + (1,),), mask=mask)
+    _, got = adapter_logits(adapter, image, points=((*point, 1),), mask=mask)
     np.testing.assert_allclose(got[0], want[0], atol=ATOL)
-    _, without = adapter_logits(adapter, image, points=(point + (1,),))
+    _, without = adapter_logits(adapter, image, points=((*point, 1),))
     assert np.abs(got[0] - without[0]).max() > 10 * ATOL  # the mask prompt changes the masks (~6e-4)
     [alone] = adapter.segment([SegmentRequest(image, Prompts(mask=mask))])[0]
     assert alone.label == "mask" and alone.mask.shape == (300, 517)
@@ -166,8 +177,12 @@ def test_an_encoder_that_normalises_and_pads_inside_its_graph_gives_the_same_log
     from tools.export_sam import export_encoder, load_model
 
     encoder = export_encoder(load_model(tiny_sam.checkpoint), tmp_path / "encoder.onnx", encoder_input="resized")
-    spec = ModelSpec(name="sam-tiny", version="1", adapter="models.adapters.sam:SamAdapter",
-                     files={"encoder": str(encoder), "decoder": str(tiny_sam.decoder)})
+    spec = ModelSpec(
+        name="sam-tiny",
+        version="1",
+        adapter="models.adapters.sam:SamAdapter",
+        files={"encoder": str(encoder), "decoder": str(tiny_sam.decoder)},
+    )
     resized = SamAdapter(spec)
     resized.setup(THREADS)  # encoder_input "auto" reads the input's rank
     image = smooth_image(300, 517, seed=9)
@@ -179,8 +194,12 @@ def test_an_encoder_that_normalises_and_pads_inside_its_graph_gives_the_same_log
 
 
 def test_files_that_are_not_a_sam_encoder_and_decoder_pair_fail_at_setup_with_a_clear_error(tiny_sam):
-    swapped = ModelSpec(name="sam-bad", version="1", adapter="models.adapters.sam:SamAdapter",
-                        files={"encoder": str(tiny_sam.encoder), "decoder": str(tiny_sam.encoder)})
+    swapped = ModelSpec(
+        name="sam-bad",
+        version="1",
+        adapter="models.adapters.sam:SamAdapter",
+        files={"encoder": str(tiny_sam.encoder), "decoder": str(tiny_sam.encoder)},
+    )
     with pytest.raises(ModelError, match="the decoder lacks inputs"):
         SamAdapter(swapped).setup(AdapterContext())
     with pytest.raises(ModelError, match="gives no 'decoder' file"):
@@ -246,11 +265,13 @@ def test_models_on_the_same_encoder_file_share_its_entries_and_another_encoder_f
 def test_a_batch_encodes_each_distinct_image_once(tiny_sam):
     adapter = make_adapter(tiny_sam)
     a, b = smooth_image(120, 160, seed=6), smooth_image(160, 120, seed=7)
-    results = adapter.segment([
-        SegmentRequest(a, Prompts(points=((5, 5, 1),))),
-        SegmentRequest(a, Prompts(points=((150, 110, 1),))),
-        SegmentRequest(b, Prompts(boxes=((0, 0, 60, 60),))),
-    ])
+    results = adapter.segment(
+        [
+            SegmentRequest(a, Prompts(points=((5, 5, 1),))),
+            SegmentRequest(a, Prompts(points=((150, 110, 1),))),
+            SegmentRequest(b, Prompts(boxes=((0, 0, 60, 60),))),
+        ]
+    )
     assert [r[0].mask.shape for r in results] == [(120, 160), (120, 160), (160, 120)]
     # No image_id: the pixels' hash keys the cache, so the repeated image is not encoded twice.
     assert adapter.embedding_cache.stats()["encoder_runs"] == 2
@@ -271,7 +292,8 @@ def test_the_service_side_needs_neither_torch_nor_onnxruntime_at_import(tiny_sam
         "import sys, numpy as np\n"
         "from models.adapters.sam import SamAdapter\n"
         "from models.adapters.base import AdapterContext, ModelSpec, Prompts, SegmentRequest\n"
-        f"spec = ModelSpec('s', '1', 'x', files={{'encoder': {str(tiny_sam.encoder)!r}, 'decoder': {str(tiny_sam.decoder)!r}}})\n"
+        f"spec = ModelSpec('s', '1', 'x', files={{'encoder': {str(tiny_sam.encoder)!r}, "
+        f"'decoder': {str(tiny_sam.decoder)!r}}})\n"
         "adapter = SamAdapter(spec)\n"
         "assert 'onnxruntime' not in sys.modules\n"
         "adapter.setup(AdapterContext())\n"

@@ -3,6 +3,7 @@
 The stack is isolated (its own Redis) so no other test's worker, which does
 not load the tiny SAM, can take these jobs.
 """
+
 from __future__ import annotations
 
 import time
@@ -11,12 +12,12 @@ import numpy as np
 import pytest
 
 from domain.images import decode_image
+from models.adapters.base import AdapterContext, ModelSpec, Prompts, RuntimeOptions, SegmentRequest
+from models.adapters.sam import SamAdapter
+from stores.fleet import live_workers
 from tests.conftest import image_bytes
 from tests.integration.helpers import decode, run_to_end, submit
 from tests.integration.sam_fixtures import SAM_MODEL
-from models.adapters.base import AdapterContext, ModelSpec, Prompts, RuntimeOptions, SegmentRequest
-from models.adapters.sam import SamAdapter
-from domain.fleet import live_workers
 
 
 @pytest.fixture
@@ -45,8 +46,12 @@ def cache_stats(redis_client, worker, timeout: float = 10) -> dict[str, int]:
 
 def local_mask(tiny_sam, data: bytes, prompts: Prompts) -> np.ndarray:
     """What the adapter gives in this process for the image as the worker decodes it."""
-    spec = ModelSpec(SAM_MODEL, tiny_sam.version, "models.adapters.sam:SamAdapter",
-                     files={"encoder": str(tiny_sam.encoder), "decoder": str(tiny_sam.decoder)})
+    spec = ModelSpec(
+        SAM_MODEL,
+        tiny_sam.version,
+        "models.adapters.sam:SamAdapter",
+        files={"encoder": str(tiny_sam.encoder), "decoder": str(tiny_sam.decoder)},
+    )
     adapter = SamAdapter(spec)
     adapter.setup(AdapterContext(RuntimeOptions(intra_op_threads=2)))
     pixels = decode_image(data, max_bytes=len(data), max_pixels=10**8).pixels

@@ -1,5 +1,6 @@
 """More than one host: a worker whose store is not the web's (a local folder on another host) is refused
 loudly by readiness, as the README's "Scaling out" says."""
+
 from __future__ import annotations
 
 from storage.local import LocalStorage

@@ -1,4 +1,5 @@
 """Lanes, aging, the resource gate, deadlines, cancel, backpressure and time limits, with real workers."""
+
 from __future__ import annotations
 
 import io
@@ -23,7 +24,8 @@ def test_an_interactive_job_starts_before_every_batch_job_not_already_running(is
     jobs = isolated.jobs()
     chosen = jobs.get(interactive)
     overtaking = sorted(
-        (r.started_at, job_id) for job_id in batch
+        (r.started_at, job_id)
+        for job_id in batch
         if (r := jobs.get(job_id)).started_at and chosen.created_at < r.started_at < chosen.started_at
     )
     # One worker process runs one job at a time, and takes the next message only when its job ends:
@@ -36,8 +38,10 @@ def test_an_interactive_job_starts_before_every_batch_job_not_already_running(is
 
 def test_a_queued_job_reports_its_position_and_an_estimated_start(isolated):
     client = isolated.client()
-    ids = [submit(client, small_png(i), {"lane": lane}).get_json()["id"]
-           for i, lane in enumerate(["batch", "batch", "default", "interactive"])]
+    ids = [
+        submit(client, small_png(i), {"lane": lane}).get_json()["id"]
+        for i, lane in enumerate(["batch", "batch", "default", "interactive"])
+    ]
     positions = [client.get(f"/v1/jobs/{job_id}").get_json()["queue_position"] for job_id in ids]
     # interactive first, then default, then batch in arrival order.
     assert positions == [2, 3, 1, 0]
@@ -224,7 +228,7 @@ def test_an_out_of_memory_error_puts_the_job_back_then_fails_it_with_code_resour
 
 def test_aging_promotes_a_trickle_not_the_whole_backlog(isolated):
     """A deep, old batch lane must not flood the interactive lane: one promoted job waits there at a time."""
-    from domain.lanes import Lanes
+    from stores.lanes import Lanes
 
     client = isolated.client()
     ids = [submit(client, small_png(i), {"lane": "batch"}).get_json()["id"] for i in range(5)]

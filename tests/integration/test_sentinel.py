@@ -1,5 +1,6 @@
 """Redis through Sentinel (MASKQ_REDIS_URL=sentinel://…): real Valkey Sentinel processes; a job runs, the
 rate limits count in the primary, and after a failover to the replica the service goes on."""
+
 from __future__ import annotations
 
 import subprocess
@@ -8,8 +9,8 @@ import time
 import pytest
 import redis
 
-from config.embedded_redis import RedisServer, server_binary
-from config.redis_connection import connect, limiter_storage, parse_sentinel_url
+from runtime.embedded_redis import RedisServer, server_binary
+from runtime.redis_connection import connect, limiter_storage, parse_sentinel_url
 from tests.conftest import WorkerProcess, authorized_client, free_port, settings_from
 from tests.integration.helpers import small_png, submit, wait_for
 
@@ -22,10 +23,16 @@ class Sentinel:
     def __init__(self, folder, primary_port: int):
         self.port = free_port()
         config = folder / f"sentinel-{self.port}.conf"
-        config.write_text(f"port {self.port}\nbind 127.0.0.1\nsentinel monitor {MASTER} 127.0.0.1 {primary_port} 1\n"
-                          f"sentinel down-after-milliseconds {MASTER} 1000\nsentinel failover-timeout {MASTER} 5000\n")
-        self.process = subprocess.Popen([str(server_binary()), str(config), "--sentinel"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\nsentinel monitor {MASTER} 127.0.0.1 {primary_port} 1\n"
+            f"sentinel down-after-milliseconds {MASTER} 1000\nsentinel failover-timeout {MASTER} 5000\n"
+        )
+        self.process = subprocess.Popen(
+            [str(server_binary()), str(config), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.client = redis.Redis(port=self.port, socket_timeout=2)
         wait_for(lambda: self._ask(), 10)
 
@@ -47,9 +54,13 @@ class Sentinel:
 def sentinel_stack(tmp_path, base_env):
     primary = RedisServer(free_port(), tmp_path / "primary").start()
     sentinel = Sentinel(tmp_path, primary.port)
-    env = {**base_env, "MASKQ_REDIS_URL": f"sentinel://127.0.0.1:{sentinel.port}/0",
-           "MASKQ_REDIS_SENTINEL_MASTER": MASTER, "MASKQ_DATA_DIR": str(tmp_path / "data"),
-           "MASKQ_STORAGE_DIR": str(tmp_path / "storage")}
+    env = {
+        **base_env,
+        "MASKQ_REDIS_URL": f"sentinel://127.0.0.1:{sentinel.port}/0",
+        "MASKQ_REDIS_SENTINEL_MASTER": MASTER,
+        "MASKQ_DATA_DIR": str(tmp_path / "data"),
+        "MASKQ_STORAGE_DIR": str(tmp_path / "storage"),
+    }
     workers: list[WorkerProcess] = []
     yield primary, sentinel, env, workers
     for worker in workers:
@@ -59,8 +70,11 @@ def sentinel_stack(tmp_path, base_env):
 
 
 def test_the_url_forms():
-    assert parse_sentinel_url("sentinel://:s%3Acret@a:26379;sentinel://:s%3Acret@b/3") == \
-        ([("a", 26379), ("b", 26379)], "s:cret", 3)
+    assert parse_sentinel_url("sentinel://:s%3Acret@a:26379;sentinel://:s%3Acret@b/3") == (
+        [("a", 26379), ("b", 26379)],
+        "s:cret",
+        3,
+    )
     assert limiter_storage("redis://h:1/0") == ("redis://h:1/0", {})
     uri, options = limiter_storage("sentinel://:pw@a:1;sentinel://b:2", "m")
     assert uri == "redis+sentinel://:pw@a:1,b:2/m" and options["sentinel_kwargs"] == {"password": None}
@@ -69,7 +83,7 @@ def test_the_url_forms():
 
 
 def test_a_job_runs_and_rate_limits_count_through_sentinel(sentinel_stack):
-    primary, sentinel, env, workers = sentinel_stack
+    primary, _sentinel, env, workers = sentinel_stack
     direct = redis.Redis.from_url(primary.url)
     workers.append(WorkerProcess(env, "sentinel").start(direct))
     from webapp.app import create_app
@@ -87,10 +101,27 @@ def test_a_job_runs_and_rate_limits_count_through_sentinel(sentinel_stack):
 def test_after_a_failover_to_the_replica_the_service_goes_on(sentinel_stack, tmp_path):
     primary, sentinel, env, workers = sentinel_stack
     replica_port = free_port()
-    replica = subprocess.Popen([str(server_binary()), "--port", str(replica_port), "--bind", "127.0.0.1",
-                                "--replicaof", "127.0.0.1", str(primary.port), "--save", "", "--appendonly", "no",
-                                "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    replica = subprocess.Popen(
+        [
+            str(server_binary()),
+            "--port",
+            str(replica_port),
+            "--bind",
+            "127.0.0.1",
+            "--replicaof",
+            "127.0.0.1",
+            str(primary.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: redis.Redis(port=replica_port).info("replication").get("master_link_status") == "up", 15)
         workers.append(WorkerProcess(env, "sentinel").start(redis.Redis.from_url(primary.url)))

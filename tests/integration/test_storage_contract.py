@@ -1,4 +1,5 @@
 """One contract for every storage backend: the local folder and S3 (a real S3-compatible server process)."""
+
 from __future__ import annotations
 
 import os
@@ -7,11 +8,11 @@ import uuid
 import pytest
 import requests
 
+from domain.errors import StorageUnavailable
 from domain.keys import job_prefix
 from storage import open_storage
 from storage.local import LocalStorage
 from storage.s3 import S3Storage, StorageMisconfigured
-from domain.errors import StorageUnavailable
 from tests.conftest import VENV_BIN, free_port, require, settings_from
 from tests.integration.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 
@@ -27,8 +28,15 @@ def s3_server(tmp_path_factory):
 
 
 def s3_storage(server: S3Server, bucket: str, **options) -> S3Storage:
-    return S3Storage(bucket, endpoint_url=server.url, access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY,
-                     path_style=True, timeout_s=2, **options)
+    return S3Storage(
+        bucket,
+        endpoint_url=server.url,
+        access_key_id=ACCESS_KEY,
+        secret_access_key=SECRET_KEY,
+        path_style=True,
+        timeout_s=2,
+        **options,
+    )
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -48,8 +56,14 @@ def unreachable(request, tmp_path):
         store.root.rmdir()
         store.root.write_bytes(b"not a folder")
         return store
-    return S3Storage("anything", endpoint_url=f"http://127.0.0.1:{free_port()}", access_key_id=ACCESS_KEY,
-                     secret_access_key=SECRET_KEY, path_style=True, timeout_s=1)
+    return S3Storage(
+        "anything",
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        access_key_id=ACCESS_KEY,
+        secret_access_key=SECRET_KEY,
+        path_style=True,
+        timeout_s=1,
+    )
 
 
 PREFIX = job_prefix("acme", "0123456789abcdef0123456789abcdef")
@@ -74,7 +88,7 @@ def test_a_missing_key_is_a_key_error_and_does_not_exist(storage):
 def test_list_returns_every_key_under_a_prefix_sorted_and_nothing_beside_it(storage):
     other = job_prefix("acme", "f" * 32)
     keys = [PREFIX + "result.json", PREFIX + "masks/1.png", PREFIX + "input.png", PREFIX + "masks/0.png"]
-    for key in keys + [other + "input.png", job_prefix("other", "0" * 32) + "input.png"]:
+    for key in [*keys, other + "input.png", job_prefix("other", "0" * 32) + "input.png"]:
         storage.put(key, b"x")
     assert storage.list(PREFIX) == sorted(keys)
     assert storage.list(PREFIX + "masks/") == [PREFIX + "masks/0.png", PREFIX + "masks/1.png"]
@@ -122,8 +136,7 @@ def test_check_passes_on_a_usable_store(storage):
 
 
 def test_a_store_that_is_gone_is_storage_unavailable_for_every_call(unreachable):
-    for call in (lambda: unreachable.put(PREFIX + "x", b"1"), lambda: unreachable.get(PREFIX + "x"),
-                 unreachable.check):
+    for call in (lambda: unreachable.put(PREFIX + "x", b"1"), lambda: unreachable.get(PREFIX + "x"), unreachable.check):
         with pytest.raises(StorageUnavailable):
             call()
     if isinstance(unreachable, S3Storage):
@@ -132,6 +145,7 @@ def test_a_store_that_is_gone_is_storage_unavailable_for_every_call(unreachable)
 
 
 # What only S3 has: parts, presigned expiry, the start-up check.
+
 
 def test_on_s3_a_large_object_goes_up_in_parts(s3_server):
     bucket = s3_server.create_bucket(f"parts-{uuid.uuid4().hex[:12]}")
@@ -165,8 +179,13 @@ def test_the_start_up_check_says_when_the_credentials_are_refused(tmp_path):
 
 
 def test_the_start_up_check_lets_a_store_that_is_down_start_and_reports_it_on_check():
-    gone = S3Storage("b", endpoint_url=f"http://127.0.0.1:{free_port()}", access_key_id=ACCESS_KEY,
-                     secret_access_key=SECRET_KEY, timeout_s=1)
+    gone = S3Storage(
+        "b",
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        access_key_id=ACCESS_KEY,
+        secret_access_key=SECRET_KEY,
+        timeout_s=1,
+    )
     gone.startup_check()  # the store may come up after maskq does
     with pytest.raises(StorageUnavailable, match="cannot reach bucket b"):
         gone.check()

@@ -1,4 +1,5 @@
 """The text-regions adapter with the real PP-OCRv4 models on the real test images."""
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from models.adapters.base import AdapterContext, ModelSpec, Prompts, RuntimeOptions, SegmentRequest
-from models.adapters.text_regions import TextRegionsAdapter, bundled_model_files, box_coverage, match_text
+from models.adapters.text_regions import TextRegionsAdapter, box_coverage, bundled_model_files, match_text
 
 IMAGES = Path(__file__).resolve().parents[1] / "data" / "images"
 REPO = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing under two ids: webhook messages go through the outbox (domain/outbox.py).
+"""Nothing lost, nothing under two ids: webhook messages go through the outbox (stores/outbox.py).
 
 Each test builds what a process that died at the worst moment leaves behind
 (a job moved but its delivery never queued; a delivery queued but never
@@ -6,6 +6,7 @@ marked so; a batch's event taken by two notifiers at once), on a Redis of
 its own, then starts a real worker whose upkeep must finish the job: the
 real receiver gets each event once, under one ``webhook-id``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -18,14 +19,17 @@ import pytest
 import redis
 from standardwebhooks.webhooks import Webhook
 
-from config.celery import WEBHOOK_QUEUE, create_celery
+from config.celery import create_celery
+from config.task_names import WEBHOOK_QUEUE
 from domain import keys
-from domain.batches import BatchStore
-from domain.delivery_log import DeliveryLog
-from domain.outbox import LEASE_S, Outbox
-from domain.records import JobRecord, JobStore
-from domain.webhooks import JobEvents, batch_message_id, drain_outbox, notify_batches, tenant_secret
+from domain.records import JobRecord
+from domain.webhooks import batch_message_id
 from storage import open_storage
+from stores.batches import BatchStore
+from stores.delivery_log import DeliveryLog
+from stores.jobs import JobStore
+from stores.outbox import LEASE_S, Outbox
+from stores.webhooks import JobEvents, drain_outbox, notify_batches, tenant_secret
 from tests.conftest import free_port, image_bytes
 from tests.integration.test_batches import TEXT, post_batch
 from tests.integration.webhook_receiver import Receiver
@@ -48,9 +52,19 @@ def succeeded_job(isolated, url: str, on_moved=None) -> tuple[str, str]:
     prefix = keys.job_prefix("default", job_id)
     open_storage(isolated.settings()).put(prefix + "result.json", json.dumps({"instances": []}).encode())
     jobs = JobStore(isolated.redis, 3600, on_moved=on_moved)
-    jobs.create(JobRecord(id=job_id, tenant="default", lane="default", model="text-regions",
-                          input_key=prefix + "input.jpg", image_sha256="", width=8, height=8,
-                          request={"webhook": {"url": url}}))
+    jobs.create(
+        JobRecord(
+            id=job_id,
+            tenant="default",
+            lane="default",
+            model="text-regions",
+            input_key=prefix + "input.jpg",
+            image_sha256="",
+            width=8,
+            height=8,
+            request={"webhook": {"url": url}},
+        )
+    )
     assert jobs.start(job_id, "v1", worker="a-process-that-dies:1")
     assert jobs.succeed(job_id, prefix + "result.json", 0, fence="a-process-that-dies:1")
     [message] = DeliveryLog(isolated.redis).for_job(job_id)
@@ -107,7 +121,7 @@ def test_a_crash_between_queuing_and_marking_sent_queues_the_same_message_id_aga
     assert Outbox(isolated.redis).entries() == [] and drain_outbox(isolated.redis, celery) == []
 
     isolated.worker()
-    (request,) = receiver.wait_for(1)
+    (_request,) = receiver.wait_for(1)
     time.sleep(QUIET_S)
     assert [r["headers"]["webhook-id"] for r in receiver.received()] == [message_id]  # the second found it done
     [message] = DeliveryLog(isolated.redis).for_job(job_id)
@@ -117,8 +131,11 @@ def test_a_crash_between_queuing_and_marking_sent_queues_the_same_message_id_aga
 def test_batch_completed_is_one_message_under_an_id_from_the_batch_however_many_notify_it(isolated, receiver):
     client = isolated.client()
     hook = {"url": receiver.url, "events": ["batch.completed"]}
-    batch = post_batch(client, [("en.jpg", image_bytes("en.jpg")), ("latin.jpg", image_bytes("latin.jpg"))],
-                       request={**TEXT, "webhook": hook}).get_json()
+    batch = post_batch(
+        client,
+        [("en.jpg", image_bytes("en.jpg")), ("latin.jpg", image_bytes("latin.jpg"))],
+        request={**TEXT, "webhook": hook},
+    ).get_json()
     jobs = isolated.jobs()
     for job_id in (j["id"] for j in batch["jobs"]):  # no worker: the jobs end here, the last completes the batch
         assert jobs.start(job_id, "v1", worker="test:1") and jobs.succeed(job_id, "r", 1, fence="test:1")

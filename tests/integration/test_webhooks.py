@@ -3,6 +3,7 @@
 The workers run with the test environment's squeezed schedule (five retries
 0.2 s apart) and with loopback allowed, since the receivers listen there.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,14 @@ import uuid
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from domain.records import JobRecord, JobStore
+from domain.records import JobRecord
 from domain.webhook_urls import ForbiddenAddress, WebhookGuard
-from workers.webhook_transport import guarded_session
-from domain.webhooks import tenant_secret
+from stores.jobs import JobStore
+from stores.webhooks import tenant_secret
 from tests.conftest import authorized_client, free_port, image_bytes, settings_from
 from tests.integration.helpers import submit
 from tests.integration.webhook_receiver import Receiver
+from workers.webhook_transport import guarded_session
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -135,7 +137,8 @@ def test_retry_after_is_honoured(client, image, receivers):
 
 
 def test_a_receiver_down_for_the_whole_schedule_leaves_the_job_succeeded_and_can_get_it_again(
-        client, image, receivers, settings):
+    client, image, receivers, settings
+):
     port = free_port()
     job_id = submit_with_hook(client, image, f"http://127.0.0.1:{port}/hooks/maskq")
     delivery = wait_for_delivery(client, job_id, "failed")
@@ -173,9 +176,19 @@ def test_a_failed_job_and_a_canceled_job_send_their_events(client, image, receiv
     ids = []
     for _ in range(2):
         ids.append(uuid.uuid4().hex)
-        store.create(JobRecord(id=ids[-1], tenant="default", lane="default", model="text-regions",
-                               input_key=f"tenants/default/jobs/{ids[-1]}/input.jpg",  # never stored
-                               image_sha256="", width=8, height=8, request={"webhook": hook}))
+        store.create(
+            JobRecord(
+                id=ids[-1],
+                tenant="default",
+                lane="default",
+                model="text-regions",
+                input_key=f"tenants/default/jobs/{ids[-1]}/input.jpg",  # never stored
+                image_sha256="",
+                width=8,
+                height=8,
+                request={"webhook": hook},
+            )
+        )
     failing, canceled = ids
     assert client.delete(f"/v1/jobs/{canceled}").status_code == 200
     app.extensions["maskq"].celery.send_task("maskq.run_job", args=[failing], queue="default", task_id=failing)
@@ -186,15 +199,27 @@ def test_a_failed_job_and_a_canceled_job_send_their_events(client, image, receiv
     assert failed == job(client, failing) and failed["status"] == "failed" and failed["error"]["code"]
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1:9/hook", "http://localhost:9/hook", "http://10.0.0.1/hook",
-    "http://169.254.169.254/latest/meta-data/", "http://[::1]/hook",
-    # Numeric forms that inet_aton (and so getaddrinfo) reads as 127.0.0.1, and IPv4-translated ones.
-    "http://0x7f000001:9/hook", "http://2130706433:9/hook", "http://127.1:9/hook", "http://0177.0.0.1:9/hook",
-    "http://[::ffff:0:7f00:1]/hook", "http://[::ffff:0:a9fe:a9fe]/latest/meta-data/", "http://[fec0::1]/hook",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/hook",
+        "http://localhost:9/hook",
+        "http://10.0.0.1/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/hook",
+        # Numeric forms that inet_aton (and so getaddrinfo) reads as 127.0.0.1, and IPv4-translated ones.
+        "http://0x7f000001:9/hook",
+        "http://2130706433:9/hook",
+        "http://127.1:9/hook",
+        "http://0177.0.0.1:9/hook",
+        "http://[::ffff:0:7f00:1]/hook",
+        "http://[::ffff:0:a9fe:a9fe]/latest/meta-data/",
+        "http://[fec0::1]/hook",
+    ],
+)
 def test_a_webhook_url_pointing_at_a_private_address_is_a_422_without_the_allow_list(
-        base_env, redis_client, image, url):
+    base_env, redis_client, image, url
+):
     from webapp.app import create_app
 
     app = create_app(settings_from(base_env, webhook_allowed_networks=()))
@@ -204,13 +229,20 @@ def test_a_webhook_url_pointing_at_a_private_address_is_a_422_without_the_allow_
     assert not list(redis_client.scan_iter(match="maskq:job:*"))  # nothing was accepted
 
 
-@pytest.mark.parametrize("url", [
-    "http://0x0a000001/hook", "http://167772161/hook", "http://10.1/hook",  # 10.0.0.1
-    "http://0251.0376.0251.0376/latest/meta-data/",  # 169.254.169.254
-    "http://[::ffff:0:7f00:1]:9/hook",  # IPv4-translated 127.0.0.1: a translator elsewhere picks the peer
-    "http://08/hook",  # ends in a number yet is no address
-])
-def test_with_loopback_allowed_numeric_and_translated_forms_of_other_addresses_are_a_422(client, redis_client, image, url):
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://0x0a000001/hook",
+        "http://167772161/hook",
+        "http://10.1/hook",  # 10.0.0.1
+        "http://0251.0376.0251.0376/latest/meta-data/",  # 169.254.169.254
+        "http://[::ffff:0:7f00:1]:9/hook",  # IPv4-translated 127.0.0.1: a translator elsewhere picks the peer
+        "http://08/hook",  # ends in a number yet is no address
+    ],
+)
+def test_with_loopback_allowed_numeric_and_translated_forms_of_other_addresses_are_a_422(
+    client, redis_client, image, url
+):
     answer = submit(client, image, {"webhook": {"url": url}})
     assert answer.status_code == 422 and answer.mimetype == "application/problem+json"
     assert [e["field"] for e in answer.get_json()["errors"]] == ["webhook.url"]
@@ -250,7 +282,7 @@ def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_attempts_deadline
 
     import requests
 
-    from domain.delivery_log import Message
+    from domain.webhooks import Message
     from workers.webhook_delivery import _post
 
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Slow: " + b"." * 40 + b"\r\n\r\n"
@@ -271,8 +303,18 @@ def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_attempts_deadline
 
     threading.Thread(target=trickle, daemon=True).start()
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/hooks/maskq"
-    message = Message(id="msg_trickle", job_id="0" * 32, tenant="default", event="job.succeeded", url=url, body="{}",
-                      status="pending", generation=0, created_at=time.time(), expires_at=time.time() + 60)
+    message = Message(
+        id="msg_trickle",
+        job_id="0" * 32,
+        tenant="default",
+        event="job.succeeded",
+        url=url,
+        body="{}",
+        status="pending",
+        generation=0,
+        created_at=time.time(),
+        expires_at=time.time() + 60,
+    )
     with pytest.raises(requests.Timeout, match="the whole attempt"):
         _post(message, "{}", settings.model_copy(update={"webhook_timeout_s": 1.0}), redis_client)
     time.sleep(0.5)
@@ -280,8 +322,9 @@ def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_attempts_deadline
     listener.close()
 
 
-def test_under_steady_load_a_callback_is_sent_by_the_webhooks_worker_before_the_lanes_drain(isolated, receivers, image,
-                                                                                            tmp_path):
+def test_under_steady_load_a_callback_is_sent_by_the_webhooks_worker_before_the_lanes_drain(
+    isolated, receivers, image, tmp_path
+):
     """As `make run` starts them: inference on the lanes, deliveries on a worker of their own (no models)."""
     from tests.conftest import procfile_queues
     from tests.integration.helpers import small_png, submit, wait_for
@@ -314,6 +357,8 @@ def test_a_webhook_host_name_is_not_looked_up_in_the_request_thread(client, imag
 
     monkeypatch.setattr(socket, "getaddrinfo", recording)
     # An event that never fires (the job is never canceled): no delivery is ever attempted to that name.
-    answer = submit(client, image, {"webhook": {"url": "https://hooks.example.invalid/maskq", "events": ["job.canceled"]}})
+    answer = submit(
+        client, image, {"webhook": {"url": "https://hooks.example.invalid/maskq", "events": ["job.canceled"]}}
+    )
     assert answer.status_code == 202, answer.get_json()
     assert "hooks.example.invalid" not in looked_up

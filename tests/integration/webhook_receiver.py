@@ -6,6 +6,7 @@ answers the n-th request with ``plan["responses"][n]`` (then with
 It reads the plan again at every request, and appends every request it got
 (time, path, headers with lower-case names, body) to the log. Tests drive it through :class:`Receiver`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,18 @@ class Receiver:
     def plan(self, responses: list[dict], default: dict | None = None) -> None:
         self.plan_path.write_text(json.dumps({"responses": responses, "default": default or {"status": 200}}))
 
-    def start(self, timeout: float = 10) -> "Receiver":
-        command = [sys.executable, "-m", "tests.integration.webhook_receiver", "--port", str(self.port),
-                   "--plan", str(self.plan_path), "--log", str(self.log_path)]
+    def start(self, timeout: float = 10) -> Receiver:
+        command = [
+            sys.executable,
+            "-m",
+            "tests.integration.webhook_receiver",
+            "--port",
+            str(self.port),
+            "--plan",
+            str(self.plan_path),
+            "--log",
+            str(self.log_path),
+        ]
         self.process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
@@ -89,9 +99,18 @@ def serve(port: int, plan_path: Path, log_path: Path) -> None:
                 plan = json.loads(plan_path.read_text())
                 answer = plan["responses"][n] if n < len(plan["responses"]) else plan["default"]
                 with log_path.open("a") as log:
-                    log.write(json.dumps({"n": n, "at": time.time(), "path": self.path,
-                                          "headers": {k.lower(): v for k, v in self.headers.items()},
-                                          "body": body.decode("utf-8")}) + "\n")
+                    log.write(
+                        json.dumps(
+                            {
+                                "n": n,
+                                "at": time.time(),
+                                "path": self.path,
+                                "headers": {k.lower(): v for k, v in self.headers.items()},
+                                "body": body.decode("utf-8"),
+                            }
+                        )
+                        + "\n"
+                    )
             self.send_response(answer.get("status", 200))
             for name, value in answer.get("headers", {}).items():
                 self.send_header(name, str(value))

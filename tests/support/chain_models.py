@@ -4,11 +4,13 @@ Each counts the "sessions" its set-up opens in :data:`SESSIONS` (by model
 name), so a test can tell whether a pipeline opened sessions of its own or ran
 on its steps' adapters.
 """
+
 from __future__ import annotations
 
 from collections import Counter
 
 import numpy as np
+from pydantic import Field
 
 from models.adapters.base import AdapterOptions, Instance, ModelAdapter
 
@@ -25,7 +27,7 @@ def open_session(model: str) -> object:
 
 class DetectorOptions(AdapterOptions):
     # [x0, y0, x1, y1] and the label of each object "found" in every image
-    objects: list[tuple[float, float, float, float, str]] = []
+    objects: list[tuple[float, float, float, float, str]] = Field(default_factory=list)
 
 
 class BoxDetectorAdapter(ModelAdapter):
@@ -48,7 +50,7 @@ class BoxDetectorAdapter(ModelAdapter):
                 if request.prompts.text and not any(t in label for t in request.prompts.text):
                     continue
                 mask = np.zeros((h, w), bool)
-                mask[int(y0):int(y1), int(x0):int(x1)] = True
+                mask[int(y0) : int(y1), int(x0) : int(x1)] = True
                 found.append(Instance(mask=mask, score=0.9, label=label, object_id=k))
             results.append(found)
         return results
@@ -80,7 +82,7 @@ class BoxSegmenterAdapter(ModelAdapter):
             out = []
             for i, (x0, y0, x1, y1) in enumerate(request.prompts.boxes):
                 mask = np.zeros((h, w), bool)
-                mask[int(y0) + 1:int(y1) - 1, int(x0) + 1:int(x1) - 1] = True
+                mask[int(y0) + 1 : int(y1) - 1, int(x0) + 1 : int(x1) - 1] = True
                 out.append(Instance(mask=mask, score=0.5, label=f"box:{i}"))
                 out += [Instance(mask=np.zeros((h, w), bool), score=0.1, label=f"box:{i}")] * (self.per_box - 1)
             request.report["segmenter"] = {"boxes": len(request.prompts.boxes)}

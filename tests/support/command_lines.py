@@ -4,6 +4,7 @@ A secret may reach a process through its environment (``NAME="$SECRET" cmd``) or
 (a here-document); not as an argument, neither expanded by Kubernetes (``$(SECRET)``) nor by a shell
 (``cmd -a "$SECRET"``, ``--requirepass $SECRET``).
 """
+
 from __future__ import annotations
 
 import re

@@ -25,6 +25,7 @@ runs SAM's encoder, the later ones find its embedding in this worker's
 memory; with a Redis URL, a second worker (fresh adapters, the same Redis)
 then finds one in the shared store.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,12 @@ THREADS = 1
 # (case name, model, file under tests/data, request fields)
 CASES: list[tuple[str, str, str, dict]] = [
     ("sam-coffee-point", "sam", "photos/coffee.png", {"prompts": {"points": [[365, 285, 1]]}}),
-    ("sam-coffee-box", "sam", "photos/coffee.png",
-     {"prompts": {"boxes": [[170, 15, 410, 300]], "points": [[250, 150, 0]]}, "outputs": ["rle", "polygon", "png"]}),
+    (
+        "sam-coffee-box",
+        "sam",
+        "photos/coffee.png",
+        {"prompts": {"boxes": [[170, 15, 410, 300]], "points": [[250, 150, 0]]}, "outputs": ["rle", "polygon", "png"]},
+    ),
     ("sam-coffee-mask", "sam", "photos/coffee.png", {"prompts": {"mask": "rectangle 295 215 425 345"}}),
     ("sam-coffee-everything", "sam", "photos/coffee.png", {"points_per_side": 8}),
     ("sam-rocket-box", "sam", "photos/rocket.jpg", {"prompts": {"boxes": [[295, 115, 350, 415]]}}),
@@ -97,20 +102,32 @@ def _record(name: str, model: str, version: str, path: Path, fields: dict, stora
     storage.put(input_key, data, "application/octet-stream")
     # Before issue 23 a record held its request as JSON data; since, the typed request itself.
     typed = "JobRequest" in str(JobRecord.__dataclass_fields__["request"].type)
-    return JobRecord(id=job_id, tenant=TENANT, lane="default", model=model, model_version=version,
-                     input_key=input_key, image_sha256=hashlib.sha256(data).hexdigest(), width=image.width,
-                     height=image.height, request=request if typed else request.model_dump(mode="json"))
+    return JobRecord(
+        id=job_id,
+        tenant=TENANT,
+        lane="default",
+        model=model,
+        model_version=version,
+        input_key=input_key,
+        image_sha256=hashlib.sha256(data).hexdigest(),
+        width=image.width,
+        height=image.height,
+        request=request if typed else request.model_dump(mode="json"),
+    )
 
 
 def _worker_models(redis_url: str | None):
     """The models one worker process sets up from config/models.toml, as ``WorkerProcess.start`` does."""
     from config.settings import Settings
-    from models.catalog import ModelCatalog
     from models.adapters.base import RuntimeOptions
+    from models.catalog import ModelCatalog
     from workers.loaded_models import LoadedModels
 
-    settings = Settings(models_dir=MODELS_DIR, ort_intra_op_threads=THREADS,
-                        **({"redis_url": redis_url} if redis_url else {"shared_embeddings_mb": 0}))
+    settings = Settings(
+        models_dir=MODELS_DIR,
+        ort_intra_op_threads=THREADS,
+        **({"redis_url": redis_url} if redis_url else {"shared_embeddings_mb": 0}),
+    )
     catalog = ModelCatalog.load(REPO / "config" / "models.toml", MODELS_DIR)
     runtime = RuntimeOptions.from_settings(settings)
     if redis_url is None:
@@ -123,8 +140,12 @@ def _worker_models(redis_url: str | None):
     if "shared_embeddings" in inspect.signature(LoadedModels).parameters:  # the code before issue 23
         from workers.shared_embeddings import SharedEmbeddings
 
-        shared = SharedEmbeddings(client, settings.shared_embeddings_mb, settings.shared_embeddings_ttl_s,
-                                  half=settings.shared_embeddings_fp16)
+        shared = SharedEmbeddings(
+            client,
+            settings.shared_embeddings_mb,
+            settings.shared_embeddings_ttl_s,
+            half=settings.shared_embeddings_fp16,
+        )
         return LoadedModels(catalog, runtime, shared_embeddings=shared)
     from models.encoder_cache import EncoderCache
 
@@ -152,8 +173,11 @@ def run_cases(storage_root: Path, redis_url: str | None = None, only: set[str] |
             record = _record(name, model, adapter.version, DATA / file, fields, storage)
             key, _, _ = pipeline.run(record, adapter, storage, 10**8, 10**8)
             prefix = key.rsplit("/", 1)[0] + "/"
-            files = {k[len(prefix):]: hashlib.sha256(storage.get(k)).hexdigest()
-                     for k in sorted(storage.list(prefix)) if k != record.input_key}
+            files = {
+                k[len(prefix) :]: hashlib.sha256(storage.get(k)).hexdigest()
+                for k in sorted(storage.list(prefix))
+                if k != record.input_key
+            }
             out[name] = {"files": files, "result": storage.get(key).decode()}
     return out
 
@@ -167,7 +191,7 @@ def main() -> int:
         if args.redis:
             import socket
 
-            from config.embedded_redis import RedisServer
+            from runtime.embedded_redis import RedisServer
 
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))

@@ -1,20 +1,38 @@
 """JSON schemas for the two KEDA resources maskq's manifests use (keda.sh/v1alpha1), written from KEDA's
 documentation of ScaledObject, TriggerAuthentication and the Redis Lists scaler: kubernetes-validate has
 the Kubernetes API's schemas, not those of custom resources. Strict (no unknown fields), so a typo fails."""
+
 from __future__ import annotations
 
-_METADATA = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"},
-                                                                     "namespace": {"type": "string"},
-                                                                     "labels": {"type": "object"}}}
+_METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}, "labels": {"type": "object"}},
+}
 
 _REDIS_LIST_METADATA = {
     "type": "object",
     "required": ["listName"],
     "additionalProperties": False,
-    "properties": {key: {"type": "string"} for key in (
-        "address", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv", "usernameFromEnv",
-        "passwordFromEnv", "listName", "listLength", "activationListLength", "databaseIndex", "enableTLS",
-        "unsafeSsl")},
+    "properties": {
+        key: {"type": "string"}
+        for key in (
+            "address",
+            "addressFromEnv",
+            "host",
+            "hostFromEnv",
+            "port",
+            "portFromEnv",
+            "usernameFromEnv",
+            "passwordFromEnv",
+            "listName",
+            "listLength",
+            "activationListLength",
+            "databaseIndex",
+            "enableTLS",
+            "unsafeSsl",
+        )
+    },
 }
 
 SCALED_OBJECT = {
@@ -30,10 +48,17 @@ SCALED_OBJECT = {
             "required": ["scaleTargetRef", "triggers"],
             "additionalProperties": False,
             "properties": {
-                "scaleTargetRef": {"type": "object", "required": ["name"], "additionalProperties": False,
-                                   "properties": {"name": {"type": "string"}, "kind": {"type": "string"},
-                                                  "apiVersion": {"type": "string"},
-                                                  "envSourceContainerName": {"type": "string"}}},
+                "scaleTargetRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "name": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "apiVersion": {"type": "string"},
+                        "envSourceContainerName": {"type": "string"},
+                    },
+                },
                 "pollingInterval": {"type": "integer", "minimum": 1},
                 "cooldownPeriod": {"type": "integer", "minimum": 0},
                 "idleReplicaCount": {"type": "integer", "minimum": 0},
@@ -42,18 +67,26 @@ SCALED_OBJECT = {
                 "advanced": {"type": "object"},
                 "fallback": {"type": "object"},
                 "triggers": {
-                    "type": "array", "minItems": 1,
+                    "type": "array",
+                    "minItems": 1,
                     "items": {
-                        "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
+                        "type": "object",
+                        "required": ["type", "metadata"],
+                        "additionalProperties": False,
                         "properties": {
                             "type": {"type": "string"},
                             "name": {"type": "string"},
                             "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
                             "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-                            "authenticationRef": {"type": "object", "required": ["name"], "additionalProperties": False,
-                                                  "properties": {"name": {"type": "string"},
-                                                                 "kind": {"enum": ["TriggerAuthentication",
-                                                                                   "ClusterTriggerAuthentication"]}}},
+                            "authenticationRef": {
+                                "type": "object",
+                                "required": ["name"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "kind": {"enum": ["TriggerAuthentication", "ClusterTriggerAuthentication"]},
+                                },
+                            },
                         },
                         "if": {"properties": {"type": {"const": "redis"}}},
                         "then": {"properties": {"metadata": _REDIS_LIST_METADATA}},
@@ -73,16 +106,30 @@ TRIGGER_AUTHENTICATION = {
         "kind": {"const": "TriggerAuthentication"},
         "metadata": _METADATA,
         "spec": {
-            "type": "object", "additionalProperties": False, "minProperties": 1,
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
             "properties": {
-                "secretTargetRef": {"type": "array", "items": {
-                    "type": "object", "required": ["parameter", "name", "key"], "additionalProperties": False,
-                    "properties": {"parameter": {"type": "string"}, "name": {"type": "string"}, "key": {"type": "string"}}}},
+                "secretTargetRef": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["parameter", "name", "key"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "parameter": {"type": "string"},
+                            "name": {"type": "string"},
+                            "key": {"type": "string"},
+                        },
+                    },
+                },
                 "env": {"type": "array"},
             },
         },
     },
 }
 
-SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
-           ("keda.sh/v1alpha1", "TriggerAuthentication"): TRIGGER_AUTHENTICATION}
+SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): TRIGGER_AUTHENTICATION,
+}

@@ -5,6 +5,7 @@
 ``key=value[,key=value]``), applied in kustomize's order: resources, patches, images, namespace.
 Any other field fails loudly, so a manifest that starts using one is not validated wrongly.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,11 +36,17 @@ def render(folder: Path) -> list[dict]:
             docs[i] = jsonpatch.apply_patch(docs[i], operations)
     for image in kustomization.get("images", []):
         for container in _containers(docs):
-            name = container["image"].split("@")[0].rsplit(":", 1)[0] if ":" in container["image"].split("/")[-1] \
+            name = (
+                container["image"].split("@")[0].rsplit(":", 1)[0]
+                if ":" in container["image"].split("/")[-1]
                 else container["image"]
+            )
             if name == image["name"]:
-                container["image"] = f"{image.get('newName', name)}:{image['newTag']}" if "newTag" in image \
+                container["image"] = (
+                    f"{image.get('newName', name)}:{image['newTag']}"
+                    if "newTag" in image
                     else image.get("newName", name)
+                )
     if "namespace" in kustomization:
         for doc in docs:
             if doc["kind"] not in CLUSTER_SCOPED:

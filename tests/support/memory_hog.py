@@ -1,4 +1,5 @@
 """A test model whose inference asks for more memory than any machine has: a real MemoryError."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -4,6 +4,7 @@ The reference the service's masks are held against: written from segment-anythin
 ``SamPredictor`` and its ``onnx_model_example`` notebook, not from maskq's adapter, and it uses the
 decoder's own ``masks`` output (upscaled inside the graph) rather than maskq's upscaling.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,14 +52,17 @@ class ReferenceSam:
             coords.append((0.0, 0.0))
             labels.append(-1.0)
         coords = np.array(coords, dtype=np.float32) * np.array([new_w / w, new_h / h], dtype=np.float32)
-        masks, _iou, _low = self.decoder.run(None, {
-            "image_embeddings": embedding.astype(np.float32),
-            "point_coords": coords[np.newaxis],
-            "point_labels": np.array(labels, dtype=np.float32)[np.newaxis],
-            "mask_input": np.zeros((1, 1, 256, 256), dtype=np.float32),
-            "has_mask_input": np.zeros(1, dtype=np.float32),
-            "orig_im_size": np.array([h, w], dtype=np.float32),
-        })
+        masks, _iou, _low = self.decoder.run(
+            None,
+            {
+                "image_embeddings": embedding.astype(np.float32),
+                "point_coords": coords[np.newaxis],
+                "point_labels": np.array(labels, dtype=np.float32)[np.newaxis],
+                "mask_input": np.zeros((1, 1, 256, 256), dtype=np.float32),
+                "has_mask_input": np.zeros(1, dtype=np.float32),
+                "orig_im_size": np.array([h, w], dtype=np.float32),
+            },
+        )
         return masks[0, 0] > 0.0
 
 

@@ -9,6 +9,7 @@
 batching machinery (claims, recovery, isolation) runs on the real model; it
 still loops image by image, as its parent does.
 """
+
 from __future__ import annotations
 
 import time
@@ -43,11 +44,21 @@ class BatchingTextRegionsAdapter(SlowTextRegionsAdapter):
     stacks_batches = True
 
 
-def slow_manifest(folder: Path, delay_s: float = 0, *, batch_delay_s: float = 0, adapter: str = SLOW,
-                  max_batch_size: int = 1, names: tuple[str, ...] = (NAME,)) -> Path:
+def slow_manifest(
+    folder: Path,
+    delay_s: float = 0,
+    *,
+    batch_delay_s: float = 0,
+    adapter: str = SLOW,
+    max_batch_size: int = 1,
+    names: tuple[str, ...] = (NAME,),
+) -> Path:
     """A manifest serving ``names`` on the slow (or batching) adapter; returns its path."""
     path = Path(folder) / f"slow-models-{delay_s}-{batch_delay_s}-{max_batch_size}.toml"
-    tables = [f'[models.{name}]\nversion = "{VERSION}"\nadapter = "{adapter}"\nmax_batch_size = {max_batch_size}\n'
-              f"options = {{ delay_s = {delay_s}, batch_delay_s = {batch_delay_s} }}\n" for name in names]
+    tables = [
+        f'[models.{name}]\nversion = "{VERSION}"\nadapter = "{adapter}"\nmax_batch_size = {max_batch_size}\n'
+        f"options = {{ delay_s = {delay_s}, batch_delay_s = {batch_delay_s} }}\n"
+        for name in names
+    ]
     path.write_text(f'default = "{names[0]}"\n' + "".join(tables))
     return path

@@ -2,6 +2,7 @@
 
 ``options.fail_setup`` (a message) makes ``setup`` raise, as a broken model file would.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,9 @@ class ToyAdapter(ModelAdapter):
         return tensors
 
     def postprocess(self, outputs, metas):
-        return [[Instance(mask=np.ones(o.shape[:2], bool), score=1.0, label=f"{self.name} {self.version}")]
-                for o in outputs]
+        return [
+            [Instance(mask=np.ones(o.shape[:2], bool), score=1.0, label=f"{self.name} {self.version}")] for o in outputs
+        ]
 
 
 class ToyBoxesAdapter(ToyAdapter):

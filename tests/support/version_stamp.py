@@ -7,6 +7,7 @@
   exists (30 s at most), so a test can keep a job in flight, inside the model,
   for as long as it needs and then let it go.
 """
+
 from __future__ import annotations
 
 import time

@@ -1,4 +1,5 @@
 """Reading images out of an uploaded zip or tar: what is taken, what is left out, what is refused unread."""
+
 from __future__ import annotations
 
 import bz2
@@ -71,6 +72,7 @@ def test_garbage_and_a_truncated_archive_are_400s():
 
 
 # -- hostile archives (issue 22: findings 1 and 2) --------------------------------------------------
+
 
 class CountingReader(io.BytesIO):
     """The upload, counting the bytes the reader takes from it."""

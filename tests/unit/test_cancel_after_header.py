@@ -1,4 +1,5 @@
 """Reading the ``Cancel-After`` header (pure): units as Replicate takes them, bounds, and the OpenAPI pattern."""
+
 from __future__ import annotations
 
 import re
@@ -9,9 +10,20 @@ from domain.cancel_after import MAX_S, MIN_S, PATTERN, parse_cancel_after
 from domain.errors import InputError, ValidationFailed
 
 
-@pytest.mark.parametrize("value, seconds", [("30s", 30), ("30", 30), ("5m", 300), ("1h30m", 5400),
-                                            ("1h30m45s", 5445), ("1.5h", 5400), (" 2m ", 120), ("24h", MAX_S),
-                                            ("5", MIN_S)])
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("30s", 30),
+        ("30", 30),
+        ("5m", 300),
+        ("1h30m", 5400),
+        ("1h30m45s", 5445),
+        ("1.5h", 5400),
+        (" 2m ", 120),
+        ("24h", MAX_S),
+        ("5", MIN_S),
+    ],
+)
 def test_a_duration_reads_as_seconds_and_matches_the_documented_pattern(value, seconds):
     assert parse_cancel_after(value) == seconds
     assert re.fullmatch(PATTERN, value.strip())

@@ -1,4 +1,5 @@
 """docker-compose.yml, parsed: health checks that say what compose reads, and no password on a command line."""
+
 from __future__ import annotations
 
 import yaml

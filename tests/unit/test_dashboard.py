@@ -1,4 +1,5 @@
 """The Grafana dashboard and the Prometheus configuration ask for series maskq exports, where it exports them."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from config.settings import Settings
 from tests.conftest import ROOT
 
 MONITORING = ROOT / "deploy" / "monitoring"
-EXPORTERS = [ROOT / "domain" / "job_metrics.py", ROOT / "webapp" / "metrics.py", ROOT / "workers" / "metrics.py"]
+EXPORTERS = [ROOT / "stores" / "job_metrics.py", ROOT / "webapp" / "metrics.py", ROOT / "workers" / "metrics.py"]
 SUFFIXES = ("_bucket", "_sum", "_count", "_total")
 
 
@@ -35,8 +36,13 @@ def dashboard() -> dict:
 
 def test_every_panel_queries_series_that_maskq_exports():
     known = exported()
-    assert {"maskq_jobs_ended", "maskq_job_queue_wait_seconds", "maskq_worker_inference_seconds",
-            "maskq_gpu_utilization_ratio", "maskq_http_requests"} <= known  # the search itself works
+    assert {
+        "maskq_jobs_ended",
+        "maskq_job_queue_wait_seconds",
+        "maskq_worker_inference_seconds",
+        "maskq_gpu_utilization_ratio",
+        "maskq_http_requests",
+    } <= known  # the search itself works
     panels = dashboard()["panels"]
     assert len(panels) >= 15
     for panel in panels:

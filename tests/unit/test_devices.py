@@ -1,14 +1,14 @@
 """The GPU path's pure logic, with made-up NVML and onnxruntime device lists (workers/devices.py,
-workers/launch.py, models/adapters/onnx.py, config/device.py)."""
+workers/launch.py, models/adapters/onnx.py, tools/onnxruntime_build.py)."""
+
 from __future__ import annotations
 
 import pytest
 
-from config.device import CPU_BUILD, GPU_BUILD, choose_build, requirement
 from models.adapters.base import RuntimeOptions
 from models.adapters.onnx import provider_options
-from workers.devices import (CPU, CUDA, TENSORRT, DeviceError, NvmlDevice, place, select_gpus,
-                             visible_devices)
+from tools.onnxruntime_build import CPU_BUILD, GPU_BUILD, choose_build, requirement
+from workers.devices import CPU, CUDA, TENSORRT, DeviceError, NvmlDevice, place, select_gpus, visible_devices
 from workers.launch import worker_commands
 
 # Three cards in NVML's (PCI bus) order; UUIDs share no prefix but "GPU-".
@@ -21,6 +21,7 @@ CPU_BUILD_PROVIDERS = ["AzureExecutionProvider", CPU]
 
 
 # --- CUDA_VISIBLE_DEVICES as CUDA reads it ---------------------------------------------------
+
 
 def test_unset_means_every_gpu_in_nvml_order():
     assert visible_devices(None, HOST) == [A, B, C]
@@ -51,6 +52,7 @@ def test_integer_entries_without_pci_bus_order_are_refused_on_a_multi_gpu_host()
 
 # --- the placement a worker gets ----------------------------------------------------------------
 
+
 def test_the_gate_and_the_providers_watch_the_same_card_under_cuda_visible_devices():
     # CUDA ordinal 1 among "2,0" is NVML's card 0 (A), not NVML's card 1 (B).
     placement = place("auto", 1, (), "2,0", HOST, GPU_BUILD_PROVIDERS)
@@ -63,8 +65,12 @@ def test_the_gate_and_the_providers_watch_the_same_card_under_cuda_visible_devic
 
 def test_a_worker_pinned_by_uuid_sees_its_card_as_cuda_zero():
     placement = place("cuda", 0, (), C.uuid, HOST, GPU_BUILD_PROVIDERS)
-    assert (placement.gpu, placement.cuda_device_id, placement.providers, placement.providers_required) == \
-        (C, 0, (CUDA,), True)
+    assert (placement.gpu, placement.cuda_device_id, placement.providers, placement.providers_required) == (
+        C,
+        0,
+        (CUDA,),
+        True,
+    )
 
 
 def test_auto_runs_on_cpu_without_a_gpu_or_without_the_gpu_build():
@@ -106,6 +112,7 @@ def test_tensorrt_engines_are_cached_per_gpu_model():
 
 # --- MASKQ_GPUS and the launcher ---------------------------------------------------------------
 
+
 def test_maskq_gpus_selects_by_index_uuid_or_all():
     assert select_gpus("", HOST) == [] and select_gpus("none", HOST) == []
     assert select_gpus("all", HOST) == [A, B, C]
@@ -113,8 +120,9 @@ def test_maskq_gpus_selects_by_index_uuid_or_all():
     assert select_gpus("GPU-bbbb", HOST) == [B]
 
 
-@pytest.mark.parametrize("setting, message", [("3", "no GPU of this host"), ("0,0", "twice"),
-                                              ("GPU-zzzz", "no GPU of this host")])
+@pytest.mark.parametrize(
+    ("setting", "message"), [("3", "no GPU of this host"), ("0,0", "twice"), ("GPU-zzzz", "no GPU of this host")]
+)
 def test_maskq_gpus_naming_no_card_is_refused_with_what_there_is(setting, message):
     with pytest.raises(DeviceError, match=message) as refused:
         select_gpus(setting, HOST)
@@ -128,8 +136,13 @@ def test_all_on_a_host_without_gpus_is_refused():
 
 
 def test_the_launcher_pins_one_worker_per_gpu_by_uuid_and_names_each():
-    commands = worker_commands([A, C], ["-Q", "interactive,default,batch"], {"PATH": "/bin", "MASKQ_GPUS": "all"},
-                               "/venv/bin/celery", metrics_port=9808)
+    commands = worker_commands(
+        [A, C],
+        ["-Q", "interactive,default,batch"],
+        {"PATH": "/bin", "MASKQ_GPUS": "all"},
+        "/venv/bin/celery",
+        metrics_port=9808,
+    )
     assert [argv for argv, _ in commands] == [
         ["/venv/bin/celery", "-A", "workers.celery_app", "worker", "-Q", "interactive,default,batch", "-n", "gpu0@%h"],
         ["/venv/bin/celery", "-A", "workers.celery_app", "worker", "-Q", "interactive,default,batch", "-n", "gpu2@%h"],
@@ -155,10 +168,14 @@ def test_the_launcher_keeps_a_given_node_name_unique_per_gpu():
 
 # --- what the providers are given ---------------------------------------------------------------
 
+
 def test_cuda_gets_its_device_a_capped_arena_that_grows_by_what_is_asked():
     runtime = RuntimeOptions(device_id=1, gpu_mem_limit_mb=768)
-    assert provider_options(CUDA, runtime) == {"device_id": "1", "arena_extend_strategy": "kSameAsRequested",
-                                               "gpu_mem_limit": str(768 * 2**20)}
+    assert provider_options(CUDA, runtime) == {
+        "device_id": "1",
+        "arena_extend_strategy": "kSameAsRequested",
+        "gpu_mem_limit": str(768 * 2**20),
+    }
     assert "gpu_mem_limit" not in provider_options(CUDA, RuntimeOptions())
 
 
@@ -174,10 +191,19 @@ def test_tensorrt_gets_its_device_fp16_and_engine_and_timing_caches():
 
 # --- which onnxruntime build `make install` puts in ----------------------------------------------
 
-@pytest.mark.parametrize("device, driver, build", [
-    ("auto", True, GPU_BUILD), ("auto", False, CPU_BUILD), ("", False, CPU_BUILD),
-    ("cuda", False, GPU_BUILD), ("cuda", True, GPU_BUILD), ("CPU", True, CPU_BUILD), ("cpu", False, CPU_BUILD),
-])
+
+@pytest.mark.parametrize(
+    ("device", "driver", "build"),
+    [
+        ("auto", True, GPU_BUILD),
+        ("auto", False, CPU_BUILD),
+        ("", False, CPU_BUILD),
+        ("cuda", False, GPU_BUILD),
+        ("cuda", True, GPU_BUILD),
+        ("CPU", True, CPU_BUILD),
+        ("cpu", False, CPU_BUILD),
+    ],
+)
 def test_the_install_chooses_one_build(device, driver, build):
     assert choose_build(device, driver) == build
 

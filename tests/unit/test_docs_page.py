@@ -1,4 +1,5 @@
 """``/docs/``'s headers and Swagger UI's settings, on the docs blueprint alone (the browser test is in e2e)."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Event stream ids (webapp/events.py) and the client's text/event-stream parser (maskq/client.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,7 @@ def test_job_event_ids_order_by_move_then_by_change_of_place_and_read_back():
     from webapp.events import JobEventId
 
     ids = [JobEventId(0), JobEventId(0, 1), JobEventId(0, 2), JobEventId(1), JobEventId(2, 1), JobEventId(3)]
-    assert sorted(reversed(ids)) == ids
+    assert sorted([ids[3], ids[0], ids[5], ids[1], ids[4], ids[2]]) == ids
     assert [str(i) for i in ids] == ["0", "0.1", "0.2", "1", "2.1", "3"]
     assert [JobEventId.parse(str(i)) for i in ids] == ids
     for bad in ("", "-1", "1.", "a", "1.2.3", "1" * 10, "1-running"):
@@ -40,10 +41,10 @@ def test_an_event_is_one_data_line_of_json_with_its_id_and_type():
 
 
 def test_the_parser_reads_events_split_anywhere_with_any_line_ending_and_skips_comments():
-    stream = b"retry: 2500\r\n\r\n: keep-alive\n\nid: 0\nevent: state\ndata: {\"a\":\ndata:  1}\r\rid: 1\ndata: x\n\n"
+    stream = b'retry: 2500\r\n\r\n: keep-alive\n\nid: 0\nevent: state\ndata: {"a":\ndata:  1}\r\rid: 1\ndata: x\n\n'
     parser, events = EventStreamParser(), []
     for i in range(len(stream)):  # one byte at a time: a CRLF split in two is still one line end
-        events += parser.feed(stream[i:i + 1])
+        events += parser.feed(stream[i : i + 1])
     assert events == [("state", "0", '{"a":\n 1}'), ("message", "1", "x")]
     assert parser.retry_ms == 2500 and parser.last_id == "1"
 

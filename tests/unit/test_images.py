@@ -1,4 +1,5 @@
 """Image decoding's error mapping (pure logic on in-memory bytes)."""
+
 from __future__ import annotations
 
 import io

@@ -1,5 +1,6 @@
 """The Kubernetes manifests, rendered as kustomize renders them, against the Kubernetes API schemas
 (kubernetes-validate, strict) and KEDA's; then what they must say about maskq."""
+
 from __future__ import annotations
 
 import re
@@ -46,12 +47,14 @@ def test_a_typo_is_caught(rendered):
     """The validation above can fail: an unknown field in a Deployment, and in a ScaledObject."""
     web = dict(kinds(rendered, "Deployment")["web"])
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate({**web, "spec": {**web["spec"], "replica": 2}},
-                                     kubernetes_validate.latest_version(), strict=True)
+        kubernetes_validate.validate(
+            {**web, "spec": {**web["spec"], "replica": 2}}, kubernetes_validate.latest_version(), strict=True
+        )
     scaled = kinds(rendered, "ScaledObject")["worker-batch"]
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({**scaled, "spec": {**scaled["spec"], "minReplicas": 0}},
-                            SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")])
+        jsonschema.validate(
+            {**scaled, "spec": {**scaled["spec"], "minReplicas": 0}}, SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")]
+        )
 
 
 def test_one_scaled_object_per_lane_scales_that_lanes_workers_on_its_redis_list(rendered):
@@ -73,8 +76,11 @@ def test_one_scaled_object_per_lane_scales_that_lanes_workers_on_its_redis_list(
 def test_workers_outlive_their_longest_job_when_stopped(rendered):
     config = kinds(rendered, "ConfigMap")["maskq-config"]["data"]
     hard_limit = float(config.get("MASKQ_JOB_HARD_TIME_LIMIT_S", Settings().job_hard_time_limit_s))
-    workers = [d for d in kinds(rendered, "Deployment").values()
-               if d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]
+    workers = [
+        d
+        for d in kinds(rendered, "Deployment").values()
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
+    ]
     assert len(workers) == len(LANES)
     for worker in workers:
         spec = pod(worker)
@@ -94,8 +100,12 @@ def test_every_maskq_variable_named_is_a_setting():
 
 
 def test_services_and_budgets_select_pods_that_exist(rendered):
-    templates = [pod_labels for d in rendered if d["kind"] in ("Deployment", "StatefulSet")
-                 for pod_labels in [d["spec"]["template"]["metadata"]["labels"]]]
+    templates = [
+        pod_labels
+        for d in rendered
+        if d["kind"] in ("Deployment", "StatefulSet")
+        for pod_labels in [d["spec"]["template"]["metadata"]["labels"]]
+    ]
     for service in kinds(rendered, "Service").values():
         selector = service["spec"]["selector"]
         assert any(selector.items() <= labels.items() for labels in templates), service["metadata"]["name"]
@@ -103,8 +113,10 @@ def test_services_and_budgets_select_pods_that_exist(rendered):
         selector = budget["spec"]["selector"]["matchLabels"]
         assert any(selector.items() <= labels.items() for labels in templates)
     for workload in [d for d in rendered if d["kind"] in ("Deployment", "StatefulSet")]:
-        assert workload["spec"]["selector"]["matchLabels"].items() <= \
-            workload["spec"]["template"]["metadata"]["labels"].items()
+        assert (
+            workload["spec"]["selector"]["matchLabels"].items()
+            <= workload["spec"]["template"]["metadata"]["labels"].items()
+        )
 
 
 def test_one_beat_flower_behind_auth_and_no_public_service(rendered):
@@ -165,8 +177,12 @@ def test_every_pod_runs_unprivileged_as_a_non_root_user_on_a_read_only_root(rend
 
 
 def isolated(policies, labels: dict) -> list[dict]:
-    return [p for p in policies if "Ingress" in p["spec"]["policyTypes"]
-            and p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()]
+    return [
+        p
+        for p in policies
+        if "Ingress" in p["spec"]["policyTypes"]
+        and p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+    ]
 
 
 def admitted(policies, target: dict, port: str, source: dict, namespace: str = "maskq") -> bool:
@@ -186,8 +202,11 @@ def admitted(policies, target: dict, port: str, source: dict, namespace: str = "
                 return True
             for peer in rule["from"]:
                 namespaces = peer.get("namespaceSelector")
-                in_namespace = namespace == "maskq" if namespaces is None else \
-                    namespaces.get("matchLabels", {}).items() <= {"kubernetes.io/metadata.name": namespace}.items()
+                in_namespace = (
+                    namespace == "maskq"
+                    if namespaces is None
+                    else namespaces.get("matchLabels", {}).items() <= {"kubernetes.io/metadata.name": namespace}.items()
+                )
                 pods = peer.get("podSelector", {}).get("matchLabels", {})
                 if in_namespace and pods.items() <= source.items():
                     return True
@@ -235,8 +254,10 @@ def redis_config(rendered) -> dict[str, str]:
 def quantity(text: str) -> int:
     """Bytes, from a Kubernetes quantity (``4Gi``) or a Redis size (``3gb``: Redis's gb are 1024³)."""
     number, unit = re.fullmatch(r"(\d+)\s*([A-Za-z]*)", text.strip()).groups()
-    return int(number) * {"": 1, "ki": 2**10, "mi": 2**20, "gi": 2**30, "kb": 2**10, "mb": 2**20,
-                          "gb": 2**30}[unit.lower()]
+    return (
+        int(number)
+        * {"": 1, "ki": 2**10, "mi": 2**20, "gi": 2**30, "kb": 2**10, "mb": 2**20, "gb": 2**30}[unit.lower()]
+    )
 
 
 def test_redis_stays_below_its_memory_limit_evicts_nothing_and_keeps_an_append_only_file(rendered):
@@ -260,8 +281,11 @@ def test_no_password_is_on_a_command_line(rendered):
             secrets = {e["name"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
             secrets |= {"REDIS_PASSWORD", "MASKQ_REDIS_URL", "FLOWER_BASIC_AUTH"}  # envFrom: the secret's keys
             commands = [container.get("command", []) + container.get("args", [])]
-            commands += [probe["exec"]["command"] for key in ("readinessProbe", "livenessProbe", "startupProbe")
-                         if "exec" in (probe := container.get(key, {}))]
+            commands += [
+                probe["exec"]["command"]
+                for key in ("readinessProbe", "livenessProbe", "startupProbe")
+                if "exec" in (probe := container.get(key, {}))
+            ]
             commands += [container["lifecycle"]["preStop"]["exec"]["command"]] if "lifecycle" in container else []
             for words in commands:
                 assert not leaks(words, secrets), (workload["metadata"]["name"], words)

@@ -1,5 +1,6 @@
 """The model manifest: validation errors, fp16 files, providers, change detection; and what a
 worker process makes of it (load, swap, fallback) with toy adapters: pure logic, no processes."""
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,8 @@ import pytest
 from config.settings import Settings
 from domain.errors import ModelError
 from models.adapters.base import ModelSpec, RuntimeOptions
-from models.manifest import ManifestError, ManifestFile, read_manifest
 from models.catalog import LiveCatalog, ModelCatalog, describe_models
+from models.manifest import ManifestError, ManifestFile, read_manifest
 from workers.loaded_models import LoadedModels
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,47 +42,86 @@ def test_the_bundled_manifest_serves_text_regions_by_default():
     assert spec.providers is None  # the deployment's MASKQ_ORT_PROVIDERS apply
 
 
-@pytest.mark.parametrize("body, expected", [
-    ('[models.a]\nversion = "1"\nadapter = "%s"\nmax_batch = 4\n' % TEXT,
-     "model 'a': field 'max_batch': unknown field (known: version, adapter,"),
-    ('[models.a]\nversion = "1"\nadapter = "%s"\nmax_batch_size = 0\n' % TEXT,
-     "model 'a': field 'max_batch_size': Input should be greater than or equal to 1"),
-    ('[models.a]\nadapter = "%s"\n' % TEXT, "model 'a': field 'version': Field required"),
-    ('[models.a]\nversion = ""\nadapter = "%s"\n' % TEXT, "model 'a': field 'version': String should have at least 1"),
-    ('[models.a]\nversion = "1"\nadapter = "text_regions"\n', "model 'a': field 'adapter': String should match pattern"),
-    ('[models.a]\nversion = "1"\nadapter = "no.such.module:Thing"\n',
-     "model 'a': field 'adapter': cannot import 'no.such.module:Thing': ModuleNotFoundError"),
-    ('[models.a]\nversion = "1"\nadapter = "models.adapters.base:Prompts"\n',
-     "model 'a': field 'adapter': 'models.adapters.base:Prompts' is not a ModelAdapter subclass"),
-    ('[models.a]\nversion = "1"\nadapter = "%s"\nproviders = ["GPU"]\n' % TEXT,
-     "model 'a': field 'providers': unknown provider 'GPU'"),
-    ('[models.a]\nversion = "1"\nadapter = "%s"\nproviders = ["CUDA", "CUDAExecutionProvider"]\n' % TEXT,
-     "model 'a': field 'providers': lists a provider twice"),
-    ('[models.a]\nversion = "1"\nadapter = "%s"\nproviders = []\n' % TEXT,
-     "model 'a': field 'providers': Tuple should have at least 1 item"),
-    ('[models.a]\nversion = "1"\nadapter = "%s"\nfp16 = "sometimes"\n' % TEXT,
-     "model 'a': field 'fp16': Input should be a valid boolean"),
-    ('[models.a]\nversion = "1"\nadapter = "%s"\nmemory_mb = -5\n' % TEXT,
-     "model 'a': field 'memory_mb': Input should be greater than 0"),
-    ('[models.a]\nversion = "1"\nadapter = "%s"\nsoft_time_limit_s = 9\nhard_time_limit_s = 3\n' % TEXT,
-     "model 'a': soft_time_limit_s (9.0) must be below hard_time_limit_s (3.0)"),
-    ('[models.a]\nversion = "1"\nadapter = "%s"\nfallback = "b"\n' % TEXT,
-     "model 'a': field 'fallback': 'b' is not a model of this manifest (a)"),
-    ('[models.a]\nversion = "1"\nadapter = "%s"\nfallback = "a"\n' % TEXT,
-     "model 'a': field 'fallback': the fallbacks form a cycle: a -> a"),
-    ('[models.a]\nversion = "1"\nadapter = "%s"\nfallback = "b"\n'
-     '[models.b]\nversion = "1"\nadapter = "%s"\nfallback = "c"\n'
-     '[models.c]\nversion = "1"\nadapter = "%s"\nfallback = "b"\n' % (TEXT, TEXT, TEXT),
-     "model 'b': field 'fallback': the fallbacks form a cycle: b -> c -> b"),
-    ('default = "zzz"\n[models.a]\nversion = "1"\nadapter = "%s"\n' % TEXT,
-     "default: 'zzz' is not a model of this manifest (a)"),
-    ('[models."a b"]\nversion = "1"\nadapter = "%s"\n' % TEXT, "model 'a b': a name is 1-64 letters"),
-    ('default = "a"\n', "field 'models': Field required"),
-    ('[models]\n', "field 'models': Dictionary should have at least 1 item"),
-    ('defualt = "a"\n[models.a]\nversion = "1"\nadapter = "%s"\n' % TEXT,
-     "field 'defualt': unknown field (known: default, routes, models)"),
-    ('[models.a\nversion = "1"\n', "not a readable TOML/YAML model manifest"),
-])
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            '[models.a]\nversion = "1"\nadapter = "%s"\nmax_batch = 4\n' % TEXT,
+            "model 'a': field 'max_batch': unknown field (known: version, adapter,",
+        ),
+        (
+            '[models.a]\nversion = "1"\nadapter = "%s"\nmax_batch_size = 0\n' % TEXT,
+            "model 'a': field 'max_batch_size': Input should be greater than or equal to 1",
+        ),
+        ('[models.a]\nadapter = "%s"\n' % TEXT, "model 'a': field 'version': Field required"),
+        (
+            '[models.a]\nversion = ""\nadapter = "%s"\n' % TEXT,
+            "model 'a': field 'version': String should have at least 1",
+        ),
+        (
+            '[models.a]\nversion = "1"\nadapter = "text_regions"\n',
+            "model 'a': field 'adapter': String should match pattern",
+        ),
+        (
+            '[models.a]\nversion = "1"\nadapter = "no.such.module:Thing"\n',
+            "model 'a': field 'adapter': cannot import 'no.such.module:Thing': ModuleNotFoundError",
+        ),
+        (
+            '[models.a]\nversion = "1"\nadapter = "models.adapters.base:Prompts"\n',
+            "model 'a': field 'adapter': 'models.adapters.base:Prompts' is not a ModelAdapter subclass",
+        ),
+        (
+            '[models.a]\nversion = "1"\nadapter = "%s"\nproviders = ["GPU"]\n' % TEXT,
+            "model 'a': field 'providers': unknown provider 'GPU'",
+        ),
+        (
+            '[models.a]\nversion = "1"\nadapter = "%s"\nproviders = ["CUDA", "CUDAExecutionProvider"]\n' % TEXT,
+            "model 'a': field 'providers': lists a provider twice",
+        ),
+        (
+            '[models.a]\nversion = "1"\nadapter = "%s"\nproviders = []\n' % TEXT,
+            "model 'a': field 'providers': Tuple should have at least 1 item",
+        ),
+        (
+            '[models.a]\nversion = "1"\nadapter = "%s"\nfp16 = "sometimes"\n' % TEXT,
+            "model 'a': field 'fp16': Input should be a valid boolean",
+        ),
+        (
+            '[models.a]\nversion = "1"\nadapter = "%s"\nmemory_mb = -5\n' % TEXT,
+            "model 'a': field 'memory_mb': Input should be greater than 0",
+        ),
+        (
+            '[models.a]\nversion = "1"\nadapter = "%s"\nsoft_time_limit_s = 9\nhard_time_limit_s = 3\n' % TEXT,
+            "model 'a': soft_time_limit_s (9.0) must be below hard_time_limit_s (3.0)",
+        ),
+        (
+            '[models.a]\nversion = "1"\nadapter = "%s"\nfallback = "b"\n' % TEXT,
+            "model 'a': field 'fallback': 'b' is not a model of this manifest (a)",
+        ),
+        (
+            '[models.a]\nversion = "1"\nadapter = "%s"\nfallback = "a"\n' % TEXT,
+            "model 'a': field 'fallback': the fallbacks form a cycle: a -> a",
+        ),
+        (
+            '[models.a]\nversion = "1"\nadapter = "%s"\nfallback = "b"\n'
+            '[models.b]\nversion = "1"\nadapter = "%s"\nfallback = "c"\n'
+            '[models.c]\nversion = "1"\nadapter = "%s"\nfallback = "b"\n' % (TEXT, TEXT, TEXT),
+            "model 'b': field 'fallback': the fallbacks form a cycle: b -> c -> b",
+        ),
+        (
+            'default = "zzz"\n[models.a]\nversion = "1"\nadapter = "%s"\n' % TEXT,
+            "default: 'zzz' is not a model of this manifest (a)",
+        ),
+        ('[models."a b"]\nversion = "1"\nadapter = "%s"\n' % TEXT, "model 'a b': a name is 1-64 letters"),
+        ('default = "a"\n', "field 'models': Field required"),
+        ("[models]\n", "field 'models': Dictionary should have at least 1 item"),
+        (
+            'defualt = "a"\n[models.a]\nversion = "1"\nadapter = "%s"\n' % TEXT,
+            "field 'defualt': unknown field (known: default, routes, models)",
+        ),
+        ('[models.a\nversion = "1"\n', "not a readable TOML/YAML model manifest"),
+    ],
+)
 def test_an_invalid_manifest_is_refused_naming_the_model_and_the_field(tmp_path, body, expected):
     path = manifest(tmp_path, body)
     with pytest.raises(ManifestError) as caught:
@@ -91,8 +131,11 @@ def test_an_invalid_manifest_is_refused_naming_the_model_and_the_field(tmp_path,
 
 
 def test_every_problem_of_a_manifest_is_listed_at_once(tmp_path):
-    path = manifest(tmp_path, '[models.a]\nversion = "1"\nadapter = "%s"\nmax_batch_size = 0\n'
-                              '[models.b]\nadapter = "%s"\nfp16 = "x"\n' % (TEXT, TEXT))
+    path = manifest(
+        tmp_path,
+        '[models.a]\nversion = "1"\nadapter = "%s"\nmax_batch_size = 0\n'
+        '[models.b]\nadapter = "%s"\nfp16 = "x"\n' % (TEXT, TEXT),
+    )
     with pytest.raises(ManifestError) as caught:
         read_manifest(path)
     message = str(caught.value)
@@ -106,13 +149,17 @@ def test_a_missing_manifest_file_is_a_clear_error(tmp_path):
 
 
 def test_fields_are_normalised_paths_resolved_and_fp16_picks_the_fp16_files(tmp_path):
-    path = manifest(tmp_path, (
-        'default = "gpu"\n'
-        '[models.gpu]\nversion = 3\nadapter = "%s"\nproviders = ["TensorRT", "cuda", "CPU"]\nfp16 = true\n'
-        'max_batch_size = 8\nfallback = "cpu"\n'
-        'files = { detector = "det.onnx", detector_fp16 = "fp16/det.onnx", recognizer = "/abs/rec.onnx" }\n'
-        '[models.cpu]\nversion = "1"\nadapter = "%s"\n'
-        'files = { detector = "det.onnx", detector_fp16 = "fp16/det.onnx" }\n' % (TEXT, TEXT)))
+    path = manifest(
+        tmp_path,
+        (
+            'default = "gpu"\n'
+            '[models.gpu]\nversion = 3\nadapter = "%s"\nproviders = ["TensorRT", "cuda", "CPU"]\nfp16 = true\n'
+            'max_batch_size = 8\nfallback = "cpu"\n'
+            'files = { detector = "det.onnx", detector_fp16 = "fp16/det.onnx", recognizer = "/abs/rec.onnx" }\n'
+            '[models.cpu]\nversion = "1"\nadapter = "%s"\n'
+            'files = { detector = "det.onnx", detector_fp16 = "fp16/det.onnx" }\n' % (TEXT, TEXT)
+        ),
+    )
     catalog = ModelCatalog.load(path)
     gpu, cpu = catalog.spec("gpu"), catalog.spec("cpu")
     assert gpu.version == "3"
@@ -123,12 +170,20 @@ def test_fields_are_normalised_paths_resolved_and_fp16_picks_the_fp16_files(tmp_
 
 
 def test_a_yaml_manifest_means_the_same_as_its_toml_twin(tmp_path):
-    toml = manifest(tmp_path, 'default = "b"\n[models.a]\nversion = "1"\nadapter = "%s"\nfallback = "b"\n'
-                              'providers = ["CPU"]\n[models.b]\nversion = "2"\nadapter = "%s"\n' % (TEXT, TEXT))
-    yaml = manifest(tmp_path, (
-        "default: b\nmodels:\n"
-        f"  a: {{version: '1', adapter: '{TEXT}', fallback: b, providers: [CPU]}}\n"
-        f"  b: {{version: '2', adapter: '{TEXT}'}}\n"), name="models.yaml")
+    toml = manifest(
+        tmp_path,
+        'default = "b"\n[models.a]\nversion = "1"\nadapter = "%s"\nfallback = "b"\n'
+        'providers = ["CPU"]\n[models.b]\nversion = "2"\nadapter = "%s"\n' % (TEXT, TEXT),
+    )
+    yaml = manifest(
+        tmp_path,
+        (
+            "default: b\nmodels:\n"
+            f"  a: {{version: '1', adapter: '{TEXT}', fallback: b, providers: [CPU]}}\n"
+            f"  b: {{version: '2', adapter: '{TEXT}'}}\n"
+        ),
+        name="models.yaml",
+    )
     assert ModelCatalog.load(yaml).specs == ModelCatalog.load(toml).specs
     with pytest.raises(ManifestError, match="model 'a': field 'version'"):
         read_manifest(manifest(tmp_path, f"models:\n  a: {{adapter: '{TEXT}'}}\n", name="bad.yml"))
@@ -195,11 +250,15 @@ def test_a_model_that_fails_to_load_runs_its_jobs_on_the_fallback_and_says_why(t
     assert set(models.adapters) == {"base", "boxes"}
     choice = models.choose("broken", {"points"})
     assert choice.degraded and choice.adapter.name == "base" and choice.model_version is None
-    assert choice.model_used == {"name": "base", "version": "b1",
-                                 "reason": "model 'broken' version x1 failed to load: RuntimeError: bad file"}
+    assert choice.model_used == {
+        "name": "base",
+        "version": "b1",
+        "reason": "model 'broken' version x1 failed to load: RuntimeError: bad file",
+    }
     assert not models.choose("base").degraded and models.choose("base").model_version == "b1"
-    with pytest.raises(ModelError, match="model 'alone' version y1 failed to load: RuntimeError: bad file; "
-                                         "it has no fallback"):
+    with pytest.raises(
+        ModelError, match="model 'alone' version y1 failed to load: RuntimeError: bad file; it has no fallback"
+    ):
         models.choose("alone")
     # The fallback must be able to take the job: boxes needs a box prompt.
     assert models.choose("picky", {"boxes"}).adapter.name == "boxes"
@@ -217,8 +276,9 @@ def test_a_model_that_fails_to_load_runs_its_jobs_on_the_fallback_and_says_why(t
 
 
 def test_a_reload_swaps_changed_versions_keeps_the_old_one_if_the_new_fails_and_drops_removed_models(tmp_path):
-    path = toy_manifest(tmp_path / "m.toml", base=f'version = "1"\nadapter = "{TOY}"',
-                        extra=f'version = "1"\nadapter = "{TOY}"')
+    path = toy_manifest(
+        tmp_path / "m.toml", base=f'version = "1"\nadapter = "{TOY}"', extra=f'version = "1"\nadapter = "{TOY}"'
+    )
     models = LoadedModels(LiveCatalog(path, check_s=0.01), RuntimeOptions())
     models.load_all()
     in_flight = models.choose("base").adapter
@@ -233,9 +293,11 @@ def test_a_reload_swaps_changed_versions_keeps_the_old_one_if_the_new_fails_and_
     time.sleep(0.05)
     models.refresh()
     assert models.choose("base").adapter.version == "2"  # the new version failed: the old one serves on
-    assert models.describe() == {"models": {"base": "2"},
-                                 "model_errors": {"base": {"version": "3", "error": "RuntimeError: corrupt"}},
-                                 "providers": {"base": []}}  # the toy adapter has no ONNX Runtime session
+    assert models.describe() == {
+        "models": {"base": "2"},
+        "model_errors": {"base": {"version": "3", "error": "RuntimeError: corrupt"}},
+        "providers": {"base": []},
+    }  # the toy adapter has no ONNX Runtime session
 
 
 def test_a_model_with_its_own_providers_must_get_one_of_them_while_the_deployment_list_falls_back_to_cpu():
@@ -244,8 +306,11 @@ def test_a_model_with_its_own_providers_must_get_one_of_them_while_the_deploymen
     from models.adapters.onnx import create_session, provider_options
     from models.adapters.text_regions import bundled_model_files
 
-    missing = next(p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider")
-                   if p not in ort.get_available_providers())
+    missing = next(
+        p
+        for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider")
+        if p not in ort.get_available_providers()
+    )
     detector = bundled_model_files()["detector"]
     models = LoadedModels(None, RuntimeOptions(providers=(missing,)))  # runtime_for needs no catalog
     deployment = models.runtime_for(ModelSpec("m", "1", TEXT))

@@ -1,4 +1,5 @@
 """The OpenAPI document: built from the app's routes and the models the code validates with."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,14 @@ def app(tmp_path_factory):
 
     # Building the app and its document talks to no server: an unused port is fine.
     folder = tmp_path_factory.mktemp("openapi")
-    return create_app(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", data_dir=folder,
-                               storage_dir=folder / "storage", max_wait_s=7))
+    return create_app(
+        Settings(
+            redis_url=f"redis://127.0.0.1:{free_port()}/0",
+            data_dir=folder,
+            storage_dir=folder / "storage",
+            max_wait_s=7,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +34,16 @@ def document(app):
 
 def test_every_route_of_api_md_is_described_with_its_answers(document):
     paths = document["paths"]
-    for path, method in [("/v1/jobs", "post"), ("/v1/jobs/{job_id}", "get"), ("/v1/jobs/{job_id}", "delete"),
-                         ("/v1/models", "get"), ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"),
-                         ("/openapi.json", "get")]:
+    for path, method in [
+        ("/v1/jobs", "post"),
+        ("/v1/jobs/{job_id}", "get"),
+        ("/v1/jobs/{job_id}", "delete"),
+        ("/v1/models", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/metrics", "get"),
+        ("/openapi.json", "get"),
+    ]:
         assert method in paths.get(path, {}), (method, path)
     submit = paths["/v1/jobs"]["post"]
     assert {"200", "202", "400", "401", "403", "409", "413", "415", "422", "429", "503"} <= set(submit["responses"])
@@ -76,15 +90,32 @@ def test_a_route_added_later_is_in_the_document_without_anyone_writing_it(tmp_pa
 
 
 def test_a_job_document_as_the_record_makes_it_fits_the_job_schema():
+    from domain.documents import job_document
     from domain.records import JobRecord, JobState
     from webapp.openapi import Job
 
-    record = JobRecord(id="a" * 32, tenant="acme", lane="batch", model="text-regions", input_key="k",
-                       image_sha256="", width=4, height=3, status=JobState.FAILED, started_at=1.0, finished_at=2.0,
-                       error={"code": "input", "message": "bad"})
-    result = {"width": 4, "height": 3, "instances": [
-        {"mask": {"size": [3, 4], "counts": "04"}, "bbox": [0, 0, 2, 2], "area": 4, "score": 0.9, "label": "x"}]}
-    document = record.document(result)
+    record = JobRecord(
+        id="a" * 32,
+        tenant="acme",
+        lane="batch",
+        model="text-regions",
+        input_key="k",
+        image_sha256="",
+        width=4,
+        height=3,
+        status=JobState.FAILED,
+        started_at=1.0,
+        finished_at=2.0,
+        error={"code": "input", "message": "bad"},
+    )
+    result = {
+        "width": 4,
+        "height": 3,
+        "instances": [
+            {"mask": {"size": [3, 4], "counts": "04"}, "bbox": [0, 0, 2, 2], "area": 4, "score": 0.9, "label": "x"}
+        ],
+    }
+    document = job_document(record, result)
     job = Job.model_validate(document)
     assert job.status == "failed" and job.error.code == "input" and job.result.instances[0].bbox == (0, 0, 2, 2)
     with pytest.raises(ValueError):

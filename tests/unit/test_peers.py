@@ -1,13 +1,17 @@
-"""bench/peers.py's pure parts: the plan, the schedule of rounds, the burst's timetable, the ratio tables.
+"""The peers benchmark's pure parts (bench/peers/common.py; compare.py's tables): the plan, the schedule of rounds,
+the burst's timetable, the ratio tables.
 
 No server is started and neither Ray nor LitServe is needed.
 """
+
+import itertools
 import math
 
 import pytest
 
-from bench import peers
 from bench.common import Options
+from bench.peers import common as peers
+from bench.peers import compare
 
 
 def test_the_default_plan_is_the_issues_workloads():
@@ -51,13 +55,15 @@ def test_the_burst_is_sent_evenly_within_its_spread():
     offsets = peers.burst_offsets(200, 2.0)
     assert len(offsets) == 200 and offsets[0] == 0
     assert max(offsets) < 2.0
-    assert all(b - a == pytest.approx(0.01) for a, b in zip(offsets, offsets[1:]))
+    assert all(b - a == pytest.approx(0.01) for a, b in itertools.pairwise(offsets))
 
 
 def test_ratios_are_against_maskq_whatever_the_rows_order():
-    rows = [{"stack": "ray", "jobs_per_s": 3.0, "p99_s": 1.0},
-            {"stack": "maskq", "jobs_per_s": 2.0, "p99_s": 4.0},
-            {"stack": "flask", "jobs_per_s": 1.0, "p99_s": 2.0}]
+    rows = [
+        {"stack": "ray", "jobs_per_s": 3.0, "p99_s": 1.0},
+        {"stack": "maskq", "jobs_per_s": 2.0, "p99_s": 4.0},
+        {"stack": "flask", "jobs_per_s": 1.0, "p99_s": 2.0},
+    ]
     out = {r["stack"]: r for r in peers.with_ratios(rows, ["jobs_per_s", "p99_s"])}
     assert out["maskq"]["jobs_per_s_x_maskq"] == 1.0
     assert out["ray"]["jobs_per_s_x_maskq"] == 1.5
@@ -66,9 +72,11 @@ def test_ratios_are_against_maskq_whatever_the_rows_order():
 
 
 def test_no_ratio_without_a_figure_to_divide_by():
-    rows = [{"stack": "maskq", "wait_s": 0.0, "rss_mb": float("nan")},
-            {"stack": "ray", "wait_s": 2.0, "rss_mb": 100},
-            {"stack": "litserve", "note": "litserve is not installed"}]
+    rows = [
+        {"stack": "maskq", "wait_s": 0.0, "rss_mb": float("nan")},
+        {"stack": "ray", "wait_s": 2.0, "rss_mb": 100},
+        {"stack": "litserve", "note": "litserve is not installed"},
+    ]
     out = {r["stack"]: r for r in peers.with_ratios(rows, ["wait_s", "rss_mb"])}
     assert out["ray"]["wait_s_x_maskq"] == "" and out["ray"]["rss_mb_x_maskq"] == ""
     assert out["litserve"]["wait_s_x_maskq"] == ""
@@ -77,20 +85,30 @@ def test_no_ratio_without_a_figure_to_divide_by():
 
 
 def test_outcomes_are_counted_by_how_they_ended():
-    outcomes = [peers.Outcome(0.1, "ok", accepted=True), peers.Outcome(0.2, "timeout", accepted=True),
-                peers.Outcome(0.3, "timeout"), peers.Outcome(0.1, "rejected"), peers.Outcome(0.1, "failed")]
+    outcomes = [
+        peers.Outcome(0.1, "ok", accepted=True),
+        peers.Outcome(0.2, "timeout", accepted=True),
+        peers.Outcome(0.3, "timeout"),
+        peers.Outcome(0.1, "rejected"),
+        peers.Outcome(0.1, "failed"),
+    ]
     assert peers.count(outcomes) == {"accepted": 2, "ok": 1, "rejected": 1, "timed_out": 2, "failed": 1}
 
 
 def test_tables_pool_the_rounds_and_name_a_missing_stack():
     plan = peers.Plan.from_options(Options(rounds=2))
-    steady = {"maskq": [{"wall_s": 10.0, "latencies": [1.0] * 20, "ok": 20},
-                        {"wall_s": 10.0, "latencies": [3.0] * 20, "ok": 20}],
-              "flask": [{"wall_s": 40.0, "latencies": [2.0] * 40, "ok": 40}]}
+    steady = {
+        "maskq": [
+            {"wall_s": 10.0, "latencies": [1.0] * 20, "ok": 20},
+            {"wall_s": 10.0, "latencies": [3.0] * 20, "ok": 20},
+        ],
+        "flask": [{"wall_s": 40.0, "latencies": [2.0] * 40, "ok": 40}],
+    }
     samples = {w: {} for w in peers.WORKLOADS}
     samples["steady"] = steady
-    tables = peers.tables(plan, samples, {"maskq": {"rss_mb": 200, "pss_mb": 150, "processes": 6}},
-                          {"ray": "ray is not installed"})
+    tables = compare.tables(
+        plan, samples, {"maskq": {"rss_mb": 200, "pss_mb": 150, "processes": 6}}, {"ray": "ray is not installed"}
+    )
     [title] = [t for t in tables if t.startswith("steady")]
     rows = {r["stack"]: r for r in tables[title]}
     assert rows["maskq"]["jobs"] == 40 and rows["maskq"]["jobs_per_s"] == 2.0

@@ -1,10 +1,11 @@
 """The result cache's key: what makes two jobs the same, and what does not (pure logic, no Redis)."""
+
 from __future__ import annotations
 
 import pytest
 
 from domain.records import JobRecord
-from domain.result_cache import cache_key, file_key
+from domain.result_keys import cache_key, file_key
 from domain.schemas import parse_request
 
 SHA = "ab" * 32
@@ -16,8 +17,13 @@ def key(body: dict = BASE, *, sha: str = SHA, model: str = "text-regions", versi
 
 
 def test_lane_webhook_deadline_and_model_alias_do_not_change_the_key():
-    same = {**BASE, "lane": "batch", "webhook": {"url": "https://example.com/hook"}, "deadline_s": 5,
-            "model": "text-regions"}
+    same = {
+        **BASE,
+        "lane": "batch",
+        "webhook": {"url": "https://example.com/hook"},
+        "deadline_s": 5,
+        "model": "text-regions",
+    }
     assert key(same) == key(BASE)
 
 
@@ -30,18 +36,31 @@ def test_numbers_are_compared_as_values_not_as_spelled():
     assert key(floats) == key(BASE)
 
 
-@pytest.mark.parametrize("change", [
-    {"body": {**BASE, "prompts": {**BASE["prompts"], "text": ["PRICE"]}}},
-    {"body": {**BASE, "prompts": {**BASE["prompts"], "points": [[12, 8, 0]]}}},
-    {"body": {**BASE, "prompts": {"text": ["price"]}}},
-    {"body": {**BASE, "outputs": ["rle"]}},
-    {"body": {**BASE, "outputs": ["rle", "png", "polygon"]}},
-    {"sha": "cd" * 32},
-    {"model": "sam-b"},
-    {"version": "2"},
-    {"tenant": "globex"},
-], ids=["text", "point label", "fewer prompts", "fewer outputs", "more outputs", "image", "model", "version",
-        "tenant"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"body": {**BASE, "prompts": {**BASE["prompts"], "text": ["PRICE"]}}},
+        {"body": {**BASE, "prompts": {**BASE["prompts"], "points": [[12, 8, 0]]}}},
+        {"body": {**BASE, "prompts": {"text": ["price"]}}},
+        {"body": {**BASE, "outputs": ["rle"]}},
+        {"body": {**BASE, "outputs": ["rle", "png", "polygon"]}},
+        {"sha": "cd" * 32},
+        {"model": "sam-b"},
+        {"version": "2"},
+        {"tenant": "globex"},
+    ],
+    ids=[
+        "text",
+        "point label",
+        "fewer prompts",
+        "fewer outputs",
+        "more outputs",
+        "image",
+        "model",
+        "version",
+        "tenant",
+    ],
+)
 def test_anything_that_changes_the_result_changes_the_key(change):
     assert key(**change) != key()
 
@@ -54,9 +73,17 @@ def test_the_key_from_a_stored_record_equals_the_key_at_submit():
 
 def record(job_id: str, result_of: str | None = None) -> JobRecord:
     source = result_of or job_id
-    return JobRecord(id=job_id, tenant="acme", lane="default", model="m", image_sha256=SHA, width=4, height=4,
-                     input_key=f"tenants/acme/jobs/{source}/input.jpg",
-                     result_key=f"tenants/acme/jobs/{source}/result.json")
+    return JobRecord(
+        id=job_id,
+        tenant="acme",
+        lane="default",
+        model="m",
+        image_sha256=SHA,
+        width=4,
+        height=4,
+        input_key=f"tenants/acme/jobs/{source}/input.jpg",
+        result_key=f"tenants/acme/jobs/{source}/result.json",
+    )
 
 
 def test_a_hit_shows_the_files_of_the_job_that_ran_and_a_job_its_own():

@@ -1,4 +1,5 @@
 """The result writer is chosen by the job's media; an instance's object id and frame reach its result item."""
+
 from __future__ import annotations
 
 import json
@@ -17,13 +18,23 @@ from workers.results import ImageResultWriter, UnknownMedia
 
 
 def record(media: str = "image", **request) -> JobRecord:
-    return JobRecord(id="r" * 32, tenant="t", lane="default", model="m", input_key="t/in.png", image_sha256="",
-                     width=6, height=4, request=parse_request(request), media=media)
+    return JobRecord(
+        id="r" * 32,
+        tenant="t",
+        lane="default",
+        model="m",
+        input_key="t/in.png",
+        image_sha256="",
+        width=6,
+        height=4,
+        request=parse_request(request),
+        media=media,
+    )
 
 
 def square(x0: int, y0: int, side: int) -> np.ndarray:
     mask = np.zeros((4, 6), bool)
-    mask[y0:y0 + side, x0:x0 + side] = True
+    mask[y0 : y0 + side, x0 : x0 + side] = True
     return mask
 
 
@@ -37,28 +48,49 @@ def test_the_writer_is_picked_by_the_jobs_media():
 
 
 def test_a_media_with_no_writer_is_a_clear_error(tmp_path):
-    with pytest.raises(UnknownMedia, match="no result writer for media 'video'.*writes results for image"):
+    with pytest.raises(UnknownMedia, match=r"no result writer for media 'video'.*writes results for image"):
         results.writer_for("video")
     storage = LocalStorage(tmp_path)
     with pytest.raises(UnknownMedia, match="'hologram'"):
-        pipeline.store_result(record("hologram"), record().request, np.zeros((4, 6, 3), np.uint8),
-                              [Instance(mask=square(0, 0, 2), score=1.0)], storage)
+        pipeline.store_result(
+            record("hologram"),
+            record().request,
+            np.zeros((4, 6, 3), np.uint8),
+            [Instance(mask=square(0, 0, 2), score=1.0)],
+            storage,
+        )
     assert list(storage.list("tenants/")) == []  # nothing written in the wrong shape
 
 
 def test_an_image_result_is_written_as_before(tmp_path):
     storage = LocalStorage(tmp_path)
     job = record(outputs=["rle", "png"])
-    key = pipeline.store_result(job, job.request, np.zeros((4, 6, 3), np.uint8),
-                                [Instance(mask=square(1, 1, 2), score=0.98765, label="cup")], storage,
-                                {"embedding": {"cached": False, "source": None}})
+    key = pipeline.store_result(
+        job,
+        job.request,
+        np.zeros((4, 6, 3), np.uint8),
+        [Instance(mask=square(1, 1, 2), score=0.98765, label="cup")],
+        storage,
+        {"embedding": {"cached": False, "source": None}},
+    )
     rle = masks.encode(square(1, 1, 2))
     prefix = job_prefix("t", "r" * 32)
     assert key == f"{prefix}result.json" and storage.get(f"{prefix}masks/0.png") == masks.to_png(square(1, 1, 2))
-    want = {"width": 6, "height": 4,
-            "instances": [{"bbox": [1.0, 1.0, 2.0, 2.0], "area": 4, "score": 0.9877, "label": "cup", "mask": rle,
-                           "png_key": f"{prefix}masks/0.png"}],
-            "embedding": {"cached": False, "source": None}}
+    want = {
+        "width": 6,
+        "height": 4,
+        "instances": [
+            {
+                "bbox": [1.0, 1.0, 2.0, 2.0],
+                "area": 4,
+                "score": 0.9877,
+                "label": "cup",
+                "mask": rle,
+                "png_key": f"{prefix}masks/0.png",
+            }
+        ],
+        "embedding": {"cached": False, "source": None},
+    }
     assert storage.get(key) == json.dumps(want).encode()  # the exact bytes: no object_id, no frame
 
 
@@ -68,8 +100,9 @@ def test_an_instance_with_an_object_id_and_a_frame_writes_them(tmp_path):
     tracked = Instance(mask=square(0, 0, 2), score=0.5, label="ball", object_id=7, frame=3)
     only_object = Instance(mask=square(3, 1, 3), score=0.25, label="cup", object_id=2)
     plain = Instance(mask=square(4, 0, 1), score=1.0)
-    key = results.writer_for("image").write(job, job.request, np.zeros((4, 6, 3), np.uint8),
-                                            [tracked, only_object, plain], storage)
+    key = results.writer_for("image").write(
+        job, job.request, np.zeros((4, 6, 3), np.uint8), [tracked, only_object, plain], storage
+    )
     first, second, third = written(storage, key)["instances"]
     assert (first["object_id"], first["frame"]) == (7, 3)
     assert list(first) == ["bbox", "area", "score", "label", "object_id", "frame", "mask"]

@@ -1,4 +1,5 @@
 """Key policy, lanes, fingerprints and the auth settings: pure logic, no processes."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,14 +28,17 @@ def test_a_key_sends_unasked_jobs_to_its_lane_and_refuses_lanes_above_its_ceilin
     assert ApiKey(key_hash="h", tenant="a").lane_for(None, "interactive") == "interactive"
 
 
-@pytest.mark.parametrize("tenant, lane, max_lane, rate, message", [
-    ("Acme", None, "interactive", None, "tenant"),
-    ("a/b", None, "interactive", None, "tenant"),
-    ("", None, "interactive", None, "tenant"),
-    ("acme", "urgent", "interactive", None, "lane"),
-    ("acme", "interactive", "default", None, "above"),
-    ("acme", None, "interactive", "fast", "rate"),
-])
+@pytest.mark.parametrize(
+    ("tenant", "lane", "max_lane", "rate", "message"),
+    [
+        ("Acme", None, "interactive", None, "tenant"),
+        ("a/b", None, "interactive", None, "tenant"),
+        ("", None, "interactive", None, "tenant"),
+        ("acme", "urgent", "interactive", None, "lane"),
+        ("acme", "interactive", "default", None, "above"),
+        ("acme", None, "interactive", "fast", "rate"),
+    ],
+)
 def test_an_unusable_policy_is_refused_with_a_reason(tenant, lane, max_lane, rate, message):
     with pytest.raises(ValueError, match=message):
         check_policy(tenant, lane, max_lane, rate)

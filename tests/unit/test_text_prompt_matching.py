@@ -1,4 +1,5 @@
 """The text-regions adapter's prompt filters, on hand-made instances (no model)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Webhook signatures, retry pauses and the address guard, as pure logic."""
+
 from __future__ import annotations
 
 import base64
@@ -24,8 +25,11 @@ SPEC_SIGNATURE = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
 
 def test_the_signature_of_the_specs_example_is_the_one_the_spec_gives():
     headers = sign(SPEC_SECRET, SPEC_ID, SPEC_TIMESTAMP, SPEC_BODY)
-    assert headers == {"webhook-id": SPEC_ID, "webhook-timestamp": str(SPEC_TIMESTAMP),
-                       "webhook-signature": SPEC_SIGNATURE}
+    assert headers == {
+        "webhook-id": SPEC_ID,
+        "webhook-timestamp": str(SPEC_TIMESTAMP),
+        "webhook-signature": SPEC_SIGNATURE,
+    }
 
 
 def test_the_signature_is_hmac_sha256_of_id_timestamp_body_keyed_by_the_decoded_secret():
@@ -69,21 +73,46 @@ def test_retry_after_is_read_as_seconds_or_as_an_http_date():
 
 
 def record_with(webhook: dict | None) -> JobRecord:
-    return JobRecord(id="a" * 32, tenant="default", lane="default", model="m", input_key="k", image_sha256="",
-                     width=1, height=1, request={"webhook": webhook} if webhook else {})
+    return JobRecord(
+        id="a" * 32,
+        tenant="default",
+        lane="default",
+        model="m",
+        input_key="k",
+        image_sha256="",
+        width=1,
+        height=1,
+        request={"webhook": webhook} if webhook else {},
+    )
 
 
 def test_a_job_gets_only_the_events_it_asked_for_and_by_default_the_ending_ones():
     assert wanted_events(record_with(None)) is None
-    assert wanted_events(record_with({"url": "https://x.example/h"})) == \
-        ("https://x.example/h", ("job.succeeded", "job.failed"))
+    assert wanted_events(record_with({"url": "https://x.example/h"})) == (
+        "https://x.example/h",
+        ("job.succeeded", "job.failed"),
+    )
     assert wanted_events(record_with({"url": "https://x.example/h", "events": ["job.started"]}))[1] == ("job.started",)
 
 
-@pytest.mark.parametrize("address", [
-    "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.100.100.200",
-    "0.0.0.0", "224.0.0.1", "::1", "fe80::1", "fd00:ec2::254", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.100.100.200",
+        "0.0.0.0",
+        "224.0.0.1",
+        "::1",
+        "fe80::1",
+        "fd00:ec2::254",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+    ],
+)
 def test_non_public_addresses_are_refused_by_default(address):
     assert not WebhookGuard().permits(ipaddress.ip_address(address))
 
@@ -96,13 +125,21 @@ def test_public_addresses_pass_and_an_allowed_network_admits_its_private_address
     assert not guard.permits(ipaddress.ip_address("10.21.3.4"))
 
 
-@pytest.mark.parametrize("address", [
-    "64:ff9b::a00:1", "64:ff9b::7f00:1", "64:ff9b:1::a9fe:a9fe",  # NAT64 of 10.0.0.1, 127.0.0.1, 169.254.169.254
-    "2002:a00:1::1", "2002:7f00:1::",  # 6to4 of 10.0.0.1, 127.0.0.1
-    "::a00:1", "::127.0.0.1", "::169.254.169.254",  # IPv4-compatible
-    "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo, its client 10.0.0.1 (stored inverted)
-    "::ffff:10.0.0.1",  # IPv4-mapped
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "64:ff9b::a00:1",
+        "64:ff9b::7f00:1",
+        "64:ff9b:1::a9fe:a9fe",  # NAT64 of 10.0.0.1, 127.0.0.1, 169.254.169.254
+        "2002:a00:1::1",
+        "2002:7f00:1::",  # 6to4 of 10.0.0.1, 127.0.0.1
+        "::a00:1",
+        "::127.0.0.1",
+        "::169.254.169.254",  # IPv4-compatible
+        "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo, its client 10.0.0.1 (stored inverted)
+        "::ffff:10.0.0.1",  # IPv4-mapped
+    ],
+)
 def test_an_ipv6_address_that_carries_a_private_ipv4_address_is_judged_as_that_address(address):
     guard = WebhookGuard()
     assert not guard.permits(ipaddress.ip_address(address))
@@ -116,10 +153,17 @@ def test_an_ipv6_address_carrying_a_public_ipv4_address_is_judged_by_both():
     assert guard.permits(ipaddress.ip_address("2606:4700:4700::1111"))  # no IPv4 inside: an ordinary address
 
 
-@pytest.mark.parametrize("url", [
-    "http://169.254.169.254/latest/meta-data/", "http://10.0.0.5/hook", "http://[::1]:8080/hook",
-    "ftp://93.184.216.34/hook", "not a url", "http:///nohost",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.5/hook",
+        "http://[::1]:8080/hook",
+        "ftp://93.184.216.34/hook",
+        "not a url",
+        "http:///nohost",
+    ],
+)
 def test_a_url_that_must_not_be_called_is_a_422_naming_the_field(url):
     with pytest.raises(ValidationFailed) as caught:
         check_webhook_url(url)

@@ -8,6 +8,7 @@ past its end of life. Only the binary is used; maskq manages the process.
 ``maskq redis`` keeps one in the foreground, stopping it after the workers
 (that is what ``make run`` does); with ``MASKQ_REDIS_URL`` set it starts nothing.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,6 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import redis
-
 
 log = logging.getLogger(__name__)
 
@@ -56,29 +56,40 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    def start(self, timeout: float = 10.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [
             str(server_binary()),
-            "--bind", self.host,
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
             # Protected mode: no password is set, so it answers only on loopback whatever --bind says.
-            "--protected-mode", "yes",
-            "--loglevel", "warning",
+            "--protected-mode",
+            "yes",
+            "--loglevel",
+            "warning",
         ]
         # A session of its own: a Ctrl-C or a signal to `make run`'s process group does not reach it, so
         # whoever started it decides when it stops (after the workers: `maskq redis`).
-        self.process = subprocess.Popen(command, start_new_session=True,
-                                        preexec_fn=_die_with_parent if self.die_with_parent else None)
+        self.process = subprocess.Popen(
+            command, start_new_session=True, preexec_fn=_die_with_parent if self.die_with_parent else None
+        )
         client = redis.Redis(host=self.host, port=self.port)
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the embedded Redis exited at start (code {self.process.returncode}); is port {self.port} free?")
+                raise RuntimeError(
+                    f"the embedded Redis exited at start (code {self.process.returncode}); is port {self.port} free?"
+                )
             try:
                 # LOADING answers until the AOF is replayed; only then is it ready.
                 if client.ping():
@@ -107,7 +118,7 @@ class RedisServer:
             self.process.wait()
         self.process = None
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

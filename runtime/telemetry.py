@@ -9,6 +9,7 @@ job's spans share the trace id its ``traceparent`` and log lines show.
 Without the packages or the endpoint nothing happens, and the service needs
 neither.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,11 @@ def _start(service_name: str) -> bool:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError as exc:
-        log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed (%s): "
-                    "pip install -r requirements-otel.txt", exc)
+        log.warning(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed (%s): "
+            "pip install -r requirements-otel.txt",
+            exc,
+        )
         return False
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # the endpoint from the environment
@@ -70,4 +74,4 @@ def flush() -> None:
     if _started:
         from opentelemetry import trace
 
-        trace.get_tracer_provider().force_flush()
+        trace.get_tracer_provider().force_flush()  # type: ignore[attr-defined]  # the SDK's provider (start())

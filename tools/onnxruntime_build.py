@@ -3,12 +3,13 @@
 The two builds install the same ``onnxruntime`` module and clash: a venv must
 hold exactly one. ``MASKQ_DEVICE`` decides: ``cpu``, ``cuda``, or ``auto``
 (the default: the GPU build where an NVIDIA driver is present). ``make
-install`` runs ``python -m config.device install VERSION``, which removes the
+install`` runs ``python -m tools.onnxruntime_build install VERSION``, which removes the
 other build when it is there and installs the chosen one (nothing when it is
 already in place).
 
 Standard library only: it runs before anything else is installed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,11 @@ GPU_BUILD = "onnxruntime-gpu"
 
 def nvidia_driver_present() -> bool:
     """Whether this host has an NVIDIA driver: its kernel module, ``nvidia-smi``, or the NVML library."""
-    return (Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
-            or ctypes.util.find_library("nvidia-ml") is not None)
+    return (
+        Path("/proc/driver/nvidia/version").exists()
+        or shutil.which("nvidia-smi") is not None
+        or ctypes.util.find_library("nvidia-ml") is not None
+    )
 
 
 def choose_build(device: str, driver_present: bool) -> str:
@@ -74,7 +78,7 @@ def install(version: str, device: str, driver_present: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m config.device", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.onnxruntime_build", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("choose", help="print the build MASKQ_DEVICE chooses on this host")
     installing = sub.add_parser("install", help="install the chosen build at VERSION, removing the other")
@@ -85,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build = choose_build(device, driver)
     except ValueError as exc:
-        print(f"config.device: {exc}", file=sys.stderr)
+        print(f"tools.onnxruntime_build: {exc}", file=sys.stderr)
         return 2
-    reason = f"MASKQ_DEVICE={device}" + (f", NVIDIA driver {'found' if driver else 'not found'}" if device == "auto" else "")
+    reason = f"MASKQ_DEVICE={device}" + (
+        f", NVIDIA driver {'found' if driver else 'not found'}" if device == "auto" else ""
+    )
     if args.command == "choose":
         print(build)
         return 0

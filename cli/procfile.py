@@ -1,4 +1,4 @@
-"""``make run``: the Procfile under honcho, given the time to stop in order (``python -m webapp.procfile``).
+"""``make run``: the Procfile under honcho, given the time to stop in order (``python -m cli.procfile``).
 
 On Ctrl-C honcho sends SIGTERM to every process at once and SIGKILL to
 whatever is left 5 s after the first one ends (``honcho.manager.KILL_WAIT``;
@@ -9,6 +9,7 @@ the workers before it stops (``maskq redis``, at most
 that ran longer than that was left ``running`` for recovery at the next start.
 Here honcho waits that long and a margin more, so the order holds.
 """
+
 from __future__ import annotations
 
 import sys

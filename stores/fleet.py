@@ -16,11 +16,13 @@ Each hash has a sorted set of when each entry lapses, written and read in Lua
 with Redis's own clock (hosts' clocks need not agree): every read is one call,
 whatever else the keyspace holds, and drops lapsed entries as it goes.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import socket
+from typing import Any
 
 import redis
 
@@ -56,16 +58,20 @@ def this_process() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _write(client: redis.Redis, hash_key: str, lapse_key: str, member: str, value: dict, ttl_s: float) -> None:
+def _write(
+    client: redis.Redis, hash_key: str, lapse_key: str, member: str, value: dict[str, Any], ttl_s: float
+) -> None:
     client.register_script(_WRITE)(keys=[hash_key, lapse_key], args=[member, json.dumps(value), ttl_s])
 
 
-def _read(client: redis.Redis, hash_key: str, lapse_key: str, members: list[str] | None = None) -> dict[str, dict]:
+def _read(
+    client: redis.Redis, hash_key: str, lapse_key: str, members: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
     flat = client.register_script(_READ)(keys=[hash_key, lapse_key], args=members or [])
     return {flat[i].decode(): json.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
-def write_heartbeat(client: redis.Redis, owner: str, body: dict, ttl_s: float) -> None:
+def write_heartbeat(client: redis.Redis, owner: str, body: dict[str, Any], ttl_s: float) -> None:
     _write(client, keys.WORKERS, keys.WORKERS_LAPSE, owner, body, ttl_s)
 
 
@@ -81,23 +87,23 @@ def is_alive(client: redis.Redis, owner: str) -> bool:
     return owner in heartbeats(client, [owner])
 
 
-def heartbeats(client: redis.Redis, owners: list[str]) -> dict[str, dict]:
+def heartbeats(client: redis.Redis, owners: list[str]) -> dict[str, dict[str, Any]]:
     """The live heartbeats of ``owners`` (one call); a lapsed one is absent."""
     if not owners:
         return {}
     return _read(client, keys.WORKERS, keys.WORKERS_LAPSE, owners)
 
 
-def live_workers(client: redis.Redis) -> list[dict]:
+def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
     """Every worker process whose heartbeat has not lapsed, each with its ``id`` (``host:pid``)."""
     return [dict(body, id=owner) for owner, body in _read(client, keys.WORKERS, keys.WORKERS_LAPSE).items()]
 
 
-def write_gate(client: redis.Redis, worker_name: str, state: dict, ttl_s: float) -> None:
+def write_gate(client: redis.Redis, worker_name: str, state: dict[str, Any], ttl_s: float) -> None:
     _write(client, keys.GATES, keys.GATES_LAPSE, worker_name, state, ttl_s)
 
 
-def gate_states(client: redis.Redis) -> dict[str, dict]:
+def gate_states(client: redis.Redis) -> dict[str, dict[str, Any]]:
     """Each live worker's gate, by worker name."""
     return _read(client, keys.GATES, keys.GATES_LAPSE)
 

@@ -8,6 +8,7 @@ model, lane and trace id: in JSON as fields, in text as a ``[job …]`` prefix.
 So one ``grep`` (or one log query on ``trace_id``) follows a job through web,
 worker and webhook.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,9 @@ import logging
 import sys
 import time
 
+from config.task_names import RUN_JOB
+
 _JOB: contextvars.ContextVar[dict | None] = contextvars.ContextVar("maskq_job", default=None)
-RUN_JOB_TASK = "maskq.run_job"  # domain/lanes.py RUN_JOB (config cannot import domain)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(job_prefix)s%(message)s"
 
 
@@ -58,7 +60,7 @@ class JobFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         job = _JOB.get() or {}
         args = record.args if isinstance(record.args, dict) else {}
-        if not job and args.get("name") == RUN_JOB_TASK and "id" in args:
+        if not job and args.get("name") == RUN_JOB and "id" in args:
             job = {"job_id": args["id"]}  # Celery's own "received" / "succeeded" lines: the task id is the job's
         record.job = job
         record.job_prefix = f"[job {job['job_id']}] " if "job_id" in job else ""

@@ -1,47 +1,48 @@
 """The webhook outbox: every delivery is written down in the same step as the event it announces, queued after.
 
-A message (``domain/delivery_log.py``) is born with an entry in the outbox
+A message (``stores/delivery_log.py``) is born with an entry in the outbox
 (``keys.WEBHOOK_OUTBOX``, message ids by the time their lease runs out). For a
 job's event the entry is written by the record's own state move
 (:data:`QUEUE_JOB_EVENT_LUA`, inside the transition script of
-``domain/records.py``); for anything else (a ``batch.completed``, a result-cache
+``stores/jobs.py``); for anything else (a ``batch.completed``, a result-cache
 hit) by :meth:`Outbox.add`, with the message. Whoever wrote it holds the entry
 for :data:`LEASE_S` and queues the first delivery attempt at once (the fast
-path, ``domain/webhooks.py``); only then is the entry removed. A process that
+path, ``stores/webhooks.py``); only then is the entry removed. A process that
 dies in between leaves the entry behind; once its lease runs out, a worker's
 upkeep takes it (:meth:`Outbox.take`, another lease) and queues it again
 under the same message id, so a receiver sees at most duplicates it can drop
 by ``webhook-id``, never a lost event and never one event under two ids.
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Mapping
+from typing import cast
 
 import redis
 
 from domain import keys
-from domain.schemas import DEFAULT_JOB_EVENTS, JOB_EVENTS
+from domain.schemas import DEFAULT_JOB_EVENTS
+from domain.webhooks import DEFAULT_TTL_S, EVENT_OF_STATE
 
 LEASE_S = 30  # how long an entry's writer (or taker) has to queue it before upkeep queues it again
-DEFAULT_TTL_S = 7 * 24 * 3600  # a message's lifetime when its subject has no TTL to follow
-# The event each state a job moves into announces; the events a webhook that names none gets are the
-# request's default (domain/schemas.py), written into the script below.
-EVENT_OF_STATUS = {"running": "job.started", "succeeded": "job.succeeded", "failed": "job.failed",
-                   "canceled": "job.canceled", "expired": "job.expired"}
-assert tuple(EVENT_OF_STATUS.values()) == JOB_EVENTS  # every event a request may name is announced
+# The event each state a job moves into announces (domain/webhooks.py), and the events a webhook that
+# names none gets, the request's default (domain/schemas.py): written into the script below.
+EVENT_OF_STATUS = {str(state): event for state, event in EVENT_OF_STATE.items()}
 
 
-def _lua_literal(value) -> str:
+def _lua_literal(value: Mapping[str, str] | Iterable[str]) -> str:
     """A Lua table (or string) literal for plain ASCII data: JSON's string syntax is Lua's too."""
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return "{" + ", ".join(f"[{json.dumps(k)}] = {json.dumps(v)}" for k, v in value.items()) + "}"
     return "{" + ", ".join(json.dumps(v) for v in value) + "}"
 
 
-# Part of the job's transition script (domain/records.py): after the move, with KEYS[1] the job's hash,
+# Part of the job's transition script (stores/jobs.py): after the move, with KEYS[1] the job's hash,
 # ARGV[2] the new status and ARGV[4] now. Leaves the new message's id in ``webhook_message`` ('' if none),
-# which the script returns. The message's fields are Message's (domain/delivery_log.py); a job.started
+# which the script returns. The message's fields are Message's (stores/delivery_log.py); a job.started
 # also keeps the record as it is now, its body (an ending event's body is built at its first attempt).
 QUEUE_JOB_EVENT_LUA = """
 local webhook_message = ''
@@ -75,9 +76,12 @@ do
   end
 end
 """
-for _name, _value in (("EVENT_OF_STATUS", _lua_literal(EVENT_OF_STATUS)),
-                      ("DEFAULT_EVENTS", _lua_literal(DEFAULT_JOB_EVENTS)),
-                      ("DEFAULT_TTL_S", str(DEFAULT_TTL_S)), ("LEASE_S", str(LEASE_S))):
+for _name, _value in (
+    ("EVENT_OF_STATUS", _lua_literal(EVENT_OF_STATUS)),
+    ("DEFAULT_EVENTS", _lua_literal(DEFAULT_JOB_EVENTS)),
+    ("DEFAULT_TTL_S", str(DEFAULT_TTL_S)),
+    ("LEASE_S", str(LEASE_S)),
+):
     QUEUE_JOB_EVENT_LUA = QUEUE_JOB_EVENT_LUA.replace(_name, _value)
 
 _ADD = """
@@ -105,7 +109,7 @@ return due
 class Outbox:
     """The outbox's entries: added with their message, taken when their lease ran out, removed once queued."""
 
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._add = client.register_script(_ADD)
         self._take = client.register_script(_TAKE)
@@ -113,8 +117,12 @@ class Outbox:
     def add(self, message_id: str, fields: dict[str, str], deliveries_key: str, ttl_s: int) -> bool:
         """Write message ``message_id`` (``fields``) and its entry, held by the caller; False if it existed."""
         pairs = [part for item in fields.items() for part in item]
-        return bool(self._add(keys=[keys.webhook_message(message_id), deliveries_key, keys.WEBHOOK_OUTBOX],
-                              args=[message_id, time.time() + LEASE_S, ttl_s, *pairs]))
+        return bool(
+            self._add(
+                keys=[keys.webhook_message(message_id), deliveries_key, keys.WEBHOOK_OUTBOX],
+                args=[message_id, time.time() + LEASE_S, ttl_s, *pairs],
+            )
+        )
 
     def take(self, now: float | None = None, most: int = 100) -> list[str]:
         """The ids of the entries whose lease ran out (their queuer died or failed), each taken for :data:`LEASE_S`."""
@@ -127,4 +135,5 @@ class Outbox:
 
     def entries(self) -> list[tuple[str, float]]:
         """``(message id, lease end)`` of every entry, soonest first."""
-        return [(m.decode(), at) for m, at in self.redis.zrange(keys.WEBHOOK_OUTBOX, 0, -1, withscores=True)]
+        entries = cast("list[tuple[bytes, float]]", self.redis.zrange(keys.WEBHOOK_OUTBOX, 0, -1, withscores=True))
+        return [(m.decode(), at) for m, at in entries]

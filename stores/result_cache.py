@@ -3,8 +3,8 @@
 Two jobs are *the same* when they would give the same result: the same image
 bytes (SHA-256), the same prompts and outputs (canonical JSON of the validated
 request; lane, webhook and deadline do not change a result), the same model
-name and version, and the same tenant. :func:`cache_key` turns that into one
-digest.
+name and version, and the same tenant. ``domain.result_keys.cache_key`` turns
+that into one digest.
 
 - **Cache.** When a job that ran the model succeeds, an entry
   ``maskq:cache:entry:{digest}`` names it for ``result_cache_ttl_s``. A later
@@ -33,26 +33,28 @@ digest.
 :meth:`ResultCache.settle` does the work at a job's end; it may run any
 number of times for a job, in any process.
 """
+
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import redis
 
-from config.settings import LANES
+from config.settings import LANES, Settings
 from domain import keys
 from domain.keys import cache_entry as entry_key
 from domain.keys import cache_followers as followers_key
 from domain.keys import cache_inflight as inflight_key
 from domain.keys import job_prefix
-from domain.lanes import send_job
-from domain.records import JobRecord, JobState, JobStore
+from domain.records import JobRecord, JobState
+from domain.result_keys import cache_key
 from domain.schemas import JobRequest
-from domain.webhooks import notify
+from stores.jobs import JobStore
+from stores.lanes import send_job
+from stores.webhooks import notify
 
 log = logging.getLogger(__name__)
 
@@ -62,40 +64,6 @@ MIN_LIFETIME_S = 60
 # A leader that succeeded this long ago and still holds its in-flight key was never settled: take over.
 STALE_AFTER_S = 30
 NO_KEY = inflight_key("-")
-
-
-def cache_key(request: JobRequest | dict, *, image_sha256: str, model: str, version: str, tenant: str) -> str:
-    """The digest of everything that decides a job's result, and nothing else."""
-    if not isinstance(request, JobRequest):
-        request = JobRequest.model_validate(request)
-    what = {
-        "v": 1,
-        "tenant": tenant,
-        "model": model,
-        "version": version,
-        "image_sha256": image_sha256,
-        # Validated, so [1, 2, 1] and [1.0, 2.0, 1] are the same point.
-        "prompts": request.prompts.model_dump(mode="json"),
-        # The pipeline asks "is 'png' among the outputs": order and repeats do not matter.
-        "outputs": sorted(set(request.outputs)),
-    }
-    if request.points_per_side is not None:  # changes a segment-everything result
-        what["points_per_side"] = request.points_per_side
-    canonical = json.dumps(what, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def file_key(record: JobRecord, name: str) -> str:
-    """The storage key of a job's file ``name`` (``masks/…`` or its input's file name).
-
-    A cached or coalesced job shows the masks (and, for a hit, the input) of
-    the job that ran the model; a job that ran shows its own.
-    """
-    if name.startswith("masks/") and record.result_key:
-        return record.result_key.rpartition("/")[0] + "/" + name
-    if record.input_key and name == record.input_key.rpartition("/")[2]:
-        return record.input_key
-    return job_prefix(record.tenant, record.id) + name
 
 
 # KEYS[1]: the entry. The job it names, if that job still exists and succeeded.
@@ -212,6 +180,16 @@ class CachedResult:
     height: int
 
 
+class TimeLimits(Protocol):
+    def time_limits(self, name: str | None, settings: Settings) -> tuple[float, float]: ...
+
+
+class Catalog(Protocol):
+    """What the cache needs of the model catalog (``models.catalog``, a layer above): its time limits."""
+
+    def current(self) -> TimeLimits: ...
+
+
 class ResultCache:
     """The result cache and in-flight coalescing over Redis; see the module's docstring.
 
@@ -220,7 +198,7 @@ class ResultCache:
     ``celery`` are needed only to send a follower that became a leader to a worker.
     """
 
-    def __init__(self, jobs: JobStore, settings, catalog=None, celery=None):
+    def __init__(self, jobs: JobStore, settings: Settings, catalog: Catalog | None = None, celery: Any = None) -> None:
         self.jobs = jobs
         self.redis: redis.Redis = jobs.redis
         self.settings = settings
@@ -249,17 +227,26 @@ class ResultCache:
         if not found:
             return None
         job_id, result_key, instances, version, input_key, created_at, width, height = (v.decode() for v in found)
-        cached = CachedResult(job_id, result_key, int(instances), version, input_key, float(created_at),
-                              int(width), int(height))
+        cached = CachedResult(
+            job_id, result_key, int(instances), version, input_key, float(created_at), int(width), int(height)
+        )
         return cached if self._lifetime_s(cached.created_at, time.time()) >= MIN_LIFETIME_S else None
 
     def serve(self, record: JobRecord, cached: CachedResult) -> JobRecord:
         """Write ``record``, a new job identical to ``cached``'s, as already succeeded with its result."""
         now = time.time()
         hit = replace(
-            record, status=JobState.SUCCEEDED, cached=True, result_key=cached.result_key, instances=cached.instances,
-            model_version=cached.model_version or record.model_version, input_key=cached.input_key,
-            finished_at=now, deadline_at=None, cache_key=None, coalesced_with=None,
+            record,
+            status=JobState.SUCCEEDED,
+            cached=True,
+            result_key=cached.result_key,
+            instances=cached.instances,
+            model_version=cached.model_version or record.model_version,
+            input_key=cached.input_key,
+            finished_at=now,
+            deadline_at=None,
+            cache_key=None,
+            coalesced_with=None,
         )
         # Its result lives in the other job's folder, which goes when that job does.
         self.jobs.create(hit, ttl_s=min(self.jobs.ttl_s, self._lifetime_s(cached.created_at, now)))
@@ -275,13 +262,16 @@ class ResultCache:
         if not self.enabled or record.cache_key is None:
             return None
         higher_or_same = LANES[: LANES.index(record.lane) + 1]
-        answer = self._join(keys=[inflight_key(record.cache_key), JobStore.key(record.id)],
-                            args=[record.id, self.settings.job_ttl_s, time.time(), STALE_AFTER_S, *higher_or_same])
+        answer = self._join(
+            keys=[inflight_key(record.cache_key), JobStore.key(record.id)],
+            args=[record.id, self.settings.job_ttl_s, time.time(), STALE_AFTER_S, *higher_or_same],
+        )
         if answer[0] != b"follow":
             return None
         record.coalesced_with = answer[1].decode()
-        log.info("job %s: identical to job %s, which is in flight; waiting for its result", record.id,
-                 record.coalesced_with)
+        log.info(
+            "job %s: identical to job %s, which is in flight; waiting for its result", record.id, record.coalesced_with
+        )
         return record.coalesced_with
 
     # -- when a job ends ----------------------------------------------------------------------
@@ -301,12 +291,18 @@ class ResultCache:
             for follower in followers:
                 self._share_result(follower, record)
             return
-        waiting = self._hand_off(keys=[inflight, followers_key(job_id)],
-                                 args=[job_id, self.settings.job_ttl_s, time.time()])
+        waiting = self._hand_off(
+            keys=[inflight, followers_key(job_id)], args=[job_id, self.settings.job_ttl_s, time.time()]
+        )
         if waiting:
             new = waiting[0].decode()
-            log.info("job %s: ended %s; job %s, identical, runs in its place (%d waiting on it)", job_id,
-                     record.status if record else "and gone", new, len(waiting) - 1)
+            log.info(
+                "job %s: ended %s; job %s, identical, runs in its place (%d waiting on it)",
+                job_id,
+                record.status if record else "and gone",
+                new,
+                len(waiting) - 1,
+            )
             self._send(new)
 
     def remember(self, record: JobRecord) -> bool:
@@ -319,14 +315,31 @@ class ResultCache:
             return False
         ttl = min(self.settings.result_cache_ttl_s, lifetime)
         # The key of what actually ran: the model version is the worker's, which may be newer than the submit's.
-        digest = cache_key(record.request, image_sha256=record.image_sha256, model=record.model,
-                           version=record.model_version, tenant=record.tenant)
-        evicted = self._remember(keys=[entry_key(digest), INDEX],
-                                 args=[record.id, ttl, now, self.settings.result_cache_max_entries,
-                                       digest, self.settings.result_cache_ttl_s])
+        digest = cache_key(
+            record.request,
+            image_sha256=record.image_sha256,
+            model=record.model,
+            version=record.model_version,
+            tenant=record.tenant,
+        )
+        evicted = self._remember(
+            keys=[entry_key(digest), INDEX],
+            args=[
+                record.id,
+                ttl,
+                now,
+                self.settings.result_cache_max_entries,
+                digest,
+                self.settings.result_cache_ttl_s,
+            ],
+        )
         if evicted > 0:
-            log.info("result cache: %d oldest entr%s evicted (the bound is %d)", evicted,
-                     "y" if evicted == 1 else "ies", self.settings.result_cache_max_entries)
+            log.info(
+                "result cache: %d oldest entr%s evicted (the bound is %d)",
+                evicted,
+                "y" if evicted == 1 else "ies",
+                self.settings.result_cache_max_entries,
+            )
         return True
 
     # -- helpers --------------------------------------------------------------------------------
@@ -334,14 +347,25 @@ class ResultCache:
     def _ran_the_model(self, record: JobRecord) -> bool:
         # Not a hit or a coalesced job (their result is another's), nor a degraded run on a fallback model.
         own = job_prefix(record.tenant, record.id)
-        return (record.status == JobState.SUCCEEDED and not record.cached and record.model_used is None
-                and record.result_key is not None and record.result_key.startswith(own))
+        return (
+            record.status == JobState.SUCCEEDED
+            and not record.cached
+            and record.model_used is None
+            and record.result_key is not None
+            and record.result_key.startswith(own)
+        )
 
     def _share_result(self, follower_id: str, leader: JobRecord) -> None:
         moved, _ = self.jobs.move(
-            follower_id, JobState.SUCCEEDED, {JobState.QUEUED}, finished_at=time.time(),
-            result_key=leader.result_key, instances=leader.instances or 0, model_version=leader.model_version,
-            cached="true", coalesced_with=leader.id,  # "true": the record's hash keeps booleans as JSON
+            follower_id,
+            JobState.SUCCEEDED,
+            {JobState.QUEUED},
+            finished_at=time.time(),
+            result_key=leader.result_key,
+            instances=leader.instances or 0,
+            model_version=leader.model_version,
+            cached="true",
+            coalesced_with=leader.id,  # "true": the record's hash keeps booleans as JSON
         )
         if not moved:
             return  # canceled or expired while it waited

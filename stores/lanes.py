@@ -17,23 +17,26 @@ move takes the oldest message off the lower lane's broker list and puts it on
 the interactive list in one Lua script, so a promoted job is never lost or
 duplicated, however many workers promote at once.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import redis
 
 from config.settings import LANES, Settings
-from domain.errors import ServiceUnavailable
+from config.task_names import RUN_JOB
 from domain import keys
+from domain.errors import ServiceUnavailable
 from domain.keys import PROMOTED, lane_index
-from domain.records import JobRecord, JobStore
-
+from domain.records import JobRecord
+from stores.jobs import JobStore
 
 # KEYS[1]: the lower lane's broker list, KEYS[2]: the interactive broker list,
 # KEYS[3]/KEYS[4]: the lower/interactive lane index, KEYS[5]: the set of promoted jobs still queued.
-# ARGV: now, aging seconds, lower lane name, most promoted jobs queued at once.
+# ARGV: now, aging seconds, lower lane name, most promoted jobs queued at once, the interactive lane's name.
 _PROMOTE = keys.lua("""
 -- A promoted job whose record expired or left the queue some other way must not hold its place for ever.
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
@@ -51,7 +54,7 @@ for _ = 1, 100 do
   if status == 'queued' then
     local since = redis.call('ZSCORE', KEYS[3], id)
     if since and tonumber(ARGV[1]) - tonumber(since) < tonumber(ARGV[2]) then break end
-    redis.call('HSET', job, 'lane', 'interactive', 'promoted_from', ARGV[3])
+    redis.call('HSET', job, 'lane', ARGV[5], 'promoted_from', ARGV[3])
     redis.call('ZREM', KEYS[3], id)
     redis.call('ZADD', KEYS[4], ARGV[1], id)
     redis.call('SADD', KEYS[5], id)
@@ -68,7 +71,7 @@ return promoted
 class Lanes:
     """Lane-level views and actions over Redis."""
 
-    def __init__(self, client: redis.Redis, jobs: JobStore, settings: Settings):
+    def __init__(self, client: redis.Redis, jobs: JobStore, settings: Settings) -> None:
         self.redis = client
         self.jobs = jobs
         self.settings = settings
@@ -89,7 +92,7 @@ class Lanes:
             *cards, rank = pipe.execute()
         if rank is None:
             return None
-        ahead = sum(cards[: LANES.index(record.lane)])
+        ahead = sum(int(card) for card in cards[: LANES.index(record.lane)])
         return ahead + int(rank)
 
     def estimated_start(self, position: int, workers: int) -> float:
@@ -114,20 +117,24 @@ class Lanes:
             return []
         now = now or time.time()
         promoted = []
-        for lane in ("default", "batch"):
+        top, *lower = LANES  # interactive; default and batch
+        for lane in lower:
             ids = self._promote(
-                keys=[lane, "interactive", lane_index(lane), lane_index("interactive"), PROMOTED],
-                args=[now, self.settings.lane_aging_s, lane, self.settings.lane_aging_max_promoted],
+                keys=[lane, top, lane_index(lane), lane_index(top), PROMOTED],
+                args=[now, self.settings.lane_aging_s, lane, self.settings.lane_aging_max_promoted, top],
             )
             promoted += [i.decode() for i in ids]
         return promoted
 
 
-RUN_JOB = "maskq.run_job"  # the Celery task that runs a job (tasks/run_job.py)
-
-
-def send_job(celery, job_id: str, lane: str, time_limits: tuple[float, float], countdown: float | None = None,
-             traceparent: str | None = None) -> None:
+def send_job(
+    celery: Any,
+    job_id: str,
+    lane: str,
+    time_limits: tuple[float, float],
+    countdown: float | None = None,
+    traceparent: str | None = None,
+) -> None:
     """Put job ``job_id``'s message on its lane, for a worker to run; the message's id is the job's.
 
     The one way a job reaches a worker: a submit, a follower that leads after
@@ -137,7 +144,17 @@ def send_job(celery, job_id: str, lane: str, time_limits: tuple[float, float], c
     context) travels in the message's headers.
     """
     if celery is None:
-        from celery import current_app as celery
+        from celery import current_app
+
+        celery = current_app
     soft, hard = time_limits
-    celery.send_task(RUN_JOB, args=[job_id], queue=lane, task_id=job_id, soft_time_limit=soft, time_limit=hard,
-                     countdown=countdown, headers={"traceparent": traceparent} if traceparent else None)
+    celery.send_task(
+        RUN_JOB,
+        args=[job_id],
+        queue=lane,
+        task_id=job_id,
+        soft_time_limit=soft,
+        time_limit=hard,
+        countdown=countdown,
+        headers={"traceparent": traceparent} if traceparent else None,
+    )

@@ -6,6 +6,7 @@ to ask; every client (records, lanes, heartbeats, rate limits, Celery's broker) 
 primary they name, and finds the new one after a failover. The password is the primary's; the
 Sentinels are asked without one. The Lua scripts need one primary: Sentinel, not Redis Cluster.
 """
+
 from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit
@@ -13,11 +14,7 @@ from urllib.parse import unquote, urlsplit
 import redis
 from redis.sentinel import Sentinel
 
-SENTINEL = "sentinel://"
-
-
-def is_sentinel(url: str) -> bool:
-    return url.startswith(SENTINEL)
+from config.settings import is_sentinel
 
 
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str | None, int]:
