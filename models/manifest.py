@@ -80,6 +80,21 @@ def import_adapter(path: str) -> type[ModelAdapter]:
     return found
 
 
+class Convert(BaseModel):
+    """A file made at install time from fetched ones (``models/fetch.py``): ``[models.NAME.source.convert]``.
+
+    ``format = "tfjs-graph-model"``: the member ``graph`` (a TensorFlow.js ``model.json``, its weight files
+    fetched as other members) becomes the ONNX file ``output`` (``models/tfjs_to_onnx.py``). The conversion
+    is deterministic, so ``output`` has its own ``sha256``, checked like a fetched file's.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["tfjs-graph-model"]
+    graph: str  # the role (in `members`) of the graph model's JSON
+    output: str  # the role (in `files`, with a sha256, not a member) of the ONNX file made
+
+
 class Source(BaseModel):
     """Where a model's files come from when they are fetched (``models/fetch.py``), and its provenance."""
 
@@ -90,6 +105,7 @@ class Source(BaseModel):
     members: dict[str, str] = Field(min_length=1)  # file role -> its path inside the tarball
     license: str = ""
     description: str = ""
+    convert: Convert | None = None  # one file made from the fetched ones at install time
 
 
 class ModelEntry(BaseModel):
@@ -193,6 +209,16 @@ class ModelEntry(BaseModel):
         unchecked = sorted(set(self.source.members) - set(self.sha256)) if self.source else []
         if unchecked:
             raise ValueError(f"a fetched file needs its sha256: give sha256.{unchecked[0]}")
+        convert = self.source.convert if self.source else None
+        if convert is not None and self.source is not None:
+            if convert.graph not in self.source.members:
+                raise ValueError(f"source.convert.graph {convert.graph!r} is not one of source.members")
+            if convert.output in self.source.members or convert.output not in self.files:
+                raise ValueError(
+                    f"source.convert.output {convert.output!r} must name a file of 'files' that is not fetched"
+                )
+            if convert.output not in self.sha256:
+                raise ValueError(f"a converted file needs its sha256: give sha256.{convert.output}")
         return self
 
     @model_validator(mode="after")

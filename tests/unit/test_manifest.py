@@ -20,6 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 TEXT = "models.adapters.text_regions:TextRegionsAdapter"
 TOY = "tests.support.toy_models:ToyAdapter"
 BOXES = "tests.support.toy_models:ToyBoxesAdapter"
+# A model whose files come from a package, one of them converted at install time (%s: the convert table).
+SOURCED = (
+    '[models.a]\nversion = "1"\nadapter = "models.adapters.detector:DetectorAdapter"\n'
+    'files = { graph = "g.json", model = "m.onnx" }\n'
+    'sha256 = { graph = "' + "a" * 64 + '", model = "' + "b" * 64 + '" }\n'
+    '[models.a.source]\nnpm = "pkg@1.0.0"\nsha256 = "' + "c" * 64 + '"\n'
+    'members = { graph = "package/g.json" }\n%s\n'
+)
 
 
 def write(path: Path, text: str) -> Path:
@@ -120,6 +128,24 @@ def test_the_bundled_manifest_serves_text_regions_by_default():
             "field 'defualt': unknown field (known: default, routes, models)",
         ),
         ('[models.a\nversion = "1"\n', "not a readable TOML/YAML model manifest"),
+        (
+            SOURCED % 'convert = { format = "tfjs-graph-model", graph = "model", output = "graph" }',
+            "model 'a': source.convert.graph 'model' is not one of source.members",
+        ),
+        (
+            SOURCED % 'convert = { format = "tfjs-graph-model", graph = "graph", output = "graph" }',
+            "model 'a': source.convert.output 'graph' must name a file of 'files' that is not fetched",
+        ),
+        (
+            (SOURCED % 'convert = { format = "tfjs-graph-model", graph = "graph", output = "model" }').replace(
+                ', model = "' + "b" * 64 + '"', ""
+            ),
+            "model 'a': a converted file needs its sha256: give sha256.model",
+        ),
+        (
+            SOURCED % 'convert = { format = "keras", graph = "graph", output = "model" }',
+            "model 'a': field 'source.convert.format': Input should be 'tfjs-graph-model'",
+        ),
     ],
 )
 def test_an_invalid_manifest_is_refused_naming_the_model_and_the_field(tmp_path, body, expected):
