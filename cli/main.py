@@ -274,7 +274,11 @@ def parser() -> argparse.ArgumentParser:
         help="send the folder as server-side batches (POST /v1/batches) instead of one job each",
     )
     segment.add_argument("--model", help="the model (default: the service's)")
-    segment.add_argument("--text", action="append", help="a text prompt (repeatable)")
+    segment.add_argument(
+        "--text",
+        action="append",
+        help="an object's name, e.g. cup (repeatable; with --model text-regions: text to find in the image)",
+    )
     segment.add_argument("--lane", choices=LANES, default="batch")
     segment.add_argument("--concurrency", type=int, default=8, help="jobs in flight at once (default %(default)s)")
     segment.set_defaults(run=_segment)

@@ -54,7 +54,11 @@ class MaskRLE(Strict):
 
 
 class PromptSet(Strict):
-    text: list[str] = Field(default_factory=list, description="select instances whose label contains one of these")
+    text: list[str] = Field(
+        default_factory=list,
+        description="objects by name (the objects model: COCO classes, plurals, synonyms; an unknown name is a "
+        "422), or with model text-regions: the text regions whose text contains one of these",
+    )
     # StrictInt, not Literal[0, 1]: pydantic's Literal takes JSON true for 1.
     points: list[tuple[float, float, Annotated[StrictInt, Field(ge=0, le=1)]]] = Field(
         default_factory=list, description="[x, y, label]; label 1 = foreground, 0 = background"

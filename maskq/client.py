@@ -181,7 +181,11 @@ class Client:
         idempotency_key: str | None = None,
         cancel_after: float | str | None = None,
     ) -> Job:
-        """Submit one image and return the job once it has ended (or as it stands after ``wait`` seconds)."""
+        """Submit one image and return the job once it has ended (or as it stands after ``wait`` seconds).
+
+        ``text``: objects by name (``text="cup"``: the service's ``objects`` model when ``model`` is None), or,
+        with ``model="text-regions"``, text to find written in the image.
+        """
         request = build_request(
             points=points, boxes=boxes, text=text, mask=mask, model=model, lane=lane, outputs=outputs, webhook=webhook
         )

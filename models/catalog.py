@@ -109,6 +109,34 @@ class ModelCatalog:
     def requires_prompt(self, name: str | None) -> bool:
         return self.capabilities(name).requires_prompt
 
+    def check_text(self, name: str | None, phrases: list[str] | tuple[str, ...]) -> None:
+        """Refuse ``text`` prompts model ``name`` cannot know (``ValidationFailed``, a ``422`` naming
+        ``prompts.text``): its adapter class's ``check_text``, a pipeline's first step's (which gets them)."""
+        if not phrases:
+            return
+        spec = self.spec(name)
+        while spec.steps:
+            spec = self.specs[spec.steps[0]]
+        import_adapter(spec.adapter).check_text(phrases)
+
+    def missing_files(self, name: str) -> dict[str, list[str]]:
+        """The roles whose files are not on disk, by model: ``name``'s own and, for a pipeline, its steps'."""
+        missing: dict[str, list[str]] = {}
+        own = sorted(role for role, path in self.specs[name].files.items() if not Path(path).is_file())
+        if own:
+            missing[name] = own
+        for step in self.specs[name].steps:
+            missing.update(self.missing_files(step))
+        return missing
+
+    def unavailable(self, name: str) -> str | None:
+        """Why no worker can run ``name``'s jobs, known without asking one: files missing (own or a step's)
+        and no fallback to stand in. None when it may run."""
+        if self.specs[name].fallback is not None:
+            return None
+        missing = self.missing_files(name)
+        return missing_reason(name, missing, self.specs) if missing else None
+
     def setup_order(self) -> list[str]:
         """The models in an order that sets each pipeline's steps up before it (the manifest has no cycles)."""
         order: list[str] = []
@@ -177,6 +205,17 @@ class LiveCatalog:
             return self._catalog
 
 
+def missing_reason(name: str, missing: dict[str, list[str]], specs: Mapping[str, ModelSpec]) -> str:
+    """``missing`` (roles by model, :meth:`ModelCatalog.missing_files`) in words."""
+    parts = []
+    for model, roles in missing.items():
+        files = f"its {', '.join(roles)} file{'s are' if len(roles) > 1 else ' is'} missing" + (
+            " (not fetched: run `make models`)" if specs[model].source else ""
+        )
+        parts.append(files if model == name else f"its step {model!r}: {files}")
+    return "; ".join(parts)
+
+
 def describe_models(catalog: ModelCatalog, workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each model of ``catalog`` with what the live workers' heartbeats say about it (``GET /v1/models``)."""
     models = []
@@ -213,11 +252,11 @@ def describe_models(catalog: ModelCatalog, workers: list[dict[str, Any]]) -> lis
             if spec.source.get("convert"):  # a file made from the fetched ones at install time
                 provenance["converted"] = spec.source["convert"]
             entry["provenance"] = provenance
-        missing = sorted(role for role, path in spec.files.items() if not Path(path).is_file())
-        if missing:  # known without asking a worker: nothing can load it
-            entry["error"] = f"its {', '.join(missing)} file{'s are' if len(missing) > 1 else ' is'} missing" + (
-                " (not fetched: run `make models`)" if spec.source else ""
-            )
+        if spec.steps:
+            entry["steps"] = list(spec.steps)
+        missing = catalog.missing_files(name)
+        if missing:  # known without asking a worker: nothing can load it (nor a pipeline on it)
+            entry["error"] = missing_reason(name, missing, catalog.specs)
         elif errors:
             entry["error"] = errors[0]
         entry["available"] = "error" not in entry and (entry["loaded"] or not workers)

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, request, url_for
 from domain import trace
 from domain.cancel_after import parse_cancel_after
 from domain.documents import job_document, job_result
-from domain.errors import Conflict, InputError, NotFound, TooManyRequests
+from domain.errors import Conflict, InputError, NotFound, ServiceUnavailable, TooManyRequests
 from domain.images import DecodedImage, decode_image
 from domain.keys import job_prefix
 from domain.records import JobRecord, JobState, rfc3339
@@ -113,6 +113,17 @@ def new_job(s: Services, data: bytes, body: object, batch: str | None = None) ->
         requires_prompt=catalog.requires_prompt(spec.name),
         max_points_per_side=settings.max_points_per_side,
     )
+    # Text the model cannot know (objects by name: a phrase that is no COCO class) is a 422 here, never a failed job.
+    catalog.check_text(spec.name, job_request.prompts.text)
+    # A model whose files (or a step's) are not there and that has no fallback: no worker can run it, say so now.
+    reason = catalog.unavailable(spec.name)
+    if reason is not None:
+        routed = "" if job_request.model else f" (a job naming no model with these prompts goes to {spec.name!r})"
+        raise ServiceUnavailable(
+            f"model {spec.name!r} cannot run in this deployment: {reason}{routed}",
+            retry_after=60,
+            errors=[{"field": "model", "message": f"model {spec.name!r} is unavailable: {reason}"}],
+        )
     lane = choose_lane(job_request.lane)  # 403 above the key's ceiling
     job_id = uuid.uuid4().hex
     now = time.time()

@@ -151,13 +151,16 @@ class ModelInfo(Document):
     error: str | None = Field(None, description="why it cannot serve: files missing, or why workers could not load it")
     available: bool = Field(True, description="whether jobs of this model run on it (else on its fallback)")
     provenance: dict | None = Field(None, description="the package its files come from, checksums and licence")
+    steps: list[str] | None = Field(None, description="a pipeline's models, run in order (absent for one model)")
 
 
 class ModelList(Document):
     models: list[ModelInfo]
     default: str | None = Field(None, description="the model of a job that names none and has no route")
     routes: dict[str, str] = Field(
-        default_factory=dict, description="a job that names no model goes by its prompts: kind -> model"
+        default_factory=dict,
+        description="a job that names no model goes by its prompts: kind -> model (text: objects by name; "
+        "reading text in the image is the model text-regions, named)",
     )
     gates: dict[str, dict] = Field(default_factory=dict, description="each worker's resource gate")
     manifest_error: str | None = None

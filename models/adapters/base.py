@@ -298,6 +298,12 @@ class ModelAdapter:
         """What this model can take: its spec's (worked out by the manifest reader), else its class's."""
         return self.spec.capabilities or self.declared_capabilities()
 
+    @classmethod
+    def check_text(cls, phrases: Sequence[str]) -> None:
+        """Refuse the ``text`` prompts this model cannot know: raise :class:`domain.errors.ValidationFailed` naming
+        ``prompts.text.N``. The web calls it at submit (``ModelCatalog.check_text``; a pipeline's first
+        step's), so such a job is a ``422``, never a failed job. Default: any text is a request."""
+
     def read_options(self) -> AdapterOptions:
         """``spec.options`` as the class's ``Options`` (the manifest reader checked them; a spec made in code
         is checked here: :class:`ModelError` naming the field)."""

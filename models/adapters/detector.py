@@ -27,23 +27,14 @@ import cv2
 import numpy as np
 from pydantic import Field
 
-from domain.errors import ModelError
+from domain.errors import ModelError, ValidationFailed
 from models.adapters.base import AdapterContext, AdapterOptions, Instance, ModelAdapter, ModelSpec, SegmentRequest
 from models.adapters.onnx import create_session
 from models.adapters.text_regions import filter_by_boxes, filter_by_points
+from models.coco import COCO_LABELS, coco_class, unknown_message, unknown_phrases
 
-# The package's src/object/labels.ts, in its order (class index 0 … 79); a test checks them against the file.
-COCO_LABELS: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
-    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
+__all__ = ["COCO_LABELS", "DetectorAdapter", "DetectorOptions", "coco_class"]
+
 INPUT = "tower_0/images"
 OUTPUT = "tower_0/detections"
 
@@ -73,18 +64,16 @@ class Detection:
         return COCO_LABELS[self.class_id]
 
 
-def normalize_class(name: str) -> str:
-    """A class name as a prompt is compared: casefolded, runs of spaces as one, trimmed."""
-    return " ".join(name.casefold().split())
+def known_class(phrase: str) -> int:
+    """The class index a phrase means (:func:`models.coco.coco_class`); :class:`ModelError` when none.
 
-
-def known_class(name: str) -> int:
-    """The class index of a COCO class name; :class:`ModelError` listing them all when it is none."""
-    wanted = normalize_class(name)
-    for index, label in enumerate(COCO_LABELS):
-        if label == wanted:
-            return index
-    raise ModelError(f"{name!r} is not one of the detector's 80 COCO classes: {', '.join(COCO_LABELS)}")
+    The web refuses such a phrase at submit (a ``422``, :meth:`DetectorAdapter.check_text`): here it is a
+    last guard, for an adapter driven directly.
+    """
+    name = coco_class(phrase)
+    if name is None:
+        raise ModelError(unknown_message(phrase))
+    return COCO_LABELS.index(name)
 
 
 def _area(boxes: np.ndarray) -> np.ndarray:
@@ -154,6 +143,19 @@ class DetectorAdapter(ModelAdapter):
         options = self.read_options()
         assert isinstance(options, DetectorOptions)
         self.options = options
+
+    @classmethod
+    def check_text(cls, phrases: Sequence[str]) -> None:
+        """A phrase that is no COCO class (:func:`models.coco.coco_class`) is a ``422`` naming ``prompts.text``."""
+        unknown = unknown_phrases(tuple(phrases))
+        if unknown:
+            raise ValidationFailed(
+                "prompts.text: " + unknown_message([phrase for _, phrase in unknown]),
+                errors=[
+                    {"field": f"prompts.text.{i}", "message": f"{phrase!r} is none of the 80 COCO classes"}
+                    for i, phrase in unknown
+                ],
+            )
 
     def setup(self, context: AdapterContext) -> None:
         if "model" not in self.spec.files:

@@ -15,7 +15,10 @@ by the chain as it is loaded.
   one box prompt per instance the step before found (the box around its mask):
   its instances are those boxes' (the first it gives for each box, best first,
   when it gives several), labelled, numbered and framed as the instance the box
-  came from; the mask and score are the step's. A step before that found
+  came from; the mask is the step's, and so is the score unless the option
+  ``score = "first"`` keeps the first step's (a detector's confidence that the
+  object is of the asked class, where the last step's, SAM's predicted IoU,
+  rates only the mask's fit to the box it was given). A step before that found
   nothing ends the request with no instance (a step is never run without a
   prompt, which would mean "everything").
 - What a pipeline can take (:func:`chain_capabilities`) is what its first step
@@ -29,11 +32,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
 from domain.errors import ModelError
-from models.adapters.base import AdapterContext, Capabilities, Instance, ModelAdapter, Prompts, SegmentRequest
+from models.adapters.base import (
+    AdapterContext,
+    AdapterOptions,
+    Capabilities,
+    Instance,
+    ModelAdapter,
+    Prompts,
+    SegmentRequest,
+)
 
 
 def chain_capabilities(steps: Sequence[Capabilities]) -> Capabilities:
@@ -65,21 +77,38 @@ def with_prompts(request: SegmentRequest, prompts: Prompts) -> SegmentRequest:
     return dataclasses.replace(request, prompts=prompts)
 
 
+class PipelineOptions(AdapterOptions):
+    """A pipeline's ``options`` in the manifest."""
+
+    # Whose score an instance keeps: the last step's (the mask's maker) or the first step's (what found it).
+    score: Literal["last", "first"] = "last"
+
+
 class PipelineAdapter(ModelAdapter):
     """Runs the models of ``spec.steps`` in order, on their own adapters; see the module docstring."""
+
+    Options = PipelineOptions
 
     def setup(self, context: AdapterContext) -> None:
         if not self.spec.steps:
             raise ModelError(f"model {self.name}: a pipeline needs steps")
+        options = self.read_options()
+        assert isinstance(options, PipelineOptions)
+        self.keep_first_score = options.score == "first"
         self.steps: list[ModelAdapter] = [context.adapter(name) for name in self.spec.steps]
 
     def execution_providers(self) -> list[str]:
         return sorted({p for step in self.steps for p in step.execution_providers()})
 
     def segment(self, requests: Sequence[SegmentRequest]) -> list[list[Instance]]:
-        results = self.steps[0].segment(requests)
+        first = results = self.steps[0].segment(requests)
         for step in self.steps[1:]:
             results = self._next(step, requests, results)
+        if self.keep_first_score:  # each instance still is the first step's i-th, in its order
+            results = [
+                [dataclasses.replace(out, score=came.score) for came, out in zip(found, instances)]
+                for found, instances in zip(first, results)
+            ]
         return results
 
     def _next(

@@ -63,7 +63,7 @@ def test_make_run_serves_the_readme_example_and_ctrl_c_stops_everything(tmp_path
                 f"{base}/v1/jobs",
                 headers=headers,
                 files={"image": image},
-                data={"request": '{"prompts": {"text": ["促销"]}, "outputs": ["rle", "png"]}'},
+                data={"request": '{"model": "text-regions", "prompts": {"text": ["促销"]}, "outputs": ["rle", "png"]}'},
             )
         assert answer.status_code == 202, answer.text
         job = requests.get(f"{base}/v1/jobs/{answer.json()['id']}?wait=30", headers=headers).json()

