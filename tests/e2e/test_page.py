@@ -358,3 +358,36 @@ def test_the_service_hands_the_dev_key_to_no_one_not_even_a_loopback_caller(dev_
     page.goto(f"{url}/")
     page.wait_for_function("() => document.getElementById('key-note').textContent !== ''")
     assert page.input_value("#api-key") == "" and page.is_disabled("#model")
+
+
+def test_typed_object_names_draw_each_object_labelled_and_show_the_model_that_ran(page, dev_web, coco_detector):
+    """The objects box: "cup" on the coffee photo → the objects model (detector → SAM), the cup drawn and labelled."""
+    page.goto(dev_web["link"])
+    page.wait_for_function("() => document.getElementById('model').options.length > 1", timeout=20_000)
+    page.select_option("#model", "text-regions")  # typing object names chooses the objects model, whatever was
+    page.set_input_files("#file", str(COFFEE))
+    page.wait_for_function("() => document.getElementById('image-layer').width === 600")
+    page.fill("#objects-prompt", "cup")
+    page.press("#objects-prompt", "Enter")
+    job_id = wait_for_overlay(page)
+    assert page.input_value("#model") == "objects" and page.is_hidden("#text-field")
+    job = api_job(dev_web["url"], dev_web["key"], job_id)
+    assert job["status"] == "succeeded" and job["model"]["name"] == "objects"
+    [instance] = job["result"]["instances"]
+    assert instance["label"] == "cup"
+    # The model that ran, from the job document; the overlay's label and score, drawn and listed.
+    assert page.get_attribute("#model-ran", "data-model") == "objects"
+    assert page.text_content("#model-ran").startswith("Model: objects") and page.is_visible("#model-ran")
+    assert "coco-detector → sam" in page.text_content("#model-ran")
+    drawn = f"cup {instance['score']:.2f}"
+    assert page.get_attribute("#mark-layer", "aria-label") == drawn
+    assert f"cup — score {instance['score']:.2f}" in page.text_content("#instances")
+    shown = painted(page)
+    assert iou(shown, at_canvas_scale(decode(instance["mask"]), shown.shape)) >= 0.95
+    x, y, w, h = instance["bbox"]
+    assert shown[int(y + h / 2), int(x + w / 2)]  # the cup's middle is painted
+
+    # text-regions stays on offer, with its own text box; the object names are not sent to it.
+    page.select_option("#model", "text-regions")
+    assert page.is_visible("#text-field") and page.is_visible("#objects-field")
+    assert page.console_errors == []

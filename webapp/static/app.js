@@ -18,6 +18,7 @@ const state = {
   key: "",
   maxWait: 30,
   models: [],          // from GET /v1/models
+  routes: {},          // GET /v1/models `routes`: which model a job naming none goes to, by prompt kind
   file: null,          // the chosen File
   bitmap: null,        // the browser's upright decoding of it, or null when the browser cannot decode it
   width: 0, height: 0, // image pixels
@@ -140,6 +141,7 @@ function drawMasks(job) {
     ctx.drawImage(full, 0, 0, canvas.width, canvas.height);
   }
   $("stage").dataset.jobId = job ? job.id : "";
+  if (!job) showModelRan(null);
   drawMarks(instances, result);
   listInstances(instances);
 }
@@ -152,6 +154,7 @@ function drawMarks(instances = (state.job && state.job.result && state.job.resul
   const s = state.scale;
   ctx.font = "13px system-ui, sans-serif";
   ctx.textBaseline = "bottom";
+  const labels = [];  // the labels drawn, as text too (screen readers and tests cannot read a canvas)
   if (result) {
     const sx = canvas.width / result.width, sy = canvas.height / result.height;
     instances.forEach((instance, i) => {
@@ -163,8 +166,10 @@ function drawMarks(instances = (state.job && state.job.result && state.job.resul
       ctx.fillRect(left, top - 16, tw, 16);
       ctx.fillStyle = "#fff";
       ctx.fillText(text, left + 3, top - 2);
+      labels.push(text);
     });
   }
+  canvas.setAttribute("aria-label", labels.join("; "));
   for (const prompt of state.prompts) {
     if (prompt.kind === "point") {
       ctx.beginPath();
@@ -323,11 +328,25 @@ function currentModel() {
   return state.models.find((m) => m.name === $("model").value) || null;
 }
 
+// The model that finds objects by name: where a job with text and no model goes (`routes.text`), "objects" as
+// config/models.toml names it. Its text comes from the objects box; any other text model's from the text box.
+function objectsModelName() {
+  return state.routes.text || "objects";
+}
+
+function isObjectsModel(model) {
+  return Boolean(model) && model.name === objectsModelName();
+}
+
+function names(input) {
+  return input.value.split(",").map((t) => t.trim()).filter(Boolean);
+}
+
 function buildRequest() {
   const model = currentModel();
   const kinds = new Set(model ? model.prompt_kinds : []);
   const prompts = {};
-  const text = $("text-prompt").value.split(",").map((t) => t.trim()).filter(Boolean);
+  const text = names(isObjectsModel(model) ? $("objects-prompt") : $("text-prompt"));
   if (kinds.has("text") && text.length) prompts.text = text;
   const points = state.prompts.filter((p) => p.kind === "point").map((p) => [p.x, p.y, p.label]);
   if (kinds.has("points") && points.length) prompts.points = points;
@@ -410,6 +429,7 @@ function showJob(job) {
     setupCanvases();
   }
   drawMasks(job);
+  showModelRan(job);
   if (job.status === "succeeded") {
     const n = job.result.instances.length;
     const took = job.metrics && job.metrics.total !== undefined ? ` in ${Number(job.metrics.total).toFixed(2)} s` : "";
@@ -421,11 +441,29 @@ function showJob(job) {
   }
 }
 
+// Which model ran, from the job document's `model` (a pipeline's steps from GET /v1/models).
+function showModelRan(job) {
+  const line = $("model-ran");
+  const ran = job && job.model;
+  if (!ran || !ran.name) {
+    line.hidden = true;
+    line.textContent = "";
+    line.dataset.model = "";
+    return;
+  }
+  const known = state.models.find((m) => m.name === ran.name);
+  const steps = known && known.steps ? ` (${known.steps.join(" → ")})` : "";
+  line.textContent = `Model: ${ran.name}${ran.version ? ` ${ran.version}` : ""}${steps}`;
+  line.dataset.model = ran.name;
+  line.hidden = false;
+}
+
 function promptHint() {
   const model = currentModel();
   if (!model) return "Choose a model.";
   const kinds = new Set(model.prompt_kinds);
   if (kinds.has("points") || kinds.has("boxes")) return "Click on the image to segment the object there.";
+  if (isObjectsModel(model)) return "Type the objects to find (e.g. cup, person), or click on the image.";
   if (kinds.has("text")) return "Type the text to find.";
   return "Ready.";
 }
@@ -611,6 +649,7 @@ async function loadModels() {
   try {
     const body = await api("/v1/models");
     state.models = body.models;
+    state.routes = body.routes || {};
     const previous = select.value;
     select.replaceChildren(...body.models.map((m) => {
       const option = document.createElement("option");
@@ -635,7 +674,7 @@ function onModelChosen({resubmit = true} = {}) {
   const model = currentModel();
   $("model-note").textContent = model && model.provenance
     ? `${model.version} · ${model.provenance.package} · ${model.provenance.license}` : (model ? model.version : "");
-  $("text-field").hidden = !(model && model.prompt_kinds.includes("text"));
+  $("text-field").hidden = !(model && model.prompt_kinds.includes("text")) || isObjectsModel(model);
   if (resubmit) submit(); else if (state.file && !state.job) showStatus(promptHint(), "idle");
 }
 
@@ -723,6 +762,26 @@ function wire() {
     if (event.key === "Enter") {
       clearTimeout(typing);
       submit();
+    }
+  });
+  // Object names: typing them chooses the objects model (the one a job with text and no model goes to).
+  let naming = null;
+  const findObjects = () => {
+    const name = objectsModelName();
+    if ($("model").value !== name && state.models.some((m) => m.name === name)) {
+      $("model").value = name;
+      onModelChosen({resubmit: false});
+    }
+    submit();
+  };
+  $("objects-prompt").addEventListener("input", () => {
+    clearTimeout(naming);
+    naming = setTimeout(findObjects, 600);
+  });
+  $("objects-prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter") {
+      clearTimeout(naming);
+      findObjects();
     }
   });
   let keyTimer = null;
