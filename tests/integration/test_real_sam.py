@@ -146,19 +146,11 @@ SERVICE_CASES = {
 @pytest.fixture(scope="module")
 def sam_service(tmp_path_factory, base_env):
     """Redis, a worker and a front end serving config/models.toml (text-regions and SAM, routed by prompt)."""
-    from runtime.embedded_redis import RedisServer
-    from tests.conftest import IsolatedStack, free_port
+    from tests.conftest import IsolatedStack
 
-    folder = tmp_path_factory.mktemp("real-sam")
-    server = RedisServer(free_port(), folder / "redis").start()
-    env = {
-        **base_env,
-        "MASKQ_REDIS_URL": server.url,
-        "MASKQ_DATA_DIR": str(folder / "data"),
-        "MASKQ_STORAGE_DIR": str(folder / "storage"),
-        "MASKQ_MODELS_MANIFEST": str(SERVICE_MODELS),
-    }
-    stack = IsolatedStack(server, env)
+    stack = IsolatedStack.start(
+        tmp_path_factory.mktemp("real-sam"), base_env, MASKQ_MODELS_MANIFEST=str(SERVICE_MODELS)
+    )
     stack.worker("sam")
     yield stack
     stack.close()
