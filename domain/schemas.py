@@ -29,7 +29,7 @@ DEFAULT_OUTPUTS: tuple[Output, ...] = ("rle",)
 
 # The kinds of prompt, in the order a job that names no model is routed by (the first kind it has that
 # has a route decides: models/manifest.py). The one list: PromptSet, Prompts, the routes, the catalog.
-PromptKind = Literal["text", "mask", "boxes", "points"]
+PromptKind = Literal["text", "exemplars", "mask", "boxes", "points"]
 PROMPT_KINDS: tuple[PromptKind, ...] = get_args(PromptKind)
 
 # A job's webhook events (a state move announces each: stores/outbox.py), those a webhook that names none
@@ -64,6 +64,11 @@ class PromptSet(Strict):
         default_factory=list, description="[x, y, label]; label 1 = foreground, 0 = background"
     )
     boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, description="[x0, y0, x1, y1]")
+    exemplars: list[tuple[float, float, float, float, Annotated[StrictInt, Field(ge=0, le=1)]]] = Field(
+        default_factory=list,
+        description="[x0, y0, x1, y1, label]: every instance like this box (label 1) or not like it (label 0), "
+        "with the text's phrases or alone (SAM 3's exemplar prompts)",
+    )
     mask: MaskRLE | None = None
 
     @property
@@ -72,7 +77,7 @@ class PromptSet(Strict):
 
     @property
     def count(self) -> int:
-        return len(self.text) + len(self.points) + len(self.boxes) + (1 if self.mask else 0)
+        return len(self.text) + len(self.points) + len(self.boxes) + len(self.exemplars) + (1 if self.mask else 0)
 
 
 class Webhook(Strict):
@@ -198,10 +203,12 @@ def check_request(
     for i, (x, y, _) in enumerate(prompts.points):
         if not (0 <= x < width and 0 <= y < height):
             bad(f"prompts.points.{i}", f"({x}, {y}) is outside the {width}x{height} image")
-    for i, (x0, y0, x1, y1) in enumerate(prompts.boxes):
+    boxes = [("boxes", i, box) for i, box in enumerate(prompts.boxes)]
+    boxes += [("exemplars", i, exemplar[:4]) for i, exemplar in enumerate(prompts.exemplars)]
+    for kind, i, (x0, y0, x1, y1) in boxes:
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
             bad(
-                f"prompts.boxes.{i}",
+                f"prompts.{kind}.{i}",
                 f"[{x0}, {y0}, {x1}, {y1}] is not a box with x0 < x1, y0 < y1 inside the {width}x{height} image",
             )
     if prompts.mask is not None:

@@ -31,6 +31,9 @@ def to_prompts(request: JobRequest) -> Prompts:
         text=tuple(p.text),
         points=tuple((float(x), float(y), int(label)) for x, y, label in p.points),
         boxes=tuple((float(x0), float(y0), float(x1), float(y1)) for x0, y0, x1, y1 in p.boxes),
+        exemplars=tuple(
+            (float(x0), float(y0), float(x1), float(y1), int(label)) for x0, y0, x1, y1, label in p.exemplars
+        ),
         mask=masks.decode(p.mask.model_dump()) if p.mask else None,
     )
 

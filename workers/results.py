@@ -84,6 +84,9 @@ class ImageResultWriter(ResultWriter):
                 item["object_id"] = instance.object_id
             if instance.frame is not None:
                 item["frame"] = instance.frame
+            # The model's own box (x0, y0, x1, y1), where it predicts one apart from the mask (SAM 3).
+            if instance.box is not None:
+                item["box"] = [round(float(v), 3) for v in instance.box]
             if "rle" in request.outputs:
                 item["mask"] = rle
             if "polygon" in request.outputs:

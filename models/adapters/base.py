@@ -91,13 +91,15 @@ class Prompts:
     """The prompts of one request, in pixels of the upright image.
 
     ``points`` are ``(x, y, label)`` with label 1 for foreground and 0 for
-    background; ``boxes`` are ``(x0, y0, x1, y1)``; ``mask`` is a boolean
-    array of the image's height and width.
+    background; ``boxes`` are ``(x0, y0, x1, y1)``; ``exemplars`` are
+    ``(x0, y0, x1, y1, label)``: "every instance like this" (label 1) or "not
+    like this" (0); ``mask`` is a boolean array of the image's height and width.
     """
 
     text: tuple[str, ...] = ()
     points: tuple[tuple[float, float, int], ...] = ()
     boxes: tuple[tuple[float, float, float, float], ...] = ()
+    exemplars: tuple[tuple[float, float, float, float, int], ...] = ()
     mask: np.ndarray | None = None
 
     @property
@@ -150,6 +152,8 @@ class Instance:
 
     ``object_id`` follows one object across the frames of a video (or the steps of a
     pipeline), ``frame`` says which frame of a video it is in; both None for an image.
+    ``box`` is the model's own box ``(x0, y0, x1, y1)`` in pixels, for a model that
+    predicts one apart from the mask (SAM 3's detector); None otherwise.
     """
 
     mask: np.ndarray
@@ -157,6 +161,7 @@ class Instance:
     label: str | None = None
     object_id: int | None = None
     frame: int | None = None
+    box: tuple[float, float, float, float] | None = None
 
 
 @dataclass(frozen=True)

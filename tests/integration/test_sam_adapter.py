@@ -174,7 +174,7 @@ def test_a_mask_prompt_is_mapped_into_the_decoders_low_res_frame(adapter, refere
 
 
 def test_an_encoder_that_normalises_and_pads_inside_its_graph_gives_the_same_logits(adapter, tiny_sam, tmp_path):
-    from tools.export_sam import export_encoder, load_model
+    from tools.sam_export.sam import export_encoder, load_model
 
     encoder = export_encoder(load_model(tiny_sam.checkpoint), tmp_path / "encoder.onnx", encoder_input="resized")
     spec = ModelSpec(
@@ -237,7 +237,7 @@ def test_a_second_prompt_on_the_same_image_runs_only_the_decoder(tiny_sam):
 
 
 def test_models_on_the_same_encoder_file_share_its_entries_and_another_encoder_file_does_not(tiny_sam, tmp_path):
-    from tools.export_sam import export_encoder, load_model
+    from tools.sam_export.sam import export_encoder, load_model
 
     cache = EncoderCache()  # the worker process's one cache
     image = smooth_image(200, 260, seed=5)

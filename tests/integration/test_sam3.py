@@ -1,0 +1,220 @@
+"""SAM 3 brought by the user: a checkpoint folder exported by tools/export_sam.py, served by real workers, and
+held against transformers' own ``Sam3Model.forward`` on the same inputs.
+
+The reference is computed here, in torch, from the checkpoint folder: the image resized and normalised as
+Sam3ImageProcessor describes it (that class needs torchvision, which has no CPU build matching torch here),
+the phrase tokenised by transformers' own tokenizer (the service uses the ``tokenizers`` package), and the
+outputs post-processed as ``post_process_instance_segmentation`` does (score = sigmoid(logit) x
+sigmoid(presence), masks resized by torch's bilinear interpolation).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import PHOTOS
+from tests.integration.helpers import decode, run_to_end, submit
+from tests.integration.sam3_fixtures import SAM3_MODEL, TINY_SCORE_THRESHOLD
+
+MASK_IOU = 0.99
+TOLERANCE = 1e-3
+
+
+def photo(name: str) -> bytes:
+    return (PHOTOS / name).read_bytes()
+
+
+def reencoded(name: str, level: int) -> bytes:
+    """The same pixels in other bytes: an image no earlier job sent (its encoding is not cached)."""
+    buffer = io.BytesIO()
+    Image.open(PHOTOS / name).convert("RGB").save(buffer, "PNG", compress_level=level)
+    return buffer.getvalue()
+
+
+class Reference:
+    """transformers' SAM 3 on the checkpoint folder, as a user of transformers would run it."""
+
+    def __init__(self, checkpoint):
+        import torch
+        from transformers import AutoTokenizer, Sam3Model
+
+        from tools.sam_export import roi_align
+
+        roi_align.install()  # torchvision's roi_align, which the geometry encoder calls (not installable here)
+        torch.set_grad_enabled(False)
+        self.torch = torch
+        self.model = Sam3Model.from_pretrained(str(checkpoint), local_files_only=True).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+        self.size = self.model.config.vision_config.backbone_config.image_size
+
+    def instances(self, image_bytes: bytes, phrase: str, exemplars=()) -> list[dict]:
+        torch = self.torch
+        image = np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
+        height, width = image.shape[:2]
+        resized = Image.fromarray(image).resize((self.size, self.size), Image.Resampling.BILINEAR)
+        pixels = (np.asarray(resized, dtype=np.float32) / 255.0 - 0.5) / 0.5
+        tokens = self.tokenizer([phrase], padding="max_length", max_length=32, return_tensors="pt")
+        inputs = {
+            "pixel_values": torch.from_numpy(pixels.transpose(2, 0, 1)[None].copy()),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+        }
+        if exemplars:
+            corners = torch.tensor([e[:4] for e in exemplars], dtype=torch.float32) / torch.tensor(
+                [width, height, width, height], dtype=torch.float32
+            )
+            centred = torch.stack(
+                [
+                    (corners[:, 0] + corners[:, 2]) / 2,
+                    (corners[:, 1] + corners[:, 3]) / 2,
+                    corners[:, 2] - corners[:, 0],
+                    corners[:, 3] - corners[:, 1],
+                ],
+                dim=1,
+            )
+            inputs["input_boxes"] = centred[None]
+            inputs["input_boxes_labels"] = torch.tensor([[e[4] for e in exemplars]])
+        out = self.model(**inputs)
+        scores = out.pred_logits.sigmoid()[0] * out.presence_logits.sigmoid()[0]
+        keep = scores > TINY_SCORE_THRESHOLD
+        masks = torch.nn.functional.interpolate(
+            out.pred_masks.sigmoid()[:, keep], size=(height, width), mode="bilinear", align_corners=False
+        )[0]
+        boxes = out.pred_boxes[0, keep] * torch.tensor([width, height, width, height])
+        return [
+            {"score": float(s), "box": b.tolist(), "mask": (m > 0.5).numpy()}
+            for s, b, m in zip(scores[keep], boxes, masks)
+        ]
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def assert_same_instances(got: list[dict], want: list[dict], label: str, size: tuple[int, int]) -> None:
+    """Every instance of transformers' answer is in the service's (matched by box), and no other."""
+    assert want, "the reference kept no instance: the comparison would prove nothing"
+    got = [g for g in got if g["label"] == label]
+    assert len(got) == len(want), (len(got), len(want))
+    scale = max(size)
+    for expected in want:
+        match = min(got, key=lambda g: np.abs(np.subtract(g["box"], expected["box"])).max())
+        np.testing.assert_allclose(match["box"], expected["box"], rtol=TOLERANCE, atol=TOLERANCE * scale)
+        assert match["score"] == pytest.approx(expected["score"], abs=TOLERANCE)
+        assert iou(decode(match["mask"]), expected["mask"]) >= MASK_IOU
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sam3) -> Reference:
+    return Reference(tiny_sam3.checkpoint)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, base_env, tiny_sam3):
+    """Redis, a worker and a front end serving the export; object names and exemplars route to it."""
+    from tests.conftest import IsolatedStack
+
+    folder = tmp_path_factory.mktemp("sam3-service")
+    manifest = tiny_sam3.manifest(folder / "models.toml", routes={"text": SAM3_MODEL, "exemplars": SAM3_MODEL})
+    stack = IsolatedStack.start(folder, base_env, MASKQ_MODELS_MANIFEST=str(manifest))
+    stack.worker("sam3")
+    yield stack
+    stack.close()
+
+
+def job_for(service, image: bytes, prompts: dict) -> dict:
+    job = run_to_end(service.client(), image, {"prompts": prompts}, filename="photo.png")
+    for _ in range(4):  # the first job loads the model in the worker
+        if job["status"] not in ("queued", "running"):
+            break
+        job = service.client().get(f"/v1/jobs/{job['id']}?wait=30").get_json()
+    assert job["status"] == "succeeded", job
+    return job
+
+
+def test_the_export_writes_each_part_and_a_manifest_entry_the_service_reads(tiny_sam3, tmp_path):
+    from models.manifest import read_manifest
+
+    entry = tiny_sam3.entry()
+    assert entry["adapter"] == "models.adapters.sam3:Sam3Adapter"
+    assert set(entry["files"]) == {"vision_encoder", "text_encoder", "detector", "exemplar_detector", "tokenizer"}
+    assert set(entry["sha256"]) == set(entry["files"])
+    assert entry["options"]["image_size"] == 224 and entry["options"]["text_length"] == 32
+    spec = read_manifest(tiny_sam3.manifest(tmp_path / "models.toml")).specs(tmp_path, tmp_path)[SAM3_MODEL]
+    assert spec.sha256 == entry["sha256"]  # the service checks every file against the tool's checksums
+    for part in ("vision_encoder", "text_encoder", "detector", "exemplar_detector"):
+        assert f"{part} " in tiny_sam3.export_log  # each part's cost, measured by the tool
+
+
+def test_a_phrase_gives_what_transformers_gives(service, reference):
+    image = photo("coffee.png")
+    job = job_for(service, image, {"text": ["cup"]})
+    assert job["model"]["name"] == SAM3_MODEL  # a phrase, no model named: routed to the open-vocabulary model
+    assert_same_instances(job["result"]["instances"], reference.instances(image, "cup"), "cup", (400, 600))
+
+
+def test_two_phrases_each_match_and_the_second_phrase_on_an_image_skips_the_image_encoder(service, reference):
+    image = reencoded("coffee.png", 2)
+    first = job_for(service, image, {"text": ["cup"]})
+    assert first["result"]["embedding"]["cached"] is False
+    both = job_for(service, image, {"text": ["red saucer", "cup"]})
+    assert both["result"]["embedding"] == {"cached": True, "source": "this worker"}  # no image encoder run
+    assert [t["cached"] for t in both["result"]["text_embedding"]] == [False, True]
+    for phrase in ("red saucer", "cup"):
+        assert_same_instances(both["result"]["instances"], reference.instances(image, phrase), phrase, (400, 600))
+
+
+def test_the_same_phrase_on_another_image_skips_the_text_encoder(service, reference):
+    job_for(service, photo("coins.png"), {"text": ["coin"]})
+    other = reencoded("rocket.jpg", 3)
+    job = job_for(service, other, {"text": ["coin"]})
+    assert job["result"]["embedding"]["cached"] is False  # a new image: its encoder ran
+    assert job["result"]["text_embedding"] == [{"text": "coin", "cached": True, "source": "this worker"}]
+    height, width = np.asarray(Image.open(io.BytesIO(other))).shape[:2]
+    assert_same_instances(job["result"]["instances"], reference.instances(other, "coin"), "coin", (height, width))
+
+
+def test_an_exemplar_box_positive_and_negative_gives_what_transformers_gives(service, reference):
+    image = photo("coffee.png")
+    exemplars = [[200, 40, 380, 220, 1], [20, 300, 120, 390, 0]]
+    job = job_for(service, image, {"text": ["cup"], "exemplars": exemplars})
+    want = reference.instances(image, "cup", exemplars)
+    assert_same_instances(job["result"]["instances"], want, "cup", (400, 600))
+    # The boxes change the answer (so the comparison above could tell them ignored).
+    without = reference.instances(image, "cup")
+    assert [round(w["score"], 3) for w in want] != [round(w["score"], 3) for w in without]
+
+
+def test_exemplars_alone_are_a_visual_prompt(service, reference):
+    image = photo("coffee.png")
+    exemplars = [[200, 40, 380, 220, 1]]
+    job = job_for(service, image, {"exemplars": exemplars})
+    assert job["model"]["name"] == SAM3_MODEL
+    want = reference.instances(image, "visual", exemplars)  # Sam3Processor's phrase for boxes alone
+    assert_same_instances(job["result"]["instances"], want, "exemplar", (400, 600))
+
+
+def test_an_exemplar_outside_the_image_is_a_422_naming_it(service):
+    answer = submit(
+        service.client(), photo("coffee.png"), {"prompts": {"text": ["cup"], "exemplars": [[500, 10, 700, 90, 1]]}}
+    )
+    assert answer.status_code == 422
+    assert answer.get_json()["errors"][0]["field"] == "prompts.exemplars.0"
+    bad_label = submit(service.client(), photo("coffee.png"), {"prompts": {"exemplars": [[1, 1, 9, 9, 2]]}})
+    assert bad_label.status_code == 422
+
+
+def test_any_phrase_is_a_request_for_an_open_vocabulary_model(service):
+    answer = submit(service.client(), photo("coffee.png"), {"prompts": {"text": ["zorblax with stripes"]}})
+    assert answer.status_code in (200, 202), answer.get_json()  # not one of the COCO classes: still a request
+
+
+def test_the_models_list_shows_the_parts_and_their_prompt_kinds(service):
+    models = {m["name"]: m for m in service.client().get("/v1/models").get_json()["models"]}
+    sam3 = models[SAM3_MODEL]
+    assert set(sam3["prompt_kinds"]) == {"text", "exemplars"}

@@ -1,0 +1,343 @@
+"""SAM 3: a transformers ``Sam3Model`` folder (``facebook/sam3``) to the ONNX parts of its concept prompts.
+
+SAM 3 finds *every* instance of a concept: a phrase ("cup", "red car"), and/or
+exemplar boxes (positive: "things like this", negative: "not like this").
+transformers' ``Sam3Model.forward`` takes the image and the phrase already
+encoded (``vision_embeds``, ``text_embeds``), so the export cuts it there, and
+each part is cached on its own by the service:
+
+* ``vision_encoder.onnx``: ``pixel_values`` ``[1, 3, S, S]`` (the image resized
+  to S x S, 1008 for facebook/sam3, scaled to 0-1 and normalised with mean 0.5,
+  std 0.5) -> ``fpn_0``, ``fpn_1``, ``fpn_2``: the feature pyramid the detector
+  reads (the pyramid's last, coarsest level is unused by the image model and
+  left out). Cached per image (the shared embedding cache).
+* ``text_encoder.onnx``: ``input_ids``, ``attention_mask`` ``[1, L]`` int64 (the
+  CLIP tokenizer's ids, padded to L = 32) -> ``text_features`` ``[1, L, D]``.
+  Cached per phrase and model version.
+* ``detector.onnx``: ``fpn_0..2``, ``text_features``, ``text_mask`` ``[1, L]``
+  int64 -> ``pred_masks`` ``[1, Q, S/3.5, S/3.5]`` logits, ``pred_boxes``
+  ``[1, Q, 4]`` (x0, y0, x1, y1 in 0-1), ``pred_logits`` ``[1, Q]``,
+  ``presence_logits`` ``[1, 1]``: DETR encoder and decoder, box head, scoring
+  and mask head, as ``Sam3Model.forward`` runs them.
+* ``exemplar_detector.onnx``: the same with ``input_boxes`` ``[1, K, 4]`` (cx,
+  cy, w, h in 0-1) and ``input_boxes_labels`` ``[1, K]`` int64 (1 positive, 0
+  negative): the geometry encoder's box tokens join the phrase's. A separate
+  graph because the model takes that branch only when there are boxes, and a
+  traced graph keeps one branch.
+* ``tokenizer.json``: copied from the checkpoint; the service reads it with the
+  light ``tokenizers`` package (no transformers at run time).
+
+A score is ``sigmoid(pred_logits) * sigmoid(presence_logits)``, as transformers'
+``post_process_instance_segmentation`` computes it.
+
+The geometry encoder pools box features with ``torchvision.ops.roi_align``;
+without torchvision here, tools/sam_export/roi_align.py stands in (and exports
+as ONNX RoiAlign).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tools.sam_export import roi_align
+from tools.sam_export.checkpoint import load_error
+from tools.sam_export.common import Exported, ExportOptions
+
+OPSET = 18  # RoiAlign's output_half_pixel mode needs 16; 18 is what FIELD-NOTES checked
+TEXT_LENGTH = 32  # Sam3Processor pads every phrase to 32 tokens
+VISION_OUTPUTS = ("fpn_0", "fpn_1", "fpn_2")
+DETECTOR_OUTPUTS = ("pred_masks", "pred_boxes", "pred_logits", "presence_logits")
+PIXEL_MEAN = (0.5, 0.5, 0.5)  # Sam3ImageProcessor's, on 0-1 RGB
+PIXEL_STD = (0.5, 0.5, 0.5)
+
+# The tiny random model the tests use (FIELD-NOTES "SAM 3 and SAM 2 in transformers"), with a 514-token
+# byte-level vocabulary (tiny_tokenizer) instead of CLIP's 49,408.
+_SMALL = {"hidden_size": 32, "num_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+TINY_CONFIG: dict[str, Any] = {
+    "vision_config": {
+        "backbone_config": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 224,
+            "patch_size": 14,
+            "window_size": 8,
+            "pretrain_image_size": 112,
+        },
+        "fpn_hidden_size": 32,
+        "backbone_feature_sizes": [[64, 64], [32, 32], [16, 16]],
+    },
+    "text_config": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "projection_dim": 32,
+        "vocab_size": 514,
+        "bos_token_id": 512,
+        "eos_token_id": 513,
+        "pad_token_id": 513,
+    },
+    "geometry_encoder_config": _SMALL,
+    "detr_encoder_config": _SMALL,
+    "detr_decoder_config": {**_SMALL, "num_queries": 20},
+    "mask_decoder_config": {"hidden_size": 32, "num_attention_heads": 2},
+}
+
+
+TINY_INIT = 0.1
+
+
+def tiny_tokenizer() -> Any:
+    """A CLIP tokenizer over the 256 byte symbols (each also with ``</w>``) and CLIP's two specials, no merges."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def tiny_random_checkpoint(folder: Path, seed: int = 0) -> None:
+    """Save a tiny random SAM 3 and its tokenizer as a hub download would look."""
+    from transformers import Sam3Config, Sam3Model
+
+    torch.manual_seed(seed)
+    # Random weights at transformers' default scale (0.02) give every phrase, box and image nearly the same
+    # answer (scores 0.25 +- 0.003, boxes equal within 1e-6): a test could not tell a wrong input from a right
+    # one. At 0.1 a phrase moves scores by ~0.07 and boxes by ~1% of the image, far above the tolerances.
+    config = {k: dict(v, initializer_range=TINY_INIT) if isinstance(v, dict) else v for k, v in TINY_CONFIG.items()}
+    model = Sam3Model(Sam3Config(initializer_range=TINY_INIT, **config)).eval()
+    model.save_pretrained(str(folder))
+    tiny_tokenizer().save_pretrained(str(folder))
+
+
+def load_model(checkpoint: Path) -> Any:
+    from transformers import Sam3Model
+
+    roi_align.install()
+    return Sam3Model.from_pretrained(str(checkpoint), local_files_only=True).eval()
+
+
+def image_size(model: Any) -> int:
+    return int(model.config.vision_config.backbone_config.image_size)
+
+
+class VisionEncoder(nn.Module):
+    """``pixel_values`` -> the three pyramid levels the detector reads."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.vision_encoder = model.vision_encoder
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.vision_encoder(pixel_values).fpn_hidden_states[:3])
+
+
+class TextEncoder(nn.Module):
+    """CLIP's text encoder and SAM 3's projection: ``Sam3Model.get_text_features(...).pooler_output``."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+
+def vision_embeds(model: Any, fpn: tuple[torch.Tensor, ...]) -> Any:
+    """The ``vision_embeds`` ``Sam3Model.forward`` takes, rebuilt from the three levels: position encodings
+    are recomputed from the shapes (they depend on nothing else); the unused coarsest level is a placeholder."""
+    from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+    encode = model.vision_encoder.neck.position_encoding
+    positions = tuple(encode(level.shape, level.device, level.dtype) for level in fpn)
+    return Sam3VisionEncoderOutput(fpn_hidden_states=(*fpn, fpn[-1]), fpn_position_encoding=(*positions, positions[-1]))
+
+
+class Detector(nn.Module):
+    """Everything after the two encoders: ``Sam3Model.forward`` itself, on cached image and phrase encodings."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fpn_0, fpn_1, fpn_2, text_features, text_mask, input_boxes=None, input_boxes_labels=None):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        outputs = self.model(
+            vision_embeds=vision_embeds(self.model, (fpn_0, fpn_1, fpn_2)),
+            text_embeds=BaseModelOutputWithPooling(pooler_output=text_features),
+            attention_mask=text_mask,
+            input_boxes=input_boxes,
+            input_boxes_labels=input_boxes_labels,
+        )
+        return tuple(getattr(outputs, name) for name in DETECTOR_OUTPUTS)
+
+
+class ExemplarDetector(Detector):
+    def forward(self, fpn_0, fpn_1, fpn_2, text_features, text_mask, input_boxes=None, input_boxes_labels=None):
+        return super().forward(fpn_0, fpn_1, fpn_2, text_features, text_mask, input_boxes, input_boxes_labels)
+
+
+def example_inputs(model: Any, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Inputs for tracing and checking: a random image, a phrase's ids, two exemplar boxes (one negative)."""
+    generator = torch.Generator().manual_seed(seed)
+    size = image_size(model)
+    vocab = int(model.config.text_config.vocab_size)
+    ids = torch.full((1, TEXT_LENGTH), int(model.config.text_config.pad_token_id or 0), dtype=torch.int64)
+    ids[0, :6] = torch.randint(0, vocab, (6,), generator=generator)
+    mask = torch.zeros(1, TEXT_LENGTH, dtype=torch.int64)
+    mask[0, :6] = 1
+    return {
+        "pixel_values": torch.randn(1, 3, size, size, generator=generator),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "input_boxes": torch.tensor([[[0.4, 0.45, 0.3, 0.2], [0.7, 0.3, 0.2, 0.3]]]),
+        "input_boxes_labels": torch.tensor([[1, 0]]),
+    }
+
+
+def export(model: Any, out_dir: Path, opset: int = OPSET) -> dict[str, Path]:
+    """Write the four graphs into ``out_dir``; return their paths by role."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {role: out_dir / f"{role}.onnx" for role in ("vision_encoder", "text_encoder", "detector")}
+    paths["exemplar_detector"] = out_dir / "exemplar_detector.onnx"
+    x = example_inputs(model)
+    fpn = VisionEncoder(model)(x["pixel_values"])
+    text = TextEncoder(model)(x["input_ids"], x["attention_mask"])
+    text_axes = {1: "tokens"}
+    boxes_axes = {1: "boxes"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python values are expected here
+        _export(
+            VisionEncoder(model),
+            (x["pixel_values"],),
+            paths["vision_encoder"],
+            ["pixel_values"],
+            VISION_OUTPUTS,
+            {},
+            opset,
+        )
+        _export(
+            TextEncoder(model),
+            (x["input_ids"], x["attention_mask"]),
+            paths["text_encoder"],
+            ["input_ids", "attention_mask"],
+            ["text_features"],
+            {"input_ids": text_axes, "attention_mask": text_axes, "text_features": text_axes},
+            opset,
+        )
+        detector_inputs = ["fpn_0", "fpn_1", "fpn_2", "text_features", "text_mask"]
+        text_dynamic = {"text_features": text_axes, "text_mask": text_axes}
+        _export(
+            Detector(model),
+            (*fpn, text, x["attention_mask"]),
+            paths["detector"],
+            detector_inputs,
+            DETECTOR_OUTPUTS,
+            text_dynamic,
+            opset,
+        )
+        _export(
+            ExemplarDetector(model),
+            (*fpn, text, x["attention_mask"], x["input_boxes"], x["input_boxes_labels"]),
+            paths["exemplar_detector"],
+            [*detector_inputs, "input_boxes", "input_boxes_labels"],
+            DETECTOR_OUTPUTS,
+            {**text_dynamic, "input_boxes": boxes_axes, "input_boxes_labels": boxes_axes},
+            opset,
+        )
+    return paths
+
+
+def _export(module, args, path, inputs, outputs, axes, opset) -> None:
+    torch.onnx.export(
+        module,
+        args,
+        str(path),
+        input_names=list(inputs),
+        output_names=list(outputs),
+        dynamic_axes=axes,
+        opset_version=opset,
+        dynamo=False,
+    )
+
+
+def check(model: Any, paths: dict[str, Path], atol: float = 1e-4) -> dict[str, float]:
+    """Each graph in ONNX Runtime against PyTorch on the same inputs (one box, then two); seconds per part."""
+    import onnxruntime as ort
+
+    def session(role: str) -> Any:
+        return ort.InferenceSession(str(paths[role]), providers=["CPUExecutionProvider"])
+
+    x = example_inputs(model, seed=2)
+    timings: dict[str, float] = {}
+
+    def run(role: str, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
+        started = time.perf_counter()
+        got = session(role).run(None, {k: v.numpy() for k, v in feeds.items()})
+        timings[role] = time.perf_counter() - started
+        return got
+
+    fpn = run("vision_encoder", {"pixel_values": x["pixel_values"]})
+    want_fpn = VisionEncoder(model)(x["pixel_values"])
+    for got, want in zip(fpn, want_fpn):
+        np.testing.assert_allclose(got, want.numpy(), atol=atol, rtol=1e-3)
+    [text] = run("text_encoder", {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]})
+    np.testing.assert_allclose(
+        text, TextEncoder(model)(x["input_ids"], x["attention_mask"]).numpy(), atol=atol, rtol=1e-3
+    )
+    levels = [torch.from_numpy(a) for a in fpn]
+    common = dict(zip(VISION_OUTPUTS, levels), text_features=torch.from_numpy(text), text_mask=x["attention_mask"])
+    for a, b in zip(run("detector", common), Detector(model)(*levels, torch.from_numpy(text), x["attention_mask"])):
+        np.testing.assert_allclose(a, b.numpy(), atol=atol, rtol=1e-3)
+    for boxes, labels in (
+        (x["input_boxes"][:, :1], x["input_boxes_labels"][:, :1]),
+        (x["input_boxes"], x["input_boxes_labels"]),
+    ):
+        want = ExemplarDetector(model)(*levels, torch.from_numpy(text), x["attention_mask"], boxes, labels)
+        for a, b in zip(run("exemplar_detector", dict(common, input_boxes=boxes, input_boxes_labels=labels)), want):
+            np.testing.assert_allclose(a, b.numpy(), atol=atol, rtol=1e-3)
+    return timings
+
+
+def tokenizer_options(checkpoint: Path) -> dict[str, Any]:
+    """What the service needs to tokenise as Sam3Processor does: the pad token's id and the padded length."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    return {"pad_token_id": int(tokenizer.pad_token_id), "text_length": TEXT_LENGTH}
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path, options: ExportOptions) -> Exported:
+    try:
+        model = load_model(checkpoint)
+        tokenizing = tokenizer_options(checkpoint)
+    except Exception as exc:  # transformers, safetensors and tokenizers raise many kinds for a bad file
+        raise load_error(checkpoint, exc) from exc
+    paths = export(model, out_dir, options.opset)
+    paths["tokenizer"] = out_dir / "tokenizer.json"
+    shutil.copyfile(checkpoint / "tokenizer.json", paths["tokenizer"])
+    json.loads(paths["tokenizer"].read_text())  # a truncated copy would fail here, not in a worker
+    # Checked against a fresh copy: tracing leaves the exported one's cached position encodings in a state
+    # whose later eager runs differ (by up to 10% on the tiny model's masks) from a model never traced.
+    timings = check(load_model(checkpoint), paths) if options.check else {}
+    return Exported(
+        adapter="models.adapters.sam3:Sam3Adapter",
+        files=dict(paths),
+        options={"image_size": image_size(model), **tokenizing},
+        timings=timings,
+        memory_mb=4096,
+    )
