@@ -340,7 +340,7 @@ class Manifest(BaseModel):
         for name in self.setup_order():
             entry = self.models[name]
             if entry.steps is None:
-                found[name] = import_adapter(entry.adapter_path).declared_capabilities()
+                found[name] = import_adapter(entry.adapter_path).capabilities_with(frozenset(entry.files))
                 continue
             steps = [found[step] for step in entry.steps]
             try:

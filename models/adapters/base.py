@@ -298,6 +298,12 @@ class ModelAdapter:
         """What the class declares it can take."""
         return Capabilities(frozenset(cls.prompt_kinds), cls.requires_prompt, cls.stacks_batches)
 
+    @classmethod
+    def capabilities_with(cls, roles: frozenset[str]) -> Capabilities:
+        """What a model of this class can take with files of these roles (the manifest reader asks): by default
+        what the class declares; an adapter whose optional files add prompt kinds (SAM 3's tracker) says so."""
+        return cls.declared_capabilities()
+
     @property
     def capabilities(self) -> Capabilities:
         """What this model can take: its spec's (worked out by the manifest reader), else its class's."""

@@ -91,6 +91,42 @@ class Reference:
         ]
 
 
+class TrackerReference:
+    """transformers' ``Sam3TrackerModel`` on the same checkpoint folder (its backbone is the detector's), as
+    ``Sam3TrackerProcessor`` would feed it: the image stretched to the square, points and boxes scaled by the
+    frame over the image's size, the low-res logits resized straight to the image (bilinear) and above 0."""
+
+    def __init__(self, checkpoint):
+        import torch
+        from transformers import Sam3TrackerModel
+
+        torch.set_grad_enabled(False)
+        self.torch = torch
+        self.model = Sam3TrackerModel.from_pretrained(str(checkpoint), local_files_only=True).eval()
+        self.size = self.model.config.prompt_encoder_config.image_size
+
+    def instance(self, image_bytes: bytes, points=None, box=None) -> tuple[np.ndarray, float]:
+        torch = self.torch
+        image = np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
+        height, width = image.shape[:2]
+        resized = Image.fromarray(image).resize((self.size, self.size), Image.Resampling.BILINEAR)
+        pixels = (np.asarray(resized, dtype=np.float32) / 255.0 - 0.5) / 0.5
+        scale = torch.tensor([self.size / width, self.size / height])
+        prompts = {}
+        if points is not None:
+            prompts["input_points"] = (torch.tensor(points, dtype=torch.float32)[:, :2] * scale)[None, None]
+            prompts["input_labels"] = torch.tensor([p[2] for p in points])[None, None]
+        if box is not None:
+            prompts["input_boxes"] = (torch.tensor(box, dtype=torch.float32).reshape(2, 2) * scale).reshape(1, 1, 4)
+        out = self.model(
+            pixel_values=torch.from_numpy(pixels.transpose(2, 0, 1)[None].copy()), multimask_output=False, **prompts
+        )
+        logits = torch.nn.functional.interpolate(
+            out.pred_masks[0], (height, width), mode="bilinear", align_corners=False
+        )
+        return logits[0, 0].numpy() > 0, float(out.iou_scores[0, 0, 0])
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
@@ -115,12 +151,19 @@ def reference(tiny_sam3) -> Reference:
 
 
 @pytest.fixture(scope="module")
+def tracker_reference(tiny_sam3) -> TrackerReference:
+    return TrackerReference(tiny_sam3.checkpoint)
+
+
+@pytest.fixture(scope="module")
 def service(tmp_path_factory, base_env, tiny_sam3):
-    """Redis, a worker and a front end serving the export; object names and exemplars route to it."""
+    """Redis, a worker and a front end serving the export; every prompt kind it takes routes to it."""
     from tests.conftest import IsolatedStack
 
     folder = tmp_path_factory.mktemp("sam3-service")
-    manifest = tiny_sam3.manifest(folder / "models.toml", routes={"text": SAM3_MODEL, "exemplars": SAM3_MODEL})
+    manifest = tiny_sam3.manifest(
+        folder / "models.toml", routes=dict.fromkeys(("text", "exemplars", "points", "boxes", "mask"), SAM3_MODEL)
+    )
     stack = IsolatedStack.start(folder, base_env, MASKQ_MODELS_MANIFEST=str(manifest))
     stack.worker("sam3")
     yield stack
@@ -142,12 +185,22 @@ def test_the_export_writes_each_part_and_a_manifest_entry_the_service_reads(tiny
 
     entry = tiny_sam3.entry()
     assert entry["adapter"] == "models.adapters.sam3:Sam3Adapter"
-    assert set(entry["files"]) == {"vision_encoder", "text_encoder", "detector", "exemplar_detector", "tokenizer"}
+    assert set(entry["files"]) == {
+        *("vision_encoder", "text_encoder", "detector", "exemplar_detector", "tokenizer"),
+        *("tracker_encoder", "tracker_decoder"),  # a sam3_video folder, as facebook/sam3: its tracker too
+    }
     assert set(entry["sha256"]) == set(entry["files"])
     assert entry["options"]["image_size"] == 224 and entry["options"]["text_length"] == 32
     spec = read_manifest(tiny_sam3.manifest(tmp_path / "models.toml")).specs(tmp_path, tmp_path)[SAM3_MODEL]
     assert spec.sha256 == entry["sha256"]  # the service checks every file against the tool's checksums
-    for part in ("vision_encoder", "text_encoder", "detector", "exemplar_detector"):
+    for part in (
+        "vision_encoder",
+        "text_encoder",
+        "detector",
+        "exemplar_detector",
+        "tracker_encoder",
+        "tracker_decoder",
+    ):
         assert f"{part} " in tiny_sam3.export_log  # each part's cost, measured by the tool
 
 
@@ -199,6 +252,54 @@ def test_exemplars_alone_are_a_visual_prompt(service, reference):
     assert_same_instances(job["result"]["instances"], want, "exemplar", (400, 600))
 
 
+@pytest.mark.parametrize(
+    ("prompts", "label"),
+    [
+        ({"points": [[290, 130, 1]]}, "points"),
+        ({"points": [[290, 130, 1], [60, 350, 0]]}, "points"),
+        ({"boxes": [[150, 0, 430, 310]]}, "box:0"),
+    ],
+    ids=["a point", "two points", "a box"],
+)
+def test_one_objects_points_or_box_give_what_the_tracker_gives_in_transformers(
+    service, tracker_reference, prompts, label
+):
+    image = photo("coffee.png")
+    job = job_for(service, image, prompts)
+    assert job["model"]["name"] == "sam3-tiny"
+    [instance] = job["result"]["instances"]
+    want_mask, want_score = tracker_reference.instance(
+        image, prompts.get("points"), (prompts.get("boxes") or [None])[0]
+    )
+    assert instance["label"] == label
+    assert instance["score"] == pytest.approx(want_score, abs=TOLERANCE)
+    assert want_mask.any() and iou(decode(instance["mask"]), want_mask) >= MASK_IOU
+
+
+def test_a_click_after_a_phrase_on_the_same_image_reuses_the_backbone(service, tracker_reference):
+    image = reencoded("coffee.png", 4)
+    first = job_for(service, image, {"text": ["cup"]})
+    assert first["result"]["embedding"]["cached"] is False and "tracker_embedding" not in first["result"]
+    click = job_for(service, image, {"points": [[290, 130, 1]]})
+    assert click["result"]["embedding"]["cached"] is True  # no second backbone run for the tracker
+    assert click["result"]["tracker_embedding"]["cached"] is False  # its own neck ran, once
+    again = job_for(service, image, {"points": [[100, 100, 1]]})
+    assert again["result"]["tracker_embedding"]["cached"] is True
+    [instance] = again["result"]["instances"]
+    want_mask, _ = tracker_reference.instance(image, [[100, 100, 1]])
+    assert iou(decode(instance["mask"]), want_mask) >= MASK_IOU
+
+
+def test_a_phrase_and_a_box_in_one_job_give_both_answers(service, reference, tracker_reference):
+    image = photo("coffee.png")
+    job = job_for(service, image, {"text": ["cup"], "boxes": [[150, 0, 430, 310]]})
+    instances = job["result"]["instances"]
+    assert_same_instances(instances, reference.instances(image, "cup"), "cup", (400, 600))
+    [box] = [i for i in instances if i["label"] == "box:0"]
+    want_mask, _ = tracker_reference.instance(image, box=[150, 0, 430, 310])
+    assert iou(decode(box["mask"]), want_mask) >= MASK_IOU
+
+
 def test_an_exemplar_outside_the_image_is_a_422_naming_it(service):
     answer = submit(
         service.client(), photo("coffee.png"), {"prompts": {"text": ["cup"], "exemplars": [[500, 10, 700, 90, 1]]}}
@@ -217,7 +318,7 @@ def test_any_phrase_is_a_request_for_an_open_vocabulary_model(service):
 def test_the_models_list_shows_the_parts_and_their_prompt_kinds(service):
     models = {m["name"]: m for m in service.client().get("/v1/models").get_json()["models"]}
     sam3 = models[SAM3_MODEL]
-    assert set(sam3["prompt_kinds"]) == {"text", "exemplars"}
+    assert set(sam3["prompt_kinds"]) == {"text", "exemplars", "points", "boxes", "mask"}
 
 
 def test_while_sam3_cannot_load_object_names_fall_back_to_the_coco_chain_marked_degraded(

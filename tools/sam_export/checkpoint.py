@@ -62,7 +62,7 @@ def read_family(folder: Path) -> str:
     return family
 
 
-def load_error(folder: Path, exc: Exception) -> CheckpointError:
-    """A failure of ``from_pretrained`` (a truncated or corrupt weights file) as one sentence."""
+def load_error(folder: Path, exc: Exception, what: str = "the weights") -> CheckpointError:
+    """A failure of ``from_pretrained`` (a truncated or corrupt weights file, or ``what`` else) as one sentence."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return CheckpointError(f"{folder}: the weights could not be read ({type(exc).__name__}: {reason[:300]})")
+    return CheckpointError(f"{folder}: {what} could not be read ({type(exc).__name__}: {reason[:300]})")

@@ -14,6 +14,7 @@ two on every run.
 
 from __future__ import annotations
 
+import importlib
 import math
 from types import SimpleNamespace
 from typing import Any
@@ -98,7 +99,7 @@ def roi_align(
 
 def install() -> None:
     """Give transformers' SAM 3 this roi_align where torchvision is missing (a no-op where it is there)."""
-    from transformers.models.sam3 import modeling_sam3
-
-    if getattr(modeling_sam3, "torchvision", None) is None:
-        modeling_sam3.torchvision = SimpleNamespace(ops=SimpleNamespace(roi_align=roi_align))
+    # The module itself: transformers' lazy package hands out a placeholder for it when torchvision is missing.
+    modeling_sam3 = importlib.import_module("transformers.models.sam3.modeling_sam3")
+    if "torchvision" not in vars(modeling_sam3):
+        setattr(modeling_sam3, "torchvision", SimpleNamespace(ops=SimpleNamespace(roi_align=roi_align)))  # noqa: B010

@@ -28,6 +28,20 @@ each part is cached on its own by the service:
 * ``tokenizer.json``: copied from the checkpoint; the service reads it with the
   light ``tokenizers`` package (no transformers at run time).
 
+A ``sam3_video`` checkpoint (what ``facebook/sam3`` is) also holds SAM 3's
+tracker, a SAM-2-style head for one object's points, boxes or mask
+(transformers' ``Sam3TrackerModel``, on the *same* backbone with a neck of its
+own). Two more parts serve it, so a click costs no second backbone run:
+
+* ``tracker_encoder.onnx``: ``backbone_features`` -> ``image_embeddings``,
+  ``high_res_feats_0``, ``high_res_feats_1`` (the tracker's neck, its decoder's
+  high-resolution projections and its no-memory embedding:
+  ``Sam3TrackerModel.get_image_embeddings`` after the backbone).
+* ``tracker_decoder.onnx``: SAM 2's decoder layout (tools/sam_export/sam2.py).
+
+The check runs the tracker's own ``get_image_embeddings`` on the image, which
+proves the backbone is the detector's.
+
 A score is ``sigmoid(pred_logits) * sigmoid(presence_logits)``, as transformers'
 ``post_process_instance_segmentation`` computes it.
 
@@ -39,7 +53,9 @@ as ONNX RoiAlign).
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -111,16 +127,36 @@ def tiny_tokenizer() -> Any:
 
 
 def tiny_random_checkpoint(folder: Path, seed: int = 0) -> None:
-    """Save a tiny random SAM 3 and its tokenizer as a hub download would look."""
-    from transformers import Sam3Config, Sam3Model
+    """Save a tiny random SAM 3 (detector and tracker: a ``sam3_video`` folder, as ``facebook/sam3`` is) and its
+    tokenizer as a hub download would look."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Sam3VideoConfig, Sam3VideoModel
 
     torch.manual_seed(seed)
     # Random weights at transformers' default scale (0.02) give every phrase, box and image nearly the same
     # answer (scores 0.25 +- 0.003, boxes equal within 1e-6): a test could not tell a wrong input from a right
     # one. At 0.1 a phrase moves scores by ~0.07 and boxes by ~1% of the image, far above the tolerances.
-    config = {k: dict(v, initializer_range=TINY_INIT) if isinstance(v, dict) else v for k, v in TINY_CONFIG.items()}
-    model = Sam3Model(Sam3Config(initializer_range=TINY_INIT, **config)).eval()
+    detector = {k: dict(v, initializer_range=TINY_INIT) if isinstance(v, dict) else v for k, v in TINY_CONFIG.items()}
+    tracker = {
+        "vision_config": {**TINY_CONFIG["vision_config"], "model_type": "sam3_vision_model"},
+        "prompt_encoder_config": {"hidden_size": 32, "image_size": 224},
+        "mask_decoder_config": {"hidden_size": 32},
+        "image_size": 224,
+        "initializer_range": TINY_INIT,
+    }
+    config = Sam3VideoConfig(detector_config=detector, tracker_config=tracker, initializer_range=TINY_INIT)
+    model = Sam3VideoModel(config).eval()
+    # Zero at initialisation: random here, so a graph that left it out would differ from PyTorch.
+    model.tracker_model.no_memory_embedding.data.normal_(std=TINY_INIT)
     model.save_pretrained(str(folder))
+    # transformers 5.18 saves this composite's tracker weights under a doubled prefix
+    # (tracker_model.tracker_model.*), which neither it nor Sam3TrackerModel reads back (94 weights "missing");
+    # the layout they read, and facebook/sam3's, has one.
+    weights = folder / "model.safetensors"
+    tensors = {
+        re.sub(r"^tracker_model\.tracker_model\.", "tracker_model.", k): v for k, v in load_file(weights).items()
+    }
+    save_file(tensors, str(weights), metadata={"format": "pt"})
     tiny_tokenizer().save_pretrained(str(folder))
 
 
@@ -136,7 +172,7 @@ def image_size(model: Any) -> int:
 
 
 class VisionEncoder(nn.Module):
-    """``pixel_values`` -> the ViT backbone's output as a ``[1, C, h, w]`` map (``Sam3VisionModel.forward`` up to its neck)."""
+    """``pixel_values`` -> the ViT backbone's output as a ``[1, C, h, w]`` map (``Sam3VisionModel`` up to its neck)."""
 
     def __init__(self, model: Any):
         super().__init__()
@@ -186,6 +222,24 @@ class Detector(nn.Module):
             input_boxes_labels=input_boxes_labels,
         )
         return tuple(getattr(outputs, name) for name in DETECTOR_OUTPUTS)
+
+
+class TrackerEncoder(nn.Module):
+    """``Sam3TrackerModel.get_image_embeddings`` from the backbone's output: the tracker's neck, the
+    high-resolution projections of its decoder, the no-memory embedding on the neck's last level."""
+
+    def __init__(self, tracker: Any):
+        super().__init__()
+        self.tracker = tracker
+
+    def forward(self, backbone_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tracker = self.tracker
+        levels = list(tracker.vision_encoder.neck(backbone_features)[0])
+        levels[0] = tracker.mask_decoder.conv_s0(levels[0])
+        levels[1] = tracker.mask_decoder.conv_s1(levels[1])
+        levels[-1] = levels[-1] + tracker.no_memory_embedding.reshape(1, -1, 1, 1)
+        high_0, high_1, embeddings = levels[: len(tracker.backbone_feature_sizes)]
+        return embeddings, high_0, high_1
 
 
 class ExemplarDetector(Detector):
@@ -313,6 +367,82 @@ def check(model: Any, paths: dict[str, Path], atol: float = 1e-4) -> dict[str, f
     return timings
 
 
+TRACKER_ROLES = ("tracker_encoder", "tracker_decoder")
+
+
+def load_tracker(checkpoint: Path) -> tuple[Any | None, str]:
+    """SAM 3's tracker from a ``sam3_video`` folder, or None and why not (a ``sam3`` folder has none; a folder
+    whose tracker weights do not all load is not exported half-random)."""
+    from transformers import Sam3TrackerModel
+
+    if json.loads((checkpoint / "config.json").read_text()).get("model_type") != "sam3_video":
+        return None, "the checkpoint is a sam3 image model, without SAM 3's tracker (facebook/sam3 has one)"
+    tracker, info = Sam3TrackerModel.from_pretrained(str(checkpoint), local_files_only=True, output_loading_info=True)
+    if info["missing_keys"]:
+        return None, f"{len(info['missing_keys'])} of the tracker's weights are not in the checkpoint"
+    return tracker.eval(), ""
+
+
+def export_tracker(detector: Any, tracker: Any, out_dir: Path, opset: int) -> dict[str, Path]:
+    from tools.sam_export import sam2
+
+    paths = {role: out_dir / f"{role}.onnx" for role in TRACKER_ROLES}
+    features = VisionEncoder(detector)(example_inputs(detector)["pixel_values"])
+    encoder = TrackerEncoder(tracker).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _export(
+            encoder,
+            (features,),
+            paths["tracker_encoder"],
+            ["backbone_features"],
+            ["image_embeddings", *sam2.HIGH_RES],
+            {},
+            opset,
+        )
+        _export(
+            sam2.PromptDecoder(tracker).eval(),
+            sam2.decoder_example(encoder(features), sam2.frame_size(tracker)),
+            paths["tracker_decoder"],
+            [*sam2.DECODER_INPUTS, *sam2.HIGH_RES],
+            sam2.DECODER_OUTPUTS,
+            {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}, "masks": {2: "height", 3: "width"}},
+            opset,
+        )
+    return paths
+
+
+def check_tracker(detector: Any, tracker: Any, paths: dict[str, Path], atol: float = 1e-4) -> dict[str, float]:
+    """The tracker's parts in ONNX Runtime against its own ``get_image_embeddings`` and ``forward``."""
+    import onnxruntime as ort
+
+    from tools.sam_export import sam2
+
+    pixels = example_inputs(detector, seed=3)["pixel_values"]
+    features = VisionEncoder(detector)(pixels)
+    encoder = ort.InferenceSession(str(paths["tracker_encoder"]), providers=["CPUExecutionProvider"])
+    started = time.perf_counter()
+    encoded = encoder.run(None, {"backbone_features": features.numpy()})
+    timings = {"tracker_encoder": time.perf_counter() - started}
+    feats_0, feats_1, embeddings = tracker.get_image_embeddings(pixels)  # its own backbone: the detector's
+    for got, want in zip(encoded, (embeddings, feats_0, feats_1)):
+        np.testing.assert_allclose(got, want.numpy(), atol=atol, rtol=1e-3)
+    decoder = ort.InferenceSession(str(paths["tracker_decoder"]), providers=["CPUExecutionProvider"])
+    names = [i.name for i in decoder.get_inputs()]
+    wrapper = sam2.PromptDecoder(tracker).eval()
+    encoded_torch = tuple(torch.from_numpy(a) for a in encoded)
+    size = sam2.frame_size(tracker)
+    for box, mask in ((False, False), (True, False), (False, True)):
+        inputs = sam2.decoder_example(encoded_torch, size, orig=(700.0, 333.0), box=box, mask=mask)
+        started = time.perf_counter()
+        outputs = decoder.run(sam2.DECODER_OUTPUTS, dict(zip(names, (t.numpy() for t in inputs))))
+        timings.setdefault("tracker_decoder", time.perf_counter() - started)
+        for got, want in zip(outputs, wrapper(*inputs)):
+            np.testing.assert_allclose(got, want.numpy(), atol=atol, rtol=1e-3)
+    sam2.check_against_forward(tracker, wrapper, encoded_torch, atol)
+    return timings
+
+
 def tokenizer_options(checkpoint: Path) -> dict[str, Any]:
     """What the service needs to tokenise as Sam3Processor does: the pad token's id and the padded length."""
     from transformers import AutoTokenizer
@@ -335,9 +465,19 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, options: ExportOptions) -
     paths["tokenizer"] = out_dir / "tokenizer.json"
     shutil.copyfile(checkpoint / "tokenizer.json", paths["tokenizer"])
     json.loads(paths["tokenizer"].read_text())  # a truncated copy would fail here, not in a worker
-    # Checked against a fresh copy: tracing leaves the exported one's cached position encodings in a state
-    # whose later eager runs differ (by up to 10% on the tiny model's masks) from a model never traced.
-    timings = check(load_model(checkpoint), paths) if options.check else {}
+    tracker, why_not = load_tracker(checkpoint)
+    if tracker is not None:
+        paths.update(export_tracker(model, tracker, out_dir, options.opset))
+    else:
+        print(f"sam3: no points/boxes/mask prompts: {why_not}", file=sys.stderr)
+    timings = {}
+    if options.check:
+        # Checked against a fresh copy: tracing leaves the exported one's cached position encodings in a state
+        # whose later eager runs differ (by up to 10% on the tiny model's masks) from a model never traced.
+        fresh = load_model(checkpoint)
+        timings = check(fresh, paths)
+        if tracker is not None:
+            timings.update(check_tracker(fresh, load_tracker(checkpoint)[0], paths))
     return Exported(
         adapter="models.adapters.sam3:Sam3Adapter",
         files=dict(paths),
