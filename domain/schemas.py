@@ -68,6 +68,9 @@ class PromptSet(Strict):
         default_factory=list,
         description="[x0, y0, x1, y1, label]: every instance like this box (label 1) or not like it (label 0), "
         "with the text's phrases or alone (SAM 3's exemplar prompts)",
+        # Left out of the stored form when empty: a record stays readable by the version before exemplars
+        # (its PromptSet forbids unknown fields) during a rolling upgrade.
+        exclude_if=lambda exemplars: not exemplars,
     )
     mask: MaskRLE | None = None
 

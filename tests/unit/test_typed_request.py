@@ -259,10 +259,20 @@ def test_the_prompt_kinds_are_defined_once():
     # Each kind is a field of the request's prompts and of the adapter's, and each is told apart.
     assert set(PROMPT_KINDS) <= set(PromptSet.model_fields) and set(PROMPT_KINDS) <= set(Prompts.__dataclass_fields__)
     assert Prompts(
-        text=("a",), points=((1, 2, 1),), boxes=((0, 0, 1, 1),), mask=np.zeros((2, 2), bool)
+        text=("a",),
+        points=((1, 2, 1),),
+        boxes=((0, 0, 1, 1),),
+        exemplars=((0, 0, 1, 1, 0),),
+        mask=np.zeros((2, 2), bool),
     ).kinds == frozenset(PROMPT_KINDS)
     assert Prompts(mask=np.zeros((2, 2), bool)).kinds == {"mask"} and Prompts().empty
-    full = PromptSet(text=["a"], points=[(1, 2, 1)], boxes=[(0, 0, 1, 1)], mask={"size": [1, 1], "counts": "01"})
+    full = PromptSet(
+        text=["a"],
+        points=[(1, 2, 1)],
+        boxes=[(0, 0, 1, 1)],
+        exemplars=[(0, 0, 1, 1, 1)],
+        mask={"size": [1, 1], "counts": "01"},
+    )
     assert full.kinds == set(PROMPT_KINDS)
 
 
@@ -274,3 +284,12 @@ def test_the_default_webhook_events_are_defined_once():
     lua_defaults = "{" + ", ".join(json.dumps(e) for e in DEFAULT_JOB_EVENTS) + "}"
     assert f"events = {lua_defaults} end" in outbox.QUEUE_JOB_EVENT_LUA
     assert set(outbox.EVENT_OF_STATUS.values()) == set(schemas.JOB_EVENTS)
+
+
+def test_exemplars_are_stored_only_when_given_so_the_previous_version_reads_the_rest():
+    plain = JobRequest(prompts=PromptSet(points=[(1, 2, 1)])).model_dump(mode="json")
+    assert "exemplars" not in plain["prompts"]
+    given = JobRequest(prompts=PromptSet(exemplars=[(0, 0, 5, 5, 0)]))
+    stored = given.model_dump(mode="json")
+    assert stored["prompts"]["exemplars"] == [[0.0, 0.0, 5.0, 5.0, 0]]
+    assert JobRequest.model_validate(stored) == given
