@@ -11,6 +11,14 @@ It prints one table:
   and fp16 (engines cached under ``var/trt``, so a second run shows the cached
   start): set-up seconds, median seconds per request, speed against CPU fp32,
   and the masks' IoU against CPU fp32 (the union of a request's masks);
+- **SAM 3**, when the manifest serves it (any model on
+  ``models.adapters.sam3:Sam3Adapter``; its requests are phrases, and a phrase
+  with exemplar boxes, with both encoder caches off so each runs every part),
+  or else, where the export tool's extra is installed, the tiny random SAM 3
+  exported to a temporary folder (``sam3-tiny``: it proves the parts run on the
+  GPU providers, not what facebook/sam3 costs): the rows above, and a table of
+  each ONNX part alone per variant (``bench/sam3_parts.py``), with the
+  providers its session really runs on;
 - **the gate's reading**: the GPU memory NVML saw a model's set-up and its
   busiest request take, against the ``memory_mb`` the gate waits for;
 - **out of memory**: a CUDA session capped just above its set-up
@@ -32,6 +40,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import sam3_parts
 from bench.common import ROOT, format_table
 from config.settings import load_settings
 from domain.images import decode_image
@@ -61,6 +71,14 @@ WORKLOADS = {
     ],
     "text-regions": [(p, Prompts()) for p in sorted(IMAGES.iterdir())[:3]] if IMAGES.is_dir() else [],
 }
+SAM3_ADAPTER = "models.adapters.sam3:Sam3Adapter"
+# Any model on SAM 3's adapter, whatever its name: phrases, and a phrase with a positive and a negative exemplar.
+SAM3_WORKLOAD = [
+    (PHOTOS / "coffee.png", Prompts(text=("cup",))),
+    (PHOTOS / "coins.png", Prompts(text=("coin",))),
+    (PHOTOS / "rocket.jpg", Prompts(text=("rocket",))),
+    (PHOTOS / "coffee.png", Prompts(text=("cup",), exemplars=sam3_parts.EXEMPLARS)),
+]
 NEEDS = (
     "an NVIDIA GPU with its driver (NVML), and onnxruntime-gpu: `MASKQ_DEVICE=cuda make install` "
     "(installs onnxruntime-gpu[cuda,cudnn], CUDA 13 and cuDNN 9 from PyPI); for the TensorRT rows, "
@@ -76,9 +94,9 @@ class Variant:
     trt_fp16: bool = False  # TensorRT builds fp16 engines from the fp32 files
 
 
-def requests_for(model: str) -> list[SegmentRequest]:
+def requests_for(spec: ModelSpec) -> list[SegmentRequest]:
     out = []
-    for path, prompts in WORKLOADS.get(model, []):
+    for path, prompts in SAM3_WORKLOAD if spec.adapter == SAM3_ADAPTER else WORKLOADS.get(spec.name, []):
         image = decode_image(path.read_bytes(), max_bytes=10**8, max_pixels=10**8).pixels
         out.append(SegmentRequest(image=image, prompts=prompts))
     return out
@@ -130,6 +148,33 @@ class GpuWatch:
             done.set()
             thread.join()
         return result, least[0]
+
+
+def tiny_sam3(folder: Path) -> tuple[ModelSpec, Path] | None:
+    """The tiny random SAM 3, exported into ``folder``, and its manifest; None without the export tool's extra."""
+    if not sam3_parts.can_export():
+        return None
+    manifest = sam3_parts.export_tiny_sam3(folder)
+    return ModelCatalog.load(manifest).spec("sam3-tiny"), manifest
+
+
+def sam3_part_rows(spec: ModelSpec, variant: Variant, runtime: RuntimeOptions, repeats: int) -> list[dict[str, Any]]:
+    """Each ONNX part of SAM 3 alone on ``variant``: median ms and the providers its session runs on."""
+    runtime = dataclasses.replace(
+        runtime, providers=(variant.provider,), providers_required=True, fp16=variant.trt_fp16
+    )
+    image = decode_image(sam3_parts.PHOTO.read_bytes(), max_bytes=10**8, max_pixels=10**8).pixels
+    timings, providers = sam3_parts.part_timings(spec, runtime, image, max(repeats, 2))
+    return [
+        {
+            "model": spec.name,
+            "variant": variant.name,
+            "part": part,
+            "runs_on": ",".join(providers[part]),
+            "median_ms": round(statistics.median(seconds) * 1000, 2),
+        }
+        for part, seconds in timings.items()
+    ]
 
 
 def fp16_spec(spec: ModelSpec, manifest: Path, models_dir: Path) -> ModelSpec | None:
@@ -278,10 +323,25 @@ def main(argv: list[str] | None = None) -> int:
     base = runtime_options(settings, placement)
     watch = GpuWatch(placement.gpu.uuid if on_gpu and placement.gpu else None)
     catalog = ModelCatalog.from_settings(settings)
+    specs = [(spec, settings.models_manifest) for spec in catalog.specs.values()]
+    scratch = tempfile.TemporaryDirectory(prefix="maskq-device-check-")
+    # A SAM 3 of the manifest whose files are here (one not exported on this machine does not count), or the tiny one.
+    if not any(
+        spec.adapter == SAM3_ADAPTER and all(Path(f).is_file() for f in spec.files.values()) for spec, _ in specs
+    ):
+        try:
+            tiny = tiny_sam3(Path(scratch.name))
+        except Exception as exc:  # the export failing must not cost the other rows
+            print(f"\nthe tiny SAM 3 could not be exported: {exc}")
+            tiny = None
+        if tiny is not None:
+            specs.append(tiny)
     rows: list[dict[str, Any]] = []
     oom_rows: list[dict[str, Any]] = []
-    for name, spec in catalog.specs.items():
-        requests = requests_for(name)
+    part_rows: list[dict[str, Any]] = []
+    for spec, manifest in specs:
+        name = spec.name
+        requests = requests_for(spec)
         try:
             verify_files(spec)
         except Exception as exc:
@@ -291,11 +351,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if "embedding_cache_mb" in spec.options:  # every request runs the encoder: what a new image costs
             spec = dataclasses.replace(spec, options={**spec.options, "embedding_cache_mb": 0})
+        if spec.adapter == SAM3_ADAPTER:  # and the text encoder: what a new image and a new phrase cost
+            spec = dataclasses.replace(spec, options={**spec.options, "embedding_cache_mb": 0, "text_cache_mb": 0})
         reference = None
         for variant in variants:
             run_spec = spec
             if variant.fp16_files:
-                fp16 = fp16_spec(spec, settings.models_manifest, settings.models_dir)
+                fp16 = fp16_spec(spec, manifest, settings.models_dir)
                 if fp16 is None:
                     rows.append(
                         {
@@ -324,13 +386,22 @@ def main(argv: list[str] | None = None) -> int:
                 reference, cpu_median = masks, row["median_s"]
             row["speed_vs_cpu"] = round(cpu_median / row["median_s"], 2) if row["median_s"] else ""
             rows.append(row)
+            if spec.adapter == SAM3_ADAPTER:
+                try:
+                    part_rows += sam3_part_rows(run_spec, variant, runtime, args.repeats)
+                except Exception as exc:  # as above: one provider's failure is a row, not the end
+                    part_rows.append({"model": name, "variant": variant.name, "part": f"failed: {exc}"[:90]})
         cuda_row = next(
             (r for r in rows if r["model"] == name and r["variant"] == "CUDA fp32" and "setup_mb" in r), None
         )
         if cuda_row:
             oom_rows.append(forced_out_of_memory(spec, base, requests, cuda_row["setup_mb"]))
+    scratch.cleanup()
     print()
     print(format_table("models: CPU against CUDA and TensorRT", rows))
+    if part_rows:
+        print()
+        print(format_table("SAM 3 parts alone (median of the runs after the first)", part_rows))
     if oom_rows:
         print()
         print(format_table("out of memory forced with gpu_mem_limit", oom_rows))

@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime check against PyTorch")
     parser.add_argument("--name", default=None, help="the model's name in the manifest entry (default: the family)")
     args = parser.parse_args(argv)
+    if not args.tiny_random and args.checkpoint is not None:
+        try:  # before torch is imported (seconds): a wrong folder is told at once
+            read_family(args.checkpoint)
+        except CheckpointError as exc:
+            print(f"export_sam: {exc}", file=sys.stderr)
+            return 2
     quiet_torch()
     if args.tiny_random:
         family = args.family

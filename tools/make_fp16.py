@@ -2,12 +2,19 @@
 
 CUDA runs a model in half precision only from an fp16 file (TensorRT can build
 fp16 engines from the fp32 one: ``trt_fp16_enable``). This writes, for each
-file of the model, the ``<role>_fp16`` file the manifest names (or
+ONNX file of the model, the ``<role>_fp16`` file the manifest names (or
 ``<name>_fp16.onnx`` beside the fp32 file, printing the line to add), with the
 graph's inputs and outputs kept fp32, so the adapter feeds and reads it
-exactly as the fp32 one. Set ``fp16 = true`` in the model's manifest entry to
-serve them; their masks against fp32 are checked by
-``tests/integration/test_fp16.py`` (CPU) and ``bench/device_check.py`` (GPU).
+exactly as the fp32 one. A file that is not an ONNX graph (SAM 3's
+``tokenizer.json``) has no twin: with ``fp16 = true`` the model keeps using it.
+Set ``fp16 = true`` in the model's manifest entry to serve them; their masks
+against fp32 are checked by ``tests/integration/test_device_path.py`` (SAM),
+``tests/integration/test_sam3_fp16.py`` (SAM 3), both on CPU, and
+``bench/device_check.py`` (GPU).
+
+Ops the converter's ``DEFAULT_OP_BLOCK_LIST`` names stay fp32, with casts
+around them: among them ``RoiAlign`` (SAM 3's exemplar boxes), ``TopK``,
+``Range``, ``CumSum``, ``Min`` and ``Max``.
 
 The converter is ONNX Runtime's own (``onnxruntime.transformers.float16``, a
 maintained copy of onnxconverter-common's): onnxconverter-common 1.16 fails on
@@ -44,8 +51,13 @@ def convert(source: Path, target: Path) -> None:
     onnx.save(model, str(target))
 
 
+def is_onnx(path: Path) -> bool:
+    """Whether ``path`` names an ONNX graph (by its suffix: the manifest's files are named so)."""
+    return path.suffix.lower() == ".onnx"
+
+
 def fp16_files(manifest_path: Path, name: str, models_dir: Path) -> list[tuple[str, Path, Path, bool]]:
-    """``(role, fp32 file, fp16 file, named in the manifest)`` for each file of model ``name``."""
+    """``(role, fp32 file, fp16 file, named in the manifest)`` for each ONNX file of model ``name``."""
     manifest = read_manifest(manifest_path)
     if name not in manifest.models:
         raise SystemExit(f"no model {name!r} in {manifest_path} (it has: {', '.join(manifest.models)})")
@@ -56,6 +68,8 @@ def fp16_files(manifest_path: Path, name: str, models_dir: Path) -> list[tuple[s
     out = []
     for role, path in plain.items():
         source = Path(path)
+        if not is_onnx(source):  # a tokenizer, say: no arithmetic to halve
+            continue
         named = half[role] != path
         target = Path(half[role]) if named else source.with_name(f"{source.stem}{FP16_SUFFIX}{source.suffix}")
         out.append((role, source, target, named))
@@ -81,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not named:
             missing_lines.append(f'{role}{FP16_SUFFIX} = "{target}"')
+    kept = [
+        f"{role} ({Path(path).name})"
+        for role, path in read_manifest(manifest).models[args.model].files.items()
+        if not role.endswith(FP16_SUFFIX) and not is_onnx(Path(path))
+    ]
+    if kept:
+        print(f"{', '.join(kept)}: not an ONNX graph; the fp16 model uses it as it is")
     if missing_lines:
         print(f"\nadd to [models.{args.model}] files: " + ", ".join(missing_lines))
     print(f"\nthen set fp16 = true in [models.{args.model}] to serve them")

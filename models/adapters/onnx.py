@@ -58,12 +58,16 @@ def create_session(path: str, runtime: RuntimeOptions) -> Session:
         Path(runtime.trt_cache_dir).mkdir(parents=True, exist_ok=True)
     engines_before = _engine_count(runtime.trt_cache_dir)
     started = time.monotonic()
-    session = ort.InferenceSession(
-        path,
-        sess_options=options,
-        providers=providers,
-        provider_options=[provider_options(p, runtime) for p in providers],
-    )
+    try:
+        session = ort.InferenceSession(
+            path,
+            sess_options=options,
+            providers=providers,
+            provider_options=[provider_options(p, runtime) for p in providers],
+        )
+    except Exception as exc:  # onnxruntime's own kinds: a truncated or foreign file, an op it lacks
+        # A model that does not load is an expected state (listed unavailable, its fallback serves), not a crash.
+        raise ModelError(f"{path} cannot be loaded by ONNX Runtime: {exc}") from exc
     # A provider that is built in but cannot start (no GPU, no CUDA libraries) makes onnxruntime fall back
     # to CPU with only a warning: for a model that asked for specific providers, that is a failure to load.
     active = session.get_providers()

@@ -186,7 +186,10 @@ class Sam3Adapter(ModelAdapter):
         try:
             tokenizer = Tokenizer.from_file(path)
         except Exception as exc:  # tokenizers raises its own exception types for a missing or bad file
-            raise ModelError(f"model {self.name}: tokenizer {path}: {exc}") from exc
+            raise ModelError(
+                f"model {self.name}: its tokenizer file {path} is not a tokenizer.json the tokenizers package reads "
+                f"({exc})"
+            ) from exc
         pad = tokenizer.id_to_token(self.options.pad_token_id)
         if pad is None:
             raise ModelError(f"model {self.name}: pad_token_id {self.options.pad_token_id} is not in the tokenizer")
