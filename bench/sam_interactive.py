@@ -21,7 +21,11 @@ prompts: encoder + decoder, and the decoder alone with the embedding at hand.
 ``service_added_ms`` is the service's p50 second click minus the raw decoder
 path's p50: what HTTP, the queue, the record, storage and the shared store add.
 
-Also measured: segment-everything per photo (16 points a side, the adapter),
+Also measured: segment-everything per photo (16 points a side, the adapter):
+the grid batched through the decoder (the adapter's default) against one
+decoder run per point (``points_per_batch = 1``, the path before it),
+interleaved in one run on the same cached embedding, with the ratio and the
+kept masks' smallest IoU between the two;
 masks from float16 embeddings against float32 ones, and an int8 variant of
 the encoder (ONNX Runtime's dynamic quantisation, made here into a temporary
 file; needs ``onnx`` from requirements-sam.txt): its speed and its masks'
@@ -51,6 +55,7 @@ from domain.images import decode_image
 from models.adapters.base import AdapterContext, Prompts, RuntimeOptions, SegmentRequest
 from models.adapters.sam import SamAdapter
 from models.catalog import ModelCatalog
+from models.encoder_cache import EncoderCache
 from models.fetch import verify_files
 from stores.fleet import live_workers
 
@@ -192,15 +197,40 @@ def raw_rounds(adapter: SamAdapter, rounds: int) -> tuple[list[float], list[floa
     return first, second
 
 
-def everything_rows(adapter: SamAdapter) -> list[dict]:
+def everything_rows(spec, runtime: RuntimeOptions, repeats: int = 2) -> list[dict]:
+    """Batched grid vs one decoder run per point, per photo, on one cached embedding (the encoder not timed)."""
+    cache = EncoderCache()
+    adapters = {}
+    for label, options in (("batched", {}), ("per_point", {"points_per_batch": 1})):
+        adapters[label] = SamAdapter(dataclasses.replace(spec, options={**spec.options, **options}))
+        adapters[label].setup(AdapterContext(runtime, cache))
+    batched = adapters["batched"]
+    started = time.perf_counter()
+    opened = batched.batch_decoder() is not None  # opened once per process, at the first grid
+    open_s = time.perf_counter() - started
     rows = []
-    for name, _, _ in CLICKS:
+    for name, point, _ in CLICKS:
         image = decode_image((PHOTOS / name).read_bytes(), max_bytes=10**8, max_pixels=10**8).pixels
-        started = time.perf_counter()
-        [instances] = adapter.segment([SegmentRequest(image, Prompts(), options={"points_per_side": 16})])
+        batched.segment([SegmentRequest(image, Prompts(points=((*point, 1),)), image_id=name)])  # the encoder
+        times: dict[str, list[float]] = {"batched": [], "per_point": []}
+        found = {}
+        for _ in range(repeats):  # interleaved, so both see the same load
+            for label, adapter in adapters.items():
+                request = SegmentRequest(image, Prompts(), image_id=name, options={"points_per_side": 16})
+                started = time.perf_counter()
+                [found[label]] = adapter.segment([request])
+                times[label].append(time.perf_counter() - started)
+        pairs = list(zip(found["batched"], found["per_point"]))
         rows.append(
             timing_row(
-                f"segment everything, 16x16 points: {name}", [time.perf_counter() - started], objects=len(instances)
+                f"segment everything, 16x16 points: {name}",
+                times["batched"],
+                per_point_p50_ms=round(percentile(times["per_point"], 50) * 1000, 1),
+                batched_over_per_point=round(percentile(times["batched"], 50) / percentile(times["per_point"], 50), 3),
+                objects=len(found["batched"]),
+                same_count=len(found["batched"]) == len(found["per_point"]),
+                mask_iou_min=round(min((iou(a.mask, b.mask) for a, b in pairs), default=1.0), 4),
+                batched_decoder=f"yes (opened in {open_s:.1f} s)" if opened else "no",
             )
         )
     return rows
@@ -300,7 +330,7 @@ def run(options: Options) -> list[dict]:
             raw_second_over_first=round(percentile(raw_second, 50) / percentile(raw_first, 50), 3),
         ),
     ]
-    return rows + everything_rows(adapter) + precision_rows(spec, runtime)
+    return rows + everything_rows(spec, runtime) + precision_rows(spec, runtime)
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -313,4 +343,10 @@ def summary(rows: list[dict]) -> list[str]:
         f"sam_int8_speedup={int8['int8_speedup']} (mask IoU min {int8['int8_mask_iou_min']}; "
         f"CPU default: {int8['int8_worth_a_cpu_default']})",
         f"sam_fp16_embedding_mask_iou_min={fp16['fp16_mask_iou_min']}",
+        *(
+            f"sam_everything_{r['case'].rsplit(' ', 1)[-1]}: batched {r['p50_ms'] / 1000:.2f} s, per point "
+            f"{r['per_point_p50_ms'] / 1000:.2f} s (x{r['batched_over_per_point']}; mask IoU min {r['mask_iou_min']})"
+            for r in rows
+            if "batched_over_per_point" in r
+        ),
     ]

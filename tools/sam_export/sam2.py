@@ -12,15 +12,17 @@ other by name (as ``samexporter``'s SAM 2 export names them):
   added, as ``Sam2Model.get_image_embeddings`` does), ``high_res_feats_0``
   ``[1, C/8, S/4, S/4]`` and ``high_res_feats_1`` ``[1, C/4, S/8, S/8]`` (already
   through the decoder's ``conv_s0``/``conv_s1``).
-* ``decoder.onnx``: ``image_embeddings``, ``point_coords`` float32 ``[1, N, 2]`` in
-  the ``S`` x ``S`` frame, ``point_labels`` float32 ``[1, N]`` (1 foreground, 0
+* ``decoder.onnx``: ``image_embeddings``, ``point_coords`` float32 ``[B, N, 2]`` in
+  the ``S`` x ``S`` frame, ``point_labels`` float32 ``[B, N]`` (1 foreground, 0
   background, 2/3 a box's corners, -1 not a point), ``mask_input`` ``[1, 1, S/4,
   S/4]`` logits, ``has_mask_input`` ``[1]``, ``orig_im_size`` float32 ``[2]``
   (h, w), ``high_res_feats_0``, ``high_res_feats_1`` -> ``iou_predictions``
-  ``[1, 4]``, ``low_res_masks`` ``[1, 4, S/4, S/4]``, ``masks`` ``[1, 4, h, w]``
+  ``[B, 4]``, ``low_res_masks`` ``[B, 4, S/4, S/4]``, ``masks`` ``[B, 4, h, w]``
   (the low-res logits resized straight to the original size, as
   ``Sam2ImageProcessor.post_process_masks`` does) and ``object_score_logits``
-  ``[1, 1]``.
+  ``[B, 1]``. ``B`` prompt sets of the same size on one image (one mask input for
+  all) are decoded in one run (segment everything's grid); ``B`` = 1 is
+  segment-anything's layout.
 
 The decoder appends SAM 2's padding point (label -1) to every prompt set itself,
 as SAM 2's prompt encoder always does, so the adapter sends none
@@ -104,25 +106,28 @@ class PromptDecoder(nn.Module):
     def _decode(self, embeddings, sparse, dense, feats_0, feats_1):
         decoder = self.model.mask_decoder
         tokens = torch.cat([decoder.obj_score_token.weight, decoder.iou_token.weight, decoder.mask_tokens.weight])
-        tokens = torch.cat([tokens[None, None], sparse], dim=2)
+        # Each prompt set is a batch item of its own (transformers' attention takes its batch from the
+        # queries), with the one image's embedding repeated for it.
+        prompts = sparse.shape[0]
+        tokens = torch.cat([tokens[None, None].expand(prompts, 1, -1, -1), sparse], dim=2)
         _, channels, height, width = embeddings.shape
         queries, keys = decoder.transformer(
             point_embeddings=tokens,
-            image_embeddings=embeddings + dense,
+            image_embeddings=(embeddings + dense).expand(prompts, -1, -1, -1),
             image_positional_embeddings=self.model.get_image_wide_positional_embeddings(),
             attention_similarity=None,
             target_embedding=None,
         )
         mask_tokens = queries[:, :, 2 : 2 + decoder.num_mask_tokens, :]
-        image = keys.transpose(2, 3).reshape(1, channels, height, width)
+        image = keys.transpose(2, 3).reshape(-1, channels, height, width)
         upscaled = decoder.activation(decoder.upscale_layer_norm(decoder.upscale_conv1(image) + feats_1))
         upscaled = decoder.activation(decoder.upscale_conv2(upscaled) + feats_0)
         hyper = torch.stack(
             [mlp(mask_tokens[:, :, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=2
         )
         _, up_channels, up_height, up_width = upscaled.shape
-        masks = (hyper @ upscaled.reshape(1, 1, up_channels, up_height * up_width)).reshape(
-            1, 1, decoder.num_mask_tokens, up_height, up_width
+        masks = (hyper @ upscaled.reshape(-1, 1, up_channels, up_height * up_width)).reshape(
+            -1, 1, decoder.num_mask_tokens, up_height, up_width
         )
         iou = decoder.iou_prediction_head(queries[:, :, 1, :])
         object_score = decoder.pred_obj_score_head(queries[:, :, 0, :])
@@ -218,9 +223,10 @@ def export(model, out_dir: Path, opset: int = OPSET) -> dict[str, Path]:
             input_names=[*DECODER_INPUTS, *HIGH_RES],
             output_names=DECODER_OUTPUTS,
             dynamic_axes={
-                "point_coords": {1: "num_points"},
-                "point_labels": {1: "num_points"},
-                "masks": {2: "height", 3: "width"},
+                "point_coords": {0: "prompts", 1: "num_points"},
+                "point_labels": {0: "prompts", 1: "num_points"},
+                **{name: {0: "prompts"} for name in DECODER_OUTPUTS},
+                "masks": {0: "prompts", 2: "height", 3: "width"},
             },
             opset_version=opset,
             dynamo=False,
@@ -260,7 +266,22 @@ def check(model, paths: dict[str, Path], atol: float = 1e-3) -> dict[str, float]
                 raise AssertionError(f"decoder {name} shape {got.shape}, PyTorch gives {tuple(expected.shape)}")
             np.testing.assert_allclose(got, expected.numpy(), atol=atol, rtol=1e-3, err_msg=name)
     check_against_forward(model, wrapper, encoded_torch, atol)
+    check_batch(decoder, names, encoded_torch, size, atol)
     return timings
+
+
+def check_batch(decoder, names: list[str], encoded, size: int, atol: float) -> None:
+    """Three prompt sets in one run give what one run each gives (segment everything batches its grid)."""
+    inputs = [decoder_example(encoded, size, orig=(700.0, 333.0)) for _ in range(3)]
+    coords = torch.cat([inputs[0][1] * scale for scale in (1.0, 0.5, 1.7)])
+    batched = (inputs[0][0], coords, torch.ones(3, 1), *inputs[0][3:])
+    together = decoder.run(DECODER_OUTPUTS, dict(zip(names, (t.numpy() for t in batched))))
+    for i in range(3):
+        alone = (inputs[0][0], coords[i : i + 1], torch.ones(1, 1), *inputs[0][3:])
+        for name, got, want in zip(
+            DECODER_OUTPUTS, together, decoder.run(DECODER_OUTPUTS, dict(zip(names, (t.numpy() for t in alone))))
+        ):
+            np.testing.assert_allclose(got[i : i + 1], want, atol=atol, rtol=1e-3, err_msg=f"batched {name}")
 
 
 def check_against_forward(model, wrapper: PromptDecoder, encoded, atol: float) -> None:
