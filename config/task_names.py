@@ -16,3 +16,5 @@ WEBHOOK_QUEUE = "webhooks"
 RUN_JOB = "maskq.run_job"  # runs one job (tasks/run_job.py)
 DELIVER_WEBHOOK = "maskq.deliver_webhook"  # makes one webhook delivery attempt (tasks/deliver_webhook.py)
 APPLY_RETENTION = "maskq.apply_retention"  # deletes what outlived its retention (tasks/retention.py)
+# Runs a stored image's encoder ahead of its jobs, on a lane (tasks/warm_image.py; POST /v1/images)
+WARM_IMAGE = "maskq.warm_image"

@@ -37,7 +37,10 @@ def job_result(record: JobRecord, storage: ResultStore, base_url: str) -> dict[s
         key = instance.pop("png_key", None)
         if key:
             instance["png_url"] = file_url(key)
-    result["input_url"] = file_url(record.input_key)
+    # By its file name, which GET /v1/jobs/{id}/files/ serves: the input may be a stored image's (POST /v1/images).
+    input_name = record.input_key.rpartition("/")[2]
+    base = base_url.rstrip("/")
+    result["input_url"] = storage.url(record.input_key) or f"{base}/v1/jobs/{record.id}/files/{input_name}"
     return result
 
 

@@ -102,6 +102,17 @@ def encoding(part: str, tenant: str, input_hash: str) -> str:
     return f"{ENCODING_PREFIX}{part}:{tenant}:{input_hash}"
 
 
+# -- images stored ahead of their jobs (POST /v1/images: stores/images.py) ----------------------------
+IMAGE_PREFIX = "maskq:image:"  # + tenant:image id (its sha256) -> the image's record (a hash, with a TTL)
+# Every stored image, "tenant/image_id" by its last use (an upload or a job naming it), kept after the
+# record expires: retention's index, as CREATED is for jobs.
+IMAGES_USED = "maskq:images:used"
+
+
+def image(tenant: str, image_id: str) -> str:
+    return f"{IMAGE_PREFIX}{tenant}:{image_id}"
+
+
 # -- tenants and submissions ----------------------------------------------------------------------
 API_KEYS = "maskq:apikeys"  # every key hash (a set), for listing
 
@@ -175,6 +186,11 @@ BROKER_UNACKED_INDEX = "unacked_index"
 def job_prefix(tenant: str, job_id: str) -> str:
     """Where one job's objects live in storage: ``tenants/{tenant}/jobs/{job_id}/``."""
     return f"tenants/{tenant}/jobs/{job_id}/"
+
+
+def image_prefix(tenant: str, image_id: str) -> str:
+    """Where one stored image lives in storage: ``tenants/{tenant}/images/{image_id}/`` (its file, ``image.<ext>``)."""
+    return f"tenants/{tenant}/images/{image_id}/"
 
 
 # -- Lua ------------------------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ def apply_retention() -> dict:
     worker = process.current()
     done = retention.sweep(worker.redis, worker.storage, worker.settings)
     log.info(
-        "retention: %d job(s) and %d object(s) deleted, %d folder(s) adopted, %d temporary file(s) removed",
+        "retention: %d job(s), %d object(s) and %d stored image(s) deleted, %d folder(s) adopted, "
+        "%d temporary file(s) removed",
         done.jobs_deleted,
         done.objects_deleted,
+        done.images_deleted,
         done.jobs_adopted,
         done.partial_files_deleted,
     )

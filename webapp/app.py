@@ -40,13 +40,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     # Every move a request makes (a cancel, an expiry noticed on read) becomes the job's webhook event.
     job_store.on_moved = JobEvents(client, app.extensions["maskq"].celery)
-    from webapp import batches, deliveries, events, health, jobs, metrics, models, page
+    from webapp import batches, deliveries, events, health, images, jobs, metrics, models, page
 
     # Timed from the first hook to the last, so every answer (an auth failure, a 429) is counted.
     app.before_request(metrics.start_timer)
     app.after_request(metrics.count_request)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(images.bp)  # an image stored once, its encoder started at once (POST /v1/images)
     app.register_blueprint(batches.bp)
     app.register_blueprint(events.bp)  # live progress: Server-Sent Events
     app.register_blueprint(models.bp)

@@ -16,6 +16,7 @@ from domain import trace
 from domain.cancel_after import parse_cancel_after
 from domain.documents import job_document, job_result
 from domain.errors import Conflict, InputError, NotFound, ServiceUnavailable, TooManyRequests
+from domain.image_records import ImageRecord
 from domain.images import DecodedImage, decode_image
 from domain.keys import job_prefix
 from domain.records import JobRecord, JobState, rfc3339
@@ -30,6 +31,7 @@ from stores.lanes import send_job
 from stores.result_cache import CachedResult, ResultCache
 from webapp.auth import choose_lane, current_tenant
 from webapp.idempotency import claim_submission
+from webapp.images import image_store, stored_image
 from webapp.limits import client_id
 from webapp.services import Services, services
 from webapp.submission import read_submission
@@ -49,8 +51,13 @@ def submit_job():
     s = services()
     cancel_after_header()  # a bad Cancel-After is a 4xx before the upload is read
     data, body = read_submission(request, s.settings.max_image_bytes)
-    job = new_job(s, data, body)
-    claim = claim_submission(job.record.id, data, body)  # Idempotency-Key: 422 on another body
+    # No bytes: the body names an image stored with POST /v1/images (a 422 when it has none such).
+    stored = stored_image(s, body) if data is None else None  # type: ignore[arg-type]  # a JSON object here
+    job = new_job(s, data, body, stored=stored)
+    # Idempotency-Key: 422 on another body (a stored image counts by its id, as an upload by its bytes)
+    claim = claim_submission(
+        job.record.id, data if data is not None else f"image_id:{job.record.image_sha256}".encode(), body
+    )
     if claim.replayed:
         return _replayed(claim.job_id)
     # The caller's W3C trace context (a bad one is ignored), else a new trace: the job carries it to its end.
@@ -67,18 +74,22 @@ class NewJob:
     """A checked submission not stored yet: its record, and what storing it needs."""
 
     record: JobRecord
-    data: bytes
-    image: DecodedImage | None  # None for a result-cache hit (its bytes were checked before)
+    data: bytes | None  # None for a stored image (POST /v1/images)
+    image: DecodedImage | None  # None for a result-cache hit or a stored image (their bytes were checked before)
     cached: CachedResult | None
     cache: ResultCache
     catalog: ModelCatalog
+    stored: ImageRecord | None = None  # the stored image the job names instead of an upload
 
 
-def new_job(s: Services, data: bytes, body: object, batch: str | None = None) -> NewJob:
+def new_job(
+    s: Services, data: bytes | None, body: object, batch: str | None = None, stored: ImageRecord | None = None
+) -> NewJob:
     """Check one image and its request (every 4xx a submission can earn) and make the job's record.
 
     ``body`` is the request JSON, parsed here once, or a request parsed already (a batch's image's); the
-    record keeps it typed, and so does every reader after it (``JobRecord.request``).
+    record keeps it typed, and so does every reader after it (``JobRecord.request``). ``stored``: the image
+    is one stored with ``POST /v1/images`` (``data`` None), checked and measured then, never decoded again.
     """
     settings = s.settings
     job_request = body if isinstance(body, JobRequest) else parse_request(body)
@@ -87,7 +98,7 @@ def new_job(s: Services, data: bytes, body: object, batch: str | None = None) ->
     catalog = s.catalog.current()  # one reading of the manifest for the whole submission, even if it changes now
     # A job that names no model goes by its prompts (the manifest's routes); the record keeps the name.
     spec = catalog.spec(job_request.model or catalog.route(job_request.prompts.kinds))
-    image_sha256 = hashlib.sha256(data).hexdigest()
+    image_sha256 = stored.id if stored is not None else hashlib.sha256(data or b"").hexdigest()
     cache = ResultCache(s.jobs, settings, catalog, s.celery)
     cache_key = cache.key_for(
         job_request, image_sha256=image_sha256, model=spec.name, version=spec.version, tenant=current_tenant()
@@ -96,10 +107,14 @@ def new_job(s: Services, data: bytes, body: object, batch: str | None = None) ->
     # them again would be most of the cost of a hit.
     cached = cache.find(cache_key)
     image = (
-        None if cached else decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        None
+        if cached or data is None
+        else decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
     )
     if cached:
         width, height = cached.width, cached.height
+    elif stored is not None:
+        width, height = stored.width, stored.height
     else:
         assert image is not None  # decoded just above
         width, height = image.width, image.height
@@ -129,6 +144,8 @@ def new_job(s: Services, data: bytes, body: object, batch: str | None = None) ->
     now = time.time()
     if cached:
         input_key = cached.input_key
+    elif stored is not None:
+        input_key = stored.input_key  # the job reads the stored image: nothing is written again
     else:
         assert image is not None
         input_key = f"{job_prefix(current_tenant(), job_id)}input.{EXTENSIONS[image.format]}"
@@ -149,20 +166,23 @@ def new_job(s: Services, data: bytes, body: object, batch: str | None = None) ->
         cache_key=cache_key,
         batch=batch,
     )
-    return NewJob(record, data, image, cached, cache, catalog)
+    return NewJob(record, data, image, cached, cache, catalog, stored)
 
 
 def accept(s: Services, job: NewJob, check_room: bool = True) -> JobRecord:
     """Store the new job (or answer it from the cache) and send it to its lane; return its record."""
     settings, record, cache = s.settings, job.record, job.cache
+    if job.stored is not None:  # used now: the image is kept retention_s from this job, as a job's own input is
+        image_store(s).touch(job.stored.tenant, job.stored.id)
     if job.cached is not None:  # a job of its own, already succeeded with the identical job's result; nothing queued
         # (counted as a cache hit in the same transaction as its record: stores/jobs.py)
         return cache.serve(record, job.cached)
     if check_room:
         s.lanes.check_room(record.lane)
     # Input first, record second, message last: a worker that gets the message finds both.
-    assert job.image is not None  # decoded: not a cache hit
-    s.storage.put(record.input_key, job.data, job.image.media_type)
+    if job.stored is None:
+        assert job.image is not None and job.data is not None  # decoded: not a cache hit, not a stored image
+        s.storage.put(record.input_key, job.data, job.image.media_type)
     s.jobs.create(record)
     log.info("job %s: accepted for model %s on the %s lane", record.id, record.model, record.lane)
     follows = cache.join(record)  # an identical job in flight: this one gets its result, and is not sent

@@ -18,9 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from domain import cancel_after
+from domain.image_records import IMAGE_ID
 from domain.schemas import BatchRequest, JobRequest, Lane, MaskRLE, PromptKind, PromptSet, Strict
 from webapp.idempotency import HEADER as IDEMPOTENCY_HEADER
 from webapp.idempotency import MAX_KEY_LENGTH
+from webapp.images import MODEL_DESCRIPTION, ImageUpload
 from webapp.services import services
 
 bp = Blueprint("openapi", __name__)
@@ -245,6 +247,51 @@ class JsonSubmission(JobRequest):
     image: InlineImage
 
 
+class JsonImageIdSubmission(JobRequest):
+    """``POST /v1/jobs`` as ``application/json`` naming an image stored with ``POST /v1/images``: no upload, and
+    when the image's encoding is ready (SAM-family models) only the decoder runs."""
+
+    image_id: str = Field(pattern=IMAGE_ID.pattern, description="the id POST /v1/images answered (the image's sha256)")
+
+
+class MultipartImage(BaseModel):
+    """``POST /v1/images`` as ``multipart/form-data``: the image file, and optionally the model."""
+
+    image: bytes = Field(description="the image file (JPEG, PNG, WebP, BMP or TIFF)")
+    model: str | None = Field(None, min_length=1, max_length=200, description=MODEL_DESCRIPTION)
+
+
+class JsonImage(ImageUpload):
+    """``POST /v1/images`` as ``application/json``: the image inline, and optionally the model."""
+
+    image: InlineImage
+
+
+class StoredImage(Document):
+    """An image stored with ``POST /v1/images``, as ``GET /v1/images/{id}`` shows it."""
+
+    id: str = Field(description="the image's sha256 within its tenant: jobs name it as image_id")
+    sha256: str
+    width: int = Field(description="of the upright (EXIF-applied) image")
+    height: int
+    bytes: int
+    media_type: str
+    model: str | None = Field(description="the model whose encoder runs ahead; null: none (nothing to encode)")
+    encoding: Literal["none", "queued", "ready", "failed", "evicted"] = Field(
+        description=(
+            "none: no encoder to run ahead; queued: the encode-only task is queued or running; ready: the embedding "
+            "is in the shared encoder cache, a job on the image runs only the decoder; failed: see error (a job "
+            "encodes it itself); evicted: it was ready and the cache let it go (a job encodes it again; POST the "
+            "image again to encode it ahead)"
+        )
+    )
+    created_at: str
+    expires_at: str = Field(description="when it is deleted unless used again (an upload or a job naming it)")
+    encoded_at: str | None = None
+    encode_s: float | None = Field(None, description="seconds the encode-only task took")
+    error: str | None = None
+
+
 class MultipartSubmission(BaseModel):
     """``POST /v1/jobs`` as ``multipart/form-data``: the image file and the request as JSON text."""
 
@@ -252,14 +299,26 @@ class MultipartSubmission(BaseModel):
     request: JobRequest = Field(default_factory=JobRequest, description="JSON text; may be left out")
 
 
-REQUEST_MODELS = (JsonSubmission, MultipartSubmission, MultipartBatch)
-RESPONSE_MODELS = (Job, Batch, Coco, Problem, ModelList, Health, Readiness, AdminStatus, DeliveryList, Redelivered)
+REQUEST_MODELS = (JsonSubmission, JsonImageIdSubmission, MultipartSubmission, MultipartBatch, MultipartImage, JsonImage)
+RESPONSE_MODELS = (
+    Job,
+    Batch,
+    Coco,
+    Problem,
+    ModelList,
+    Health,
+    Readiness,
+    AdminStatus,
+    DeliveryList,
+    Redelivered,
+    StoredImage,
+)
 
 ERRORS = {
     400: "Bad request: unreadable input",
     401: "No API key, or an unknown one",
     403: "The key is revoked, or may not use the lane asked for",
-    404: "No such job (or another tenant's)",
+    404: "No such job or image (or another tenant's)",
     409: "The job's (or batch's) state does not allow this",
     413: "The image (or batch) is too large",
     415: "Not an image type the service reads",
@@ -342,6 +401,7 @@ def _operations(max_wait_s: int) -> dict[tuple[str, str], dict]:
         ),
         "schema": {"type": "string", "pattern": cancel_after.PATTERN, "maxLength": cancel_after.MAX_LENGTH},
     }
+    image_headers = {**RATE_HEADERS, "Location": {"schema": {"type": "string"}}}
     return {
         ("/v1/jobs", "post"): {
             "summary": "Submit a job",
@@ -371,10 +431,42 @@ def _operations(max_wait_s: int) -> dict[tuple[str, str], dict]:
                         "schema": {"$ref": REF.format(model="MultipartSubmission")},
                         "encoding": {"request": {"contentType": "application/json"}},
                     },
-                    "application/json": {"schema": {"$ref": REF.format(model="JsonSubmission")}},
+                    "application/json": {
+                        "schema": {
+                            "oneOf": [
+                                {"$ref": REF.format(model="JsonSubmission")},
+                                {"$ref": REF.format(model="JsonImageIdSubmission")},
+                            ]
+                        }
+                    },
                 },
             },
             "responses": _job_answers(400, 409, 413, 415, 422, created=True),
+        },
+        ("/v1/images", "post"): {
+            "summary": "Store an image once and start its image encoder now; jobs then name it as image_id",
+            "operationId": "uploadImage",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {"schema": {"$ref": REF.format(model="MultipartImage")}},
+                    "application/json": {"schema": {"$ref": REF.format(model="JsonImage")}},
+                },
+            },
+            "responses": {
+                "201": json_answer("StoredImage", "Stored; its encoding queued", image_headers),
+                "200": json_answer("StoredImage", "Stored before (the same bytes): used now", image_headers),
+                **error_answers(400, 413, 415, 422, *V1_ERRORS),
+            },
+        },
+        ("/v1/images/{image_id}", "get"): {
+            "summary": "A stored image, and whether its embedding is ready",
+            "operationId": "getImage",
+            "parameters": [{"name": "image_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {
+                "200": json_answer("StoredImage", "The image", RATE_HEADERS),
+                **error_answers(404, *V1_ERRORS),
+            },
         },
         ("/v1/jobs/{job_id}", "get"): {
             "summary": "Read a job, waiting up to `wait` seconds for it to end",

@@ -14,11 +14,13 @@ from domain.errors import InputError, PayloadTooLarge, UnsupportedMediaType
 MAX_REQUEST_PART_BYTES = 8 * 1024 * 1024
 
 
-def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes, object]:
+def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes | None, object]:
     """``(image bytes, request JSON)`` from ``multipart/form-data`` or ``application/json``.
 
     Flask's ``MAX_CONTENT_LENGTH`` already stops a body that is too large
-    while it is read; this enforces the image's own limit.
+    while it is read; this enforces the image's own limit. A JSON body that
+    names a stored image (``"image_id"``, from ``POST /v1/images``) instead of
+    sending one gives no bytes (None), and keeps ``image_id`` in the body.
     """
     if request.mimetype == "multipart/form-data":
         upload = request.files.get("image")
@@ -34,9 +36,17 @@ def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes, obje
         if not isinstance(body, dict):
             raise InputError("the JSON body must be an object")
         image = body.pop("image", None)
+        if "image_id" in body:
+            if image is not None:
+                raise InputError(
+                    'send "image" or "image_id", not both',
+                    errors=[{"field": "image_id", "message": "with image"}],
+                )
+            return None, body
         if not isinstance(image, dict) or not isinstance(image.get("base64"), str):
             raise InputError(
-                'the JSON body needs "image": {"base64": "..."}', errors=[{"field": "image", "message": "missing"}]
+                'the JSON body needs "image": {"base64": "..."}, or "image_id" (POST /v1/images)',
+                errors=[{"field": "image", "message": "missing"}],
             )
         if len(image["base64"]) > (max_image_bytes + 2) * 4 // 3 + 4:
             raise PayloadTooLarge(f"the image is larger than {max_image_bytes} bytes")

@@ -12,6 +12,10 @@ as of the first sweep that sees them, so they go one retention period later
 rather than never. In the embedded (local folder) store, temporary files of
 writes that died half-way (``*.partial``) older than ``retention_partial_age_s``
 are removed too.
+
+Images stored ahead of their jobs (``POST /v1/images``, ``stores/images.py``)
+go the same way, from their own index, ``retention_s`` after their last use
+(an upload, or a job naming them): their file and record.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from typing import cast
 
 import redis
 
-from domain.keys import CREATED, DEADLINES, job_prefix, lane_index
+from domain.keys import CREATED, DEADLINES, image_prefix, job_prefix, lane_index
 from storage import Storage
 from storage.local import TEMP_SUFFIX, LocalStorage
 from stores.delivery_log import DeliveryLog
+from stores.images import ImageStore
 from stores.jobs import JobStore
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,7 @@ class Sweep:
     objects_deleted: int = 0
     jobs_adopted: int = 0
     partial_files_deleted: int = 0
+    images_deleted: int = 0
 
 
 def sweep(client: redis.Redis, storage: Storage, settings, now: float | None = None) -> Sweep:
@@ -62,6 +68,7 @@ def sweep(client: redis.Redis, storage: Storage, settings, now: float | None = N
             done.objects_deleted += forget_job(client, storage, tenant, job_id)
             client.zrem(CREATED, member)  # last: a sweep that dies half-way finds the job again
             done.jobs_deleted += 1
+    done.images_deleted = forget_images(client, storage, settings, cutoff, now, deadline)
     if isinstance(storage, LocalStorage):
         done.partial_files_deleted = remove_stale_partials(storage, now - settings.retention_partial_age_s)
     return done
@@ -79,6 +86,33 @@ def forget_job(client: redis.Redis, storage: Storage, tenant: str, job_id: str) 
         pipe.execute()
     DeliveryLog(client).forget_job(job_id)
     return objects
+
+
+def forget_images(client: redis.Redis, storage: Storage, settings, cutoff: float, now: float, deadline: float) -> int:
+    """Delete the stored images last used before ``cutoff`` (record and index entry, then the file: a sweep that
+    dies in between leaves a folder the next one adopts); index the image folders storage holds that the index
+    lacks. Return how many went."""
+    images = ImageStore(client, settings.retention_s)
+    images.adopt(
+        sorted(
+            {
+                f"{parts[1]}/{parts[3]}"
+                for parts in (key.split("/") for key in storage.list("tenants/"))
+                if len(parts) > 4 and parts[0] == "tenants" and parts[2] == "images"
+            }
+        ),
+        now,
+    )
+    deleted = 0
+    while time.monotonic() < deadline:
+        found = images.used_before(cutoff, BATCH)
+        if not found:
+            break
+        for tenant, image_id in found:
+            if images.forget(tenant, image_id, cutoff):  # not if a job named it meanwhile
+                storage.delete_prefix(image_prefix(tenant, image_id))
+                deleted += 1
+    return deleted
 
 
 def adopt_unindexed(client: redis.Redis, storage: Storage, now: float) -> int:

@@ -80,7 +80,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from domain.errors import ModelError
 from domain.schemas import PROMPT_KINDS, JobRequest  # the one list of prompt kinds
-from models.encoder_cache import EncoderCache, file_sha256
+from models.encoder_cache import EncoderCache, EncodingKey, file_sha256
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -347,6 +347,19 @@ class ModelAdapter:
         """The ONNX Runtime providers this adapter's sessions run on (those made by ``create_session``
         and kept as attributes): what the heartbeat and ``GET /v1/models`` show."""
         return sorted({p for value in vars(self).values() for p in getattr(value, "execution_providers", ())})
+
+    def warm(self, request: SegmentRequest) -> EncodingKey | None:
+        """Run the image encoder on ``request``'s image alone, ahead of any prompt, and keep its outputs in the
+        encoder cache where a job on the same image (``image_id``, ``scope``) finds them: ``POST /v1/images``
+        queues it (``workers/image_encoding.py``). Return the entry's key; may note ``report["embedding"]``
+        and ``timings["encode"]`` as ``segment`` does. Default: the model has no encoder to run ahead (None)."""
+        return None
+
+    @classmethod
+    def can_warm(cls) -> bool:
+        """Whether the class runs an encoder ahead of prompts (overrides :meth:`warm`): the web asks before it
+        queues an encode."""
+        return cls.warm is not ModelAdapter.warm
 
     def preprocess(self, requests: Sequence[SegmentRequest]) -> tuple[Any, list[Any]]:
         raise NotImplementedError
