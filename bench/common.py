@@ -146,9 +146,9 @@ class CpuMeter:
         return used
 
 
-def procfile() -> dict[str, str]:
+def procfile(root: Path = ROOT) -> dict[str, str]:
     """The Procfile's commands by process name."""
-    lines = (ROOT / "Procfile").read_text().splitlines()
+    lines = (root / "Procfile").read_text().splitlines()
     return {
         name.strip(): command.strip()
         for name, _, command in (line.partition(":") for line in lines if line.strip() and not line.startswith("#"))
@@ -180,6 +180,12 @@ class ServiceStack:
     # Extra arguments for each worker to start (the Procfile's command plus these: "-Q", "-n"...);
     # None: the Procfile's one worker.
     workers: list[list[str]] | None = None
+    # Other Procfile processes to start as well ("webhooks", "flower"), after the workers and before the web.
+    also: tuple[str, ...] = ()
+    # Extra environment for every process of this stack (not settings: say, a library's own variable).
+    env_extra: dict[str, str] = field(default_factory=dict)
+    # The checkout whose Procfile, code and .venv run the stack (another one to compare builds in one run).
+    root: Path = ROOT
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="maskq-bench-")))
     redis: RedisServer | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -214,12 +220,18 @@ class ServiceStack:
             **self.overrides,
         }
         self.settings: Settings = load_settings(**values)
-        self.env = {**os.environ, **{f"MASKQ_{k.upper()}": _env_value(v) for k, v in values.items()}}
+        self.env = {
+            **os.environ,
+            **{f"MASKQ_{k.upper()}": _env_value(v) for k, v in values.items()},
+            **self.env_extra,
+        }
         self.base_url = f"http://{self.settings.host}:{self.settings.port}"
         # The Procfile's own commands, so the benchmark measures what `make run` runs.
-        commands = procfile()
+        commands = procfile(self.root)
         for i, extra in enumerate(self.workers or [[]]):
             self._spawn("worker" if i == 0 else f"worker-{i + 1}", f"{commands['worker']} {shlex.join(extra)}")
+        for name in self.also:
+            self._spawn(name, commands[name])
         self._spawn("web", commands["web"])
         self._wait_ready(timeout)
         self.headers = self._authorization()
@@ -240,7 +252,7 @@ class ServiceStack:
         with (self.data_dir / f"{name}.log").open("ab") as log:
             self.processes[name] = subprocess.Popen(
                 ["/bin/sh", "-c", command],
-                cwd=ROOT,
+                cwd=self.root,
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

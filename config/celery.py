@@ -63,8 +63,12 @@ def celery_config(settings: Settings) -> dict:
         "worker_hijack_root_logger": False,
         # Loading models happens in worker_process_init; Celery's default allows 4 s.
         "worker_proc_alive_timeout": 120,
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Task events only for a monitor that asks: Flower sends `enable_events` to the workers when it
+        # starts (and again while it runs), so it still sees every task from `received` on. Without one,
+        # events were 4 PUBLISHes a job nobody read (the worker's main process: 0.9 CPU ms a job;
+        # bench/cpu_per_job.py). The web never sends `task-sent`.
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
         "timezone": "UTC",
     }
 
@@ -73,6 +77,6 @@ def create_celery(settings: Settings):
     """A Celery app for these settings; the web front end sends with it, the worker runs it."""
     from celery import Celery
 
-    app = Celery("maskq", include=["tasks.run_job", "tasks.deliver_webhook", "tasks.retention"])
+    app = Celery("maskq", include=["tasks.run_job", "tasks.deliver_webhook", "tasks.retention", "tasks.warm_image"])
     app.conf.update(celery_config(settings))
     return app

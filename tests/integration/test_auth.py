@@ -13,6 +13,7 @@ import requests
 
 from tests.conftest import ROOT, VENV_BIN, authorized_client, free_port, image_bytes, settings_from
 from tests.integration.helpers import run_to_end, submit
+from webapp.auth import KEY_CACHE_TTL_S
 
 
 def assert_problem(answer, status: int) -> dict:
@@ -96,6 +97,7 @@ def test_a_key_made_by_the_cli_works_and_answers_403_once_revoked(app, base_env,
 
     revoked = maskq(base_env, "keys", "revoke", key_id)
     assert revoked.returncode == 0, revoked.stderr
+    time.sleep(KEY_CACHE_TTL_S)  # how long a web process may still trust the key's record it read
     body = assert_problem(client.get("/v1/models"), 403)
     assert "revoked" in body["detail"]
     assert_problem(submit(client, image_bytes("en.jpg")), 403)
@@ -279,3 +281,34 @@ def test_x_forwarded_for_is_ignored_without_trusted_proxies_and_read_one_hop_bac
     assert fail_until_refused(proxied, "198.51.100.1") == [401] * 20 + [429]
     assert fail_until_refused(proxied, "203.0.113.9, 198.51.100.1", 1) == [429]
     assert fail_until_refused(proxied, "198.51.100.2", 1) == [401]  # another client behind the same ingress
+
+
+def test_a_web_process_reads_a_key_once_per_ttl_and_refuses_it_within_the_ttl_of_its_revocation(app, redis_client):
+    from stores.tenants import KeyStore
+
+    client = authorized_client(app, "acme")
+    reads = []
+    real_get = KeyStore.get
+
+    def counted(self, key_hash):
+        reads.append(key_hash)
+        return real_get(self, key_hash)
+
+    KeyStore.get = counted
+    try:
+        for _ in range(5):
+            assert client.get("/v1/models").status_code == 200
+        assert len(reads) == 1  # the others were served from the process's cache
+        KeyStore(redis_client).revoke(client.api_key)
+        started = time.monotonic()
+        while client.get("/v1/models").status_code == 200:
+            assert time.monotonic() - started < KEY_CACHE_TTL_S + 0.5, "the revoked key is still accepted"
+            time.sleep(0.05)
+        assert_problem(client.get("/v1/models"), 403)
+        # An unknown key is never kept: each attempt is read (and counted as a failure) again.
+        reads.clear()
+        for _ in range(2):
+            assert client.get("/v1/models", headers={"Authorization": "Bearer mq_unknown"}).status_code == 401
+        assert len(reads) == 2
+    finally:
+        KeyStore.get = real_get
