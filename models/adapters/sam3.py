@@ -62,7 +62,7 @@ from models.adapters.base import (
 )
 from models.adapters.onnx import Session, create_session
 from models.adapters.sam import EncodedImage, SamAdapter
-from models.encoder_cache import EncoderPart, EncodingKey, phrase_hash, pixels_hash
+from models.encoder_cache import EncoderPart, EncodingKey, EncodingSource, phrase_hash, pixels_hash
 
 ROLES = ("vision_encoder", "text_encoder", "detector", "exemplar_detector", "tokenizer")
 TRACKER_ROLES = ("tracker_encoder", "tracker_decoder")
@@ -312,6 +312,26 @@ class Sam3Adapter(ModelAdapter):
             axis=1,
         )
         return centred[np.newaxis].astype(np.float32), np.asarray([[e[4] for e in exemplars]], dtype=np.int64)
+
+    # --- ahead of prompts (POST /v1/images) ----------------------------------------------
+
+    def warm(self, request: SegmentRequest) -> EncodingKey | None:
+        """Encode the image alone, ahead of its prompts, into the backbone's cache entry (and the shared tier for an
+        ``image_id`` and a ``scope``): a phrase, exemplars or a click on it then skips the backbone. The tracker's
+        neck, a few convolutions, runs at the first click."""
+        images, _ = self._caches()
+        share = bool(request.image_id and request.scope)
+        key = images.key(request.scope, request.image_id or pixels_hash(request.image))
+        features, source = images.lookup(key, share=share)
+        request.report["embedding"] = {"cached": features is not None, "source": source}
+        if features is None:
+            started = time.perf_counter()
+            levels = self._run("vision_encoder", None, {"pixel_values": self.pixel_values(request.image)})
+            request.timings["encode"] = time.perf_counter() - started
+            images.store(key, dict(zip(VISION_OUTPUTS, levels)), share=share)
+        elif source != EncodingSource.SHARED and share and images.cache.shared is not None:
+            images.cache.shared.put(key, features)  # only this process held it: every worker should find it
+        return key
 
     # --- predict (the only ONNX Runtime calls) -------------------------------------------
 

@@ -11,6 +11,7 @@ sigmoid(presence), masks resized by torch's bilinear interpolation).
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -380,3 +381,31 @@ def test_the_commented_sam3_entry_of_config_models_toml_serves_an_export_once_un
     assert spec.fallback == "objects" and spec.adapter == "models.adapters.sam3:Sam3Adapter"
     assert spec.files == exported["files"] and spec.sha256 == exported["sha256"]
     assert catalog.route({"points"}) == "sam"  # the rest of the routes unchanged
+
+
+def test_post_v1_images_encodes_the_backbone_ahead_so_a_phrase_on_it_runs_no_image_encoder(service, reference):
+    client = service.client()
+    image = reencoded("coffee.png", 5)
+    answer = client.post(
+        "/v1/images",
+        data={"image": (io.BytesIO(image), "photo.png"), "model": SAM3_MODEL},
+        content_type="multipart/form-data",
+    )
+    assert answer.status_code == 201, answer.get_json()
+    document = answer.get_json()
+    for _ in range(120):
+        if document["encoding"] != "queued":
+            break
+        time.sleep(0.25)
+        document = client.get(f"/v1/images/{document['id']}").get_json()
+    assert document["encoding"] == "ready", document
+    job = client.post(
+        "/v1/jobs", json={"image_id": document["id"], "prompts": {"text": ["cup"]}}, headers={"Prefer": "wait=30"}
+    ).get_json()
+    for _ in range(4):
+        if job["status"] not in ("queued", "running"):
+            break
+        job = client.get(f"/v1/jobs/{job['id']}?wait=30").get_json()
+    assert job["status"] == "succeeded", job
+    assert job["result"]["embedding"]["cached"] is True  # the backbone ran ahead, in the encode-only task
+    assert_same_instances(job["result"]["instances"], reference.instances(image, "cup"), "cup", (400, 600))
