@@ -21,10 +21,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import numpy as np
 import psutil
@@ -34,6 +35,8 @@ import requests
 from config.settings import Settings, load_settings
 from runtime.embedded_redis import RedisServer
 from stores.tenants import KeyStore
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "tests" / "data" / "images"
@@ -378,9 +381,22 @@ def drive_clients(
     without prompts and without a model goes to the manifest's ``none`` route,
     segment-everything on SAM).
     """
+
+    def one(session: requests.Session, i: int) -> JobOutcome:
+        name, data = images[(first + i) % len(images)]
+        return run_http_job(session, stack.base_url, name, data, request_json)
+
+    return drive_pool(stack, jobs, clients, one)
+
+
+def drive_pool(
+    stack: ServiceStack, count: int, clients: int, one: Callable[[requests.Session, int], T], name: str = "bench-client"
+) -> tuple[float, list[T]]:
+    """``one(session, i)`` for ``i`` in ``range(count)``, over ``clients`` threads each with its own authorised
+    session; ``(wall seconds, results in the order they ended)``. The first failure stops every client."""
     counter = itertools.count()
     lock = threading.Lock()
-    outcomes: list[JobOutcome] = []
+    results: list[T] = []
     errors: list[BaseException] = []
 
     def client() -> None:
@@ -389,21 +405,20 @@ def drive_clients(
             while not errors:
                 with lock:
                     i = next(counter)
-                if i >= jobs:
+                if i >= count:
                     return
-                name, data = images[(first + i) % len(images)]
                 try:
-                    outcome = run_http_job(session, stack.base_url, name, data, request_json)
+                    result = one(session, i)
                 except BaseException as exc:
                     errors.append(exc)
                     return
                 with lock:
-                    outcomes.append(outcome)
+                    results.append(result)
 
-    wall = run_threads(client, clients, "bench-client")
+    wall = run_threads(client, clients, name)
     if errors:
         raise RuntimeError(f"{len(errors)} client(s) failed; first: {errors[0]!r}") from errors[0]
-    return wall, outcomes
+    return wall, results
 
 
 def run_threads(target, count: int, name: str) -> float:

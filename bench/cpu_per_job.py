@@ -30,10 +30,8 @@ An idle row (the stack up, no clients, for a few seconds) gives each kind's CPU 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +41,7 @@ import psutil
 import redis
 import requests
 
-from bench.common import ROOT, Options, ServiceStack, free_port, percentile, run_threads
+from bench.common import ROOT, Options, ServiceStack, drive_pool, free_port, percentile
 from config.settings import load_settings
 from domain.images import decode_image
 from models.adapters.base import Prompts, SegmentRequest
@@ -163,33 +161,8 @@ def send(session: requests.Session, base_url: str, click: Click) -> tuple[float,
 
 def drive(stack: ServiceStack, work: list[Click], clients: int) -> tuple[float, list[float], list[dict]]:
     """``work`` over ``clients`` threads; ``(wall seconds, latencies, job documents)``."""
-    counter = itertools.count()
-    lock = threading.Lock()
-    latencies: list[float] = []
-    jobs: list[dict] = []
-    errors: list[BaseException] = []
-
-    def client() -> None:
-        with requests.Session() as session:
-            session.headers.update(stack.headers)
-            while not errors:
-                with lock:
-                    i = next(counter)
-                if i >= len(work):
-                    return
-                try:
-                    latency, job = send(session, stack.base_url, work[i])
-                except BaseException as exc:
-                    errors.append(exc)
-                    return
-                with lock:
-                    latencies.append(latency)
-                    jobs.append(job)
-
-    wall = run_threads(client, clients, "bench-click")
-    if errors:
-        raise RuntimeError(f"{len(errors)} client(s) failed; first: {errors[0]!r}") from errors[0]
-    return wall, latencies, jobs
+    wall, sent = drive_pool(stack, len(work), clients, lambda session, i: send(session, stack.base_url, work[i]))
+    return wall, [latency for latency, _ in sent], [job for _, job in sent]
 
 
 def model_cpu_per_job(work: list[Click]) -> tuple[float, float]:

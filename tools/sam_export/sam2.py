@@ -54,6 +54,13 @@ OPSET = 17
 HIGH_RES = ("high_res_feats_0", "high_res_feats_1")
 DECODER_INPUTS = ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"]
 DECODER_OUTPUTS = ["iou_predictions", "low_res_masks", "masks", "object_score_logits"]
+# Any number of prompt sets (segment everything batches its grid) of any number of points.
+DECODER_AXES = {
+    "point_coords": {0: "prompts", 1: "num_points"},
+    "point_labels": {0: "prompts", 1: "num_points"},
+    **{name: {0: "prompts"} for name in DECODER_OUTPUTS},
+    "masks": {0: "prompts", 2: "height", 3: "width"},
+}
 # The tiny random model: SAM 2's architecture at its real 1024 frame with a 5-block, 16-wide Hiera
 # (encoder ~0.3 s on a CPU core); the neck, prompt encoder and mask decoder keep their real sizes.
 # The second block of stage 3 is the global one: a global block that also pools would divide by zero.
@@ -222,12 +229,7 @@ def export(model, out_dir: Path, opset: int = OPSET) -> dict[str, Path]:
             str(paths["decoder"]),
             input_names=[*DECODER_INPUTS, *HIGH_RES],
             output_names=DECODER_OUTPUTS,
-            dynamic_axes={
-                "point_coords": {0: "prompts", 1: "num_points"},
-                "point_labels": {0: "prompts", 1: "num_points"},
-                **{name: {0: "prompts"} for name in DECODER_OUTPUTS},
-                "masks": {0: "prompts", 2: "height", 3: "width"},
-            },
+            dynamic_axes=DECODER_AXES,
             opset_version=opset,
             dynamo=False,
         )
@@ -238,7 +240,6 @@ def check(model, paths: dict[str, Path], atol: float = 1e-3) -> dict[str, float]
     """Run both graphs in ONNX Runtime against PyTorch, and the decoder wrapper against ``Sam2Model.forward``."""
     import onnxruntime as ort
 
-    size = frame_size(model)
     quiet = ort.SessionOptions()
     # Errors only: ORT's shape inference warns about a Concat in Hiera's window padding that it then merges fine.
     quiet.log_severity_level = 3
@@ -251,23 +252,36 @@ def check(model, paths: dict[str, Path], atol: float = 1e-3) -> dict[str, float]
     for name, got, expected in zip(["image_embeddings", *HIGH_RES], encoded, want):
         np.testing.assert_allclose(got, expected.numpy(), atol=atol, rtol=1e-3, err_msg=name)
 
-    decoder = ort.InferenceSession(str(paths["decoder"]), quiet, providers=["CPUExecutionProvider"])
+    timings["decoder"] = check_decoder(paths["decoder"], model, tuple(torch.from_numpy(a) for a in encoded), atol)
+    return timings
+
+
+def check_decoder(path: Path, model, encoded, atol: float) -> float:
+    """The decoder graph in ONNX Runtime against its wrapper (a point, a box, a mask; then three prompts in one
+    run), and the wrapper against the model's own forward; the seconds of its first run. Any SAM 2-style model
+    (``Sam2Model``, SAM 3's ``Sam3TrackerModel``) with ``encoded`` its encoder's three outputs."""
+    import onnxruntime as ort
+
+    quiet = ort.SessionOptions()
+    quiet.log_severity_level = 3
+    decoder = ort.InferenceSession(str(path), quiet, providers=["CPUExecutionProvider"])
     names = [i.name for i in decoder.get_inputs()]
     wrapper = PromptDecoder(model).eval()
-    encoded_torch = tuple(torch.from_numpy(a) for a in encoded)
+    size = frame_size(model)
+    first_run: float | None = None
     # A portrait size unlike the export's landscape dummy, a box, a mask: nothing frozen at trace time.
     for box, mask in ((False, False), (True, False), (False, True)):
-        inputs = decoder_example(encoded_torch, size, orig=(700.0, 333.0), box=box, mask=mask)
+        inputs = decoder_example(encoded, size, orig=(700.0, 333.0), box=box, mask=mask)
         started = time.perf_counter()
         outputs = decoder.run(DECODER_OUTPUTS, dict(zip(names, (t.numpy() for t in inputs))))
-        timings.setdefault("decoder", time.perf_counter() - started)
+        first_run = first_run if first_run is not None else time.perf_counter() - started
         for name, got, expected in zip(DECODER_OUTPUTS, outputs, wrapper(*inputs)):
             if got.shape != tuple(expected.shape):
                 raise AssertionError(f"decoder {name} shape {got.shape}, PyTorch gives {tuple(expected.shape)}")
             np.testing.assert_allclose(got, expected.numpy(), atol=atol, rtol=1e-3, err_msg=name)
-    check_against_forward(model, wrapper, encoded_torch, atol)
-    check_batch(decoder, names, encoded_torch, size, atol)
-    return timings
+    check_against_forward(model, wrapper, encoded, atol)
+    check_batch(decoder, names, encoded, size, atol)
+    return first_run or 0.0
 
 
 def check_batch(decoder, names: list[str], encoded, size: int, atol: float) -> None:

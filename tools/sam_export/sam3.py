@@ -406,7 +406,7 @@ def export_tracker(detector: Any, tracker: Any, out_dir: Path, opset: int) -> di
             paths["tracker_decoder"],
             [*sam2.DECODER_INPUTS, *sam2.HIGH_RES],
             sam2.DECODER_OUTPUTS,
-            {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}, "masks": {2: "height", 3: "width"}},
+            sam2.DECODER_AXES,
             opset,
         )
     return paths
@@ -427,19 +427,8 @@ def check_tracker(detector: Any, tracker: Any, paths: dict[str, Path], atol: flo
     feats_0, feats_1, embeddings = tracker.get_image_embeddings(pixels)  # its own backbone: the detector's
     for got, want in zip(encoded, (embeddings, feats_0, feats_1)):
         np.testing.assert_allclose(got, want.numpy(), atol=atol, rtol=1e-3)
-    decoder = ort.InferenceSession(str(paths["tracker_decoder"]), providers=["CPUExecutionProvider"])
-    names = [i.name for i in decoder.get_inputs()]
-    wrapper = sam2.PromptDecoder(tracker).eval()
     encoded_torch = tuple(torch.from_numpy(a) for a in encoded)
-    size = sam2.frame_size(tracker)
-    for box, mask in ((False, False), (True, False), (False, True)):
-        inputs = sam2.decoder_example(encoded_torch, size, orig=(700.0, 333.0), box=box, mask=mask)
-        started = time.perf_counter()
-        outputs = decoder.run(sam2.DECODER_OUTPUTS, dict(zip(names, (t.numpy() for t in inputs))))
-        timings.setdefault("tracker_decoder", time.perf_counter() - started)
-        for got, want in zip(outputs, wrapper(*inputs)):
-            np.testing.assert_allclose(got, want.numpy(), atol=atol, rtol=1e-3)
-    sam2.check_against_forward(tracker, wrapper, encoded_torch, atol)
+    timings["tracker_decoder"] = sam2.check_decoder(paths["tracker_decoder"], tracker, encoded_torch, atol)
     return timings
 
 
