@@ -153,8 +153,14 @@ def _read_upload(req: Request, max_image_bytes: int) -> tuple[bytes, ImageUpload
             raise InputError(
                 "the multipart body has no part named 'image'", errors=[{"field": "image", "message": "missing"}]
             )
+        others = sorted(name for name in req.files if name != "image")
+        if others:  # a part this route would otherwise ignore: the client meant something by it
+            raise InputError(
+                f"only 'image' may be a file part; send {', '.join(others)} as a text field",
+                errors=[{"field": name, "message": "a file part where a text field is expected"} for name in others],
+            )
         data: bytes | None = upload.stream.read(max_image_bytes + 1)
-        fields = {"model": req.form["model"]} if "model" in req.form else {}  # an empty one is refused, as documented
+        fields = dict(req.form)  # every text field: an unknown one, or an empty model, is refused by ImageUpload
     elif req.mimetype == "application/json":
         data, fields = read_submission(req, max_image_bytes)
         if data is None:

@@ -168,6 +168,8 @@ def test_an_image_another_tenant_stored_is_absent_for_this_one(client, app):
         "a model without an encoder",
         "an unknown model",
         "an unknown field",
+        "an unknown form field",
+        "model as a file part",
     ],
 )
 def test_post_images_refuses_what_post_jobs_refuses_with_the_same_4xx(stack, case):
@@ -186,6 +188,16 @@ def test_post_images_refuses_what_post_jobs_refuses_with_the_same_4xx(stack, cas
             "/v1/images",
             json={"image": {"base64": base64.b64encode(small_png()).decode()}, "prompts": {}},
         ),
+        "an unknown form field": lambda: client.post(
+            "/v1/images",
+            data={"image": (io.BytesIO(small_png()), "a.png"), "modle": "sam"},
+            content_type="multipart/form-data",
+        ),
+        "model as a file part": lambda: client.post(
+            "/v1/images",
+            data={"image": (io.BytesIO(small_png()), "a.png"), "model": (io.BytesIO(b"sam"), "model.txt")},
+            content_type="multipart/form-data",
+        ),
     }
     expected = {
         "no image part": 400,
@@ -196,6 +208,8 @@ def test_post_images_refuses_what_post_jobs_refuses_with_the_same_4xx(stack, cas
         "a model without an encoder": 422,
         "an unknown model": 422,
         "an unknown field": 422,
+        "an unknown form field": 422,
+        "model as a file part": 400,
     }
     answer = answers[case]()
     assert answer.status_code == expected[case], answer.get_json()
