@@ -25,7 +25,7 @@ from typing import Any
 import bench
 from bench.common import IMAGES, Options, format_table, machine
 
-NOT_BENCHMARKS = {"common", "__main__", "device_check"}  # device_check: `--device`, for a GPU machine
+NOT_BENCHMARKS = {"common", "__main__", "device_check", "web_floor"}  # device_check: `--device`, for a GPU machine
 ONLY_WHEN_NAMED = {"soak"}  # ten minutes of faults: `make soak` or --only soak, never by default
 LAST = ("service_efficiency",)
 RESULTS = Path(__file__).resolve().parent / "results"

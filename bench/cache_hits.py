@@ -23,20 +23,37 @@ they share the machine's cores with the service they measure. The
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 
+import psutil
 import requests
 
-from bench.common import CpuMeter, Options, ServiceStack, load_images, percentile, run_http_job, run_threads
+from bench.common import (
+    ROOT,
+    CpuMeter,
+    Options,
+    ServiceStack,
+    free_port,
+    load_images,
+    percentile,
+    run_http_job,
+    run_threads,
+)
 
 ONE = "cache hit (HTTP, 1 client)"
 MANY = "cache hit (HTTP, {clients} clients)"
+FLOOR = "web floor: "
 OVERRIDES = {"result_cache_enabled": True, "global_rate": "100000000/minute"}
 
 
@@ -49,9 +66,9 @@ class Client:
     its own, as from any HTTP library, so the server parses it afresh.
     """
 
-    def __init__(self, stack: ServiceStack):
-        self.connection = http.client.HTTPConnection(stack.settings.host, stack.settings.port, timeout=30)
-        self.headers = dict(stack.headers)
+    def __init__(self, server: Server):
+        self.connection = http.client.HTTPConnection(server.host, server.port, timeout=30)
+        self.headers = dict(server.headers)
 
     def hit(self, name: str, data: bytes) -> float:
         """One identical submission; its round-trip seconds. Raises unless the cache answered it."""
@@ -79,7 +96,20 @@ class Client:
         self.connection.close()
 
 
-def drive(stack: ServiceStack, images: list[tuple[str, bytes]], count: int, clients: int) -> tuple[float, list[float]]:
+@dataclass(frozen=True)
+class Server:
+    """Where the clients send their hits, and the headers they send (maskq's API key, or none)."""
+
+    host: str
+    port: int
+    headers: dict[str, str]
+
+    @classmethod
+    def of(cls, stack: ServiceStack) -> Server:
+        return cls(stack.settings.host, stack.settings.port, dict(stack.headers))
+
+
+def drive(server: Server, images: list[tuple[str, bytes]], count: int, clients: int) -> tuple[float, list[float]]:
     """``count`` hits over ``clients`` threads; ``(wall seconds, latencies)``."""
     counter = itertools.count()
     lock = threading.Lock()
@@ -87,7 +117,7 @@ def drive(stack: ServiceStack, images: list[tuple[str, bytes]], count: int, clie
     errors: list[BaseException] = []
 
     def client() -> None:
-        own = Client(stack)
+        own = Client(server)
         try:
             while not errors:
                 with lock:
@@ -133,29 +163,67 @@ def run(options: Options) -> list[dict]:
                 if outcome.status != "succeeded":
                     raise RuntimeError(f"the job that fills the cache for {name} ended {outcome.status}")
         groups = {"bench": [os.getpid()], **stack.pids()}
+        server = Server.of(stack)
         # The worker fills the cache just after a job's record ends: warm-up hits also wait that out.
         deadline = time.monotonic() + 30
         while True:
             try:
-                drive(stack, images, len(images), 1)
+                drive(server, images, len(images), 1)
                 break
             except RuntimeError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        drive(stack, images, options.warmup * 5, options.clients)
-        for case, count, clients in (
-            (ONE, options.jobs * 5, 1),
-            (MANY.format(clients=options.clients), options.jobs * 10, options.clients),
-        ):
-            meter = CpuMeter(groups).start()
-            wall, latencies = drive(stack, images, count, clients)
-            rows.append(row(case, wall, latencies, meter.stop()))
+        rows += measure(server, images, options, groups, "")
+        settings = stack.settings
+    # The floor, right after on the same machine: a bare Flask app under the same gunicorn settings.
+    with web_floor(settings.web_workers, settings.web_threads) as (floor, pids):
+        rows += measure(floor, images, options, {"bench": [os.getpid()], "web": pids}, FLOOR)
     return rows
 
 
+def measure(server: Server, images, options: Options, groups: dict[str, list[int]], prefix: str) -> list[dict]:
+    """The two cases (one client, many) against one server, after a discarded warm-up."""
+    drive(server, images, options.warmup * 5, options.clients)
+    rows = []
+    for case, count, clients in (
+        (ONE, options.jobs * 5, 1),
+        (MANY.format(clients=options.clients), options.jobs * 10, options.clients),
+    ):
+        meter = CpuMeter(groups).start()
+        wall, latencies = drive(server, images, count, clients)
+        rows.append(row(prefix + case, wall, latencies, meter.stop()))
+    return rows
+
+
+@contextlib.contextmanager
+def web_floor(workers: int, threads: int) -> Iterator[tuple[Server, list[int]]]:
+    """``bench/web_floor.py`` under gunicorn (gthread, maskq's worker and thread counts); its server and pids."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "gunicorn", "-k", "gthread", "--workers", str(workers), "--threads", str(threads),
+        "--bind", f"127.0.0.1:{port}", "--log-level", "warning", "bench.web_floor:create_app()",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except requests.ConnectionError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the web floor did not start: {process.stderr.read()[-2000:]!r}") from None
+                time.sleep(0.2)
+        children = psutil.Process(process.pid).children()
+        yield Server("127.0.0.1", port, {}), [process.pid, *(c.pid for c in children)]
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
 def summary(rows: list[dict]) -> list[str]:
-    one, many = rows
+    one, many, floor_one, floor_many = rows
     cpu = many["_cpu_s"]
     ours = sum(v for k, v in cpu.items() if k != "other")
     return [
@@ -164,4 +232,6 @@ def summary(rows: list[dict]) -> list[str]:
         + f"; ours {ours * 1000 / many['requests']:.2f}",
         f"cache_hit_p50_ms={one['p50_ms']:.2f} (aim: <= 10)",
         f"cache_hits_per_s={many['per_s']:.1f} (aim: >= 300)",
+        f"web floor (bare Flask, same gunicorn): {floor_many['per_s']:.1f}/s, p50 {floor_one['p50_ms']:.2f} ms;"
+        f" maskq's hits are {many['per_s'] / floor_many['per_s']:.2f} of its rate",
     ]
