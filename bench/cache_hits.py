@@ -30,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -204,22 +205,24 @@ def web_floor(workers: int, threads: int) -> Iterator[tuple[Server, list[int]]]:
         sys.executable, "-m", "gunicorn", "-k", "gthread", "--workers", str(workers), "--threads", str(threads),
         "--bind", f"127.0.0.1:{port}", "--log-level", "warning", "bench.web_floor:create_app()",
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except requests.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the web floor did not start: {process.stderr.read()[-2000:]!r}") from None
-                time.sleep(0.2)
-        children = psutil.Process(process.pid).children()
-        yield Server("127.0.0.1", port, {}), [process.pid, *(c.pid for c in children)]
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=errors)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    requests.get(f"http://127.0.0.1:{port}/", timeout=1)
+                    break
+                except requests.ConnectionError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        errors.seek(0)
+                        raise RuntimeError(f"the web floor did not start: {errors.read()[-2000:]!r}") from None
+                    time.sleep(0.2)
+            children = psutil.Process(process.pid).children()
+            yield Server("127.0.0.1", port, {}), [process.pid, *(c.pid for c in children)]
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
 
 
 def summary(rows: list[dict]) -> list[str]:
