@@ -56,7 +56,8 @@ def sweep(client: redis.Redis, storage: Storage, settings, now: float | None = N
     """Delete what is past retention; safe to run from several processes at once."""
     now = time.time() if now is None else now
     done = Sweep()
-    done.jobs_adopted = adopt_unindexed(client, storage, now)
+    folders = stored_folders(storage)  # one listing of storage for both indexes
+    done.jobs_adopted = adopt_unindexed(client, folders["jobs"], now)
     cutoff = now - settings.retention_s
     deadline = time.monotonic() + SWEEP_BUDGET_S
     while time.monotonic() < deadline:
@@ -68,7 +69,7 @@ def sweep(client: redis.Redis, storage: Storage, settings, now: float | None = N
             done.objects_deleted += forget_job(client, storage, tenant, job_id)
             client.zrem(CREATED, member)  # last: a sweep that dies half-way finds the job again
             done.jobs_deleted += 1
-    done.images_deleted = forget_images(client, storage, settings, cutoff, now, deadline)
+    done.images_deleted = forget_images(client, storage, settings, folders["images"], cutoff, now, deadline)
     if isinstance(storage, LocalStorage):
         done.partial_files_deleted = remove_stale_partials(storage, now - settings.retention_partial_age_s)
     return done
@@ -88,21 +89,23 @@ def forget_job(client: redis.Redis, storage: Storage, tenant: str, job_id: str) 
     return objects
 
 
-def forget_images(client: redis.Redis, storage: Storage, settings, cutoff: float, now: float, deadline: float) -> int:
+def stored_folders(storage: Storage) -> dict[str, set[str]]:
+    """The ``tenant/id`` folders storage holds, by kind (``jobs``, ``images``), from one listing of ``tenants/``."""
+    folders: dict[str, set[str]] = {"jobs": set(), "images": set()}
+    for parts in (key.split("/") for key in storage.list("tenants/")):
+        if len(parts) > 4 and parts[0] == "tenants" and parts[2] in folders:
+            folders[parts[2]].add(f"{parts[1]}/{parts[3]}")
+    return folders
+
+
+def forget_images(
+    client: redis.Redis, storage: Storage, settings, stored: set[str], cutoff: float, now: float, deadline: float
+) -> int:
     """Delete the stored images last used before ``cutoff`` (record and index entry, then the file: a sweep that
-    dies in between leaves a folder the next one adopts); index the image folders storage holds that the index
-    lacks. Return how many went."""
+    dies in between leaves a folder the next one adopts); index the ``stored`` image folders (``tenant/id``)
+    that the index lacks. Return how many went."""
     images = ImageStore(client, settings.retention_s)
-    images.adopt(
-        sorted(
-            {
-                f"{parts[1]}/{parts[3]}"
-                for parts in (key.split("/") for key in storage.list("tenants/"))
-                if len(parts) > 4 and parts[0] == "tenants" and parts[2] == "images"
-            }
-        ),
-        now,
-    )
+    images.adopt(sorted(stored), now)
     deleted = 0
     while time.monotonic() < deadline:
         found = images.used_before(cutoff, BATCH)
@@ -115,15 +118,9 @@ def forget_images(client: redis.Redis, storage: Storage, settings, cutoff: float
     return deleted
 
 
-def adopt_unindexed(client: redis.Redis, storage: Storage, now: float) -> int:
-    """Index the job folders in storage that the index lacks; return how many were added."""
-    members = sorted(
-        {
-            f"{parts[1]}/{parts[3]}"
-            for parts in (key.split("/") for key in storage.list("tenants/"))
-            if len(parts) > 4 and parts[0] == "tenants" and parts[2] == "jobs"
-        }
-    )
+def adopt_unindexed(client: redis.Redis, stored: set[str], now: float) -> int:
+    """Index the ``stored`` job folders (``tenant/job_id``) that the index lacks; return how many were added."""
+    members = sorted(stored)
     adopted = 0
     for start in range(0, len(members), 1000):
         chunk = members[start : start + 1000]

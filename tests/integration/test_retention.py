@@ -91,6 +91,26 @@ def test_a_folder_the_index_lacks_is_adopted_and_goes_one_retention_later(redis_
     assert gone(redis_client, storage, stray)
 
 
+class CountingStorage(LocalStorage):
+    """The local store, counting its listings of ``tenants/`` (the walk of every stored object)."""
+
+    listings = 0
+
+    def list(self, prefix: str) -> list[str]:
+        if prefix == "tenants/":
+            self.listings += 1
+        return super().list(prefix)
+
+
+def test_a_sweep_walks_storage_once_for_job_and_image_folders(redis_client, settings, tmp_path):
+    storage = CountingStorage(tmp_path / "store")
+    stray = make_job(redis_client, storage, time.time(), record=False, index=False)
+    storage.put(f"tenants/default/images/{'b' * 64}/image.png", b"png")
+    done = sweep(redis_client, storage, settings)
+    assert storage.listings == 1
+    assert done.jobs_adopted == 1 and redis_client.zscore(CREATED, f"default/{stray}") is not None
+
+
 def test_stale_temporary_files_of_the_local_store_go_and_fresh_ones_stay(redis_client, settings, tmp_path):
     storage = LocalStorage(tmp_path / "store")
     folder = storage.root / "tenants" / "default" / "jobs" / ("a" * 32)
