@@ -25,6 +25,7 @@ from typing import Any
 import av
 import numpy as np
 
+from config.settings import Settings
 from domain.errors import CorruptVideo, PayloadTooLarge, UnsupportedVideo
 
 # Container → (format name, media type, file extension).
@@ -54,6 +55,15 @@ class VideoLimits:
     max_duration_s: float
     max_frames: int
     max_pixels: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VideoLimits:
+        return cls(
+            max_bytes=settings.max_video_bytes,
+            max_duration_s=settings.max_video_duration_s,
+            max_frames=settings.max_video_frames,
+            max_pixels=settings.max_video_pixels,
+        )
 
 
 @dataclass(frozen=True)

