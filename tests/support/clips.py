@@ -1,9 +1,10 @@
 """Test clips, encoded at test time with PyAV from the repo's photos, with what is in them known by construction.
 
-:func:`coffee_pan` pans a window over ``coffee.png`` (scaled to half, 300 x 200) from left to right, so on
-frame ``i`` the window's left edge is at ``PAN_STEP * i`` and everything in the photo moves left by as much:
-the cup's true box on each frame is :data:`CUP` shifted (:func:`cup_box`). The cup's box was drawn by eye
-on the photo (600 x 400: the cup with its handle inside x 172-412, y 18-310), halved.
+:func:`coffee_pan` pans a window over ``coffee.png`` (scaled to half, 300 x 200) from left to right and
+back, ``PAN_STEP`` pixels a frame: on frame ``i`` the window's left edge is at :func:`offset` ``(i)`` and
+everything in the photo is moved left by as much, so the cup's true box on each frame is :data:`CUP`
+shifted (:func:`cup_box`). The cup's box was drawn by eye on the photo (600 x 400: the cup with its handle
+inside x 172-412, y 18-310), halved.
 
 The bad clips are each one way a clip can fail, made from a good one: :func:`corrupt`, :func:`truncated`
 (an MP4 cut before its index, a Matroska cut in the middle of its frames), :func:`audio_only`,
@@ -40,21 +41,29 @@ def _photo() -> np.ndarray:
     return np.asarray(image.resize((300, 200), Image.Resampling.BILINEAR))
 
 
+PAN_RANGE = 300 - WINDOW[0]  # how far the window can move over the half-size photo
+
+
+def offset(frame: int) -> int:
+    """The window's left edge on frame ``frame``: right ``PAN_STEP`` a frame to the photo's edge, then back."""
+    position = (PAN_STEP * frame) % (2 * PAN_RANGE)
+    return position if position <= PAN_RANGE else 2 * PAN_RANGE - position
+
+
 def pan_frames(frames: int) -> list[np.ndarray]:
     photo = _photo()
     width, height = WINDOW
-    assert PAN_STEP * (frames - 1) + width <= photo.shape[1], "the pan runs off the photo"
-    return [np.ascontiguousarray(photo[:height, PAN_STEP * i : PAN_STEP * i + width]) for i in range(frames)]
+    return [np.ascontiguousarray(photo[:height, offset(i) : offset(i) + width]) for i in range(frames)]
 
 
 def cup_box(frame: int) -> tuple[float, float, float, float]:
     """The cup's true box on frame ``frame`` of :func:`coffee_pan`."""
     x0, y0, x1, y1 = CUP
-    return x0 - PAN_STEP * frame, y0, x1 - PAN_STEP * frame, y1
+    return x0 - offset(frame), y0, x1 - offset(frame), y1
 
 
 def spoon_point(frame: int) -> tuple[float, float]:
-    return SPOON_POINT[0] - PAN_STEP * frame, SPOON_POINT[1]
+    return SPOON_POINT[0] - offset(frame), SPOON_POINT[1]
 
 
 def encode(frames: list[np.ndarray], container: str = "mp4", fps: int = 8, audio: bool = False) -> bytes:
