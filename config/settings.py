@@ -109,9 +109,9 @@ class Settings(BaseSettings):
     # after its last stored chunk (workers/video_job.py).
     video_chunk_frames: int = Field(default=8, ge=1)
     # A video job's own time limits: a clip runs longer than an image. Below the visibility timeout, as
-    # every hard limit; a job past them keeps its stored chunks and fails with code "timeout".
-    video_soft_time_limit_s: float = Field(default=480, gt=0)
-    video_hard_time_limit_s: float = Field(default=540, gt=0)
+    # every hard limit; unset, 90 % of it (hard) and 90 % of that (soft): video_time_limits.
+    video_soft_time_limit_s: float | None = Field(default=None, gt=0)
+    video_hard_time_limit_s: float | None = Field(default=None, gt=0)
 
     # Models and ONNX Runtime.
     models_manifest: Path = PROJECT_ROOT / "config" / "models.toml"
@@ -334,13 +334,20 @@ class Settings(BaseSettings):
             raise ValueError("must be 'whsec_' followed by the base64 of at least 24 random bytes")
         return value
 
+    @property
+    def video_time_limits(self) -> tuple[float, float]:
+        """``(soft, hard)`` seconds for a video job: as set, else 90 % of the visibility timeout and 90 % of that."""
+        hard = self.video_hard_time_limit_s or self.visibility_timeout_s * 0.9
+        return self.video_soft_time_limit_s or hard * 0.9, hard
+
     @model_validator(mode="after")
     def _video_limits_before_the_visibility_timeout(self):
         # As every hard limit (celery#5935): a video job still running would be handed to a second worker.
-        if not self.video_soft_time_limit_s < self.video_hard_time_limit_s < self.visibility_timeout_s:
+        soft, hard = self.video_time_limits
+        if not soft < hard < self.visibility_timeout_s:
             raise ValueError(
-                f"need MASKQ_VIDEO_SOFT_TIME_LIMIT_S ({self.video_soft_time_limit_s}) < MASKQ_VIDEO_HARD_TIME_LIMIT_S "
-                f"({self.video_hard_time_limit_s}) < MASKQ_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s})"
+                f"need MASKQ_VIDEO_SOFT_TIME_LIMIT_S ({soft:g}) < MASKQ_VIDEO_HARD_TIME_LIMIT_S ({hard:g}) < "
+                f"MASKQ_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s})"
             )
         return self
 

@@ -78,7 +78,7 @@ class ModelCatalog:
     def time_limits(self, name: str | None, settings: Settings, media: str = "image") -> tuple[float, float]:
         """``(soft, hard)`` seconds for one job of this model; a video job has the deployment's video limits."""
         if media == "video":
-            return settings.video_soft_time_limit_s, settings.video_hard_time_limit_s
+            return settings.video_time_limits
         spec = self.spec(name)
         return (
             spec.soft_time_limit_s or settings.job_soft_time_limit_s,

@@ -242,5 +242,5 @@ class Recovery:
             return self.catalog.current().time_limits(model, self.settings, media)
         except Exception:  # no catalog here, or a model no longer in it: the deployment's limits
             if media == "video":
-                return self.settings.video_soft_time_limit_s, self.settings.video_hard_time_limit_s
+                return cast("tuple[float, float]", self.settings.video_time_limits)
             return self.settings.job_soft_time_limit_s, self.settings.job_hard_time_limit_s
