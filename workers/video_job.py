@@ -230,6 +230,7 @@ def _write_result(
             "times_s": times,
         },
         "annotations": [annotations[k] for k in sorted(annotations)],
+        "instances": [],  # the API's result always has them (an image's); a video's objects are the annotations
     }
     key = f"{job_prefix(record.tenant, record.id)}result.json"
     storage.put(key, json.dumps(result).encode(), "application/json")
