@@ -166,3 +166,23 @@ def test_the_cup_is_followed_on_every_frame_of_a_pan_and_two_objects_keep_two_id
         (3, 6, 3, 1),
         (6, 8, 2, 1),
     ]
+
+
+def test_a_batch_takes_clips_each_checked_as_a_submit_checks_one(video_app, redis_client):
+    from stores.jobs import JobStore
+
+    client = video_app()
+    form = {
+        "request": json.dumps({"prompts": CUP_PROMPT}),
+        "images": [(io.BytesIO(clips.coffee_pan(4)), "pan.mp4"), (io.BytesIO(clips.truncated("mp4")), "cut.mp4")],
+    }
+    answer = client.post("/v1/batches", data=form, content_type="multipart/form-data")
+    assert answer.status_code == 202, answer.get_json()
+    batch = answer.get_json()
+    [job] = batch["jobs"]
+    assert job["file_name"] == "pan.mp4"
+    record = JobStore(redis_client, 3600).get(job["id"])
+    assert (record.media, record.frames_total, record.lane) == ("video", 4, "batch")
+    assert record.input_key.endswith("/input.mp4")
+    [rejected] = batch["rejected"]
+    assert rejected["file_name"] == "cut.mp4" and rejected["status"] == 400 and "cannot be read" in rejected["detail"]
