@@ -97,6 +97,18 @@ class VideoOptions(Strict):
     prompts: list[FramePrompts] = Field(
         default_factory=list, description="prompts on later frames: objects that enter the scene there"
     )
+    redetect_every: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=10000,
+        description="objects named by text are looked for again on every n-th frame the job takes (1: every "
+        "one), so objects entering the scene are found; one that overlaps an object followed already is that one",
+    )
+    detector: str | None = Field(
+        default=None,
+        max_length=100,
+        description="the model that finds objects named by text (default: the model text prompts go to)",
+    )
 
 
 class Webhook(Strict):

