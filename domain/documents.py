@@ -38,6 +38,9 @@ def job_result(record: JobRecord, storage: ResultStore, base_url: str) -> dict[s
         key = instance.pop("png_key", None)
         if key:
             instance["png_url"] = file_url(key)
+    video = result.get("video")
+    if video is not None and (key := video.pop("overlay_key", None)):
+        video["overlay_url"] = file_url(key)
     # By its file name, which GET /v1/jobs/{id}/files/ serves: the input may be a stored image's (POST /v1/images).
     input_name = record.input_key.rpartition("/")[2]
     base = base_url.rstrip("/")

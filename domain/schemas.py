@@ -109,6 +109,7 @@ class VideoOptions(Strict):
         max_length=100,
         description="the model that finds objects named by text (default: the model text prompts go to)",
     )
+    overlay: bool = Field(default=False, description="also store an MP4 of the frames taken with the masks drawn")
 
 
 class Webhook(Strict):

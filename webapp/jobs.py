@@ -20,7 +20,7 @@ from domain.image_records import ImageRecord
 from domain.images import DecodedImage, decode_image
 from domain.keys import job_prefix
 from domain.records import JobRecord, JobState, rfc3339
-from domain.result_keys import file_key
+from domain.result_keys import OVERLAY_FILE, file_key
 from domain.schemas import JobRequest, check_request, parse_request
 from domain.videos import sniff_video
 from domain.webhook_urls import check_webhook_url
@@ -290,15 +290,15 @@ def cancel_job(job_id: str):
 @bp.get("/v1/jobs/<job_id>/files/<path:name>")
 def get_job_file(job_id: str, name: str):
     record = load_job(job_id)
-    # Only the names the service writes: a mask's PNG, or the input's own file name.
-    if not (MASK_FILE.fullmatch(name) or name == record.input_key.rpartition("/")[2]):
+    # Only the names the service writes: a mask's PNG, a video's overlay, or the input's own file name.
+    if not (MASK_FILE.fullmatch(name) or name == OVERLAY_FILE or name == record.input_key.rpartition("/")[2]):
         raise NotFound("no such file")
     key = file_key(record, name)  # a cached or coalesced job's masks are those of the job that ran
     try:
         data = services().storage.get(key)
     except KeyError:
         raise NotFound("no such file") from None
-    mimetype = "image/png" if name.endswith(".png") else "application/octet-stream"
+    mimetype = {".png": "image/png", ".mp4": "video/mp4"}.get(name[name.rfind(".") :], "application/octet-stream")
     return Response(data, mimetype=mimetype)
 
 

@@ -71,6 +71,7 @@ class VideoClip(Document):
     length: int = Field(description="frames the job took (frame_stride, fps)")
     frame_indices: list[int]
     times_s: list[float]
+    overlay_url: str | None = Field(None, description="with video.overlay: an MP4 of the frames taken, masks drawn")
 
 
 class Result(Document):

@@ -30,11 +30,12 @@ from domain import masks
 from domain.errors import InputLost, MaskqError, ModelError
 from domain.keys import job_prefix
 from domain.records import JobRecord, JobState
+from domain.result_keys import OVERLAY_FILE
 from domain.videos import Frame, FrameSampler, VideoLimits, decode_frames, probe_video
 from models.adapters.base import Instance, Prompts, SegmentRequest
 from models.video_tracking import SamTracker, prompted_objects
 from storage import Storage
-from workers import pipeline
+from workers import pipeline, video_overlay
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,19 @@ def run(worker: Any, record: JobRecord, adapter: Any, storage: Storage) -> tuple
         _store_chunk(worker, record, storage, tracker, progress, attempt, progress.pending[-1]["frame"] + 1)
         store_s += time.perf_counter() - stored
     assembled = time.perf_counter()
-    key, objects = _write_result(record, storage, info, progress, tracker, sampler.seen)
+    overlay = None
+    if options is not None and options.overlay:
+        overlay = video_overlay.write_overlay(
+            storage,
+            f"{job_prefix(record.tenant, record.id)}{OVERLAY_FILE}",
+            data,
+            info,
+            limits,
+            FrameSampler((options.frame_stride or 1), options.fps),
+            progress.chunks,
+            options.fps or (info.fps or 25.0) / (options.frame_stride or 1),
+        )
+    key, objects = _write_result(record, storage, info, progress, tracker, sampler.seen, overlay)
     timings = {
         "load": loaded - started,
         "predict": model_s,
@@ -214,7 +227,13 @@ def _stop(record: JobRecord, storage: Storage, state: JobState | None, frame: in
 
 
 def _write_result(
-    record: JobRecord, storage: Storage, info: Any, progress: Progress, tracker: SamTracker, decoded: int
+    record: JobRecord,
+    storage: Storage,
+    info: Any,
+    progress: Progress,
+    tracker: SamTracker,
+    decoded: int,
+    overlay: str | None = None,
 ) -> tuple[str, int]:
     """``result.json`` from the stored chunks, read one at a time: the clip, and one annotation per object."""
     frames: list[int] = []
@@ -253,6 +272,7 @@ def _write_result(
             "length": len(frames),
             "frame_indices": frames,
             "times_s": times,
+            **({"overlay_key": overlay} if overlay else {}),  # an overlay_url in the job's document
         },
         "annotations": [annotations[k] for k in sorted(annotations)],
         "instances": [],  # the API's result always has them (an image's); a video's objects are the annotations

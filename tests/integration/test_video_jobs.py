@@ -10,7 +10,10 @@ from __future__ import annotations
 import io
 import json
 import re
+from urllib.parse import urlsplit
 
+import av
+import numpy as np
 import pytest
 
 from config.settings import LANES
@@ -18,6 +21,7 @@ from storage.local import LocalStorage
 from tests.conftest import SERVICE_MODELS, authorized_client, settings_from
 from tests.integration.helpers import decode
 from tests.support import clips
+from workers.video_overlay import colour
 
 CUP_PROMPT = {"boxes": [list(clips.cup_box(0))]}
 
@@ -134,7 +138,7 @@ def test_the_cup_is_followed_on_every_frame_of_a_pan_and_two_objects_keep_two_id
     isolated.worker("video", MASKQ_MODELS_MANIFEST=str(SERVICE_MODELS), MASKQ_VIDEO_CHUNK_FRAMES=3)
     request = {
         "prompts": CUP_PROMPT,
-        "video": {"prompts": [{"frame": 0, "points": [[*clips.spoon_point(0), 1]]}]},
+        "video": {"prompts": [{"frame": 0, "points": [[*clips.spoon_point(0), 1]]}], "overlay": True},
     }
     answer = submit_video(client, clips.coffee_pan(frames), request)
     assert answer.status_code == 202, answer.get_json()
@@ -159,6 +163,18 @@ def test_the_cup_is_followed_on_every_frame_of_a_pan_and_two_objects_keep_two_id
         assert decode(spoon["segmentations"][i])[int(y), int(x)], i
         assert decode(cup["segmentations"][i]).sum() == cup["areas"][i]
     assert cup["lost_at"] is None and spoon["lost_at"] is None
+    # The overlay: the frames taken, each cup pixel tinted with object 1's colour, the rest as the clip's.
+    overlay = client.get(urlsplit(video["overlay_url"]).path)
+    assert overlay.status_code == 200 and overlay.mimetype == "video/mp4"
+    drawn = [f.to_ndarray(format="rgb24") for f in av.open(io.BytesIO(overlay.data)).decode(video=0)]
+    assert len(drawn) == frames and drawn[0].shape == (176, 240, 3)
+    originals = clips.pan_frames(frames)
+    for i in (0, frames - 1):
+        cup_mask = decode(cup["segmentations"][i]) & ~decode(spoon["segmentations"][i])
+        tinted = np.abs(drawn[i].astype(int) - (originals[i] * 0.5 + np.asarray(colour(1)) * 0.5)).mean(axis=2)
+        untouched = np.abs(drawn[i].astype(int) - originals[i].astype(int)).mean(axis=2)
+        outside = ~np.logical_or(decode(cup["segmentations"][i]), decode(spoon["segmentations"][i]))
+        assert np.median(tinted[cup_mask]) < 12 and np.median(untouched[outside]) < 6, i
     # Stored in chunks of 3 frames by the one run: 0-2, 3-5, 6-7.
     record = isolated.jobs().get(queued["id"])
     assert [(c["start"], c["end"], c["frames"], c["attempt"]) for c in record.chunks] == [

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import io
 import struct
+from pathlib import Path
 
 import av
 import numpy as np
 from PIL import Image
 
-from tests.conftest import PHOTOS
+PHOTOS = Path(__file__).resolve().parents[1] / "data" / "photos"  # (as tests/conftest.py: bench/video.py uses these)
 
 WINDOW = (240, 176)  # width, height of every frame of the pan
 PAN_STEP = 6  # pixels the window moves right each frame
@@ -72,11 +73,13 @@ def encode(frames: list[np.ndarray], container: str = "mp4", fps: int = 8, audio
     buffer = io.BytesIO()
     with av.open(buffer, "w", format=fmt) as out:
         stream = out.add_stream(codec, rate=fps)
+        assert isinstance(stream, av.VideoStream)
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":
             stream.options = {"crf": "18"}  # near-lossless: the frames are what the test says they are
         sound = out.add_stream("libopus" if container == "webm" else "aac", rate=48000) if audio else None
+        assert sound is None or isinstance(sound, av.AudioStream)
         for pixels in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
                 out.mux(packet)
