@@ -7,6 +7,7 @@ cup's true box on every frame is known by construction. The model is the real on
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -236,3 +237,18 @@ def test_a_name_the_detector_cannot_know_is_a_422_on_a_video_too(video_app, redi
     answer = submit_video(video_app(), clips.coffee_pan(4), {"prompts": CUP_PROMPT, "video": {"redetect_every": 2}})
     assert answer.status_code == 422 and answer.get_json()["errors"][0]["field"] == "video.redetect_every"
     nothing_queued(redis_client, storage_dir)
+
+
+def test_a_clip_may_be_larger_than_an_image_may_be_and_each_kind_keeps_its_own_bound(video_app, redis_client):
+    from tests.integration.helpers import small_png
+
+    data = clips.coffee_pan(4)  # about 15 kB
+    client = video_app(max_image_bytes=2000, max_video_bytes=len(data) + 10)
+    assert submit_video(client, data, {"prompts": CUP_PROMPT}).status_code == 202
+    inline = {"image": {"base64": base64.b64encode(data).decode()}, "prompts": CUP_PROMPT}
+    assert client.post("/v1/jobs", json=inline).status_code == 202
+    # An image past its own bound is still a 413, though a clip of that size would be taken.
+    answer = submit_video(client, small_png() + b"\0" * 3000, {}, name="big.png")
+    assert answer.status_code == 413 and "image" in answer.get_json()["detail"]
+    answer = submit_video(video_app(max_video_bytes=len(data) - 1), data, {"prompts": CUP_PROMPT})
+    assert answer.status_code == 413 and "video" in answer.get_json()["detail"]
