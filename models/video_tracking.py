@@ -19,9 +19,9 @@ overlaps an object already followed on that frame is that object, and keeps its 
 
 Limits, said plainly: nothing here models motion or occlusion. An object that moves more than about its
 own margin between two taken frames, or passes behind another, is lost or jumps to its neighbour; take
-more frames (a smaller ``frame_stride``) for fast motion. A SAM 2/SAM 3 checkpoint's own memory-based
-video propagation would need its memory encoder and attention exported to ONNX, which
-``tools/export_sam.py`` does not do yet; such a model is followed the same way here.
+more frames (a smaller ``frame_stride``) for fast motion. A SAM 2 export (the SAM adapter) is followed
+the same way; its own memory-based video propagation would need its memory encoder and attention
+exported to ONNX, which ``tools/export_sam.py`` does not do yet.
 
 The tracker's state (:meth:`state`, :meth:`restore`) is small and JSON (each object's last mask as COCO
 RLE), so a video job stores it with each chunk of results and a run that follows a dead one resumes.
