@@ -21,13 +21,13 @@ import hashlib
 import time
 import uuid
 
-from domain.errors import ValidationFailed
+from domain.errors import ServiceUnavailable, ValidationFailed
 from domain.keys import job_prefix
 from domain.records import JobRecord
 from domain.schemas import JobRequest, PromptSet, VideoOptions, check_request
 from domain.videos import CheckedVideo, VideoLimits, check_video
 from domain.webhook_urls import check_webhook_url
-from models.catalog import ModelCatalog
+from models.catalog import ModelCatalog, missing_reason
 from webapp.auth import choose_lane, current_tenant
 from webapp.services import Services
 
@@ -56,6 +56,15 @@ def new_video_job(
             f"model {spec.name!r} cannot follow objects through a video; a SAM-family model can "
             "(prompt it with points, boxes or a mask)",
             errors=[{"field": "model", "message": f"{spec.name!r} takes images only"}],
+        )
+    # Its files are not there: say so now. No fallback stands in for a video (none that could follow one).
+    missing = catalog.missing_files(spec.name)
+    if missing:
+        reason = missing_reason(spec.name, missing, catalog.specs)
+        raise ServiceUnavailable(
+            f"model {spec.name!r} cannot run in this deployment: {reason}",
+            retry_after=60,
+            errors=[{"field": "model", "message": f"model {spec.name!r} is unavailable: {reason}"}],
         )
     video = check_video(
         data,

