@@ -9,7 +9,7 @@ RAPIDOCR := rapidocr-onnxruntime==1.4.4
 # chosen by MASKQ_DEVICE=auto|cuda|cpu (auto: the GPU build where an NVIDIA driver is present).
 ONNXRUNTIME := 1.31.1
 
-.PHONY: install install-dev onnxruntime models run lint test test-unit bench soak clean
+.PHONY: install install-dev onnxruntime models run lint test test-video test-unit bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,11 @@ lint: install-dev
 
 test: lint
 	$(BIN)/python -m pytest
+
+# Video jobs whose worker is SIGKILLed or that are canceled midway: minutes of SAM on a CPU, so apart from
+# `make test` (pytest.ini deselects the marker there).
+test-video: lint
+	$(BIN)/python -m pytest -m video_long tests/integration
 
 test-unit: install-dev
 	$(BIN)/python -m pytest tests/unit

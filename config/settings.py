@@ -99,6 +99,19 @@ class Settings(BaseSettings):
     batch_receive_timeout_s: float = Field(default=600, gt=0)
     # Segment-everything (SAM-family models, no prompt): the largest grid a request may ask for.
     max_points_per_side: int = Field(default=32, ge=1, le=64)
+    # Video jobs (domain/videos.py): a clip's bytes, duration, frames and pixels per frame. Each is checked
+    # from the container's header before a frame is decoded, and again while decoding (headers lie).
+    max_video_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
+    max_video_duration_s: float = Field(default=120, gt=0)
+    max_video_frames: int = Field(default=3600, ge=1)
+    max_video_pixels: int = Field(default=1920 * 1080, ge=1)
+    # A video job's frames are stored this many at a time (a chunk); a job whose worker died resumes
+    # after its last stored chunk (workers/video_job.py).
+    video_chunk_frames: int = Field(default=8, ge=1)
+    # A video job's own time limits: a clip runs longer than an image. Below the visibility timeout, as
+    # every hard limit; unset, 90 % of it (hard) and 90 % of that (soft): video_time_limits.
+    video_soft_time_limit_s: float | None = Field(default=None, gt=0)
+    video_hard_time_limit_s: float | None = Field(default=None, gt=0)
 
     # Models and ONNX Runtime.
     models_manifest: Path = PROJECT_ROOT / "config" / "models.toml"
@@ -320,6 +333,23 @@ class Settings(BaseSettings):
         if not ok:
             raise ValueError("must be 'whsec_' followed by the base64 of at least 24 random bytes")
         return value
+
+    @property
+    def video_time_limits(self) -> tuple[float, float]:
+        """``(soft, hard)`` seconds for a video job: as set, else 90 % of the visibility timeout and 90 % of that."""
+        hard = self.video_hard_time_limit_s or self.visibility_timeout_s * 0.9
+        return self.video_soft_time_limit_s or hard * 0.9, hard
+
+    @model_validator(mode="after")
+    def _video_limits_before_the_visibility_timeout(self):
+        # As every hard limit (celery#5935): a video job still running would be handed to a second worker.
+        soft, hard = self.video_time_limits
+        if not soft < hard < self.visibility_timeout_s:
+            raise ValueError(
+                f"need MASKQ_VIDEO_SOFT_TIME_LIMIT_S ({soft:g}) < MASKQ_VIDEO_HARD_TIME_LIMIT_S ({hard:g}) < "
+                f"MASKQ_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _storage_retries_end_before_the_job(self):

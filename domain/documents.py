@@ -9,10 +9,11 @@ document, so it lives below both, apart from the record it reads.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Protocol
 
 from domain.keys import job_prefix
-from domain.records import JobRecord, rfc3339
+from domain.records import JobRecord, JobState, rfc3339
 
 
 class ResultStore(Protocol):
@@ -33,10 +34,13 @@ def job_result(record: JobRecord, storage: ResultStore, base_url: str) -> dict[s
     def file_url(key: str) -> str:
         return storage.url(key) or f"{base_url.rstrip('/')}/v1/jobs/{record.id}/files/{key[len(prefix) :]}"
 
-    for instance in result["instances"]:
+    for instance in result.get("instances", []):  # a video's result has annotations instead (workers/video_job.py)
         key = instance.pop("png_key", None)
         if key:
             instance["png_url"] = file_url(key)
+    video = result.get("video")
+    if video is not None and (key := video.pop("overlay_key", None)):
+        video["overlay_url"] = file_url(key)
     # By its file name, which GET /v1/jobs/{id}/files/ serves: the input may be a stored image's (POST /v1/images).
     input_name = record.input_key.rpartition("/")[2]
     base = base_url.rstrip("/")
@@ -64,6 +68,8 @@ def job_document(record: JobRecord, result: dict[str, Any] | None = None) -> dic
         doc["coalesced_with"] = record.coalesced_with
     if record.cancel_at is not None:
         doc["cancel_at"] = rfc3339(record.cancel_at)
+    if record.media == "video":
+        doc["progress"] = video_progress(record)
     if result is not None:
         doc["result"] = result
     if record.error:
@@ -72,6 +78,20 @@ def job_document(record: JobRecord, result: dict[str, Any] | None = None) -> dic
     if record.traceparent:
         doc["traceparent"] = record.traceparent
     return doc
+
+
+def video_progress(record: JobRecord, now: float | None = None) -> dict[str, Any]:
+    """A video job's frames done out of those it takes, and the seconds left at this run's rate so far."""
+    done, total = record.frames_done or 0, record.frames_total or 0
+    progress: dict[str, Any] = {"frames_done": done, "frames_total": total, "eta_s": None}
+    # The rate of the run now going: the frames it stored since it started (a resumed run's own).
+    mine = sum(c["frames"] for c in record.chunks or [] if c.get("attempt") == record.attempts)
+    if record.status == JobState.RUNNING and record.started_at is not None and mine:
+        elapsed = (now or time.time()) - record.started_at
+        progress["eta_s"] = round((total - done) * elapsed / mine, 1)
+    elif record.status == JobState.SUCCEEDED:
+        progress["eta_s"] = 0
+    return progress
 
 
 def stored_job_document(record: JobRecord, storage: ResultStore, base_url: str) -> dict[str, Any]:

@@ -40,6 +40,16 @@ class UnsupportedMediaType(InputError):
     title = "Unsupported image type"
 
 
+class CorruptVideo(InputError):
+    title = "Unreadable video"
+
+
+class UnsupportedVideo(UnsupportedMediaType):
+    """A container with no video stream, or a codec this build of FFmpeg cannot decode."""
+
+    title = "Unsupported video"
+
+
 class PayloadTooLarge(InputError):
     status = 413
     title = "Payload too large"

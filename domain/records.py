@@ -128,12 +128,19 @@ class JobRecord:
     cancel_at: float | None = None
     # How many state moves the job has made (the transition script counts them): its event ids.
     moves: int = 0
-    # What the job's input is: "image" (the only media today; a record written before this field is one).
-    # Its result is written by that media's writer (workers/results.py).
+    # What the job's input is: "image" (a record written before this field is one) or "video".
+    # Its result is written by that media's writer (workers/results.py; a video's: workers/video_job.py).
     media: str = "image"
+    # A video job's progress: the frames it takes (counted when the clip was checked at submission) and
+    # those whose results are stored; and its stored chunks, in order, each ``{"start", "end", "frames",
+    # "attempt", "key"}`` (frames ``start`` to ``end - 1`` of the clip, computed by run ``attempt``):
+    # a run that follows a dead one starts after the last of them (workers/video_job.py).
+    frames_total: int | None = None
+    frames_done: int | None = None
+    chunks: list[dict[str, Any]] | None = None
 
     # Kept as JSON in the hash (a bool too, as JSON's true/false); every other field as its str().
-    JSON_FIELDS: ClassVar[tuple[str, ...]] = ("request", "error", "last_error", "model_used", "timings")
+    JSON_FIELDS: ClassVar[tuple[str, ...]] = ("request", "error", "last_error", "model_used", "timings", "chunks")
 
     def to_hash(self) -> dict[str, str]:
         out = {}

@@ -39,6 +39,11 @@ def cache_key(request: JobRequest | dict[str, Any], *, image_sha256: str, model:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# A video job's masks drawn on its clip (workers/video_overlay.py), under the job's prefix: served as
+# GET /v1/jobs/{id}/files/video/overlay.mp4.
+OVERLAY_FILE = "video/overlay.mp4"
+
+
 def file_key(record: JobRecord, name: str) -> str:
     """The storage key of a job's file ``name`` (``masks/…`` or its input's file name).
 

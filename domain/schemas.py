@@ -83,6 +83,35 @@ class PromptSet(Strict):
         return len(self.text) + len(self.points) + len(self.boxes) + len(self.exemplars) + (1 if self.mask else 0)
 
 
+class FramePrompts(PromptSet):
+    """Prompts on one frame of a video job (``video.prompts``): each box, the points, the mask is one object."""
+
+    frame: StrictInt = Field(default=0, ge=0, description="the frame (0-based, in the clip's order) they are on")
+
+
+class VideoOptions(Strict):
+    """A video job's own options (``JobRequest.video``); the job's ``prompts`` are on frame 0."""
+
+    frame_stride: StrictInt | None = Field(default=None, ge=1, le=1000, description="take every n-th frame")
+    fps: float | None = Field(default=None, gt=0, le=240, description="take about this many frames a second")
+    prompts: list[FramePrompts] = Field(
+        default_factory=list, description="prompts on later frames: objects that enter the scene there"
+    )
+    redetect_every: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=10000,
+        description="objects named by text are looked for again on every n-th frame the job takes (1: every "
+        "one), so objects entering the scene are found; one that overlaps an object followed already is that one",
+    )
+    detector: str | None = Field(
+        default=None,
+        max_length=100,
+        description="the model that finds objects named by text (default: the model text prompts go to)",
+    )
+    overlay: bool = Field(default=False, description="also store an MP4 of the frames taken with the masks drawn")
+
+
 class Webhook(Strict):
     url: str = Field(min_length=1, max_length=2048)
     events: list[WebhookEvent] = Field(default_factory=lambda: list(DEFAULT_JOB_EVENTS))
@@ -103,6 +132,14 @@ class JobRequest(Strict):
         le=64,
         description="segment everything (a SAM-family model, no prompt): a grid of this many points a side "
         "(the deployment's ceiling applies; default 16)",
+    )
+
+    video: VideoOptions | None = Field(
+        default=None,
+        description="for a video upload: which frames to take, and prompts on frames after the first",
+        # Left out of the stored form when absent, as exemplars: an image job's record stays readable by the
+        # version before video jobs during a rolling upgrade.
+        exclude_if=lambda video: video is None,
     )
 
     @property

@@ -75,8 +75,10 @@ class ModelCatalog:
     def adapter_class(self, name: str | None) -> type[ModelAdapter]:
         return import_adapter(self.spec(name).adapter)
 
-    def time_limits(self, name: str | None, settings: Settings) -> tuple[float, float]:
-        """``(soft, hard)`` seconds for one job of this model."""
+    def time_limits(self, name: str | None, settings: Settings, media: str = "image") -> tuple[float, float]:
+        """``(soft, hard)`` seconds for one job of this model; a video job has the deployment's video limits."""
+        if media == "video":
+            return settings.video_time_limits
         spec = self.spec(name)
         return (
             spec.soft_time_limit_s or settings.job_soft_time_limit_s,

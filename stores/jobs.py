@@ -78,6 +78,20 @@ return {1, current, webhook_message}
 )
 
 
+# KEYS[1]: the job's hash. ARGV: the run's process (fence), field/value pairs. Writes the fields only while
+# that run holds the job (running, and started by it): a run taken over can no longer move its progress.
+# Nothing is published: the job's channel announces state moves, which progress is not.
+_PROGRESS = keys.lua(
+    """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+)
+
+
 class JobStore:
     """Reads and moves job records in Redis.
 
@@ -92,6 +106,7 @@ class JobStore:
         self.on_moved = on_moved
         self.metrics = JobMetrics(client)
         self._transition = client.register_script(_TRANSITION)
+        self._progress = client.register_script(_PROGRESS)
 
     key = staticmethod(keys.job)
     channel = staticmethod(keys.job_events)
@@ -138,6 +153,18 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord | None:
         raw = cast("dict[bytes, bytes]", self.redis.hgetall(self.key(job_id)))  # (clients here answer bytes)
         return JobRecord.from_hash(raw) if raw else None
+
+    def status(self, job_id: str) -> JobState | None:
+        """The job's state alone (one field: cheap enough to ask before every frame of a video)."""
+        raw = cast("bytes | None", self.redis.hget(self.key(job_id), "status"))
+        return JobState(raw.decode()) if raw else None
+
+    def note_progress(self, job_id: str, fence: str, **fields: object) -> bool:
+        """Write a running job's progress ``fields`` (not a state move), if run ``fence`` still holds it."""
+        args: list[str] = [fence]
+        for name, value in fields.items():
+            args += [name, json.dumps(value) if name in JobRecord.JSON_FIELDS else str(value)]
+        return bool(self._progress(keys=[self.key(job_id)], args=args))
 
     def move(
         self, job_id: str, to: JobState, allowed_from: set[JobState], fence: str | None = None, **fields: object

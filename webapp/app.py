@@ -16,13 +16,14 @@ from stores.lanes import Lanes
 from stores.webhooks import JobEvents
 from webapp.errors import register_error_handlers
 from webapp.services import Services
+from webapp.submission import max_upload_bytes
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
     app = Flask("maskq")
-    # Base64 in JSON is 4/3 of the image; the rest is room for the request JSON.
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_image_bytes * 4 // 3 + 8 * 1024 * 1024
+    # Base64 in JSON is 4/3 of the upload (an image or a clip, the larger bound); the rest is room for the JSON.
+    app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes(settings) * 4 // 3 + 8 * 1024 * 1024
     app.config["MAX_FORM_MEMORY_SIZE"] = 8 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]  # Flask's DefaultJSONProvider, set above
     client = connect(settings.broker_url, settings.redis_sentinel_master, socket_timeout=10, socket_connect_timeout=5)

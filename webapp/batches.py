@@ -55,7 +55,7 @@ from webapp.auth import choose_lane, current_tenant
 from webapp.idempotency import claim_submission
 from webapp.jobs import accept, cancel_after_header, new_job
 from webapp.services import services
-from webapp.submission import json_part
+from webapp.submission import json_part, max_upload_bytes
 
 bp = Blueprint("batches", __name__)
 
@@ -199,7 +199,7 @@ def _add(
         return {
             "file_name": member.name,
             "status": 413,
-            "detail": f"the image is larger than {s.settings.max_image_bytes} bytes",
+            "detail": f"the file is larger than {max_upload_bytes(s.settings)} bytes",
         }
     job = None
     try:
@@ -232,13 +232,14 @@ def _members(settings) -> Iterator[Member]:
         size = part.stream.seek(0, os.SEEK_END)  # (a read of the limit would allocate the limit)
         part.stream.seek(0)
         name = part.filename or f"image-{number}"
-        yield Member(name, too_large=True) if size > settings.max_image_bytes else Member(name, part.stream.read(size))
+        too_large = size > max_upload_bytes(settings)  # an image or a video (webapp/submission.py)
+        yield Member(name, too_large=True) if too_large else Member(name, part.stream.read(size))
     archive = request.files.get("archive")
     if archive is not None:
         yield from iter_archive(
             archive.stream,
             max_images=settings.max_batch_images - len(parts),
-            max_image_bytes=settings.max_image_bytes,
+            max_image_bytes=max_upload_bytes(settings),
             max_total_bytes=settings.max_batch_bytes,
         )
 

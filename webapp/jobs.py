@@ -15,13 +15,14 @@ from flask import Blueprint, Response, request, url_for
 from domain import trace
 from domain.cancel_after import parse_cancel_after
 from domain.documents import job_document, job_result
-from domain.errors import Conflict, InputError, NotFound, ServiceUnavailable, TooManyRequests
+from domain.errors import Conflict, InputError, NotFound, ServiceUnavailable, TooManyRequests, ValidationFailed
 from domain.image_records import ImageRecord
 from domain.images import DecodedImage, decode_image
 from domain.keys import job_prefix
 from domain.records import JobRecord, JobState, rfc3339
-from domain.result_keys import file_key
+from domain.result_keys import OVERLAY_FILE, file_key
 from domain.schemas import JobRequest, check_request, parse_request
+from domain.videos import sniff_video
 from domain.webhook_urls import check_webhook_url
 from models.catalog import ModelCatalog
 from runtime import logs
@@ -34,7 +35,8 @@ from webapp.idempotency import claim_submission
 from webapp.images import image_store, stored_image
 from webapp.limits import client_id
 from webapp.services import Services, services
-from webapp.submission import read_submission
+from webapp.submission import max_upload_bytes, read_submission
+from webapp.video_jobs import new_video_job
 from webapp.waits import wait_slot
 
 bp = Blueprint("jobs", __name__)
@@ -50,7 +52,8 @@ EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF":
 def submit_job():
     s = services()
     cancel_after_header()  # a bad Cancel-After is a 4xx before the upload is read
-    data, body = read_submission(request, s.settings.max_image_bytes)
+    # An image or a clip (known by its bytes): read up to the larger bound, each kind checks its own.
+    data, body = read_submission(request, max_upload_bytes(s.settings))
     # No bytes: the body names an image stored with POST /v1/images (a 422 when it has none such).
     stored = stored_image(s, body) if data is None else None  # type: ignore[arg-type]  # a JSON object here
     job = new_job(s, data, body, stored=stored)
@@ -80,6 +83,15 @@ class NewJob:
     cache: ResultCache
     catalog: ModelCatalog
     stored: ImageRecord | None = None  # the stored image the job names instead of an upload
+    video_type: str | None = None  # a video's media type (webapp/video_jobs.py); None for an image
+
+    @property
+    def media_type(self) -> str:
+        """What the stored input is: the video's type, else the decoded image's."""
+        if self.video_type is not None:
+            return self.video_type
+        assert self.image is not None  # decoded: not a cache hit, not a stored image
+        return self.image.media_type
 
 
 def new_job(
@@ -93,6 +105,15 @@ def new_job(
     """
     settings = s.settings
     job_request = body if isinstance(body, JobRequest) else parse_request(body)
+    if data is not None and sniff_video(data) is not None:  # a clip, by its bytes: checked end to end there
+        record, video_type, catalog = new_video_job(s, data, job_request, batch, cancel_after_header())
+        cache = ResultCache(s.jobs, settings, catalog, s.celery)
+        return NewJob(record, data, None, None, cache, catalog, video_type=video_type)
+    if job_request.video is not None:
+        raise ValidationFailed(
+            "video options are for a video upload (MP4, MOV, WebM or Matroska); this upload is not one",
+            errors=[{"field": "video", "message": "the upload is not a video"}],
+        )
     if job_request.webhook is not None:
         check_webhook_url(job_request.webhook.url, settings.webhook_allowed_networks)  # 422 for private targets
     catalog = s.catalog.current()  # one reading of the manifest for the whole submission, even if it changes now
@@ -181,8 +202,8 @@ def accept(s: Services, job: NewJob, check_room: bool = True) -> JobRecord:
         s.lanes.check_room(record.lane)
     # Input first, record second, message last: a worker that gets the message finds both.
     if job.stored is None:
-        assert job.image is not None and job.data is not None  # decoded: not a cache hit, not a stored image
-        s.storage.put(record.input_key, job.data, job.image.media_type)
+        assert job.data is not None  # an upload: not a cache hit, not a stored image
+        s.storage.put(record.input_key, job.data, job.media_type)
     s.jobs.create(record)
     log.info("job %s: accepted for model %s on the %s lane", record.id, record.model, record.lane)
     follows = cache.join(record)  # an identical job in flight: this one gets its result, and is not sent
@@ -193,7 +214,7 @@ def accept(s: Services, job: NewJob, check_room: bool = True) -> JobRecord:
             s.celery,
             record.id,
             record.lane,
-            job.catalog.time_limits(record.model, settings),
+            job.catalog.time_limits(record.model, settings, record.media),
             traceparent=record.traceparent,
         )
     s.jobs.sent(record.id)  # had this process died before here, recovery would send it (workers/recovery.py)
@@ -269,15 +290,15 @@ def cancel_job(job_id: str):
 @bp.get("/v1/jobs/<job_id>/files/<path:name>")
 def get_job_file(job_id: str, name: str):
     record = load_job(job_id)
-    # Only the names the service writes: a mask's PNG, or the input's own file name.
-    if not (MASK_FILE.fullmatch(name) or name == record.input_key.rpartition("/")[2]):
+    # Only the names the service writes: a mask's PNG, a video's overlay, or the input's own file name.
+    if not (MASK_FILE.fullmatch(name) or name == OVERLAY_FILE or name == record.input_key.rpartition("/")[2]):
         raise NotFound("no such file")
     key = file_key(record, name)  # a cached or coalesced job's masks are those of the job that ran
     try:
         data = services().storage.get(key)
     except KeyError:
         raise NotFound("no such file") from None
-    mimetype = "image/png" if name.endswith(".png") else "application/octet-stream"
+    mimetype = {".png": "image/png", ".mp4": "video/mp4"}.get(name[name.rfind(".") :], "application/octet-stream")
     return Response(data, mimetype=mimetype)
 
 

@@ -51,10 +51,41 @@ class Instance(Document):
     png_url: str | None = None
 
 
+class VideoAnnotation(Document):
+    """One object followed through a video (YouTube-VIS layout): its mask, box, area, score on each frame taken."""
+
+    object_id: int
+    label: str
+    segmentations: list[MaskRLE | None] = Field(description="per frame taken (video.frame_indices); null: not found")
+    bboxes: list[tuple[float, float, float, float] | None]
+    areas: list[int | None]
+    scores: list[float | None]
+    lost_at: int | None = Field(None, description="the frame it was lost on; it is not followed after it")
+
+
+class VideoClip(Document):
+    format: str
+    codec: str
+    fps: float
+    frames: int = Field(description="frames in the clip")
+    length: int = Field(description="frames the job took (frame_stride, fps)")
+    frame_indices: list[int]
+    times_s: list[float]
+    overlay_url: str | None = Field(None, description="with video.overlay: an MP4 of the frames taken, masks drawn")
+
+
 class Result(Document):
     width: int
     height: int
-    instances: list[Instance]
+    instances: list[Instance] = Field(description="an image's instances; empty for a video (see annotations)")
+    video: VideoClip | None = Field(None, description="a video job's clip")
+    annotations: list[VideoAnnotation] | None = Field(None, description="a video job's objects, frame by frame")
+
+
+class VideoProgress(Document):
+    frames_done: int
+    frames_total: int
+    eta_s: float | None = Field(None, description="seconds left at the rate of the run now going")
 
 
 class JobError(Document):
@@ -74,6 +105,7 @@ class Job(Document):
     finished_at: str | None
     queue_position: int | None = Field(None, description="queued jobs that start before this one (0: next)")
     estimated_start_at: str | None = None
+    progress: VideoProgress | None = Field(None, description="a video job's frames stored so far")
     result: Result | None = None
     error: JobError | None = None
     cached: bool
@@ -295,7 +327,10 @@ class StoredImage(Document):
 class MultipartSubmission(BaseModel):
     """``POST /v1/jobs`` as ``multipart/form-data``: the image file and the request as JSON text."""
 
-    image: bytes = Field(description="the image file (JPEG, PNG, WebP, BMP or TIFF)")
+    image: bytes = Field(
+        description="the image file (JPEG, PNG, WebP, BMP or TIFF), or a video (MP4, MOV, WebM or Matroska): "
+        "a video job follows its prompted objects through every frame it takes"
+    )
     request: JobRequest = Field(default_factory=JobRequest, description="JSON text; may be left out")
 
 

@@ -21,9 +21,10 @@ from webapp.services import services
 
 bp = Blueprint("page", __name__, static_folder="static", static_url_path="/ui/static")
 
-# Everything from this origin and nothing else: no inline script or style, no frames, no plug-ins.
+# Everything from this origin and nothing else: no inline script or style, no frames, no plug-ins; a video job's
+# overlay plays from a blob: URL (fetched with the key, which a <video src> could not send).
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; media-src 'self' blob:; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
 )

@@ -14,6 +14,15 @@ from domain.errors import InputError, PayloadTooLarge, UnsupportedMediaType
 MAX_REQUEST_PART_BYTES = 8 * 1024 * 1024
 
 
+def max_upload_bytes(settings) -> int:
+    """The most bytes one uploaded file may have: an image's bound or a video's, whichever is larger.
+
+    What the file is shows only in its bytes; each kind then checks its own bound (domain/images.py,
+    domain/videos.py), so a 30 MB JPEG is still a 413 where images may have 20 MB.
+    """
+    return max(settings.max_image_bytes, settings.max_video_bytes)
+
+
 def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes | None, object]:
     """``(image bytes, request JSON)`` from ``multipart/form-data`` or ``application/json``.
 

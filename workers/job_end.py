@@ -3,6 +3,8 @@
 :func:`end_job` takes what running the job gave, a result or an exception,
 and moves the record:
 
+- a video run that stopped between two frames (``VideoStopped``: the job was canceled, or put back for
+  another run): nothing; the record already says where the job is.
 - a result ``(result_key, instance count)``: ``succeeded``. If the job was
   canceled while it ran, the model could not be stopped, so its result is
   discarded; if another run of it ended it first (a redelivery), that run's
@@ -40,7 +42,7 @@ from stores.jobs import JobStore
 from stores.lanes import send_job
 from stores.result_cache import ResultCache
 from stores.webhooks import JobEvents
-from workers import pipeline
+from workers import pipeline, video_job
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ def out_of_memory(exc: BaseException) -> bool:
 
 def end_job(worker, record: JobRecord, outcome: Outcome, ran_for_s: float) -> None:
     """Move ``record``'s job to where ``outcome`` leads (see the module's docstring)."""
+    if isinstance(outcome, video_job.VideoStopped):  # canceled, or put back for another run: the record says so
+        log.info("job %s: this run stopped: %s", record.id, outcome.detail)
+        return
     if isinstance(outcome, tuple):
         _succeed(worker, record, outcome, ran_for_s)
     elif out_of_memory(outcome):
@@ -99,7 +104,13 @@ def _out_of_memory(worker, record: JobRecord, exc: BaseException) -> None:
         return
     if jobs.requeue(record.id, {"code": ResourceExhausted.code, "message": detail}, fence=worker.owner):
         jobs.metrics.count(job_metrics.OOM_REQUEUES, record.model)
-        send_job(None, record.id, record.lane, time_limits(worker, record.model), countdown=settings.oom_retry_delay_s)
+        send_job(
+            None,
+            record.id,
+            record.lane,
+            time_limits(worker, record.model, record.media),
+            countdown=settings.oom_retry_delay_s,
+        )
         log.info(
             "job %s: out of memory; back on the %s lane in %.1f s", record.id, record.lane, settings.oom_retry_delay_s
         )
@@ -120,11 +131,11 @@ def describe_failure(job_id: str, exc: BaseException) -> tuple[str, str]:
     return "internal", f"{type(exc).__name__}: {exc}"
 
 
-def time_limits(worker, model: str) -> tuple[float, float]:
+def time_limits(worker, model: str, media: str = "image") -> tuple[float, float]:
     """``(soft, hard)`` seconds for a job of ``model``; the deployment's when the manifest no longer has it."""
     settings = worker.settings
     try:
-        return worker.models.catalog.current().time_limits(model, settings)
+        return worker.models.catalog.current().time_limits(model, settings, media)
     except MaskqError:
         return settings.job_soft_time_limit_s, settings.job_hard_time_limit_s
 

@@ -22,7 +22,7 @@ import time
 from domain.records import JobRecord, JobState
 from runtime import logs
 from storage.retrying import RetryingStorage
-from workers import batching, job_end, pipeline, process
+from workers import batching, job_end, pipeline, process, video_job
 from workers.loaded_models import ModelChoice
 from workers.redis_outage import UNREACHABLE, ride_out
 
@@ -133,6 +133,8 @@ def _segment(worker: process.WorkerProcess, record: JobRecord, choice: ModelChoi
     settings = worker.settings
     # A store that is away for less than storage_retry_bound_s only delays the job; past it, code "storage".
     storage = RetryingStorage.from_settings(worker.storage, settings)
+    if record.media == "video":  # a clip: frame by frame, stored in chunks, resumable (workers/video_job.py)
+        return video_job.run(worker, record, choice.adapter, storage)
     if batching.wanted(choice, settings):
         return batching.run(worker, record, choice, storage)
     return pipeline.run(record, choice.adapter, storage, settings.max_image_bytes, settings.max_image_pixels)

@@ -17,7 +17,7 @@ from domain.errors import InputLost
 from domain.images import decode_image
 from domain.keys import job_prefix
 from domain.records import JobRecord
-from domain.schemas import JobRequest
+from domain.schemas import JobRequest, PromptSet
 from models.adapters.base import Instance, ModelAdapter, Prompts, SegmentRequest
 from models.encoder_cache import EncodingSource
 from storage import Storage
@@ -26,7 +26,11 @@ from workers import metrics, results
 
 def to_prompts(request: JobRequest) -> Prompts:
     """The request's prompts in pixels, as an adapter takes them (the mask decoded)."""
-    p = request.prompts
+    return prompts_in_pixels(request.prompts)
+
+
+def prompts_in_pixels(p: PromptSet) -> Prompts:
+    """One set of prompts (a job's, or one frame's of a video job) as an adapter takes them."""
     return Prompts(
         text=tuple(p.text),
         points=tuple((float(x), float(y), int(label)) for x, y, label in p.points),

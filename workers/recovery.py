@@ -121,7 +121,7 @@ class Recovery:
                 and not record.coalesced_with
                 and self.nowhere([job_id])
             ):
-                send_job(None, job_id, record.lane, self._time_limits(record.model))
+                send_job(None, job_id, record.lane, self._time_limits(record.model, record.media))
                 log.warning(
                     "job %s: its message was never sent (its sender stopped); sent now to the %s lane",
                     job_id,
@@ -150,7 +150,7 @@ class Recovery:
             record = self.jobs.get(job_id)
             if record is None or record.status != JobState.QUEUED or record.coalesced_with:
                 continue
-            send_job(None, job_id, record.lane, self._time_limits(record.model))
+            send_job(None, job_id, record.lane, self._time_limits(record.model, record.media))
             log.warning("job %s: queued with its message in no lane, unacked hash or claim; sent again", job_id)
             sent.append(job_id)
         return sent
@@ -194,7 +194,7 @@ class Recovery:
         if where is None and not self.nowhere([job_id]):
             where = "its message, waiting in a lane or a batch claim"
         if where is None:
-            send_job(None, job_id, record.lane, self._time_limits(record.model))
+            send_job(None, job_id, record.lane, self._time_limits(record.model, record.media))
             where = f"a new message on the {record.lane} lane"
         log.warning(
             "job %s: no worker was running it (it was started by %s); back on its lane via %s",
@@ -237,8 +237,10 @@ class Recovery:
                     continue
         raise RuntimeError(f"the broker's unacked hash kept changing; {tag!r} is left for the next sweep")
 
-    def _time_limits(self, model: str) -> tuple[float, float]:
+    def _time_limits(self, model: str, media: str = "image") -> tuple[float, float]:
         try:
-            return self.catalog.current().time_limits(model, self.settings)
+            return self.catalog.current().time_limits(model, self.settings, media)
         except Exception:  # no catalog here, or a model no longer in it: the deployment's limits
+            if media == "video":
+                return cast("tuple[float, float]", self.settings.video_time_limits)
             return self.settings.job_soft_time_limit_s, self.settings.job_hard_time_limit_s

@@ -2,8 +2,8 @@
 
 Which writer writes it goes by the job's media (``JobRecord.media``): :func:`writer_for` picks it from
 :data:`WRITERS`, and a media with no writer is a clear error, never a result in the wrong shape. Only
-``image`` has one today (:class:`ImageResultWriter`); a video writer (frames, objects followed across
-them) registers beside it (:func:`register`).
+``image`` has one (:class:`ImageResultWriter`): a video's result is many frames stored in chunks as they
+come, which ``workers/video_job.py`` writes itself (``job_runner`` sends video jobs there).
 
 The result of an image job is::
 

@@ -144,6 +144,9 @@ class SegmentRequest:
     report: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     request: JobRequest | None = None
+    # False: an encoder's output for this image is not kept in the encoder cache (a video's frames are each
+    # seen once; kept, they would only push out the embeddings of images that are prompted again).
+    cache_encoding: bool = True
 
 
 @dataclass
@@ -279,6 +282,9 @@ class ModelAdapter:
     # does a worker take more queued jobs along (workers/batching.py, with the manifest's
     # max_batch_size > 1): for an adapter that loops image by image, a batch would only add waiting.
     stacks_batches: ClassVar[bool] = False
+    # True for an adapter that video jobs can run on: point/box/mask prompted, so each object's last mask
+    # can prompt it on the next frame (models/video_tracking.py).
+    follows_video: ClassVar[bool] = False
     # The manifest entry's options, checked when the manifest is read.
     Options: ClassVar[type[AdapterOptions]] = AdapterOptions
 

@@ -164,6 +164,7 @@ class SamAdapter(ModelAdapter):
     """
 
     prompt_kinds = frozenset({"points", "boxes", "mask"})
+    follows_video = True
     Options = SamOptions
 
     def __init__(self, spec: ModelSpec):
@@ -405,7 +406,8 @@ class SamAdapter(ModelAdapter):
                 if embedding.ndim == 3:
                     embedding = embedding[np.newaxis]
                 encoding = {EMBEDDING: embedding, **dict(zip(self._features, features))}
-                encodings.store(item.key, encoding, share=self._shares(item.request))
+                if item.request.cache_encoding:
+                    encodings.store(item.key, encoding, share=self._shares(item.request))
                 fresh[item.key] = encoding
             if item.meta["everything"]:
                 results.append(self._generator.decode([c.feeds for c in item.calls], encoding))

@@ -391,3 +391,31 @@ def test_typed_object_names_draw_each_object_labelled_and_show_the_model_that_ra
     page.select_option("#model", "text-regions")
     assert page.is_visible("#text-field") and page.is_visible("#objects-field")
     assert page.console_errors == []
+
+
+def test_a_clip_clicked_on_its_first_frame_plays_back_with_its_masks(page, dev_web, tmp_path):
+    """A clip (the test pan over coffee.png) chosen on the page shows its first frame; a click there follows the
+    object through every frame, and the page plays the overlay the job stored, fetched with the key."""
+    from tests.support import clips
+
+    clip = tmp_path / "pan.mp4"
+    clip.write_bytes(clips.coffee_pan(6))
+    page.goto(dev_web["link"])
+    choose_sam(page)
+    page.set_input_files("#file", str(clip))
+    page.wait_for_function("() => document.getElementById('mark-layer').width === 240")
+    x0, y0, x1, y1 = clips.cup_box(0)
+    click_image(page, (x0 + x1) / 2, (y0 + y1) / 2)
+    page.wait_for_function(
+        "() => document.getElementById('status').dataset.state === 'succeeded'", timeout=OVERLAY_TIMEOUT_MS
+    )
+    assert "1 object followed through 6 frames" in page.text_content("#status")
+    job = api_job(dev_web["url"], dev_web["key"], page.get_attribute("#recent-jobs li:first-child", "data-job-id"))
+    assert job["result"]["video"]["length"] == 6 and job["result"]["video"]["overlay_url"].endswith("overlay.mp4")
+    page.wait_for_function(
+        "() => { const v = document.getElementById('playback');"
+        " return !v.hidden && v.src.startsWith('blob:') && v.readyState >= 2 && v.videoWidth === 240; }",
+        timeout=20_000,
+    )
+    assert page.evaluate("document.getElementById('playback').duration") > 0.5  # 6 frames at 8 fps
+    assert not page.console_errors, page.console_errors

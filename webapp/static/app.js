@@ -20,7 +20,9 @@ const state = {
   models: [],          // from GET /v1/models
   routes: {},          // GET /v1/models `routes`: which model a job naming none goes to, by prompt kind
   file: null,          // the chosen File
-  bitmap: null,        // the browser's upright decoding of it, or null when the browser cannot decode it
+  video: false,        // the File is a clip: prompts go on its first frame, the answer plays back
+  playback: null,      // the object URL of the overlay playing, to let go of when replaced
+  bitmap: null,        // the browser's upright decoding of it (a clip's first frame), or null when it cannot
   width: 0, height: 0, // image pixels
   scale: 1,            // canvas pixels per image pixel
   prompts: [],         // {kind: "point", x, y, label} | {kind: "box", box: [x0, y0, x1, y1]}, in order
@@ -238,6 +240,10 @@ function describeWaiting(job) {
     return job.queue_position !== undefined ? `Queued — position ${job.queue_position} in the ${job.lane} lane`
                                            : "Queued";
   }
+  if (job.progress) {
+    const {frames_done: done, frames_total: total, eta_s: eta} = job.progress;
+    return `Following ${job.model.name}: frame ${done} of ${total}${eta !== null ? `, about ${Math.ceil(eta)} s left` : ""}…`;
+  }
   return `Running on ${job.model.name}…`;
 }
 
@@ -250,6 +256,8 @@ function describeWaiting(job) {
 
 async function followJob(job, signal, onChange) {
   onChange(job);
+  // A clip's progress (frames done) is no state move, so no event announces it: poll, as a fallback does.
+  if (job.progress) return pollJob(job, signal, onChange);
   try {
     const ended = await streamJob(job, signal, onChange);
     if (ended) return ended;
@@ -352,7 +360,8 @@ function buildRequest() {
   if (kinds.has("points") && points.length) prompts.points = points;
   const boxes = state.prompts.filter((p) => p.kind === "box").map((p) => p.box);
   if (kinds.has("boxes") && boxes.length) prompts.boxes = boxes;
-  const request = {outputs: ["rle", "png"]};
+  const request = {outputs: state.video ? ["rle"] : ["rle", "png"]};
+  if (state.video) request.video = {overlay: true};  // the masks drawn on the clip, to play back
   if (model) request.model = model.name;
   if (Object.keys(prompts).length) request.prompts = prompts;
   return request;
@@ -430,7 +439,12 @@ function showJob(job) {
   }
   drawMasks(job);
   showModelRan(job);
-  if (job.status === "succeeded") {
+  showPlayback(job);
+  if (job.status === "succeeded" && job.result.video) {
+    const objects = job.result.annotations.length;
+    showStatus(`${objects} object${objects === 1 ? "" : "s"} followed through ${job.result.video.length} frames ` +
+               `by ${job.model.name}.`, "succeeded");
+  } else if (job.status === "succeeded") {
     const n = job.result.instances.length;
     const took = job.metrics && job.metrics.total !== undefined ? ` in ${Number(job.metrics.total).toFixed(2)} s` : "";
     showStatus(`${n} mask${n === 1 ? "" : "s"} from ${job.model.name}${took}${job.cached ? " (cached)" : ""}.`,
@@ -439,6 +453,25 @@ function showJob(job) {
     showStatus(`The job ${job.status}.`, job.status);
     if (job.error) showError(new Error(job.error.message || job.error.code));
   }
+}
+
+// A clip's answer: its frames with the masks drawn (the job's overlay MP4), played in a loop under the first frame.
+async function showPlayback(job) {
+  const player = $("playback");
+  if (state.playback) URL.revokeObjectURL(state.playback);
+  state.playback = null;
+  const url = job && job.result && job.result.video && job.result.video.overlay_url;
+  player.hidden = !url;
+  if (!url) {
+    player.removeAttribute("src");
+    return;
+  }
+  // Fetched with the key (a <video src> cannot send it), then played from memory.
+  const response = await fetch(new URL(url, location.href).pathname, {headers: authHeaders()});
+  if (!response.ok || state.job !== job) return;
+  state.playback = URL.createObjectURL(await response.blob());
+  player.src = state.playback;
+  player.play().catch(() => {});  // autoplay refused: the controls are there
 }
 
 // Which model ran, from the job document's `model` (a pipeline's steps from GET /v1/models).
@@ -554,9 +587,11 @@ async function chooseFile(file) {
   state.file = file;
   state.prompts = [];
   state.job = null;
+  state.video = file.type.startsWith("video/");
+  showPlayback(null);
   try {
-    // EXIF orientation applied, as the service applies it: prompts are in upright pixels.
-    state.bitmap = await createImageBitmap(file, {imageOrientation: "from-image"});
+    // EXIF orientation applied, as the service applies it: prompts are in upright pixels (a clip's on frame 0).
+    state.bitmap = state.video ? await firstFrame(file) : await createImageBitmap(file, {imageOrientation: "from-image"});
     state.width = state.bitmap.width;
     state.height = state.bitmap.height;
     state.scale = Math.min(1, MAX_CANVAS_SIDE / Math.max(state.width, state.height));
@@ -571,6 +606,24 @@ async function chooseFile(file) {
     drawMasks(null);
     updateButtons();
     submit({force: true});
+  }
+}
+
+// A clip's first frame, as the browser decodes it: where its prompts are placed.
+async function firstFrame(file) {
+  const video = document.createElement("video");
+  video.muted = true;
+  video.preload = "auto";
+  const url = URL.createObjectURL(file);
+  try {
+    video.src = url;
+    await new Promise((resolve, reject) => {
+      video.addEventListener("loadeddata", resolve, {once: true});
+      video.addEventListener("error", () => reject(new Error("the browser cannot play this clip")), {once: true});
+    });
+    return await createImageBitmap(video);
+  } finally {
+    URL.revokeObjectURL(url);
   }
 }
 
