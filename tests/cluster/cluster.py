@@ -5,7 +5,8 @@ and starts, configured as the README's "Scaling out" says:
 
 - ``redis-1``: the Valkey primary (AOF) and a Sentinel; ``redis-2``: a replica
   and a Sentinel; ``redis-3``: a Sentinel (quorum 2 of 3);
-- ``s3``: the S3-compatible test server (moto, durable across restarts);
+- ``s3``: the S3-compatible test server (moto, durable across restarts), and
+  the proxy the web host reaches it through (``tests/cluster/proxy.py``);
 - ``web``: gunicorn as the Procfile runs it, and the webhooks worker;
 - ``worker-1``, ``worker-2``: the Procfile's inference worker each, on a
   slowed real model (``options.delay_s``) so a fault can land mid-job;
@@ -37,7 +38,7 @@ PYTHON = str(Path(sys.executable))
 MASTER = "mymaster"
 BUCKET = "maskq-cluster"
 HOSTS = ("redis-1", "redis-2", "redis-3", "s3", "web", "worker-1", "worker-2", "client")
-REDIS_PORT, SENTINEL_PORT, S3_PORT, WEB_PORT, RECEIVER_PORT = 6379, 26379, 9000, 8000, 8099
+REDIS_PORT, SENTINEL_PORT, S3_PORT, S3_PROXY_PORT, WEB_PORT, RECEIVER_PORT = 6379, 26379, 9000, 9001, 8000, 8099
 
 
 @dataclass
@@ -59,7 +60,10 @@ def procfile() -> dict[str, str]:
 class Cluster:
     """The hosts and their processes; ``env`` overrides the service's ``MASKQ_*`` settings."""
 
-    def __init__(self, folder: Path, delay_s: float = 1.0, env: dict[str, str] | None = None):
+    def __init__(
+        self, folder: Path, delay_s: float = 1.0, env: dict[str, str] | None = None, broken_fencing: bool = False
+    ):
+        self.broken_fencing = broken_fencing
         self.folder = Path(folder)
         self.logs = self.folder / "logs"
         self.delay_s = delay_s
@@ -192,15 +196,34 @@ class Cluster:
                 ],
                 {**os.environ, "PYTHONPATH": str(ROOT)},
             )
+            # The web host reaches S3 through a proxy of its own, so that pair alone can be cut or slowed.
+            self._add(
+                "s3-proxy-web",
+                "s3",
+                [
+                    PYTHON,
+                    "-m",
+                    "tests.cluster.proxy",
+                    "--listen",
+                    f"{self.address('s3')}:{S3_PROXY_PORT}",
+                    "--to",
+                    f"{self.address('s3')}:{S3_PORT}",
+                    "--mode-file",
+                    str(self.link_path("web-s3")),
+                ],
+                {**os.environ, "PYTHONPATH": str(ROOT)},
+            )
             self.spawn("s3")
+            self.spawn("s3-proxy-web")
             self.spawn("receiver")
             self._wait(self._bucket_made, 60, "the S3 server")
             env = self.service_env()
             commands = procfile()
-            self._add("web", "web", ["/bin/sh", "-c", commands["web"]], {**env, "MASKQ_HOST": self.address("web")})
-            self._add("webhooks", "web", ["/bin/sh", "-c", commands["webhooks"]], env)
+            web = {**env, "MASKQ_S3_ENDPOINT_URL": f"http://{self.address('s3')}:{S3_PROXY_PORT}"}
+            self._add("web", "web", ["/bin/sh", "-c", commands["web"]], {**web, "MASKQ_HOST": self.address("web")})
+            self._add("webhooks", "web", ["/bin/sh", "-c", commands["webhooks"]], web)
             for host in ("worker-1", "worker-2"):
-                self._add(host, host, ["/bin/sh", "-c", commands["worker"] + f" -n {host}@%h"], env)
+                self._add(host, host, ["/bin/sh", "-c", commands["worker"] + f" -n {host}@%h"], self.worker_env(env))
             for name in ("web", "webhooks", "worker-1", "worker-2"):
                 self.spawn(name)
             self.api_key = self.python_in("web", _CREATE_KEY, env=env).strip().splitlines()[-1]
@@ -209,6 +232,19 @@ class Cluster:
         except BaseException:
             self.close()
             raise
+
+    def worker_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The inference workers' environment; with ``broken_fencing``, a build whose runs ignore their fence."""
+        if not self.broken_fencing:
+            return env
+        return {**env, "PYTHONPATH": f"{Path(__file__).parent / 'broken_fencing'}:{ROOT}"}
+
+    def link_path(self, pair: str) -> Path:
+        return self.folder / f"link-{pair}.mode"
+
+    def link(self, pair: str, mode: str) -> None:
+        """Set a proxied pair's link (``web-s3``): ``pass``, ``cut``, ``cut-replies`` or ``slow MS``."""
+        self.link_path(pair).write_text(mode)
 
     def _add(self, name: str, host: str, argv: list[str], env: dict[str, str]) -> None:
         assert self.network is not None
