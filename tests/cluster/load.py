@@ -113,14 +113,15 @@ class Client:
             self.history.add("cancel", job=job_id, http=None, error=type(exc).__name__)
 
 
-def run_load(client_args: tuple, seconds: float, clients: int, pause_s: float) -> None:
+def run_load(client_args: tuple, seconds: float, clients: int, pause_s: float, kinds: list[str] | None = None) -> None:
     stop = time.monotonic() + seconds
+    mix = [(k, w) for k, w in KINDS if not kinds or k in kinds]
 
     def one(number: int) -> None:
         client = Client(*client_args)
         rng = random.Random(number)
         while time.monotonic() < stop:
-            kind = rng.choices([k for k, _ in KINDS], [w for _, w in KINDS])[0]
+            kind = rng.choices([k for k, _ in mix], [w for _, w in mix])[0]
             job = client.submit(kind, rng.choice(IMAGES))
             if job and kind == "cancel":
                 client.cancel(job)
@@ -166,13 +167,14 @@ def main() -> None:
     load.add_argument("--seconds", type=float, required=True)
     load.add_argument("--clients", type=int, default=2)
     load.add_argument("--pause-s", type=float, default=1.0)
+    load.add_argument("--kinds", nargs="*", choices=[k for k, _ in KINDS], help="only these kinds of job")
     one = commands.add_parser("settle")
     one.add_argument("--timeout", type=float, default=180)
     args = parser.parse_args()
     history = History(args.history)
     client_args = (args.base_url, args.key, args.webhook_url, history)
     if args.command == "load":
-        run_load(client_args, args.seconds, args.clients, args.pause_s)
+        run_load(client_args, args.seconds, args.clients, args.pause_s, args.kinds)
     else:
         settle(client_args, args.history, args.timeout)
 

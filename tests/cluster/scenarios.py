@@ -132,13 +132,15 @@ def run(
     clients: int = 2,
     pause_s: float = 2.0,
     settle_s: float = 240,
+    kinds: tuple[str, ...] = (),
 ) -> Result:
     """``fault`` under ``load_s`` seconds of load (at least as long as the fault), then settle and check."""
     started = time.monotonic()
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     history = cluster.folder / f"history-{slug}.jsonl"
     _log(f"scenario: {name}")
-    load = cluster.load(history, "load", "--seconds", str(load_s), "--clients", str(clients), "--pause-s", str(pause_s))
+    options = ["--seconds", str(load_s), "--clients", str(clients), "--pause-s", str(pause_s)]
+    load = cluster.load(history, "load", *options, *(["--kinds", *kinds] if kinds else []))
     fault(cluster)
     load.wait(load_s + 120)
     settle = cluster.load(history, "settle", "--timeout", str(settle_s))
