@@ -34,8 +34,32 @@ def main(argv: list[str] | None = None) -> int:
             load_s = args.load_s * (3 if fault is scenarios.all_in_a_row else 1)
             results.append(scenarios.run(cluster, name, fault, load_s=load_s))
     print(scenarios.table(results))
+    caught = True
+    if not args.only:
+        caught = fencing_check(folder)
     print(f"logs and histories: {folder}")
-    return 0 if all(r.verdict.ok for r in results) else 1
+    return 0 if caught and all(r.verdict.ok for r in results) else 1
+
+
+def fencing_check(folder: Path) -> bool:
+    """One slow job whose worker is cut off mid-run: clean with the real build, caught with fencing disabled."""
+    verdicts = {}
+    for broken in (False, True):
+        with Cluster(folder / f"fencing-{'broken' if broken else 'real'}", delay_s=8, broken_fencing=broken) as cluster:
+            verdicts[broken] = scenarios.run(
+                cluster,
+                f"one slow job cut off, {'fencing disabled' if broken else 'real build'}",
+                lambda c: scenarios.worker_partitioned(c, cut_s=12),
+                load_s=1,
+                clients=1,
+                pause_s=100,
+                kinds=("default",),
+            ).verdict
+    real = "clean" if verdicts[False].ok else "NOT CLEAN"
+    violations = len(verdicts[True].broken["fencing"])
+    broken = f"caught ({violations} fencing violation(s))" if violations else "NOT CAUGHT"
+    print(f"fencing check: the real build {real}; the build with fencing disabled {broken}")
+    return verdicts[False].ok and bool(verdicts[True].broken["fencing"])
 
 
 if __name__ == "__main__":
