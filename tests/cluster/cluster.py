@@ -3,8 +3,9 @@
 ``Cluster(folder).start()`` builds the hosts (``tests/cluster/network.py``)
 and starts, configured as the README's "Scaling out" says:
 
-- ``redis-1``: the Valkey primary (AOF) and a Sentinel; ``redis-2``: a replica
-  and a Sentinel; ``redis-3``: a Sentinel (quorum 2 of 3);
+- ``redis-1``: the Valkey primary (AOF) and a Sentinel; ``redis-2`` and
+  ``redis-3``: a replica and a Sentinel each (quorum 2 of 3); every data node
+  with ``min-replicas-to-write 1``, as the README asks of Sentinel deployments;
 - ``s3``: the S3-compatible test server (moto, durable across restarts), and
   the proxy the web host reaches it through (``tests/cluster/proxy.py``);
 - ``web``: gunicorn as the Procfile runs it, and the webhooks worker;
@@ -38,6 +39,7 @@ PYTHON = str(Path(sys.executable))
 MASTER = "mymaster"
 BUCKET = "maskq-cluster"
 HOSTS = ("redis-1", "redis-2", "redis-3", "s3", "web", "worker-1", "worker-2", "client")
+DATA_HOSTS = ("redis-1", "redis-2", "redis-3")  # Valkey: the primary first, then its replicas
 REDIS_PORT, SENTINEL_PORT, S3_PORT, S3_PROXY_PORT, WEB_PORT, RECEIVER_PORT = 6379, 26379, 9000, 9001, 8000, 8099
 
 
@@ -143,11 +145,14 @@ class Cluster:
                 self.network.add(name)
             valkey = str(server_binary())
             primary = self.address("redis-1")
-            for i, host in enumerate(("redis-1", "redis-2")):
+            for i, host in enumerate(DATA_HOSTS):
                 data = self.folder / host
                 data.mkdir(parents=True, exist_ok=True)
                 argv = [valkey, "--bind", self.address(host), "--port", str(REDIS_PORT), "--protected-mode", "no"]
                 argv += ["--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
+                # As the README asks of a Sentinel deployment: a primary cut off from every replica for 5 s
+                # refuses writes (which its demotion would throw away) instead of taking them.
+                argv += ["--min-replicas-to-write", "1", "--min-replicas-max-lag", "5"]
                 if i:
                     argv += ["--replicaof", primary, str(REDIS_PORT)]
                 self._add(f"valkey@{host}", host, argv, dict(os.environ))
@@ -162,6 +167,7 @@ class Cluster:
             for name in list(self.processes):
                 self.spawn(name)
             self._wait(lambda: self._sentinel_primary() == primary, 30, "the Sentinels to agree on the primary")
+            self._wait(lambda: self.replicas_of("redis-1") == 2, 30, "both replicas to be in sync")
             self._add(
                 "s3",
                 "s3",
@@ -316,11 +322,17 @@ class Cluster:
         )
         return int(answer.stdout or 0)
 
-    def sentinel_primary(self, via: str = "redis-3") -> str | None:
-        try:
-            return self._sentinel_primary(via)
-        except (RuntimeError, subprocess.TimeoutExpired):
-            return None
+    def sentinel_primary(self) -> str | None:
+        """The primary's address as the first Sentinel that answers names it (None when none answers)."""
+        assert self.network is not None
+        for via in DATA_HOSTS:
+            if via in self.network.down or not self.network.hosts[via].pids():
+                continue
+            try:
+                return self._sentinel_primary(via)
+            except (RuntimeError, subprocess.TimeoutExpired):
+                continue
+        return None
 
     def _sentinel_primary(self, via: str = "redis-3") -> str | None:
         code = (
@@ -330,7 +342,20 @@ class Cluster:
         )
         return self.python_in(via, code, timeout=15).strip() or None
 
-    def sentinel_knows_replica(self, via: str = "redis-3") -> bool:
+    def replicas_of(self, host: str) -> int:
+        """How many replicas the Redis server on ``host`` has in sync (0 when it cannot be asked)."""
+        code = (
+            "import redis;"
+            f"i=redis.Redis(host={self.address(host)!r},port={REDIS_PORT},socket_timeout=2).info('replication');"
+            "print(sum(1 for k,v in i.items() if k.startswith('slave') and isinstance(v,dict)"
+            " and v.get('state')=='online'))"
+        )
+        try:
+            return int(self.python_in(host, code, timeout=15).strip() or 0)
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError):
+            return 0
+
+    def sentinel_knows_replica(self, via: str = "redis-2") -> bool:
         code = (
             "import redis;"
             f"r=redis.Redis(host={self.address(via)!r},port={SENTINEL_PORT},socket_timeout=2)"

@@ -47,6 +47,7 @@ RULES = (
     "webhooks missing",
     "two ids",
     "contradicting webhook",
+    "server error",
 )
 _START = re.compile(r"job (\w+): attempt (\d+) started by (\S+)$")
 _SUCCEEDED = re.compile(r"job (\w+): succeeded with \d+ instances \(run of (\S+)\)$")
@@ -111,6 +112,9 @@ def check(client: list[dict], webhooks: list[dict], runs: list[Run]) -> Verdict:
     cancels: set[str] = set()
     for event in sorted(client, key=lambda e: e["t"]):
         job = event.get("job")
+        http = event.get("http") or 0
+        if http >= 500 and not (http == 503 and event.get("retry_after", event["kind"] != "submit")):
+            verdict.flag("server error", f"{event['kind']}@{event['t']:.3f}", f"answered {http}")
         if event["kind"] == "submit" and job:
             accepted.setdefault(job, event)
         elif event["kind"] == "poll" and job:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tests.cluster.cluster import Cluster
+from tests.cluster.cluster import DATA_HOSTS, Cluster
 from tests.cluster.history import Verdict, check_files, read_jsonl
 
 
@@ -54,20 +54,43 @@ def redis_failover(cluster: Cluster, down_s: float = 10) -> None:
     while not cluster.sentinel_knows_replica() and time.monotonic() < deadline:
         time.sleep(1)
     primary = cluster.sentinel_primary()
-    host = next(h for h in ("redis-1", "redis-2") if cluster.address(h) == primary)
-    other = "redis-2" if host == "redis-1" else "redis-1"
+    host = next(h for h in DATA_HOSTS if cluster.address(h) == primary)
     time.sleep(3)
     _log(f"{host} (the primary) killed")
     cluster.kill_host(host)
     deadline = time.monotonic() + 60
-    while cluster.sentinel_primary() != cluster.address(other):
+    while cluster.sentinel_primary() in (primary, None):
         if time.monotonic() > deadline:
             raise RuntimeError("Sentinel did not fail over in 60 s")
         time.sleep(0.5)
-    _log(f"Sentinel promoted {other}")
+    _log(f"Sentinel promoted {cluster.sentinel_primary()}")
     time.sleep(down_s)
     cluster.start_host(host)
     _log(f"{host} back (the old primary, with its AOF)")
+    time.sleep(5)
+
+
+def redis_primary_partitioned(cluster: Cluster, cut_s: float = 25) -> None:
+    """The Redis primary's host is cut off, alive: the Sentinels promote the replica while the old primary still
+    holds its clients' connections; when it is plugged back in it is made a replica of the new one."""
+    deadline = time.monotonic() + 30
+    while not cluster.sentinel_knows_replica() and time.monotonic() < deadline:
+        time.sleep(1)
+    primary = cluster.sentinel_primary()
+    host = next(h for h in DATA_HOSTS if cluster.address(h) == primary)
+    time.sleep(3)
+    assert cluster.network is not None
+    _log(f"{host} (the primary) partitioned for {cut_s:.0f} s")
+    cluster.network.partition(host)
+    deadline = time.monotonic() + 60
+    while cluster.sentinel_primary() in (primary, None):
+        if time.monotonic() > deadline:
+            raise RuntimeError("Sentinel did not fail over in 60 s")
+        time.sleep(0.5)
+    _log(f"Sentinel promoted {cluster.sentinel_primary()}")
+    time.sleep(max(0.0, cut_s - 5))
+    cluster.network.heal(host)
+    _log(f"{host} healed (the old primary, to be made a replica)")
     time.sleep(5)
 
 
@@ -111,6 +134,7 @@ def all_in_a_row(cluster: Cluster) -> None:
 SCENARIOS: dict[str, Callable[[Cluster], None]] = {
     "worker partitioned mid-job": worker_partitioned,
     "Redis failover (old primary back)": redis_failover,
+    "Redis primary partitioned (failover while it lives)": redis_primary_partitioned,
     "web <-> S3 partition": web_s3_partition,
     "worker host killed": worker_killed,
     "all of them in a row under load": all_in_a_row,

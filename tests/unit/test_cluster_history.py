@@ -157,3 +157,13 @@ def test_runs_are_read_from_the_workers_json_log_lines():
         ("b2", "vm:7", None, "failed"),
     ]
     assert round(runs[1].t - runs[0].t, 3) == 2.162
+
+
+def test_a_5xx_other_than_a_503_with_retry_after_is_a_server_error():
+    client = [
+        {"t": 1.0, "kind": "submit", "job": None, "http": 503, "retry_after": True},
+        {"t": 2.0, "kind": "submit", "job": None, "http": 500, "retry_after": False},
+        {"t": 3.0, "kind": "submit", "job": None, "http": 503, "retry_after": False},
+    ]
+    verdict = check(client, [], [])
+    assert sorted(verdict.broken["server error"]) == ["submit@2.000", "submit@3.000"]
