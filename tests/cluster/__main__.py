@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with Cluster(folder) as cluster:
         for name, fault in chosen.items():
-            load_s = args.load_s * (3 if fault is scenarios.all_in_a_row else 1)
+            load_s = args.load_s * (4 if fault is scenarios.all_in_a_row else 1)
             results.append(scenarios.run(cluster, name, fault, load_s=load_s))
     print(scenarios.table(results))
     caught = True

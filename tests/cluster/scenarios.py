@@ -126,7 +126,8 @@ def slow_and_one_way(cluster: Cluster) -> None:
 
 
 def all_in_a_row(cluster: Cluster) -> None:
-    for fault in (worker_partitioned, redis_failover, web_s3_partition, worker_killed, slow_and_one_way):
+    faults = (worker_partitioned, redis_failover, redis_primary_partitioned, web_s3_partition, worker_killed)
+    for fault in (*faults, slow_and_one_way):
         fault(cluster)
         time.sleep(5)
 
