@@ -49,7 +49,7 @@ def fencing_check(folder: Path) -> bool:
             verdicts[broken] = scenarios.run(
                 cluster,
                 f"one slow job cut off, {'fencing disabled' if broken else 'real build'}",
-                lambda c: scenarios.worker_partitioned(c, cut_s=12),
+                lambda c: scenarios.worker_partitioned(c, cut_s=12, after_s=1.5),
                 load_s=1,
                 clients=1,
                 pause_s=100,

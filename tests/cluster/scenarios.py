@@ -36,10 +36,12 @@ def wait_for_run(cluster: Cluster, hosts: tuple[str, ...], since: float, timeout
     raise RuntimeError(f"no job started on {hosts} within {timeout:.0f} s")
 
 
-def worker_partitioned(cluster: Cluster, cut_s: float = 15) -> None:
+def worker_partitioned(cluster: Cluster, cut_s: float = 15, after_s: float = 0.0) -> None:
     """A worker host loses its switch port while a job runs on it: its heartbeat lapses, the job goes to the
-    other worker, and the cut-off run, back, must not record an outcome over the new owner's."""
+    other worker, and the cut-off run, back, must not record an outcome over the new owner's. ``after_s``:
+    how long after the run started (past reading its input, into the model) the cut comes."""
     host, job = wait_for_run(cluster, ("worker-1", "worker-2"), time.time())
+    time.sleep(after_s)
     _log(f"{host} partitioned for {cut_s:.0f} s, running job {job}")
     assert cluster.network is not None
     cluster.network.partition(host)

@@ -54,12 +54,13 @@ def test_the_checker_catches_a_build_whose_cut_off_run_ignores_its_fence(cluster
     was cut off comes back while the job's new owner still runs it and records its outcome over it."""
     from tests.cluster import scenarios
 
-    # One slow job (8 s): its new owner is still running it when the cut-off run comes back at 12 s.
+    # One slow job (8 s), cut off 1.5 s in (its input read, its model running) for 12 s: the job's new owner
+    # starts it about 8 s into the cut and is still running it when the cut-off run comes back and records.
     cluster = cluster_of(delay_s=8, broken_fencing=True)
     result = scenarios.run(
         cluster,
         "unfenced",
-        lambda c: scenarios.worker_partitioned(c, cut_s=12),
+        lambda c: scenarios.worker_partitioned(c, cut_s=12, after_s=1.5),
         load_s=1,
         clients=1,
         pause_s=100,
