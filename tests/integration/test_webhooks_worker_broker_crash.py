@@ -18,10 +18,10 @@ def isolated(tmp_path, base_env):
     stack = IsolatedStack.start(
         tmp_path,
         base_env,
-        MASKQ_VISIBILITY_TIMEOUT_S="30",
-        MASKQ_JOB_SOFT_TIME_LIMIT_S="15",
-        MASKQ_JOB_HARD_TIME_LIMIT_S="20",
-        MASKQ_STORAGE_RETRY_BOUND_S="10",
+        MASKQ_VISIBILITY_TIMEOUT_S="20",
+        MASKQ_JOB_SOFT_TIME_LIMIT_S="8",
+        MASKQ_JOB_HARD_TIME_LIMIT_S="12",
+        MASKQ_STORAGE_RETRY_BOUND_S="5",
         MASKQ_UNACKED_RESTORE_INTERVAL_S="2",
     )
     yield stack
