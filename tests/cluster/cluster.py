@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -412,9 +411,6 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
             time.sleep(0.5)
-
-    def describe(self) -> str:
-        return " ".join(shlex.quote(str(p)) for p in (self.folder,))
 
 
 # Run in the web host with the service's settings: a key for the load's tenant, printed.
