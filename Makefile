@@ -9,7 +9,7 @@ RAPIDOCR := rapidocr-onnxruntime==1.4.4
 # chosen by MASKQ_DEVICE=auto|cuda|cpu (auto: the GPU build where an NVIDIA driver is present).
 ONNXRUNTIME := 1.31.1
 
-.PHONY: install install-dev onnxruntime models run lint test test-video test-unit bench soak clean
+.PHONY: install install-dev onnxruntime models run lint test test-video test-unit bench soak cluster-faults clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -91,6 +91,12 @@ bench: install-dev $(VENV)/.installed-peers
 SOAK_MINUTES ?= 10
 soak: install-dev
 	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES)
+
+# Every fault scenario on hosts made of network namespaces (tests/cluster: web, Redis with Sentinel, two
+# worker hosts, S3, a client; about ten minutes; needs root and `ip netns`), then their table and the fencing
+# check; non-zero on anything lost, stuck, run twice or missing. `make test` runs the short ones.
+cluster-faults: install-dev
+	$(BIN)/python -m tests.cluster
 
 clean:
 	rm -rf $(VENV) var

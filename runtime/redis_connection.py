@@ -17,6 +17,27 @@ from redis.sentinel import Sentinel
 from config.settings import is_sentinel
 
 
+class ReplicasLost(redis.ConnectionError):
+    """The primary refused a write because it has lost its replicas (``NOREPLICAS``, ``min-replicas-to-write``).
+
+    A primary cut off from its replicas is one whose writes a failover is about to throw away, or a new
+    primary whose replicas have not attached yet: either way the write did not happen and should wait,
+    so every client reads it as the connection error it amounts to. redis-py then reconnects (asking the
+    Sentinels afresh, so a client of a demoted primary finds the new one), kombu reconnects instead of
+    calling it an unrecoverable error, and maskq's own waits (``workers/redis_outage.py``, the web's 503)
+    apply. Found by tests/cluster's "Redis primary partitioned" scenario.
+    """
+
+
+def _read_lost_replicas_as_connection_errors() -> None:
+    from redis._parsers.base import BaseParser
+
+    BaseParser.EXCEPTION_CLASSES.setdefault("NOREPLICAS", ReplicasLost)
+
+
+_read_lost_replicas_as_connection_errors()  # once, for every client in this process (kombu's too)
+
+
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str | None, int]:
     """``([(host, port), …], password, db)`` of a kombu-style Sentinel URL (pure; unit-tested)."""
     hosts, password, db = [], None, 0

@@ -242,10 +242,12 @@ class JobStore:
         return moved
 
     def fail(self, job_id: str, code: str, message: str, fence: str | None = None) -> bool:
+        """Queued or running → failed; with ``fence``, running only: a run whose job was put back on its lane
+        (recovery keeps the record's ``worker`` until the next start) no longer holds it."""
         moved, _ = self.move(
             job_id,
             JobState.FAILED,
-            {JobState.QUEUED, JobState.RUNNING},
+            {JobState.RUNNING} if fence else {JobState.QUEUED, JobState.RUNNING},
             fence,
             finished_at=time.time(),
             error={"code": code, "message": message},

@@ -6,6 +6,7 @@ import logging
 
 import redis
 from flask import Flask, jsonify
+from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from domain.errors import MaskqError
@@ -43,8 +44,11 @@ def register_error_handlers(app: Flask) -> None:
         allow = getattr(exc, "valid_methods", None)
         return problem(exc.code or 500, exc.name, detail, headers={"Allow": ", ".join(allow)} if allow else None)
 
+    # kombu wraps a Redis error while it sends a job's message (OperationalError): the same outage. The record
+    # written before it is marked unsent, and recovery sends it (README, "A job whose sender died").
     @app.errorhandler(redis.RedisError)
-    def _redis(exc: redis.RedisError):
+    @app.errorhandler(OperationalError)
+    def _redis(exc: Exception):
         log.warning("Redis unavailable: %s", exc)
         return problem(
             503,

@@ -68,7 +68,9 @@ def end_job(worker, record: JobRecord, outcome: Outcome, ran_for_s: float) -> No
         _out_of_memory(worker, record, outcome)
     else:
         code, detail = describe_failure(record.id, outcome)
-        if not worker.jobs.fail(record.id, code, detail, fence=worker.owner):
+        if worker.jobs.fail(record.id, code, detail, fence=worker.owner):
+            log.info("job %s: failed with %s (run of %s)", record.id, code, worker.owner)
+        else:
             log.info(
                 "job %s: ended elsewhere, or taken over by another run; this run's failure is not recorded", record.id
             )
@@ -79,7 +81,7 @@ def _succeed(worker, record: JobRecord, outcome: tuple, ran_for_s: float) -> Non
     jobs, (key, count), timings = worker.jobs, outcome[:2], (outcome[2] if len(outcome) > 2 else None)
     if jobs.succeed(record.id, key, count, fence=worker.owner, timings=timings):
         jobs.record_duration(ran_for_s)
-        log.info("job %s: succeeded with %d instances", record.id, count)
+        log.info("job %s: succeeded with %d instances (run of %s)", record.id, count, worker.owner)
     elif (now := jobs.get(record.id)) is not None and now.status == JobState.CANCELED:
         pipeline.discard_result(record, worker.storage)
         log.info("job %s: canceled while running; result discarded", record.id)

@@ -115,6 +115,8 @@ def _start(worker: process.WorkerProcess, job_id: str) -> tuple[JobRecord, Model
             "before it ended (out of memory, or a crash); it will not be tried again",
         )
         return None
+    # One line per model run, naming the run (tests/cluster/history.py holds runs to attempts by it).
+    log.info("job %s: attempt %d started by %s", job_id, attempts, worker.owner)
     return record, choice, time.monotonic()
 
 

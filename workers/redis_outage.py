@@ -26,6 +26,17 @@ T = TypeVar("T")
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
+def cut_off(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis cannot take the write now: unreachable, or a primary that lost its replicas.
+
+    With ``min-replicas-to-write`` (README, "Scaling out"), a primary cut off from its replicas refuses writes
+    (``NOREPLICAS``) instead of taking writes that the failover will throw away; once the Sentinels make
+    it a replica, the next write is ``READONLY``, which redis-py's Sentinel client turns into a reconnect to
+    the new primary. Either way, waiting is right.
+    """
+    return isinstance(exc, UNREACHABLE) or (isinstance(exc, redis.ResponseError) and "NOREPLICAS" in str(exc))
+
+
 def ride_out(
     action: Callable[[], T],
     *,
@@ -36,7 +47,7 @@ def ride_out(
     sleep=time.sleep,
     clock=time.monotonic,
 ) -> T:
-    """``action()``, tried again while Redis is unreachable, for ``bound_s`` seconds at most.
+    """``action()``, tried again while Redis is unreachable (:func:`cut_off`), for ``bound_s`` seconds at most.
 
     The job's soft time limit does not interrupt the retries: its result is
     already paid for, and giving up would only mean running it again. Past
@@ -50,7 +61,9 @@ def ride_out(
             if failures:
                 log.info("%s: Redis answered again after %d failed attempt(s)", what, failures)
             return result
-        except UNREACHABLE as exc:
+        except redis.RedisError as exc:
+            if not cut_off(exc):
+                raise
             failures += 1
             if clock() + pause > deadline:
                 log.error("%s: Redis unreachable for %.0f s; giving up (%s)", what, bound_s, exc)

@@ -166,6 +166,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--journal", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="where to listen (tests/cluster)")
     args = parser.parse_args()
     # The recorder reads these when moto is imported.
     os.environ["MOTO_ENABLE_RECORDING"] = "true"
@@ -182,7 +183,7 @@ def main() -> int:
         recorder.start_recording()
         print(f"replayed {replayed} write(s) from {args.journal}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    run_simple("127.0.0.1", args.port, app, threaded=True, request_handler=MotoRequestHandler)
+    run_simple(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
     return 0
 
 

@@ -202,6 +202,20 @@ def test_a_run_that_another_run_took_over_cannot_end_the_job(isolated):
     assert jobs.succeed(job_id, "tenants/default/jobs/x/result.json", 1, fence="host-b:2")
 
 
+def test_a_run_whose_job_was_put_back_cannot_fail_it_before_the_next_run_starts(isolated):
+    # Found by the cluster's partition scenario's reasoning (tests/cluster): recovery keeps the record's
+    # ``worker`` when it puts a job back, and a queued job may fail; the partitioned run, back before any
+    # other run started the job, failed it (its store was away too) although the job was no longer its own.
+    job_id, _ = queued_job(isolated)
+    jobs = isolated.jobs()
+    assert jobs.start(job_id, "1", worker="host-a:1")
+    assert jobs.requeue(job_id, {"code": "worker_lost", "message": "test"})
+    assert not jobs.fail(job_id, "storage", "the store was away", fence="host-a:1")
+    assert jobs.get(job_id).status == "queued"
+    assert jobs.start(job_id, "1", worker="host-b:2") == 2
+    assert jobs.succeed(job_id, "tenants/default/jobs/x/result.json", 1, fence="host-b:2")
+
+
 def test_a_pool_process_whose_start_up_failed_puts_its_job_back_instead_of_swallowing_it(isolated, tmp_path):
     from tests.conftest import WorkerProcess
 

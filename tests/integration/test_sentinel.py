@@ -149,3 +149,26 @@ def test_after_a_failover_to_the_replica_the_service_goes_on(sentinel_stack, tmp
     finally:
         replica.kill()
         replica.wait(5)
+
+
+def test_a_primary_without_its_replicas_refuses_writes_as_a_connection_error(tmp_path):
+    """min-replicas-to-write (README, Scaling out): the refusal must read as "wait", not as a failure: maskq's
+    waits and kombu's reconnect apply (the cluster's "Redis primary partitioned" scenario found the workers
+    dying of it, and, without the setting, writes taken by a cut-off primary lost at its demotion)."""
+    from runtime.redis_connection import ReplicasLost
+    from workers.redis_outage import cut_off
+
+    server = RedisServer(free_port(), tmp_path / "alone").start()
+    try:
+        client = connect(server.url)
+        client.set("before", "1")
+        client.config_set("min-replicas-to-write", "1")  # and it has none
+        with pytest.raises(redis.ConnectionError) as refused:
+            client.set("after", "1")
+        assert isinstance(refused.value, ReplicasLost) and cut_off(refused.value)
+        assert client.get("before") == b"1" and client.get("after") is None  # reads go on; the write never happened
+        from kombu.transport.redis import Transport
+
+        assert isinstance(refused.value, Transport.connection_errors)  # kombu reconnects rather than exits
+    finally:
+        server.kill()

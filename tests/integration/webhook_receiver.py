@@ -86,7 +86,7 @@ class Receiver:
             time.sleep(0.05)
 
 
-def serve(port: int, plan_path: Path, log_path: Path) -> None:
+def serve(port: int, plan_path: Path, log_path: Path, host: str = "127.0.0.1") -> None:
     lock = threading.Lock()
     seen = {"n": 0}
 
@@ -120,7 +120,7 @@ def serve(port: int, plan_path: Path, log_path: Path) -> None:
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.serve_forever()
 
@@ -130,5 +130,6 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--plan", type=Path, required=True)
     parser.add_argument("--log", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args()
-    serve(args.port, args.plan, args.log)
+    serve(args.port, args.plan, args.log, args.host)
