@@ -9,7 +9,7 @@ RAPIDOCR := rapidocr-onnxruntime==1.4.4
 # chosen by MASKQ_DEVICE=auto|cuda|cpu (auto: the GPU build where an NVIDIA driver is present).
 ONNXRUNTIME := 1.31.1
 
-.PHONY: install install-dev onnxruntime models run lint test test-video test-unit bench soak cluster-faults clean
+.PHONY: install install-dev onnxruntime models run lint test test-long test-unit bench soak cluster-faults clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,10 +71,11 @@ lint: install-dev
 test: lint
 	$(BIN)/python -m pytest
 
-# Video jobs whose worker is SIGKILLed or that are canceled midway: minutes of SAM on a CPU, so apart from
-# `make test` (pytest.ini deselects the marker there).
-test-video: lint
-	$(BIN)/python -m pytest -m video_long tests/integration
+# The tests marked `long` (minutes of the model on a CPU each: video jobs SIGKILLed or canceled midway, the
+# one-minute soak, the 16 x 16 grid against one decoder run per point, the device check's CPU rows), kept
+# apart so that `make test` stays near 20 minutes on 2 cores (pytest.ini deselects the marker there).
+test-long: lint
+	$(BIN)/python -m pytest -m long
 
 test-unit: install-dev
 	$(BIN)/python -m pytest tests/unit

@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.soak import Soak
 
 
+@pytest.mark.long  # `make test-long`
 def test_a_minute_of_mixed_load_under_every_fault_loses_nothing_and_runs_nothing_twice(tmp_path):
     report = Soak(minutes=1.0, clients=3, folder=tmp_path).run()
     assert set(report["faults"]) == {

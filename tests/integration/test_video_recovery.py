@@ -1,5 +1,5 @@
 """Video jobs lose no work: a worker SIGKILLed midway is followed by one that resumes after the last stored chunk;
-a canceled video stops at the next frame. Minutes of SAM on a CPU: `make test-video` (marker ``video_long``)."""
+a canceled video stops at the next frame. Minutes of SAM on a CPU: `make test-long` (marker ``long``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.integration.helpers import wait_for
 from tests.integration.test_video_jobs import CUP_PROMPT, box_iou, corners, submit_video
 from tests.support import clips
 
-pytestmark = pytest.mark.video_long
+pytestmark = pytest.mark.long
 
 FRAMES = 12
 ENV = {
