@@ -35,7 +35,7 @@ from webapp.idempotency import claim_submission
 from webapp.images import image_store, stored_image
 from webapp.limits import client_id
 from webapp.services import Services, services
-from webapp.submission import max_upload_bytes, read_submission
+from webapp.submission import read_submission
 from webapp.video_jobs import new_video_job
 from webapp.waits import wait_slot
 
@@ -52,8 +52,8 @@ EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF":
 def submit_job():
     s = services()
     cancel_after_header()  # a bad Cancel-After is a 4xx before the upload is read
-    # An image or a clip (known by its bytes): read up to the larger bound, each kind checks its own.
-    data, body = read_submission(request, max_upload_bytes(s.settings))
+    # An image or a clip (known by its first bytes): no more than its own kind's bound is read into memory.
+    data, body = read_submission(request, s.settings.max_image_bytes, max_video_bytes=s.settings.max_video_bytes)
     # No bytes: the body names an image stored with POST /v1/images (a 422 when it has none such).
     stored = stored_image(s, body) if data is None else None  # type: ignore[arg-type]  # a JSON object here
     job = new_job(s, data, body, stored=stored)

@@ -9,7 +9,10 @@ import json
 from flask import Request
 
 from domain.errors import InputError, PayloadTooLarge, UnsupportedMediaType
+from domain.videos import sniff_video
 
+# Enough of an upload's first bytes to tell a video container (domain/videos.py's sniff_video).
+SNIFF_BYTES = 256
 # The request JSON sent as a file part: as much as Flask allows a form field (MAX_FORM_MEMORY_SIZE).
 MAX_REQUEST_PART_BYTES = 8 * 1024 * 1024
 
@@ -23,13 +26,18 @@ def max_upload_bytes(settings) -> int:
     return max(settings.max_image_bytes, settings.max_video_bytes)
 
 
-def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes | None, object]:
+def read_submission(
+    request: Request, max_image_bytes: int, max_video_bytes: int | None = None
+) -> tuple[bytes | None, object]:
     """``(image bytes, request JSON)`` from ``multipart/form-data`` or ``application/json``.
 
     Flask's ``MAX_CONTENT_LENGTH`` already stops a body that is too large
-    while it is read; this enforces the image's own limit. A JSON body that
-    names a stored image (``"image_id"``, from ``POST /v1/images``) instead of
-    sending one gives no bytes (None), and keeps ``image_id`` in the body.
+    while it is read (werkzeug keeps a large file part on disk); this enforces
+    the upload's own limit: ``max_video_bytes`` (where clips are taken) for a
+    file whose first bytes say video, else ``max_image_bytes``, and no more than
+    that is ever read into memory. A JSON body that names a stored image
+    (``"image_id"``, from ``POST /v1/images``) instead of sending one gives no
+    bytes (None), and keeps ``image_id`` in the body.
     """
     if request.mimetype == "multipart/form-data":
         upload = request.files.get("image")
@@ -37,7 +45,9 @@ def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes | Non
             raise InputError(
                 "the multipart body has no part named 'image'", errors=[{"field": "image", "message": "missing"}]
             )
-        data = upload.stream.read(max_image_bytes + 1)
+        head = upload.stream.read(SNIFF_BYTES)
+        limit = _limit(head, max_image_bytes, max_video_bytes)
+        data = head + upload.stream.read(max(0, limit + 1 - len(head)))
         body = json_part(request, "request")
         body = {} if body is None else body
     elif request.mimetype == "application/json":
@@ -57,8 +67,8 @@ def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes | Non
                 'the JSON body needs "image": {"base64": "..."}, or "image_id" (POST /v1/images)',
                 errors=[{"field": "image", "message": "missing"}],
             )
-        if len(image["base64"]) > (max_image_bytes + 2) * 4 // 3 + 4:
-            raise PayloadTooLarge(f"the image is larger than {max_image_bytes} bytes")
+        if len(image["base64"]) > (max(max_image_bytes, max_video_bytes or 0) + 2) * 4 // 3 + 4:
+            raise PayloadTooLarge(f"the upload is larger than {max(max_image_bytes, max_video_bytes or 0)} bytes")
         try:
             data = base64.b64decode(image["base64"], validate=True)
         except (binascii.Error, ValueError):
@@ -67,9 +77,16 @@ def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes | Non
             ) from None
     else:
         raise UnsupportedMediaType("send multipart/form-data (parts 'image' and 'request') or application/json")
-    if len(data) > max_image_bytes:
-        raise PayloadTooLarge(f"the image is larger than {max_image_bytes} bytes")
+    limit = _limit(data[:SNIFF_BYTES], max_image_bytes, max_video_bytes)
+    if len(data) > limit:
+        what = "image" if limit == max_image_bytes else "video"
+        raise PayloadTooLarge(f"the {what} is larger than {limit} bytes")
     return data, body
+
+
+def _limit(head: bytes, max_image_bytes: int, max_video_bytes: int | None) -> int:
+    """The bound of an upload that starts with ``head``: a video's where clips are taken and it is one."""
+    return max_video_bytes if max_video_bytes is not None and sniff_video(head) is not None else max_image_bytes
 
 
 def json_part(request: Request, name: str) -> object:

@@ -1,0 +1,39 @@
+"""Reading an upload: no more than its own kind's bound is read into memory, whichever bound is larger."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from flask import Flask, request
+from werkzeug.test import EnvironBuilder
+
+from domain.errors import PayloadTooLarge
+from tests.support.clips import still
+from webapp.submission import read_submission
+
+IMAGE_LIMIT = 1_000
+VIDEO_LIMIT = 1_000_000
+
+
+def upload(data: bytes):
+    """A request context whose multipart ``image`` part holds ``data`` (werkzeug's parser, as the app's)."""
+    environ = EnvironBuilder(method="POST", path="/v1/jobs", data={"image": (io.BytesIO(data), "upload")}).get_environ()
+    return Flask(__name__).request_context(environ)
+
+
+def test_an_image_past_its_bound_is_refused_having_read_only_the_bound_though_a_clip_may_be_larger():
+    with upload(b"\xff\xd8\xff" + b"\0" * (50 * IMAGE_LIMIT)) as context:
+        with pytest.raises(PayloadTooLarge, match=f"image is larger than {IMAGE_LIMIT} bytes"):
+            read_submission(request, IMAGE_LIMIT, max_video_bytes=VIDEO_LIMIT)
+        assert context.request.files["image"].stream.tell() == IMAGE_LIMIT + 1  # the rest is never read
+
+
+def test_a_clip_is_read_up_to_the_video_bound_and_refused_past_it():
+    clip = still(4)
+    assert len(clip) > IMAGE_LIMIT  # past an image's bound: taken as a clip
+    with upload(clip):
+        data, body = read_submission(request, IMAGE_LIMIT, max_video_bytes=VIDEO_LIMIT)
+    assert data == clip and body == {}
+    with upload(clip), pytest.raises(PayloadTooLarge, match=f"video is larger than {len(clip) - 1} bytes"):
+        read_submission(request, IMAGE_LIMIT, max_video_bytes=len(clip) - 1)
