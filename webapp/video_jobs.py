@@ -66,13 +66,15 @@ def new_video_job(
             retry_after=60,
             errors=[{"field": "model", "message": f"model {spec.name!r} is unavailable: {reason}"}],
         )
+    # What needs no frame first: a request refused for its prompts costs no decode of the clip.
+    _check_objects(prompts_on_frames(job_request), settings)
+    detector = _check_detector(job_request, catalog) if "text" in kinds else None
     video = check_video(
         data,
         VideoLimits.from_settings(settings),
         stride=(options.frame_stride or 1) if options else 1,
         fps=options.fps if options else None,
     )
-    detector = _check_detector(job_request, catalog) if "text" in kinds else None
     if detector is not None:  # the record keeps which model finds the named objects, as it keeps the model
         video_options = options or VideoOptions()
         job_request = job_request.model_copy(update={"video": video_options.model_copy(update={"detector": detector})})
@@ -143,24 +145,35 @@ def _check_detector(job_request: JobRequest, catalog: ModelCatalog) -> str:
     return name
 
 
-def _check_prompts(job_request: JobRequest, video: CheckedVideo, model: str, settings, text: bool) -> None:
-    """Each frame's prompts: kinds the tracker takes, inside the frame, on a frame the job takes; one at least."""
+def prompts_on_frames(job_request: JobRequest) -> list[tuple[str, int, PromptSet]]:
+    """Every prompt set of a video job as ``(its field, its frame, the set)``: ``prompts`` on frame 0, then
+    ``video.prompts``."""
     options = job_request.video
     on_frames: list[tuple[str, int, PromptSet]] = [("prompts", 0, job_request.prompts)]
     on_frames += [(f"video.prompts.{i}", p.frame, p) for i, p in enumerate(options.prompts if options else [])]
+    return on_frames
+
+
+def _check_objects(on_frames: list[tuple[str, int, PromptSet]], settings) -> None:
+    """One object to follow at least, and no more prompts than a job may have (before the clip is decoded)."""
     if not any(prompts.kinds for _, _, prompts in on_frames):
         raise ValidationFailed(
             "a video job needs at least one object to follow: points, boxes, a mask or a name (on frame 0 in "
             "prompts, or on a later frame in video.prompts)",
             errors=[{"field": "prompts", "message": "give points, boxes, a mask or text"}],
         )
-    taken = set(video.sampled)
     total = sum(prompts.count for _, _, prompts in on_frames)
     if total > settings.max_prompts:
         raise ValidationFailed(
             f"{total} prompts; at most {settings.max_prompts} are allowed",
             errors=[{"field": "prompts", "message": f"at most {settings.max_prompts}"}],
         )
+
+
+def _check_prompts(job_request: JobRequest, video: CheckedVideo, model: str, settings, text: bool) -> None:
+    """Each frame's prompts: kinds the tracker takes, inside the frame, on a frame the job takes."""
+    on_frames = prompts_on_frames(job_request)
+    taken = set(video.sampled)
     for field, frame, prompts in on_frames:
         if not prompts.kinds:
             continue

@@ -239,6 +239,23 @@ def test_a_name_the_detector_cannot_know_is_a_422_on_a_video_too(video_app, redi
     nothing_queued(redis_client, storage_dir)
 
 
+def test_prompts_refused_for_what_needs_no_frame_cost_no_decode_of_the_clip(video_app, redis_client, storage_dir):
+    """Too many prompts, none at all, or a name no detector knows: the 422 comes before the clip is decoded,
+    shown by a clip that would fail its decode (a 400) getting the prompts' 422 instead."""
+    client = video_app(max_prompts=2)
+    boxes = {"boxes": [list(clips.cup_box(0))] * 3}
+    for request, field in (
+        ({"prompts": boxes}, "prompts"),
+        ({}, "prompts"),
+        ({"prompts": {"text": ["zorblax"]}}, "prompts.text"),
+    ):
+        answer = submit_video(client, clips.truncated("mp4"), request)
+        assert answer.status_code == 422, (request, answer.get_json())
+        assert answer.get_json()["errors"][0]["field"].startswith(field)
+    assert submit_video(client, clips.truncated("mp4"), {"prompts": CUP_PROMPT}).status_code == 400
+    nothing_queued(redis_client, storage_dir)
+
+
 def test_a_clip_may_be_larger_than_an_image_may_be_and_each_kind_keeps_its_own_bound(video_app, redis_client):
     from tests.integration.helpers import small_png
 
