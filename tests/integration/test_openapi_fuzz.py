@@ -15,12 +15,17 @@ Checks left out, and why:
 - ``use_after_free``: ``DELETE /v1/jobs/{id}`` cancels a job (API.md); the
   canceled job stays readable, with status ``canceled``, on purpose.
 
+Cases left out: a multipart field set to an empty list (``schemathesis_hooks``
+says why). The seed is fixed so a failure replays (``MASKQ_FUZZ_SEED`` picks
+another).
+
 Operation left out: ``GET /readyz`` answers 503 (as documented) while no
 worker is up, and this server runs none; ``test_jobs_api`` checks it with one.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import threading
@@ -28,10 +33,11 @@ import threading
 import pytest
 from werkzeug.serving import make_server
 
-from tests.conftest import VENV_BIN, settings_from
+from tests.conftest import ROOT, VENV_BIN, settings_from
 
 EXAMPLES_PER_OPERATION = 30
 EXCLUDED_CHECKS = "positive_data_acceptance,use_after_free"
+FUZZ_SEED = 199118393686834687110975459808775062693
 
 
 @pytest.fixture
@@ -83,8 +89,13 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(l
         "--generation-database",
         "none",
         "--no-color",
+        "--seed",
+        os.environ.get("MASKQ_FUZZ_SEED", str(FUZZ_SEED)),
     ]
-    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=150)
+    hooks = {"SCHEMATHESIS_HOOKS": "tests.integration.schemathesis_hooks", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        command, cwd=tmp_path, env={**os.environ, **hooks}, capture_output=True, text=True, timeout=150
+    )
     report = run.stdout + run.stderr
     assert run.returncode == 0, report[-12000:]
     # It really exercised the API: every operation but the one left out, with many cases in all.
