@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     max_video_duration_s: float = Field(default=120, gt=0)
     max_video_frames: int = Field(default=3600, ge=1)
     max_video_pixels: int = Field(default=1920 * 1080, ge=1)
+    # Clips one web process reads and checks at once (each up to max_video_bytes in memory and a decode of
+    # it end to end); past it, 503 with Retry-After before more than its first bytes are read (webapp/slots.py).
+    max_concurrent_video_uploads: int = Field(default=2, ge=1)
     # A video job's frames are stored this many at a time (a chunk); a job whose worker died resumes
     # after its last stored chunk (workers/video_job.py).
     video_chunk_frames: int = Field(default=8, ge=1)

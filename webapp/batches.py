@@ -23,13 +23,11 @@ import json
 import logging
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-from flask import Blueprint, Response, current_app, request, url_for
+from flask import Blueprint, Response, request, url_for
 
 from domain import trace
 from domain.archives import Member, iter_archive
@@ -55,6 +53,7 @@ from webapp.auth import choose_lane, current_tenant
 from webapp.idempotency import claim_submission
 from webapp.jobs import accept, cancel_after_header, new_job
 from webapp.services import services
+from webapp.slots import batch_upload_slot
 from webapp.submission import json_part, max_upload_bytes
 
 bp = Blueprint("batches", __name__)
@@ -72,7 +71,7 @@ def batches() -> BatchStore:
 
 @bp.post("/v1/batches")
 def submit_batch():
-    with _upload_slot(services().settings):  # before the body is read
+    with batch_upload_slot(services().settings):  # before the body is read
         return _submit_batch()
 
 
@@ -156,21 +155,6 @@ def _submit_batch():
         len(rejected),
     )
     return _answer(load_batch(batch.id), 202)
-
-
-@contextmanager
-def _upload_slot(settings):
-    """One of the process's ``max_concurrent_batch_uploads`` slots for this request, or a 503."""
-    most = settings.max_concurrent_batch_uploads
-    slots = current_app.extensions.setdefault("maskq.batch_upload_slots", threading.BoundedSemaphore(most))
-    if not slots.acquire(blocking=False):
-        raise ServiceUnavailable(
-            f"this server is taking {most} batch uploads already; try again shortly", retry_after=5
-        )
-    try:
-        yield
-    finally:
-        slots.release()
 
 
 def _file_part_stream(total_content_length, content_type, filename=None, content_length=None):

@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 from flask import Blueprint, Response, request, url_for
@@ -35,6 +36,7 @@ from webapp.idempotency import claim_submission
 from webapp.images import image_store, stored_image
 from webapp.limits import client_id
 from webapp.services import Services, services
+from webapp.slots import video_upload_slot
 from webapp.submission import read_submission
 from webapp.video_jobs import new_video_job
 from webapp.waits import wait_slot
@@ -52,8 +54,18 @@ EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF":
 def submit_job():
     s = services()
     cancel_after_header()  # a bad Cancel-After is a 4xx before the upload is read
-    # An image or a clip (known by its first bytes): no more than its own kind's bound is read into memory.
-    data, body = read_submission(request, s.settings.max_image_bytes, max_video_bytes=s.settings.max_video_bytes)
+    with ExitStack() as held:  # a clip holds one of the process's video slots until its answer
+        # An image or a clip (known by its first bytes): no more than its own kind's bound is read into memory.
+        data, body = read_submission(
+            request,
+            s.settings.max_image_bytes,
+            max_video_bytes=s.settings.max_video_bytes,
+            on_video=lambda: held.enter_context(video_upload_slot(s.settings)),
+        )
+        return _submit(s, data, body)
+
+
+def _submit(s: Services, data: bytes | None, body: object):
     # No bytes: the body names an image stored with POST /v1/images (a 422 when it has none such).
     stored = stored_image(s, body) if data is None else None  # type: ignore[arg-type]  # a JSON object here
     job = new_job(s, data, body, stored=stored)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 
 from flask import Request
 
@@ -27,7 +28,10 @@ def max_upload_bytes(settings) -> int:
 
 
 def read_submission(
-    request: Request, max_image_bytes: int, max_video_bytes: int | None = None
+    request: Request,
+    max_image_bytes: int,
+    max_video_bytes: int | None = None,
+    on_video: Callable[[], None] | None = None,
 ) -> tuple[bytes | None, object]:
     """``(image bytes, request JSON)`` from ``multipart/form-data`` or ``application/json``.
 
@@ -35,7 +39,8 @@ def read_submission(
     while it is read (werkzeug keeps a large file part on disk); this enforces
     the upload's own limit: ``max_video_bytes`` (where clips are taken) for a
     file whose first bytes say video, else ``max_image_bytes``, and no more than
-    that is ever read into memory. A JSON body that names a stored image
+    that is ever read into memory. ``on_video`` is called once the first bytes say
+    video, before the rest is read (the caller takes its slot: webapp/slots.py). A JSON body that names a stored image
     (``"image_id"``, from ``POST /v1/images``) instead of sending one gives no
     bytes (None), and keeps ``image_id`` in the body.
     """
@@ -46,6 +51,8 @@ def read_submission(
                 "the multipart body has no part named 'image'", errors=[{"field": "image", "message": "missing"}]
             )
         head = upload.stream.read(SNIFF_BYTES)
+        if on_video is not None and max_video_bytes is not None and sniff_video(head) is not None:
+            on_video()
         limit = _limit(head, max_image_bytes, max_video_bytes)
         data = head + upload.stream.read(max(0, limit + 1 - len(head)))
         body = json_part(request, "request")
@@ -75,6 +82,8 @@ def read_submission(
             raise InputError(
                 "image.base64 is not valid base64", errors=[{"field": "image.base64", "message": "not base64"}]
             ) from None
+        if on_video is not None and max_video_bytes is not None and sniff_video(data[:SNIFF_BYTES]) is not None:
+            on_video()  # (the body is in memory already: Flask's limit bounds it; the slot bounds the decode)
     else:
         raise UnsupportedMediaType("send multipart/form-data (parts 'image' and 'request') or application/json")
     limit = _limit(data[:SNIFF_BYTES], max_image_bytes, max_video_bytes)

@@ -285,3 +285,24 @@ def test_a_video_for_a_model_whose_files_are_missing_is_a_503_at_submit(base_env
     answer = submit_video(authorized_client(app), clips.coffee_pan(4), {"prompts": CUP_PROMPT})
     assert answer.status_code == 503 and "encoder" in answer.get_json()["detail"], answer.get_json()
     nothing_queued(redis_client, storage_dir)
+
+
+def test_clips_past_the_process_bound_are_a_503_and_images_are_not_held_up(video_app, redis_client, storage_dir):
+    """Every video slot of the process taken (one here, held by the test as a clip's check holds it): the next
+    clip is a 503 with Retry-After, multipart or inline, and nothing of it is queued; an image is still
+    taken; the slot given back, the same clip is taken."""
+    from tests.integration.helpers import small_png
+    from webapp.slots import video_upload_slot
+
+    client = video_app(max_concurrent_video_uploads=1)
+    app, data = client.application, clips.coffee_pan(4)
+    inline = {"image": {"base64": base64.b64encode(data).decode()}, "prompts": CUP_PROMPT}
+    with app.app_context(), video_upload_slot(app.extensions["maskq"].settings):
+        for answer in (submit_video(client, data, {"prompts": CUP_PROMPT}), client.post("/v1/jobs", json=inline)):
+            assert answer.status_code == 503 and answer.headers["Retry-After"] == "5", answer.get_json()
+            assert "1 video uploads" in answer.get_json()["detail"]
+        nothing_queued(redis_client, storage_dir)
+        image = submit_video(client, small_png(), {"prompts": {"points": [[1, 1, 1]]}}, name="a.png")
+        assert image.status_code == 202, image.get_json()
+    assert submit_video(client, data, {"prompts": CUP_PROMPT}).status_code == 202
+    assert client.post("/v1/jobs", json=inline).status_code == 202  # the slot was given back each time

@@ -37,3 +37,25 @@ def test_a_clip_is_read_up_to_the_video_bound_and_refused_past_it():
     assert data == clip and body == {}
     with upload(clip), pytest.raises(PayloadTooLarge, match=f"video is larger than {len(clip) - 1} bytes"):
         read_submission(request, IMAGE_LIMIT, max_video_bytes=len(clip) - 1)
+
+
+class Busy(Exception):
+    pass
+
+
+def test_a_clip_is_announced_after_its_first_bytes_and_before_the_rest_is_read():
+    """``on_video`` (the web takes a video slot there, webapp/slots.py) runs before the clip is read on; an
+    image never calls it."""
+    from webapp.submission import SNIFF_BYTES
+
+    def refuse():
+        raise Busy
+
+    clip = still(4)
+    with upload(clip) as context:
+        with pytest.raises(Busy):
+            read_submission(request, IMAGE_LIMIT, max_video_bytes=VIDEO_LIMIT, on_video=refuse)
+        assert context.request.files["image"].stream.tell() == SNIFF_BYTES < len(clip)
+    with upload(b"\xff\xd8\xff" + b"\0" * 500):
+        data, _ = read_submission(request, IMAGE_LIMIT, max_video_bytes=VIDEO_LIMIT, on_video=refuse)
+    assert len(data) == 503
