@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,15 +152,25 @@ def probe_video(data: bytes, limits: VideoLimits) -> VideoInfo:
     if kind is None:
         raise UnsupportedVideo("the upload is not an MP4, MOV, WebM or Matroska video")
     fmt, media_type, extension = kind
+    with (
+        _as_clip_errors(fmt, lambda: "be read (corrupt or truncated)"),
+        av.open(io.BytesIO(data), mode="r") as container,
+    ):
+        return _read_header(container, fmt, media_type, extension, limits)
+
+
+@contextmanager
+def _as_clip_errors(fmt: str, could_not: Callable[[], str]) -> Iterator[None]:
+    """PyAV's failures as the clip's 4xx: a codec with no decoder here 415, any other 400 ("cannot
+    {could_not()}"); the 4xx of this module pass through."""
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            return _read_header(container, fmt, media_type, extension, limits)
+        yield
     except (PayloadTooLarge, UnsupportedVideo, CorruptVideo):
         raise
     except av.DecoderNotFoundError as exc:
         raise UnsupportedVideo(f"the {fmt} video's codec cannot be decoded here: {exc}") from None
     except CORRUPT_DATA_ERRORS as exc:
-        raise CorruptVideo(f"the {fmt} video cannot be read (corrupt or truncated): {exc}") from None
+        raise CorruptVideo(f"the {fmt} video cannot {could_not()}: {exc}") from None
 
 
 def _read_header(container: Any, fmt: str, media_type: str, extension: str, limits: VideoLimits) -> VideoInfo:
@@ -212,30 +223,26 @@ def decode_frames(
     """
     sampler = sampler or FrameSampler()
     count, last_time = 0, 0.0
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for frame in container.decode(stream):
-                count += 1
-                if count > limits.max_frames:
-                    raise PayloadTooLarge(f"the video has more than {limits.max_frames} frames (its header said less)")
-                if frame.width != info.width or frame.height != info.height:
-                    raise _frame_size_error(frame.width, frame.height, info, limits)
-                fps = info.fps or 25.0
-                time_s = float(frame.time) if frame.time is not None else (count - 1) / fps
-                if time_s > limits.max_duration_s:
-                    raise PayloadTooLarge(f"the video runs past {limits.max_duration_s:g} s (its header said less)")
-                last_time = time_s
-                if sampler.take(count - 1, time_s):
-                    pixels = frame.to_ndarray(format="rgb24") if rgb else np.empty((0, 0, 3), np.uint8)
-                    yield Frame(count - 1, time_s, pixels)
-    except (PayloadTooLarge, UnsupportedVideo, CorruptVideo):
-        raise
-    except av.DecoderNotFoundError as exc:
-        raise UnsupportedVideo(f"the {info.format} video's codec cannot be decoded here: {exc}") from None
-    except CORRUPT_DATA_ERRORS as exc:
-        raise CorruptVideo(f"the {info.format} video cannot be decoded at frame {count}: {exc}") from None
+    with (
+        _as_clip_errors(info.format, lambda: f"be decoded at frame {count}"),
+        av.open(io.BytesIO(data), mode="r") as container,
+    ):
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            count += 1
+            if count > limits.max_frames:
+                raise PayloadTooLarge(f"the video has more than {limits.max_frames} frames (its header said less)")
+            if frame.width != info.width or frame.height != info.height:
+                raise _frame_size_error(frame.width, frame.height, info, limits)
+            fps = info.fps or 25.0
+            time_s = float(frame.time) if frame.time is not None else (count - 1) / fps
+            if time_s > limits.max_duration_s:
+                raise PayloadTooLarge(f"the video runs past {limits.max_duration_s:g} s (its header said less)")
+            last_time = time_s
+            if sampler.take(count - 1, time_s):
+                pixels = frame.to_ndarray(format="rgb24") if rgb else np.empty((0, 0, 3), np.uint8)
+                yield Frame(count - 1, time_s, pixels)
     _check_complete(count, last_time, info)
 
 
