@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     # With a sentinel:// redis_url: the name the Sentinels know the primary by (runtime/redis_connection.py).
     redis_sentinel_master: str = "mymaster"
+    # A call to Redis from the web or a worker that gets no answer this long is an error, which the caller
+    # rides out (workers/redis_outage.py) or answers with a 503. A partition drops packets without a word:
+    # with no timeout a call waits for TCP to give up (about 15 min), holding its job or web thread.
+    redis_socket_timeout_s: float = Field(default=10, gt=0)
     embedded_redis_port: int = 6390
     # On Ctrl-C the embedded Redis stops last: it waits (at most this long) until every worker process has
     # stopped, so a worker's warm shutdown can record its running job. `make run` (cli/procfile.py) lets

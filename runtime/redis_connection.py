@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 import redis
 from redis.sentinel import Sentinel
 
-from config.settings import is_sentinel
+from config.settings import Settings, is_sentinel
 
 
 class ReplicasLost(redis.ConnectionError):
@@ -59,6 +59,18 @@ def connect(url: str, master: str = "mymaster", **kwargs) -> redis.Redis:
     hosts, password, db = parse_sentinel_url(url)
     timeouts = {k: v for k, v in kwargs.items() if k in ("socket_timeout", "socket_connect_timeout")}
     return Sentinel(hosts, sentinel_kwargs=timeouts).master_for(master, password=password, db=db, **kwargs)
+
+
+def service_client(settings: Settings) -> redis.Redis:
+    """The Redis client of a web or worker process: every call bounded by ``MASKQ_REDIS_SOCKET_TIMEOUT_S``,
+    connecting by 5 s at most, so a Redis cut off by a partition is an error, not a call that hangs."""
+    timeout = settings.redis_socket_timeout_s
+    return connect(
+        settings.broker_url,
+        settings.redis_sentinel_master,
+        socket_timeout=timeout,
+        socket_connect_timeout=min(timeout, 5.0),
+    )
 
 
 def limiter_storage(url: str, master: str = "mymaster") -> tuple[str, dict]:

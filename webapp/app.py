@@ -9,7 +9,7 @@ from config.celery import create_celery
 from config.settings import Settings, load_settings
 from models.catalog import LiveCatalog
 from runtime import telemetry
-from runtime.redis_connection import connect
+from runtime.redis_connection import service_client
 from storage import open_storage
 from stores.jobs import JobStore
 from stores.lanes import Lanes
@@ -26,7 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes(settings) * 4 // 3 + 8 * 1024 * 1024
     app.config["MAX_FORM_MEMORY_SIZE"] = 8 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]  # Flask's DefaultJSONProvider, set above
-    client = connect(settings.broker_url, settings.redis_sentinel_master, socket_timeout=10, socket_connect_timeout=5)
+    client = service_client(settings)
     job_store = JobStore(client, settings.job_ttl_s)
     # Follows the manifest file: a new model version is served without a restart (models/catalog.py).
     catalog = LiveCatalog(settings.models_manifest, settings.manifest_check_s, settings)

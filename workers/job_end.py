@@ -36,7 +36,7 @@ from config.settings import Settings, load_settings
 from domain.errors import InputError, MaskqError, ResourceExhausted
 from domain.records import JobRecord, JobState
 from models.catalog import ModelCatalog
-from runtime.redis_connection import connect
+from runtime.redis_connection import service_client
 from stores import job_metrics
 from stores.jobs import JobStore
 from stores.lanes import send_job
@@ -172,5 +172,5 @@ def end_killed_job(job_id: str, why: str) -> None:
 @functools.cache
 def _main_process_jobs() -> tuple[JobStore, Settings]:
     settings = load_settings()
-    client = connect(settings.broker_url, settings.redis_sentinel_master)
+    client = service_client(settings)
     return JobStore(client, settings.job_ttl_s, on_moved=JobEvents(client)), settings

@@ -21,7 +21,7 @@ from models.adapters.base import RuntimeOptions
 from models.catalog import LiveCatalog
 from models.encoder_cache import EncoderCache
 from runtime import telemetry
-from runtime.redis_connection import connect
+from runtime.redis_connection import service_client
 from storage import Storage, open_storage
 from stores import fleet
 from stores.jobs import JobStore
@@ -59,7 +59,7 @@ class WorkerProcess:
 
     @classmethod
     def start(cls, settings: Settings) -> WorkerProcess:
-        client = connect(settings.broker_url, settings.redis_sentinel_master)
+        client = service_client(settings)
         placement = placement_here(settings) if settings.worker_loads_models else None
         runtime = runtime_options(settings, placement) if placement else RuntimeOptions.from_settings(settings)
         # The manifest is followed while the process runs: before each job, and by a watcher thread when idle.
