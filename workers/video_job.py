@@ -13,9 +13,12 @@ it (cheap) without running the model on them, and takes up the tracker's state w
 A chunk written but not yet named when the process died is simply written again, at the same key.
 
 A canceled job stops at the next frame: the record's state is read before each one, and what the job
-wrote is deleted. When the last frame is done, ``result.json`` is assembled from the chunks, one at a
-time, in the layout of YouTube-VIS (COCO for video): one annotation per object, with its mask, box, area
-and score on every frame the job took (``null`` where the object is not found).
+wrote is deleted. Redis away meanwhile (a restart, a failover, a partition) is waited for at those reads
+and writes (``workers/redis_outage.py``), as a job's end waits for it: the run goes on from where it was.
+
+When the last frame is done, ``result.json`` is assembled from the chunks, one at a time, in the layout of
+YouTube-VIS (COCO for video): one annotation per object, with its mask, box, area and score on every frame
+the job took (``null`` where the object is not found).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from models.adapters.base import Instance, Prompts, SegmentRequest
 from models.video_tracking import SamTracker, prompted_objects
 from storage import Storage
 from workers import pipeline, video_overlay
+from workers.redis_outage import ride_out
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +113,7 @@ def run(worker: Any, record: JobRecord, adapter: Any, storage: Storage) -> tuple
         if before is not None:
             tracker.remember(before.pixels)
             before = None
-        state_now = jobs.status(record.id)
+        state_now = _through_outage(worker, lambda: jobs.status(record.id), record, "reading its state")
         if state_now != JobState.RUNNING:
             _stop(record, storage, state_now, frame.index)
         ran = time.perf_counter()
@@ -208,12 +212,24 @@ def _store_chunk(
     body = {"chunk": chunk, "frames": progress.pending, "state": tracker.state()}
     storage.put(key, json.dumps(body).encode(), "application/json")
     chunks = [*progress.chunks, chunk]
-    if not worker.jobs.note_progress(
-        record.id, worker.owner, chunks=chunks, frames_done=progress.done + chunk["frames"]
-    ):
-        state = worker.jobs.status(record.id)
+    noted = _through_outage(
+        worker,
+        lambda: worker.jobs.note_progress(
+            record.id, worker.owner, chunks=chunks, frames_done=progress.done + chunk["frames"]
+        ),
+        record,
+        f"naming the chunk at frame {start}",
+    )
+    if not noted:
+        state = _through_outage(worker, lambda: worker.jobs.status(record.id), record, "reading its state")
         _stop(record, storage, state, end)
     progress.chunks, progress.pending = chunks, []
+
+
+def _through_outage(worker: Any, call, record: JobRecord, what: str):
+    """``call()``, waited out while Redis is away, up to the visibility timeout (past it, the error: the
+    message is still unacknowledged and recovery puts the job back, to resume after its last chunk)."""
+    return ride_out(call, bound_s=worker.settings.visibility_timeout_s, what=f"job {record.id}: {what}")
 
 
 def _stop(record: JobRecord, storage: Storage, state: JobState | None, frame: int) -> None:
