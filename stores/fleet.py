@@ -55,7 +55,12 @@ return out
 
 def this_process() -> str:
     """This process's name in the fleet: ``host:pid`` (also the owner name of its batch claims)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return process_name(os.getpid())
+
+
+def process_name(pid: int) -> str:
+    """The fleet name of process ``pid`` of this host (a worker's main process names its pool's so)."""
+    return f"{socket.gethostname()}:{pid}"
 
 
 def _write(

@@ -157,15 +157,18 @@ def settle(jobs, settings, catalog, job_id: str) -> None:
         log.exception("job %s: could not settle the jobs waiting on it", job_id)
 
 
-def end_killed_job(job_id: str, why: str) -> None:
-    """A job whose pool process was killed at its hard time limit: ``failed`` with ``timeout``.
+def end_killed_job(job_id: str, why: str, run: str | None) -> None:
+    """A job whose pool process (``run``: its fleet name) was killed at its hard time limit: ``failed`` with
+    ``timeout``, while that run still holds it (a job put back and taken by another worker is left alone).
 
     Called in the worker's main process, where no :class:`~workers.process.WorkerProcess`
-    exists: it keeps a connection of its own.
+    exists: it keeps a connection of its own. ``run`` None (Celery did not say which process): unfenced.
     """
     jobs, settings = _main_process_jobs()
-    log.info("job %s: killed at its hard time limit", job_id)
-    jobs.fail(job_id, "timeout", f"the job ran past its hard time limit ({why})")
+    if jobs.fail(job_id, "timeout", f"the job ran past its hard time limit ({why})", fence=run):
+        log.info("job %s: killed at its hard time limit", job_id)
+    else:
+        log.info("job %s: killed at its hard time limit, but no longer that run's; left as it is", job_id)
     settle(jobs, settings, ModelCatalog.from_settings(settings), job_id)
 
 

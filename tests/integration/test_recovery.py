@@ -216,6 +216,28 @@ def test_a_run_whose_job_was_put_back_cannot_fail_it_before_the_next_run_starts(
     assert jobs.succeed(job_id, "tenants/default/jobs/x/result.json", 1, fence="host-b:2")
 
 
+def test_a_run_killed_at_its_hard_time_limit_fails_only_a_job_it_still_holds(isolated, monkeypatch):
+    """The worker's main process ends a job whose pool process it killed (tasks/run_job.py), fenced by that
+    process: a job taken over meanwhile by another worker is left to it."""
+    from workers.job_end import _main_process_jobs, end_killed_job
+
+    for name, value in isolated.env.items():  # (a worker's main process reads its settings so)
+        monkeypatch.setenv(name, str(value))
+    _main_process_jobs.cache_clear()
+    monkeypatch.setattr("workers.job_end.settle", lambda *args: None)  # (no waiting jobs here to settle)
+    job_id, _ = queued_job(isolated)
+    jobs = isolated.jobs()
+    assert jobs.start(job_id, "1", worker="host-a:1")
+    assert jobs.requeue(job_id, {"code": "worker_lost", "message": "test"})
+    assert jobs.start(job_id, "1", worker="host-b:2")
+    end_killed_job(job_id, "Hard time limit (10s) exceeded", "host-a:1")
+    assert jobs.get(job_id).status == "running" and jobs.get(job_id).worker == "host-b:2"
+    end_killed_job(job_id, "Hard time limit (10s) exceeded", "host-b:2")
+    record = jobs.get(job_id)
+    assert record.status == "failed" and record.error["code"] == "timeout"
+    _main_process_jobs.cache_clear()
+
+
 def test_a_pool_process_whose_start_up_failed_puts_its_job_back_instead_of_swallowing_it(isolated, tmp_path):
     from tests.conftest import WorkerProcess
 

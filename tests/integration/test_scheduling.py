@@ -10,7 +10,7 @@ from PIL import Image
 
 from tests.conftest import image_bytes
 from tests.integration.helpers import small_png, status, submit, wait_for
-from tests.support.slow_models import slow_manifest
+from tests.support.slow_models import STUCK, slow_manifest
 
 CLOSED_GATE = {"MASKQ_GATE_RESERVE_MB": 10**9, "MASKQ_GATE_CHECK_S": 0.2}
 
@@ -202,6 +202,22 @@ def test_a_job_killed_at_its_hard_time_limit_fails_with_timeout_and_the_worker_c
     assert worker.alive
     if "Hard time limit" in worker.log():
         assert set(worker.children()) != before  # the killed pool process was replaced
+
+
+def test_a_job_deaf_to_its_soft_limit_is_killed_at_the_hard_one_and_failed_by_the_main_process(isolated, tmp_path):
+    """The pool process is killed; the worker's main process fails the job, fenced by the killed process
+    (tasks/run_job.py): the job failing at all shows the fence named the run that held it."""
+    limits = {"job_soft_time_limit_s": 0.5, "job_hard_time_limit_s": 1.5, "storage_retry_bound_s": 0.1}
+    worker = isolated.worker(MASKQ_MODELS_MANIFEST=slow_manifest(tmp_path, delay_s=6, adapter=STUCK))
+    before = set(worker.children())
+    job_id = submit(isolated.client(**limits), small_png()).get_json()["id"]
+    job = isolated.client().get(f"/v1/jobs/{job_id}?wait=30").get_json()
+    assert job["status"] == "failed" and job["error"]["code"] == "timeout", job
+    assert "hard time limit" in job["error"]["message"]
+    log = worker.log()
+    assert "Hard time limit (1.5s) exceeded" in log and f"job {job_id}: killed at its hard time limit" in log
+    wait_for(lambda: set(worker.children()) - before, 30)  # the killed pool process was replaced
+    assert worker.alive
 
 
 def test_an_out_of_memory_error_puts_the_job_back_then_fails_it_with_code_resources(isolated, tmp_path):

@@ -5,6 +5,8 @@
 - ``options.batch_delay_s``: a call given more than one request sleeps this
   long (a batch that is still running when a test strikes).
 
+:class:`StuckTextRegionsAdapter` sleeps through its soft time limit (a job only the hard limit stops).
+
 :class:`BatchingTextRegionsAdapter` declares ``stacks_batches`` so that the
 batching machinery (claims, recovery, isolation) runs on the real model; it
 still loops image by image, as its parent does.
@@ -18,6 +20,7 @@ from pathlib import Path
 from models.adapters.text_regions import TextRegionsAdapter, TextRegionsOptions
 
 SLOW = "tests.support.slow_models:SlowTextRegionsAdapter"
+STUCK = "tests.support.slow_models:StuckTextRegionsAdapter"
 BATCHING = "tests.support.slow_models:BatchingTextRegionsAdapter"
 # The bundled model's name and version, so a slow worker's jobs look like the web's (result-cache keys agree).
 NAME, VERSION = "text-regions", "pp-ocrv4-det+rec"
@@ -38,6 +41,22 @@ class SlowTextRegionsAdapter(TextRegionsAdapter):
         if delay:
             time.sleep(delay)
         return super().preprocess(requests)
+
+
+class StuckTextRegionsAdapter(SlowTextRegionsAdapter):
+    """Sleeps ``delay_s`` through its soft time limit, as a model stuck in native code does: only the hard
+    limit (the pool process killed) stops it."""
+
+    def preprocess(self, requests):
+        from celery.exceptions import SoftTimeLimitExceeded
+
+        end = time.monotonic() + float(self.spec.options.get("delay_s", 0))
+        while (left := end - time.monotonic()) > 0:
+            try:
+                time.sleep(left)
+            except SoftTimeLimitExceeded:
+                continue
+        return TextRegionsAdapter.preprocess(self, requests)
 
 
 class BatchingTextRegionsAdapter(SlowTextRegionsAdapter):
