@@ -159,6 +159,11 @@ class JobStore:
         raw = cast("bytes | None", self.redis.hget(self.key(job_id), "status"))
         return JobState(raw.decode()) if raw else None
 
+    def held_by(self, job_id: str, run: str) -> bool:
+        """Whether run ``run`` (a pool process) still holds the job: it is running, and that run started it."""
+        status, worker = cast("list[bytes | None]", self.redis.hmget(self.key(job_id), ["status", "worker"]))
+        return status == JobState.RUNNING.value.encode() and worker == run.encode()
+
     def note_progress(self, job_id: str, fence: str, **fields: object) -> bool:
         """Write a running job's progress ``fields`` (not a state move), if run ``fence`` still holds it."""
         args: list[str] = [fence]

@@ -34,6 +34,7 @@ runs them all through the adapter at once.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -258,7 +259,8 @@ def run(worker, record: JobRecord, choice, storage: Storage) -> pipeline.Success
     )
     if others:
         return Batch(worker, choice.adapter, storage, claims, [record, *others]).run()
-    return pipeline.run(record, choice.adapter, storage, settings.max_image_bytes, settings.max_image_pixels)
+    holds = functools.partial(worker.holds, record.id)
+    return pipeline.run(record, choice.adapter, storage, settings.max_image_bytes, settings.max_image_pixels, holds)
 
 
 class Batch:
@@ -362,6 +364,7 @@ class Batch:
                 member.instances,
                 self.storage,
                 member.segment.report,
+                functools.partial(self.worker.holds, member.record.id),
             )
             member.outcome = (key, len(member.instances))
         except SoftTimeLimitExceeded:

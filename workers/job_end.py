@@ -3,10 +3,11 @@
 :func:`end_job` takes what running the job gave, a result or an exception,
 and moves the record:
 
-- a video run that stopped between two frames (``VideoStopped``: the job was canceled, or put back for
-  another run): nothing; the record already says where the job is.
+- a run that found the job no longer its own (``RunStopped``: before writing its result, or a video
+  between two frames; the job was canceled, or put back for another run): nothing; the record
+  already says where the job is.
 - a result ``(result_key, instance count)``: ``succeeded``. If the job was
-  canceled while it ran, the model could not be stopped, so its result is
+  canceled in the moment between the run's last look and its write, its result is
   discarded; if another run of it ended it first (a redelivery), that run's
   result, at the same keys, stays.
 - ``InputError``: ``failed`` with its code (``input``), logged at INFO.
@@ -42,7 +43,7 @@ from stores.jobs import JobStore
 from stores.lanes import send_job
 from stores.result_cache import ResultCache
 from stores.webhooks import JobEvents
-from workers import pipeline, video_job
+from workers import pipeline
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def out_of_memory(exc: BaseException) -> bool:
 
 def end_job(worker, record: JobRecord, outcome: Outcome, ran_for_s: float) -> None:
     """Move ``record``'s job to where ``outcome`` leads (see the module's docstring)."""
-    if isinstance(outcome, video_job.VideoStopped):  # canceled, or put back for another run: the record says so
+    if isinstance(outcome, pipeline.RunStopped):  # canceled, or taken by another run: the record says so
         log.info("job %s: this run stopped: %s", record.id, outcome.detail)
         return
     if isinstance(outcome, tuple):

@@ -16,6 +16,7 @@ Redis answers again, and its message is acknowledged only after that.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -139,4 +140,5 @@ def _segment(worker: process.WorkerProcess, record: JobRecord, choice: ModelChoi
         return video_job.run(worker, record, choice.adapter, storage)
     if batching.wanted(choice, settings):
         return batching.run(worker, record, choice, storage)
-    return pipeline.run(record, choice.adapter, storage, settings.max_image_bytes, settings.max_image_pixels)
+    holds = functools.partial(worker.holds, record.id)  # no result written over a run that took the job over
+    return pipeline.run(record, choice.adapter, storage, settings.max_image_bytes, settings.max_image_pixels, holds)

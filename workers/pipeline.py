@@ -9,11 +9,12 @@ prompts in pixels and its model options, and on to the result's writer, chosen b
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from domain import masks
-from domain.errors import InputLost
+from domain.errors import InputLost, MaskqError
 from domain.images import decode_image
 from domain.keys import job_prefix
 from domain.records import JobRecord
@@ -62,6 +63,12 @@ def load_request(
     ), request
 
 
+class RunStopped(MaskqError):
+    """The job stopped being this run's while it ran: canceled, or put back and taken by another run."""
+
+    code = "stopped"
+
+
 def store_result(
     record: JobRecord,
     request: JobRequest,
@@ -69,11 +76,16 @@ def store_result(
     instances: list[Instance],
     storage: Storage,
     report: dict | None = None,
+    holds: Callable[[], bool] | None = None,
 ) -> str:
     """Write the job's result with the writer of its media (``workers/results.py``); return the result's key.
 
     ``report`` is what the adapter noted about the run (``SegmentRequest.report``): kept in the result.
+    ``holds``: asked first, whether this run still holds the job. A run cut off (a partition, a stall) whose
+    job was taken over meanwhile writes nothing over the new run's files: :class:`RunStopped` instead.
     """
+    if holds is not None and not holds():
+        raise RunStopped(f"job {record.id} is no longer this run's; its result was not written")
     return results.writer_for(record.media).write(record, request, image, instances, storage, report)
 
 
@@ -100,9 +112,15 @@ Success = tuple[str, int] | tuple[str, int, dict[str, float]]
 
 
 def run(
-    record: JobRecord, adapter: ModelAdapter, storage: Storage, max_bytes: int, max_pixels: int
+    record: JobRecord,
+    adapter: ModelAdapter,
+    storage: Storage,
+    max_bytes: int,
+    max_pixels: int,
+    holds: Callable[[], bool] | None = None,
 ) -> tuple[str, int, dict[str, float]]:
-    """Segment one job's image; return ``(result_key, instance count, seconds per phase)``.
+    """Segment one job's image; return ``(result_key, instance count, seconds per phase)``; ``holds``: as
+    :func:`store_result` takes it.
 
     The phases: ``load`` (the input from storage, decoded), ``encode`` (an adapter's image encoder, as it
     reports in ``SegmentRequest.timings``; SAM-family models), ``predict`` (the rest of the model's work),
@@ -113,7 +131,7 @@ def run(
     loaded = time.perf_counter()
     instances = adapter.segment([segment_request])[0]
     segmented = time.perf_counter()
-    key = store_result(record, request, segment_request.image, instances, storage, segment_request.report)
+    key = store_result(record, request, segment_request.image, instances, storage, segment_request.report, holds)
     encode = segment_request.timings.get("encode", 0.0)
     timings = {
         "load": loaded - started,

@@ -88,6 +88,15 @@ class WorkerProcess:
             "storage": self.storage_identity,
         }
 
+    def holds(self, job_id: str) -> bool:
+        """Whether this process's run still holds the job (asked before its result is written); Redis away
+        is waited for, up to the visibility timeout, as a job's end waits for it."""
+        return ride_out(
+            lambda: self.jobs.held_by(job_id, self.owner),
+            bound_s=self.settings.visibility_timeout_s,
+            what=f"job {job_id}: asking whether this run still holds it",
+        )
+
     def begin(self, *job_ids: str) -> None:
         """These jobs run here now: say so in the heartbeat at once."""
         self.running = self.running | set(job_ids)

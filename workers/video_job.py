@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from domain import masks
-from domain.errors import InputLost, MaskqError, ModelError
+from domain.errors import InputLost, ModelError
 from domain.keys import job_prefix
 from domain.records import JobRecord, JobState
 from domain.result_keys import OVERLAY_FILE
@@ -44,10 +44,8 @@ from workers.redis_outage import ride_out
 log = logging.getLogger(__name__)
 
 
-class VideoStopped(MaskqError):
+class VideoStopped(pipeline.RunStopped):
     """The job stopped being this run's between two frames: canceled, or taken over by another run."""
-
-    code = "stopped"
 
 
 def chunk_key(record: JobRecord, start: int) -> str:
@@ -134,6 +132,13 @@ def run(worker: Any, record: JobRecord, adapter: Any, storage: Storage) -> tuple
         _store_chunk(worker, record, storage, tracker, progress, attempt, progress.pending[-1]["frame"] + 1)
         store_s += time.perf_counter() - stored
     assembled = time.perf_counter()
+    if not worker.holds(record.id):  # taken over or canceled since its last chunk: nothing over the new run's
+        _stop(
+            record,
+            storage,
+            _through_outage(worker, lambda: jobs.status(record.id), record, "reading its state"),
+            progress.resume_at,
+        )
     overlay = None
     if options is not None and options.overlay:
         overlay = video_overlay.write_overlay(

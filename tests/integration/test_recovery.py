@@ -216,6 +216,32 @@ def test_a_run_whose_job_was_put_back_cannot_fail_it_before_the_next_run_starts(
     assert jobs.succeed(job_id, "tenants/default/jobs/x/result.json", 1, fence="host-b:2")
 
 
+@pytest.mark.parametrize("taken", ["by another run", "by a cancel"])
+def test_a_run_whose_job_was_taken_while_it_ran_writes_no_result(isolated, tmp_path, taken):
+    """A run that stalled or was cut off (here: the record moved under it while its model ran) asks before it
+    writes: no result lands over the new run's files, and the record stays the new run's (or canceled)."""
+    from storage.local import LocalStorage
+    from tests.support.slow_models import slow_manifest
+
+    worker = isolated.worker(MASKQ_MODELS_MANIFEST=slow_manifest(tmp_path, delay_s=2))
+    job_id = submit(isolated.client(), small_png(8)).get_json()["id"]
+    jobs = isolated.jobs()
+    wait_for(lambda: jobs.status(job_id) == "running", 20)
+    if taken == "by another run":
+        assert jobs.requeue(job_id, {"code": "worker_lost", "message": "test"})
+        assert jobs.start(job_id, "1", worker="host-b:2")
+    else:
+        assert isolated.client().delete(f"/v1/jobs/{job_id}").status_code == 200
+    wait_for(lambda: f"job {job_id}: this run stopped" in worker.log(), 30)
+    keys_now = LocalStorage(isolated.env["MASKQ_STORAGE_DIR"]).list(f"tenants/default/jobs/{job_id}/")
+    assert [k.rsplit("/", 1)[1] for k in keys_now] == ["input.png"]  # nothing written, nothing to discard
+    record = jobs.get(job_id)
+    if taken == "by another run":
+        assert record.status == "running" and record.worker == "host-b:2"
+    else:
+        assert record.status == "canceled"
+
+
 def test_a_run_killed_at_its_hard_time_limit_fails_only_a_job_it_still_holds(isolated, monkeypatch):
     """The worker's main process ends a job whose pool process it killed (tasks/run_job.py), fenced by that
     process: a job taken over meanwhile by another worker is left to it."""

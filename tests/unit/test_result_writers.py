@@ -108,3 +108,28 @@ def test_an_instance_with_an_object_id_and_a_frame_writes_them(tmp_path):
     assert list(first) == ["bbox", "area", "score", "label", "object_id", "frame", "mask"]
     assert second["object_id"] == 2 and "frame" not in second
     assert "object_id" not in third and "frame" not in third
+
+
+def test_a_run_that_no_longer_holds_its_job_writes_nothing(tmp_path):
+    storage = LocalStorage(tmp_path)
+    job = record(outputs=["rle", "png"])
+    asked = []
+    with pytest.raises(pipeline.RunStopped, match="no longer this run's"):
+        pipeline.store_result(
+            job,
+            job.request,
+            np.zeros((4, 6, 3), np.uint8),
+            [Instance(mask=square(1, 1, 2), score=0.9)],
+            storage,
+            holds=lambda: asked.append(1) or False,
+        )
+    assert asked == [1] and list(storage.list("")) == []
+    key = pipeline.store_result(
+        job,
+        job.request,
+        np.zeros((4, 6, 3), np.uint8),
+        [Instance(mask=square(1, 1, 2), score=0.9)],
+        storage,
+        holds=lambda: True,
+    )
+    assert storage.get(key)
