@@ -5,7 +5,7 @@ a negative case that sets a multipart form field to an empty list. On the wire
 an empty list is no part at all, the same bytes as leaving an optional field
 out, so the server rightly accepts it; schemathesis still counts it as
 "schema-violating request accepted" (ST201). A non-empty list is sent as the
-field repeated, which the server refuses, and stays in the run.
+field repeated, and such cases stay in the run.
 """
 
 from __future__ import annotations
