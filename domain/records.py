@@ -155,6 +155,35 @@ class JobRecord:
         return out
 
     @classmethod
+    def submitted(
+        cls,
+        job_id: str,
+        request: JobRequest,
+        *,
+        tenant: str,
+        lane: str,
+        model: str,
+        model_version: str,
+        cancel_after: float | None,
+        **fields: Any,
+    ) -> JobRecord:
+        """A new job's record (an image's or a clip's): created now, its deadline and Cancel-After counted from
+        now, and its request as it will run (the model and lane chosen for it filled in)."""
+        now = time.time()
+        return cls(
+            id=job_id,
+            tenant=tenant,
+            lane=lane,
+            model=model,
+            model_version=model_version,
+            created_at=now,
+            deadline_at=now + request.deadline_s if request.deadline_s else None,
+            cancel_at=now + cancel_after if cancel_after else None,
+            request=request.model_copy(update={"model": model, "lane": lane}),
+            **fields,
+        )
+
+    @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> JobRecord:
         """A record from its hash, each field turned back into its declared type (:data:`_CONVERTERS`)."""
         data = {k.decode(): v.decode() for k, v in raw.items()}

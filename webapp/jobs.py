@@ -174,7 +174,6 @@ def new_job(
         )
     lane = choose_lane(job_request.lane)  # 403 above the key's ceiling
     job_id = uuid.uuid4().hex
-    now = time.time()
     if cached:
         input_key = cached.input_key
     elif stored is not None:
@@ -182,20 +181,18 @@ def new_job(
     else:
         assert image is not None
         input_key = f"{job_prefix(current_tenant(), job_id)}input.{EXTENSIONS[image.format]}"
-    record = JobRecord(
-        id=job_id,
+    record = JobRecord.submitted(
+        job_id,
+        job_request,
         tenant=current_tenant(),
         lane=lane,
         model=spec.name,
         model_version=spec.version,
+        cancel_after=cancel_after_header(),
         input_key=input_key,
         image_sha256=image_sha256,
         width=width,
         height=height,
-        created_at=now,
-        deadline_at=now + job_request.deadline_s if job_request.deadline_s else None,
-        cancel_at=now + cancel_after if (cancel_after := cancel_after_header()) else None,
-        request=job_request.model_copy(update={"model": spec.name, "lane": lane}),
         cache_key=cache_key,
         batch=batch,
     )

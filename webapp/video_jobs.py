@@ -18,7 +18,6 @@ the detector is checked here as a job of it would be (an unknown phrase is a 422
 from __future__ import annotations
 
 import hashlib
-import time
 import uuid
 
 from domain.errors import ServiceUnavailable, ValidationFailed
@@ -85,21 +84,19 @@ def new_video_job(
         )
     _check_prompts(job_request, video, spec.name, settings, text=detector is not None)
     lane = choose_lane(job_request.lane)
-    job_id, now = uuid.uuid4().hex, time.time()
-    record = JobRecord(
-        id=job_id,
+    job_id = uuid.uuid4().hex
+    record = JobRecord.submitted(
+        job_id,
+        job_request,
         tenant=current_tenant(),
         lane=lane,
         model=spec.name,
         model_version=spec.version,
+        cancel_after=cancel_after,
         input_key=f"{job_prefix(current_tenant(), job_id)}input.{video.info.extension}",
         image_sha256=hashlib.sha256(data).hexdigest(),
         width=video.info.width,
         height=video.info.height,
-        created_at=now,
-        deadline_at=now + job_request.deadline_s if job_request.deadline_s else None,
-        cancel_at=now + cancel_after if cancel_after else None,
-        request=job_request.model_copy(update={"model": spec.name, "lane": lane}),
         batch=batch,
         media="video",
         frames_total=len(video.sampled),
