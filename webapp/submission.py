@@ -45,11 +45,19 @@ def read_submission(
     bytes (None), and keeps ``image_id`` in the body.
     """
     if request.mimetype == "multipart/form-data":
-        upload = request.files.get("image")
-        if upload is None:
+        uploads = request.files.getlist("image")
+        if not uploads:
+            what = "is a text field, not a file part" if "image" in request.form else "is missing"
             raise InputError(
-                "the multipart body has no part named 'image'", errors=[{"field": "image", "message": "missing"}]
+                f"the multipart body's 'image' part {what} (curl: -F image=@photo.jpg)",
+                errors=[{"field": "image", "message": "missing"}],
             )
+        if len(uploads) > 1:  # which one was meant? (a batch takes many: POST /v1/batches)
+            raise InputError(
+                f"the multipart body has {len(uploads)} 'image' parts; a job takes one (many: POST /v1/batches)",
+                errors=[{"field": "image", "message": "more than one"}],
+            )
+        upload = uploads[0]
         head = upload.stream.read(SNIFF_BYTES)
         if on_video is not None and max_video_bytes is not None and sniff_video(head) is not None:
             on_video()
@@ -100,6 +108,10 @@ def _limit(head: bytes, max_image_bytes: int, max_video_bytes: int | None) -> in
 
 def json_part(request: Request, name: str) -> object:
     """The JSON of multipart part ``name``, a form field or a file part; None when absent or blank."""
+    if len(request.form.getlist(name)) + len(request.files.getlist(name)) > 1:
+        raise InputError(
+            f"the multipart body has more than one {name!r} part", errors=[{"field": name, "message": "more than one"}]
+        )
     raw: str | bytes | None = request.form.get(name)
     if raw is None and name in request.files:  # `curl -F request=@req.json` sends it as a file
         raw = request.files[name].stream.read(MAX_REQUEST_PART_BYTES + 1)

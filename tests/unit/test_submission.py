@@ -59,3 +59,35 @@ def test_a_clip_is_announced_after_its_first_bytes_and_before_the_rest_is_read()
     with upload(b"\xff\xd8\xff" + b"\0" * 500):
         data, _ = read_submission(request, IMAGE_LIMIT, max_video_bytes=VIDEO_LIMIT, on_video=refuse)
     assert len(data) == 503
+
+
+def form(data: dict):
+    environ = EnvironBuilder(
+        method="POST", path="/v1/jobs", data=data, content_type="multipart/form-data"
+    ).get_environ()
+    return Flask(__name__).request_context(environ)
+
+
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        (
+            {"image": [(io.BytesIO(b"\xff\xd8\xff"), "a.jpg"), (io.BytesIO(b"\xff\xd8\xff"), "b.jpg")]},
+            "2 'image' parts",
+        ),
+        ({"image": "\xff\xd8\xff as text"}, "'image' part is a text field, not a file part"),
+        ({}, "'image' part is missing"),
+        ({"image": (io.BytesIO(b"\xff\xd8\xff"), "a.jpg"), "request": ["{}", "{}"]}, "more than one 'request' part"),
+        (
+            {"image": (io.BytesIO(b"\xff\xd8\xff"), "a.jpg"), "request": ["{}", (io.BytesIO(b"{}"), "r.json")]},
+            "more than one 'request' part",
+        ),
+    ],
+    ids=["two images", "image as text", "no image", "two requests", "a request field and a file"],
+)
+def test_a_form_that_does_not_say_one_thing_is_refused_naming_the_part(data, said):
+    """Which image or request was meant is not guessed: the first of two is not taken silently."""
+    from domain.errors import InputError
+
+    with form(data), pytest.raises(InputError, match=said):
+        read_submission(request, IMAGE_LIMIT, max_video_bytes=VIDEO_LIMIT)
