@@ -85,7 +85,9 @@ import pathlib, signal, sys, time
 out = pathlib.Path(sys.argv[1])
 signal.signal(signal.SIGTERM, lambda *_: (out.write_text("stopped by SIGTERM"), sys.exit(0)))
 out.write_text("up")
-if sys.argv[2] == "fail":
+if sys.argv[2] == "fail":  # once its siblings are up (their SIGTERM handler set): else a kill, not a stop
+    while not all(pathlib.Path(p).exists() for p in sys.argv[3:]):
+        time.sleep(0.02)
     sys.exit(3)
 time.sleep(60)
 """
@@ -95,7 +97,10 @@ def supervisor(tmp_path, modes):
     """``workers.launch.supervise`` in a process of its own, over real child processes."""
     outs = [tmp_path / f"child{i}" for i in range(len(modes))]
     commands = [
-        ([sys.executable, "-c", CHILD, str(out), mode], {**os.environ, "CUDA_VISIBLE_DEVICES": f"GPU-{i}"})
+        (
+            [sys.executable, "-c", CHILD, str(out), mode, *(str(o) for o in outs if o != out)],
+            {**os.environ, "CUDA_VISIBLE_DEVICES": f"GPU-{i}"},
+        )
         for i, (out, mode) in enumerate(zip(outs, modes))
     ]
     script = f"import sys; from workers.launch import supervise; sys.exit(supervise({commands!r}))"
